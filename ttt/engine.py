@@ -1,0 +1,92 @@
+"""Engine = one frozen base model shared by many sessions. The public Python API starts here."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+
+from .config import SessionConfig
+from .generate import SamplingParams, TokenStream, chat_prompt, stop_token_ids
+from .model import BaseModel, load_base_model
+from .session import Generation, Session
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_session_id(session_id: str) -> str:
+    """Session ids name folders on disk: a plain name, never a path."""
+    if not isinstance(session_id, str) or not SESSION_ID.match(session_id) or ".." in session_id:
+        raise ValueError("session id must be 1-128 characters of letters, digits, '_', '-', '.', starting with a letter or digit")
+    return session_id
+
+
+class Engine:
+    """Holds the base model and the sessions created or loaded through it."""
+
+    def __init__(self, base: BaseModel):
+        self.base = base
+        self.sessions: dict[str, Session] = {}
+        self._stop_ids = stop_token_ids(base.tokenizer, base.path)
+        self._lock = threading.Lock()
+
+    def create_session(self, config: SessionConfig | dict | None = None, session_id: str | None = None) -> Session:
+        """A new session with fresh fast weights. ``config`` is a SessionConfig or a partial dict of one."""
+        if not isinstance(config, SessionConfig):
+            config = SessionConfig.from_dict(config)
+        if session_id is not None:
+            check_session_id(session_id)
+        session = Session(self, config, session_id)
+        with self._lock:
+            if session.id in self.sessions:
+                raise ValueError(f"session {session.id!r} already exists")
+            self.sessions[session.id] = session
+        return session
+
+    def load_session(self, path: str | os.PathLike) -> Session:
+        """Load a session saved with ``Session.save``. Refuses a session trained on another base model."""
+        from .store import load_session
+
+        session = load_session(self, path)
+        with self._lock:
+            self.sessions[session.id] = session
+        return session
+
+    def get_session(self, session_id: str) -> Session:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise KeyError(f"no session {session_id!r}") from None
+
+    def delete_session(self, session_id: str) -> None:
+        with self._lock:
+            self.sessions.pop(session_id, None)
+
+    def generate(self, messages: list[dict], **kwargs) -> Generation | TokenStream:
+        """Answer from the base model alone (no fast weights, no window); arguments as ``Session.generate``."""
+        stream = kwargs.pop("stream", False)
+        return self.answer(messages, SamplingParams(**kwargs), None, [], stream)
+
+    def answer(self, messages, params: SamplingParams, fast, window: list[int], stream: bool):
+        """The shared decoding path: ``window`` tokens, then the chat prompt, then sampled tokens."""
+        prompt = chat_prompt(self.base.tokenizer, messages)
+        room = self.base.cfg.max_position_embeddings - params.max_tokens - len(prompt)
+        if room < 0:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceed the model's "
+                f"{self.base.cfg.max_position_embeddings}-token context"
+            )
+        window = window[-room:] if room else []
+        ts = TokenStream(self.base.model, fast, self.base.tokenizer, window + prompt, params, self._stop_ids)
+        if stream:
+            return ts
+        text = "".join(ts)
+        return Generation(text, ts.finish_reason, ts.prompt_tokens, ts.completion_tokens)
+
+
+def load_engine(model_path: str | os.PathLike | None = None, device: str | None = None) -> Engine:
+    """Load a base model (a local Hugging Face folder; None = the embedded SmolLM2-135M-Instruct).
+
+    ``device``: "cuda", "cpu", ... (default: CUDA when available). CUDA runs in bf16, CPU in fp32.
+    """
+    return Engine(load_base_model(model_path, device))

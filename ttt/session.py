@@ -1,0 +1,236 @@
+"""Session = fast weights + optimizer state + a bounded window of recent tokens + stats.
+
+Memory per session does not grow with the document: the fast weights and optimizer state have a
+fixed size, the window holds at most ``context_tokens`` tokens, and untrained tokens are at most a chunk
+(plus whatever a single append brought, until it is trained).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import SessionConfig
+from .fast_weights import build_fast_weights
+from .generate import SamplingParams, TokenStream, chat_prompt
+from .ingest import ChunkReport, forward_hidden, make_optimizer, next_token_nll, train_chunk
+from .model import RollingContext
+from .tokenize import IncrementalTokenizer
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+@dataclass
+class SessionStats:
+    tokens_ingested: int = 0  # tokens trained on (scored, then stepped on)
+    chunks: int = 0
+    rolled_back_chunks: int = 0  # chunks whose update was not applied (non-finite)
+    last_loss_before: float | None = None
+    last_loss_after: float | None = None
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Generation:
+    """A finished answer."""
+
+    text: str
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Session:
+    """One user's memory of their documents. Create with ``Engine.create_session``."""
+
+    def __init__(self, engine: "Engine", config: SessionConfig | None = None, session_id: str | None = None):
+        self.engine = engine
+        self.id = session_id or uuid.uuid4().hex
+        self.config = config or SessionConfig()
+        model = engine.base.model
+        self.fast = build_fast_weights(self.config.fast, model)
+        self.optimizer = make_optimizer(self.fast.parameters(), self.config.ingest)
+        self.window: list[int] = []  # the most recent trained tokens, at most context_tokens (>= 1)
+        self._rolling: RollingContext | None = None  # their keys/values; transient, rebuilt from window
+        self.pending: list[int] = []  # tokens received but not yet trained on
+        self.text_stream = IncrementalTokenizer(engine.base.tokenizer)
+        self.document_ended = True  # pending tokens may be trained as a partial chunk
+        self.stats = SessionStats()
+        self.lock = threading.RLock()  # one piece of work at a time on a session
+
+    # ---- ingest -------------------------------------------------------------------------------
+
+    def ingest(self, text: str | bytes) -> list[ChunkReport]:
+        """Learn a whole document (or its next part): returns one report per chunk trained.
+
+        Tokens are scored before they are trained on; the document's last partial chunk is trained too.
+        For streaming, use ``append_text`` + ``train_next_chunk`` + ``end_document``.
+        """
+        with self.lock:
+            self.append_text(text)
+            self.end_document()
+            reports = []
+            while (report := self.train_next_chunk()) is not None:
+                reports.append(report)
+            return reports
+
+    def append_text(self, piece: str | bytes) -> int:
+        """Add a piece of a document (any size; bytes may split a UTF-8 character). Returns chunks ready."""
+        with self.lock:
+            return self.append_tokens(self.text_stream.feed(piece))
+
+    def append_tokens(self, ids: list[int]) -> int:
+        """Add token ids of a document. Returns how many full chunks are ready to train."""
+        vocab = self.engine.base.cfg.vocab_size
+        if any(not 0 <= i < vocab for i in ids):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        with self.lock:
+            self.pending.extend(ids)
+            if ids:
+                self.document_ended = False
+            return self.chunks_ready
+
+    def end_document(self) -> None:
+        """The document is complete: flush the tokenizer and let the last partial chunk be trained."""
+        with self.lock:
+            self.pending.extend(self.text_stream.flush())
+            self.document_ended = True
+
+    @property
+    def chunks_ready(self) -> int:
+        n, c = len(self.pending), self.config.ingest.chunk_tokens
+        return n // c + (1 if self.document_ended and n % c else 0)
+
+    def train_next_chunk(self) -> ChunkReport | None:
+        """Score and train on the next ready chunk; None when no chunk is ready."""
+        with self.lock:
+            if not self.chunks_ready:
+                return None
+            cfg = self.config.ingest
+            chunk_ids = self.pending[: cfg.chunk_tokens]
+            carry = self.window[-1:]  # the previous token predicts the chunk's first token
+            if len(carry) + len(chunk_ids) < 2:  # a lone first token: nothing to predict it from
+                report = ChunkReport(self.stats.chunks, len(chunk_ids), float("nan"), None, 0.0, 0.0)
+            else:
+                device = self.engine.base.device
+                report = train_chunk(
+                    self.engine.base.model,
+                    self.fast,
+                    self.optimizer,
+                    self._context(),
+                    torch.tensor(carry, dtype=torch.long, device=device),
+                    torch.tensor(chunk_ids, dtype=torch.long, device=device),
+                    cfg,
+                    self.stats.chunks,
+                )
+            del self.pending[: len(chunk_ids)]
+            self.window = (self.window + chunk_ids)[-max(cfg.context_tokens, 1) :]
+            s = self.stats
+            s.tokens_ingested += len(chunk_ids)
+            s.chunks += 1
+            s.rolled_back_chunks += report.rolled_back
+            s.last_loss_before, s.last_loss_after = report.loss_before, report.loss_after
+            s.updated_at = time.time()
+            return report
+
+    def _context(self) -> RollingContext | None:
+        """The cached keys/values of the window before its last token; rebuilt from the window when absent."""
+        cfg = self.config.ingest
+        if cfg.context_tokens <= 1:
+            return None
+        if self._rolling is None:
+            model = self.engine.base.model
+            sink = min(cfg.sink_tokens, cfg.context_tokens // 2)
+            # sink + recent + the carried last token = context_tokens
+            self._rolling = RollingContext(model.cfg.num_layers, cfg.context_tokens - 1 - sink, sink)
+            if len(self.window) > 1:
+                tokens = torch.tensor([self.window], device=self.engine.base.device)
+                with torch.no_grad():
+                    forward_hidden(model, self.fast, tokens, self._rolling)
+                self._rolling.commit(drop_last=1)
+        return self._rolling
+
+    # ---- query --------------------------------------------------------------------------------
+
+    def recent_tokens(self) -> list[int]:
+        """The window a query sees: the last ``context_tokens`` tokens of the document, trained or not."""
+        n = self.config.ingest.context_tokens
+        return (self.window + self.pending)[-n:] if n else []
+
+    def generate(
+        self,
+        messages: list[dict],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | str | None = None,
+        seed: int | None = None,
+        stream: bool = False,
+    ) -> Generation | TokenStream:
+        """Answer chat ``messages`` ([{"role": ..., "content": ...}]) from the fast weights and recent window.
+
+        Greedy when ``temperature`` is 0. With ``stream=True`` returns a ``TokenStream``: iterate it for
+        text deltas; its ``finish_reason`` and token counts are set at the end. Never changes the weights.
+        """
+        params = SamplingParams(max_tokens, temperature, top_p, stop or [], seed)
+        with self.lock:
+            # A snapshot (a few MB): the answer stays consistent even if an ingest runs meanwhile.
+            fast = copy.deepcopy(self.fast).requires_grad_(False)
+            window = self.recent_tokens()
+        return self.engine.answer(messages, params, fast, window, stream)
+
+    @torch.no_grad()
+    def score(self, text: str) -> float:
+        """Mean NLL (nats/token) of ``text`` after the recent window, under the fast weights; no update."""
+        base = self.engine.base
+        ids = base.tokenizer(text, add_special_tokens=False).input_ids
+        with self.lock:
+            window = self.recent_tokens()
+            cfg = self.config.ingest
+            total, count = 0.0, 0
+            # Long texts go in chunks, each with the preceding context_tokens as context (as in ingest).
+            for start in range(0, len(ids), cfg.chunk_tokens):
+                context = (window + ids[:start])[-cfg.context_tokens :] if cfg.context_tokens else []
+                piece = ids[start : start + cfg.chunk_tokens]
+                if len(context) + len(piece) < 2:
+                    continue
+                tokens = torch.tensor([context + piece], device=base.device)
+                nll = next_token_nll(base.model, forward_hidden(base.model, self.fast, tokens), tokens, max(len(context) - 1, 0))
+                total += nll.sum().item()
+                count += nll.numel()
+        if count == 0:
+            raise ValueError("text too short to score (needs 2 tokens, or 1 after a window)")
+        return total / count
+
+    # ---- persistence --------------------------------------------------------------------------
+
+    def save(self, path) -> None:
+        """Checkpoint to folder ``path`` atomically (see ``store.py``); the previous save survives a crash."""
+        from .store import save_session
+
+        with self.lock:
+            save_session(self, path)
+
+    def info(self) -> dict:
+        s = self.stats
+        return {
+            "id": self.id,
+            "tokens_ingested": s.tokens_ingested,
+            "pending_tokens": len(self.pending),
+            "chunks": s.chunks,
+            "rolled_back_chunks": s.rolled_back_chunks,
+            "last_loss_before": s.last_loss_before,
+            "last_loss_after": s.last_loss_after,
+            "fast_weight_bytes": self.fast.num_bytes(),
+            "created_at": s.created_at,
+            "updated_at": s.updated_at,
+        }
