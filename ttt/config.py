@@ -83,8 +83,8 @@ class IngestConfig:
             raise ValueError("context_tokens and sink_tokens must be >= 0, steps_per_chunk >= 1")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer {self.optimizer!r}: choose 'adamw' or 'sgd'")
-        if not self.lr > 0 or not self.max_grad_norm > 0:
-            raise ValueError("lr and max_grad_norm must be > 0")
+        if not 0 < self.lr < float("inf") or not 0 < self.max_grad_norm < float("inf"):
+            raise ValueError("lr and max_grad_norm must be positive finite numbers")
 
 
 @dataclass

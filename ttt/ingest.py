@@ -33,7 +33,7 @@ class ChunkReport:
     loss_after: float | None  # mean NLL after the update(s); None when not measured
     seconds: float
     grad_norm: float  # before clipping, of the last step
-    rolled_back: bool = False  # a step was not applied (non-finite loss, gradient or weights)
+    rolled_back: bool = False  # the chunk's update was undone (non-finite loss, gradient, weights or loss after)
     error: str | None = None  # why it was rolled back
 
 
@@ -103,7 +103,9 @@ def train_chunk(
     inputs = torch.cat([carry, chunk])[None]  # [1, T'], every token after the first is a target
     h_prefix = prefix_hidden(model, inputs, fast.first_layer, context)
     params = [p for p in fast.parameters() if p.requires_grad]
-    loss_before, grad_norm, error = math.nan, math.nan, None
+    # Restored if any step goes non-finite: a rolled-back chunk keeps none of its steps (tiny next to a forward).
+    saved = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
+    loss_before, grad_norm, error, stepped = math.nan, math.nan, None, False
 
     for step in range(cfg.steps_per_chunk):
         loss = next_token_nll(model, forward_hidden(model, fast, inputs, context, h_prefix), inputs).mean()
@@ -117,15 +119,14 @@ def train_chunk(
         if not math.isfinite(grad_norm):
             error = f"non-finite gradient norm ({grad_norm}) at step {step}"
             break
-        # Keep a copy to restore if the step itself overflows (tiny next to a forward pass).
-        saved = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
-        optimizer.step()
+        stepped = True
+        try:
+            optimizer.step()
+        except RuntimeError as e:  # e.g. an lr so large that torch refuses the arithmetic
+            error = f"optimizer step failed at step {step}: {e}"
+            break
         optimizer.zero_grad(set_to_none=True)
         if not _all_finite(params):
-            with torch.no_grad():
-                for p, old in zip(params, saved[0]):
-                    p.copy_(old)
-            optimizer.load_state_dict(saved[1])
             error = f"non-finite weights after step {step}"
             break
     optimizer.zero_grad(set_to_none=True)
@@ -134,6 +135,17 @@ def train_chunk(
     if cfg.measure_loss_after and error is None:
         with torch.no_grad():
             loss_after = next_token_nll(model, forward_hidden(model, fast, inputs, context, h_prefix), inputs).mean().item()
+        if not math.isfinite(loss_after):
+            error, loss_after = f"non-finite loss after the update ({loss_after})", None
+    if error is not None and stepped:
+        # Finite weights can still make the loss non-finite: undo every step of the chunk, and re-record the
+        # context's keys/values under the restored weights (the last forward's may be non-finite).
+        with torch.no_grad():
+            for p, old in zip(params, saved[0]):
+                p.copy_(old)
+            optimizer.load_state_dict(saved[1])
+            if context is not None:
+                forward_hidden(model, fast, inputs, context, h_prefix)
     if context is not None:
         context.commit(drop_last=1)  # the last token is the next chunk's first input
     return ChunkReport(

@@ -267,7 +267,9 @@ def _load_checkpoint(engine: "Engine", ckpt: Path, manifest_sha256: str | None) 
     state: dict[int, dict] = {}
     for key, value in [*opt_tensors.items(), *opt["scalars"].items()]:
         idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        # As saved (CPU): load_state_dict moves moments to the parameters' device and keeps AdamW's
+        # ``step`` on the CPU, as torch does (a CUDA step costs a host sync per parameter per step).
+        state.setdefault(int(idx), {})[name] = value
     session.optimizer.load_state_dict({"state": state, "param_groups": opt["param_groups"]})
     session.window = tokens["window"].tolist()
     session.pending = tokens["pending"].tolist()
