@@ -131,3 +131,12 @@ def default_model_dir() -> Path:
         return _default_model_dir()
     except FileNotFoundError as e:
         pytest.skip(f"default model unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one thread is fastest and avoids OpenMP spinning when the CPUs are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -56,10 +56,12 @@ def test_ingested_passage_becomes_more_likely(engine, recall_sessions):
     # Same document, same window; the only difference is which random passage was read.
     nll_seen = with_p.score(passages[0])
     nll_unseen = with_q.score(passages[0])
-    # Measured on CPU: seen 8.49 vs unseen 8.63 (a 0.14 nat gain) with the defaults (see README).
-    assert nll_unseen - nll_seen > 0.05, (nll_seen, nll_unseen)
+    # Measured on CPU with the defaults, 4 passages: seen 7.64-8.10, read-another 8.08-8.54 (gain 0.42-0.47),
+    # fresh session 8.24-8.88. Assert about half the measured gain.
+    assert nll_unseen - nll_seen > 0.2, (nll_seen, nll_unseen)
+    assert engine.create_session(CONFIG).score(passages[0]) - nll_seen > 0.2
     # And symmetrically for the other passage.
-    assert with_q.score(passages[1]) < with_p.score(passages[1]) - 0.05
+    assert with_p.score(passages[1]) - with_q.score(passages[1]) > 0.2
 
 
 def test_honest_loss_drops_on_a_repeated_document(engine):

@@ -23,18 +23,14 @@ from ttt.config import FastWeightConfig, IngestConfig
 from ttt.generate import chat_prompt
 from ttt.model import RollingContext
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 49152
 MSGS = [{"role": "user", "content": "Tell me about the rolling context."}]
 # A short repeating pattern: a few steps of training should make it more predictable.
 PATTERN = [1000, 2000, 3000, 4000, 5000] * 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,13 @@ import torch
 
 from ttt.model import KVCache, fingerprint_checkpoint, load_base_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ATOL = RTOL = 1e-4
 B, T = 2, 37  # odd length on purpose
 VOCAB = 1000  # the logit tests need no tokenizer-sized vocabulary (the session tiny model has 49152)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread is fastest, and avoids OpenMP spinning when the CPUs are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _tokens(vocab: int, batch: int = B, length: int = T, seed: int = 1234) -> torch.Tensor:

@@ -33,6 +33,8 @@ import ttt
 from ttt import store
 from ttt.config import FastWeightConfig, IngestConfig, SessionConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 KJV = (Path(__file__).parent / "data" / "kjv_genesis_exodus.txt").read_text(encoding="utf-8")
 DOC1 = KJV[:300]  # ~75 tokens: 5 chunks
 # A streamed second document with non-ASCII, saved while the tokenizer holds half of a UTF-8 character.
@@ -42,13 +44,6 @@ QUESTION = [{"role": "user", "content": "Who made the heaven and the earth?"}]
 ALL_TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread is fastest (and deterministic run to run)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

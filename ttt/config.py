@@ -18,7 +18,7 @@ class FastWeightConfig:
 
     kind: str = "lora"  # a key of fast_weights.FAST_WEIGHT_KINDS: "lora" or "mlp" (TTT-E2E's extra MLP)
     # "all", "last:N" (the last N layers), "last_fraction:F" or a comma list of layer indices "20,21,29".
-    layers: str = "last:8"
+    layers: str = "last_fraction:0.25"
     # LoRA: which projections get adapters.
     targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     rank: int = 16

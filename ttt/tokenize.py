@@ -57,6 +57,10 @@ from tokenizers import PreTokenizedString, Tokenizer
 
 # A mix of the context-dependent cases (contractions, whitespace runs, newlines before words,
 # digits, punctuation runs, non-ASCII) fed one character at a time by the self-check in __init__.
+# id(tokenizer) -> (tokenizer, its prepared read-only attributes); the tokenizer is held so its id stays unique.
+_SHARED: dict[int, tuple[Any, dict]] = {}
+_SHARED_ATTRS = ("_backend", "_added_re", "_added_prefixes", "_max_added")
+
 _SELF_CHECK_TEXT = "Title\n\nHello, world! It's 2024...\n\n  x = [1, 22, 333]\tdon't  stop\u00e9 \u65e5\u672c\n"
 
 _STATE_VERSION = 1
@@ -88,6 +92,14 @@ class IncrementalTokenizer:
             raise ValueError("IncrementalTokenizer needs a pre-tokenizer: BPE over a whole text can't be streamed")
         if max_pending_chars < 64:
             raise ValueError("max_pending_chars must be at least 64")
+        self._max_pending = max_pending_chars
+        self._start_document()
+        shared = _SHARED.get(id(tokenizer))
+        if shared is not None and shared[0] is tokenizer:
+            # Every session of an engine streams with the same tokenizer: prepare it once (copy + self-check
+            # take about 0.3 s and 8 MB), share the read-only parts.
+            self.__dict__.update(shared[1])
+            return
         # A private copy: the shared backend may carry truncation/padding settings (transformers sets
         # them per call), and we must not change the caller's object either.
         self._backend = Tokenizer.from_str(backend.to_str())
@@ -95,7 +107,6 @@ class IncrementalTokenizer:
         self._backend.no_padding()
         # Post-processors add nothing without special tokens but may trim offsets, which we need raw.
         self._backend.post_processor = None
-        self._max_pending = max_pending_chars
         # Added tokens are cut out of the text before pre-tokenization; longest first so that, like
         # the tokenizer, the alternation prefers the longer of two tokens starting at one position.
         added = sorted(self._backend.get_added_tokens_decoder().values(), key=lambda t: -len(t.content))
@@ -111,11 +122,14 @@ class IncrementalTokenizer:
             for k in range(1, len(t.content)):
                 self._added_prefixes[t.content[:k]] = self._added_prefixes.get(t.content[:k], False) or t.lstrip
         self._max_added = max((len(t.content) for t in added), default=0)
+        self._self_check(tokenizer)
+        _SHARED[id(tokenizer)] = (tokenizer, {k: getattr(self, k) for k in _SHARED_ATTRS})
+
+    def _start_document(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
         self._pending = ""
         self._bytes_in = 0  # bytes fed in this document, for error messages
         self._forced_cuts = 0
-        self._self_check(tokenizer)
 
     # ------------------------------------------------------------------ public API
 
@@ -154,10 +168,7 @@ class IncrementalTokenizer:
 
     def reset(self) -> None:
         """Forget everything pending (start a new document)."""
-        self._decoder.reset()
-        self._pending = ""
-        self._bytes_in = 0
-        self._forced_cuts = 0
+        self._start_document()
 
     @property
     def pending_text(self) -> str:
