@@ -112,7 +112,6 @@ def main(argv=None):
             while (report := session.train_next_chunk()) is not None:
                 losses.append(report.loss_before)
             per_excerpt.append(losses)
-            engine.delete_session(session.id)
         record(name, per_excerpt, time.perf_counter() - t)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

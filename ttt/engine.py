@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 
 from .config import SessionConfig
 from .generate import SamplingParams, TokenStream, chat_prompt, stop_token_ids
@@ -22,13 +21,11 @@ def check_session_id(session_id: str) -> str:
 
 
 class Engine:
-    """Holds the base model and the sessions created or loaded through it."""
+    """The base model shared by every session. Sessions are plain objects: keep the ones you need."""
 
     def __init__(self, base: BaseModel):
         self.base = base
-        self.sessions: dict[str, Session] = {}
         self._stop_ids = stop_token_ids(base.tokenizer, base.path)
-        self._lock = threading.Lock()
 
     def create_session(self, config: SessionConfig | dict | None = None, session_id: str | None = None) -> Session:
         """A new session with fresh fast weights. ``config`` is a SessionConfig or a partial dict of one."""
@@ -36,31 +33,13 @@ class Engine:
             config = SessionConfig.from_dict(config)
         if session_id is not None:
             check_session_id(session_id)
-        session = Session(self, config, session_id)
-        with self._lock:
-            if session.id in self.sessions:
-                raise ValueError(f"session {session.id!r} already exists")
-            self.sessions[session.id] = session
-        return session
+        return Session(self, config, session_id)
 
     def load_session(self, path: str | os.PathLike) -> Session:
         """Load a session saved with ``Session.save``. Refuses a session trained on another base model."""
         from .store import load_session
 
-        session = load_session(self, path)
-        with self._lock:
-            self.sessions[session.id] = session
-        return session
-
-    def get_session(self, session_id: str) -> Session:
-        try:
-            return self.sessions[session_id]
-        except KeyError:
-            raise KeyError(f"no session {session_id!r}") from None
-
-    def delete_session(self, session_id: str) -> None:
-        with self._lock:
-            self.sessions.pop(session_id, None)
+        return load_session(self, path)
 
     def generate(self, messages: list[dict], **kwargs) -> Generation | TokenStream:
         """Answer from the base model alone (no fast weights, no window); arguments as ``Session.generate``."""

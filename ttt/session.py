@@ -55,16 +55,21 @@ class Session:
         self.engine = engine
         self.id = session_id or uuid.uuid4().hex
         self.config = config or SessionConfig()
-        model = engine.base.model
-        self.fast = build_fast_weights(self.config.fast, model)
-        self.optimizer = make_optimizer(self.fast.parameters(), self.config.ingest)
-        self.window: list[int] = []  # the most recent trained tokens, at most context_tokens (>= 1)
-        self._rolling: RollingContext | None = None  # their keys/values; transient, rebuilt from window
-        self.pending: list[int] = []  # tokens received but not yet trained on
-        self.text_stream = IncrementalTokenizer(engine.base.tokenizer)
-        self.document_ended = True  # pending tokens may be trained as a partial chunk
-        self.stats = SessionStats()
         self.lock = threading.RLock()  # one piece of work at a time on a session
+        self.text_stream = IncrementalTokenizer(engine.base.tokenizer)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything learned and pending: fresh fast weights (same config and seed), new stats."""
+        with self.lock:
+            self.fast = build_fast_weights(self.config.fast, self.engine.base.model)
+            self.optimizer = make_optimizer(self.fast.parameters(), self.config.ingest)
+            self.window: list[int] = []  # the most recent trained tokens, at most context_tokens (>= 1)
+            self._rolling: RollingContext | None = None  # their keys/values; transient, rebuilt from window
+            self.pending: list[int] = []  # tokens received but not yet trained on
+            self.text_stream.reset()
+            self.document_ended = True  # pending tokens may be trained as a partial chunk
+            self.stats = SessionStats()
 
     # ---- ingest -------------------------------------------------------------------------------
 

@@ -1,0 +1,119 @@
+"""`ttt serve`: one engine, one scheduler, both front doors (gRPC and HTTP) in one process."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import ttt
+from server.auth import KeyRing
+from server.grpc_service import SessionsService
+from server.http_app import create_app
+from server.proto.ttt.v1 import ttt_pb2, ttt_pb2_grpc
+from server.registry import SessionRegistry
+from server.scheduler import Scheduler
+from server.settings import Settings
+
+log = logging.getLogger("ttt.server")
+SERVICE_NAME = ttt_pb2.DESCRIPTOR.services_by_name["Sessions"].full_name
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    engine: ttt.Engine | None = None
+    registry: SessionRegistry | None = None
+    scheduler: Scheduler | None = None
+    closing: bool = False
+
+
+class Server:
+    """Start with ``start()``; ``grpc_port`` / ``http_port`` are the bound ports (useful with port 0)."""
+
+    def __init__(self, settings: Settings):
+        if settings.api_keys_file is None and not settings.loopback_only:
+            raise SystemExit(f"refusing to serve {settings.host} without --api-keys-file: open mode is loopback only")
+        self.settings = settings
+        self.keyring = KeyRing(settings.api_keys_file)
+        self.state = ServerState(settings)
+        self.stopped = threading.Event()
+
+    def start(self) -> None:
+        s = self.settings
+        engine = ttt.load_engine(s.model, s.device)
+        scheduler = Scheduler(s.max_queue)
+        registry = SessionRegistry(engine, s.data_dir, s.session_defaults, s.max_sessions_per_user)
+        self.state.engine, self.state.scheduler, self.state.registry = engine, scheduler, registry
+
+        options = [("grpc.max_receive_message_length", s.max_message_bytes), ("grpc.max_send_message_length", s.max_message_bytes)]
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
+        ttt_pb2_grpc.add_SessionsServicer_to_server(SessionsService(registry, scheduler, self.keyring, s), self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        self.grpc_port = self.grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        self.grpc.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        config = uvicorn.Config(create_app(self.state), host=s.host, port=s.http_port, log_level="warning")
+        self.http = uvicorn.Server(config)
+        self.http.install_signal_handlers = lambda: None  # signals are ours (see serve())
+        self._http_thread = threading.Thread(target=self.http.run, name="ttt-http", daemon=True)
+        self._http_thread.start()
+        while not self.http.started and self._http_thread.is_alive():
+            self.stopped.wait(0.05)
+        self.http_port = self.http.servers[0].sockets[0].getsockname()[1] if self.http.servers else s.http_port
+
+        self._autosave = threading.Thread(target=self._autosave_loop, name="ttt-autosave", daemon=True)
+        self._autosave.start()
+        mode = "open (no API keys, loopback only)" if self.keyring.open else f"API keys from {s.api_keys_file}"
+        log.info("serving %s on %s: gRPC %d, HTTP %d; %s; data in %s",
+                 engine.base.name, engine.base.device, self.grpc_port, self.http_port, mode, s.data_dir)
+
+    def _autosave_loop(self) -> None:
+        while not self.stopped.wait(min(5.0, self.settings.autosave_idle_seconds)):
+            for user, sid in self.state.registry.dirty(self.settings.autosave_idle_seconds):
+                try:
+                    self.state.scheduler.submit((user, sid), self.state.registry.save, user, sid)
+                except Exception:  # queue full or shutting down: the next tick or shutdown saves it
+                    log.warning("autosave of a session deferred", exc_info=True)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, let in-flight chunks finish, save every changed session, exit."""
+        if self.stopped.is_set():
+            return
+        self.state.closing = True
+        self.stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.grpc.stop(grace).wait()
+        self.http.should_exit = True
+        registry, scheduler = self.state.registry, self.state.scheduler
+        saves = [scheduler.submit(key, registry.save, *key) for key in registry.dirty()]
+        for f in saves:
+            try:
+                f.result()
+            except Exception:
+                log.exception("saving a session at shutdown failed")
+        scheduler.shutdown()
+        self._http_thread.join(5)
+        log.info("stopped; %d sessions saved", len(saves))
+
+
+def serve(settings: Settings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = Server(settings)
+    server.start()
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    server.stop()

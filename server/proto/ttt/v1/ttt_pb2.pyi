@@ -1,0 +1,179 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FastWeightSettings(_message.Message):
+    __slots__ = ("kind", "layers", "targets", "rank", "alpha")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    layers: str
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    rank: int
+    alpha: float
+    def __init__(self, kind: _Optional[str] = ..., layers: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
+
+class IngestSettings(_message.Message):
+    __slots__ = ("chunk_tokens", "context_tokens", "steps_per_chunk", "lr", "optimizer", "max_grad_norm")
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    chunk_tokens: int
+    context_tokens: int
+    steps_per_chunk: int
+    lr: float
+    optimizer: str
+    max_grad_norm: float
+    def __init__(self, chunk_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., steps_per_chunk: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+
+class SessionSettings(_message.Message):
+    __slots__ = ("fast", "ingest")
+    FAST_FIELD_NUMBER: _ClassVar[int]
+    INGEST_FIELD_NUMBER: _ClassVar[int]
+    fast: FastWeightSettings
+    ingest: IngestSettings
+    def __init__(self, fast: _Optional[_Union[FastWeightSettings, _Mapping]] = ..., ingest: _Optional[_Union[IngestSettings, _Mapping]] = ...) -> None: ...
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ("session_id", "settings")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    settings: SessionSettings
+    def __init__(self, session_id: _Optional[str] = ..., settings: _Optional[_Union[SessionSettings, _Mapping]] = ...) -> None: ...
+
+class SessionRef(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("session_id", "tokens_ingested", "pending_tokens", "chunks", "rolled_back_chunks", "last_loss_before", "last_loss_after", "bytes", "created_at", "updated_at", "residency")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_INGESTED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOSS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOSS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    RESIDENCY_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    tokens_ingested: int
+    pending_tokens: int
+    chunks: int
+    rolled_back_chunks: int
+    last_loss_before: float
+    last_loss_after: float
+    bytes: int
+    created_at: float
+    updated_at: float
+    residency: str
+    def __init__(self, session_id: _Optional[str] = ..., tokens_ingested: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., rolled_back_chunks: _Optional[int] = ..., last_loss_before: _Optional[float] = ..., last_loss_after: _Optional[float] = ..., bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., residency: _Optional[str] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class IngestStart(_message.Message):
+    __slots__ = ("session_id", "create_if_missing", "settings", "end_of_document")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATE_IF_MISSING_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    END_OF_DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    create_if_missing: bool
+    settings: SessionSettings
+    end_of_document: bool
+    def __init__(self, session_id: _Optional[str] = ..., create_if_missing: _Optional[bool] = ..., settings: _Optional[_Union[SessionSettings, _Mapping]] = ..., end_of_document: _Optional[bool] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class IngestRequest(_message.Message):
+    __slots__ = ("start", "text", "utf8", "tokens")
+    START_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    UTF8_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    start: IngestStart
+    text: str
+    utf8: bytes
+    tokens: TokenIds
+    def __init__(self, start: _Optional[_Union[IngestStart, _Mapping]] = ..., text: _Optional[str] = ..., utf8: _Optional[bytes] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
+
+class ChunkProgress(_message.Message):
+    __slots__ = ("index", "tokens", "loss_before", "loss_after", "seconds", "tokens_per_second", "tokens_ingested", "pending_tokens", "rolled_back", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_INGESTED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    tokens: int
+    loss_before: float
+    loss_after: float
+    seconds: float
+    tokens_per_second: float
+    tokens_ingested: int
+    pending_tokens: int
+    rolled_back: bool
+    error: str
+    def __init__(self, index: _Optional[int] = ..., tokens: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., tokens_ingested: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., rolled_back: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class IngestSummary(_message.Message):
+    __slots__ = ("session_id", "tokens_received", "chunks_trained", "tokens_ingested", "pending_tokens", "mean_loss_before", "seconds")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_INGESTED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LOSS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    tokens_received: int
+    chunks_trained: int
+    tokens_ingested: int
+    pending_tokens: int
+    mean_loss_before: float
+    seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., tokens_received: _Optional[int] = ..., chunks_trained: _Optional[int] = ..., tokens_ingested: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., mean_loss_before: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class IngestResponse(_message.Message):
+    __slots__ = ("chunk", "summary")
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    chunk: ChunkProgress
+    summary: IngestSummary
+    def __init__(self, chunk: _Optional[_Union[ChunkProgress, _Mapping]] = ..., summary: _Optional[_Union[IngestSummary, _Mapping]] = ...) -> None: ...

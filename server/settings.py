@@ -1,0 +1,48 @@
+"""Server settings: command-line flags over ``TTT_*`` environment variables over defaults, one typed object."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "ttt"
+
+
+class Settings(BaseSettings):
+    """Every field can be set as ``TTT_<NAME>`` (e.g. ``TTT_GRPC_PORT=50052``)."""
+
+    model_config = SettingsConfigDict(env_prefix="TTT_", extra="ignore")
+
+    model: str | None = Field(None, description="local Hugging Face model folder; empty: the embedded default")
+    device: str | None = Field(None, description="cuda, cpu, ...; empty: CUDA when available")
+    host: str = Field("127.0.0.1", description="bind address of both servers")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
+    http_port: int = Field(8000, ge=0, le=65535, description="0 picks a free port")
+    data_dir: Path = Field(default_factory=_default_data_dir, description="where sessions are saved")
+    api_keys_file: Path | None = Field(None, description="JSON {user: [sha256 of key, ...]}; none: open, loopback only")
+
+    # Fast-weight defaults for new sessions, as a partial SessionConfig dict, e.g. {"ingest": {"lr": 0.001}}.
+    session_defaults: dict = Field(default_factory=dict)
+
+    # Limits
+    max_message_bytes: int = Field(4 << 20, gt=0, description="largest gRPC message")
+    max_document_tokens: int = Field(20_000_000, gt=0, description="tokens one ingest stream may add")
+    max_sessions_per_user: int = Field(256, gt=0)
+    max_queue: int = Field(1024, gt=0, description="units of work waiting for the device before requests are refused")
+
+    # Autosave of sessions changed since their last checkpoint
+    autosave_every_chunks: int = Field(32, gt=0)
+    autosave_idle_seconds: float = Field(30.0, gt=0)
+
+    @property
+    def loopback_only(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
