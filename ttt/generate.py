@@ -38,10 +38,10 @@ def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
     if not messages:
         raise ValueError("messages must not be empty")
     if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    # A base model without a template: plain "role: content" lines.
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:  # a base model without a template: plain "role: content" lines
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    # The template writes special tokens as text; the tokenizer maps them back to their ids.
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
