@@ -53,7 +53,7 @@ class FastWeightConfig:
             try:
                 idx = sorted({int(i) for i in spec.split(",")})
             except ValueError:
-                raise ValueError(f"bad layers spec {spec!r}: use 'all', 'last:N', 'last_fraction:F' or '1,2,3'")
+                raise ValueError(f"bad layers spec {spec!r}: use 'all', 'last:N', 'last_fraction:F' or '1,2,3'") from None
         if not idx or idx[0] < 0 or idx[-1] >= num_layers:
             raise ValueError(f"layers {spec!r} selects no valid layer of a {num_layers}-layer model")
         return idx

@@ -141,7 +141,7 @@ def train_chunk(
         # Finite weights can still make the loss non-finite: undo every step of the chunk, and re-record the
         # context's keys/values under the restored weights (the last forward's may be non-finite).
         with torch.no_grad():
-            for p, old in zip(params, saved[0]):
+            for p, old in zip(params, saved[0], strict=True):
                 p.copy_(old)
             optimizer.load_state_dict(saved[1])
             if context is not None:

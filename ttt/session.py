@@ -18,7 +18,7 @@ import torch
 
 from .config import SessionConfig
 from .fast_weights import build_fast_weights
-from .generate import SamplingParams, TokenStream, chat_prompt
+from .generate import SamplingParams, TokenStream
 from .ingest import ChunkReport, forward_hidden, make_optimizer, next_token_nll, train_chunk
 from .model import RollingContext
 from .tokenize import IncrementalTokenizer
