@@ -1,9 +1,20 @@
-"""The `ttt` command: `ttt serve`, and tools for benchmarks."""
+"""The `ttt` command: `ttt serve`, a client for a running server (`ingest`, `sessions`), `keys`, and benchmarks.
+
+Client commands talk gRPC to ``--server`` (default ``$TTT_SERVER`` or 127.0.0.1:50051) with the bearer key
+``--api-key`` (default ``$TTT_API_KEY``). A failed call prints ``error: <CODE>: <message>`` and exits 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import math
+import os
 import sys
+from pathlib import Path
+
+DEFAULT_PIECE_BYTES = 64 << 10
 
 
 def add_serve(sub) -> None:
@@ -21,8 +32,299 @@ def run_serve(args) -> None:
     from server.main import serve
     from server.settings import Settings
 
-    flags = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "handler") and v is not None}
     serve(Settings(**flags))
+
+
+# ---- client commands ----------------------------------------------------------------------------
+
+
+class CLIError(Exception):
+    """A local problem (bad file, bad flag): printed as ``error: <message>``."""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _connection_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--server", metavar="HOST:PORT", help="gRPC address (default: $TTT_SERVER or 127.0.0.1:50051)")
+    p.add_argument("--api-key", metavar="KEY", help="bearer key (default: $TTT_API_KEY; an open loopback server needs none)")
+    return p
+
+
+def _client(args):
+    from clients.client import DEFAULT_SERVER, TTTClient
+
+    server = args.server or os.environ.get("TTT_SERVER") or DEFAULT_SERVER
+    api_key = args.api_key or os.environ.get("TTT_API_KEY") or None
+    return TTTClient(server, api_key)
+
+
+def add_client_commands(sub) -> None:
+    conn = _connection_parent()
+
+    p = sub.add_parser("ingest", parents=[conn], help="stream files into a session (created when missing)")
+    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files ('-': standard input); one stream each")
+    p.add_argument("--session", "-s", required=True, metavar="ID", help="session id")
+    p.add_argument("--chunk-tokens", type=_positive, metavar="N", help="tokens per training chunk (new sessions only)")
+    p.add_argument("--piece-bytes", type=_positive, default=DEFAULT_PIECE_BYTES, metavar="N",
+                   help=f"bytes per streamed message (default {DEFAULT_PIECE_BYTES})")
+    p.add_argument("--keep-pending", action="store_true",
+                   help="do not train the last partial chunk: the document continues in a later stream")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, only the summary lines")
+    p.set_defaults(handler=run_ingest)
+
+    p = sub.add_parser("sessions", help="list, show, delete, save or reset sessions")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="{list,show,rm,save,reset}")
+    q = ssub.add_parser("list", parents=[conn], help="a table of your sessions")
+    q.set_defaults(handler=run_sessions_list)
+    for name, handler, text in (
+        ("show", run_sessions_show, "every field of a session"),
+        ("rm", run_sessions_rm, "delete a session (in memory and on disk)"),
+        ("save", run_sessions_save, "checkpoint a session now"),
+        ("reset", run_sessions_reset, "forget everything a session learned"),
+    ):
+        q = ssub.add_parser(name, parents=[conn], help=text)
+        q.add_argument("session_id", metavar="ID")
+        q.set_defaults(handler=handler)
+
+    p = sub.add_parser("keys", help="manage the server's API keys file")
+    ksub = p.add_subparsers(dest="action", required=True, metavar="{new}")
+    q = ksub.add_parser("new", help="generate a key for USER, add its sha256 to the keys file, print the key once")
+    q.add_argument("user")
+    q.add_argument("--file", "-f", metavar="KEYS_JSON",
+                   help="the keys file {user: [sha256, ...]} (default: $TTT_API_KEYS_FILE); created with mode 0600")
+    q.set_defaults(handler=run_keys_new)
+
+
+def _fmt_loss(x: float, chunks: int = 1) -> str:
+    return "-" if not chunks or x is None or not math.isfinite(x) else f"{x:.4f}"
+
+
+def _fmt_time(t: float) -> str:
+    if not t:
+        return "-"
+    return datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _read_pieces(stream, piece_bytes: int, counter: list[int]):
+    """Raw byte pieces of ``stream`` (pieces may end inside a UTF-8 character: the server joins them)."""
+    while True:
+        piece = stream.read(piece_bytes)
+        if not piece:
+            return
+        counter[0] += len(piece)
+        yield piece
+
+
+def _ingest_file(client, args, path: str, settings: dict | None) -> dict:
+    from tqdm import tqdm
+
+    from clients.client import TTTError
+
+    # The session's token count before this stream, for the progress estimate (0 if it does not exist yet).
+    try:
+        info = client.get_session(args.session)
+        baseline = info["tokens_ingested"] + info["pending_tokens"]
+        if settings:
+            print(f"note: session {args.session} exists; --chunk-tokens applies only to new sessions", file=sys.stderr)
+    except TTTError as e:
+        if e.code_name != "NOT_FOUND":
+            raise
+        baseline = 0
+
+    if path == "-":
+        stream, size, name = sys.stdin.buffer, None, "<stdin>"
+    else:
+        try:
+            stream = open(path, "rb")
+        except OSError as e:
+            raise CLIError(f"{path}: {e.strerror or e}") from None
+        size, name = os.fstat(stream.fileno()).st_size, os.path.basename(path)
+
+    sent = [0]  # bytes handed to gRPC so far
+    bar = tqdm(total=None, desc=name, unit="tok", unit_scale=True, file=sys.stderr, disable=args.quiet,
+               dynamic_ncols=True)
+    summary = None
+    chunks = 0
+    try:
+        events = client.ingest(
+            args.session,
+            _read_pieces(stream, args.piece_bytes, sent),
+            create_if_missing=True,
+            end_of_document=not args.keep_pending,
+            settings=settings,
+        )
+        for event in events:
+            if event["type"] == "chunk":
+                chunks += 1
+                tokenized = event["tokens_ingested"] + event["pending_tokens"] - baseline
+                if size and sent[0] and tokenized > 0:
+                    # Tokens per byte so far, times the file's size: the tokens this file will add
+                    # (bytes sent may run ahead of the server's reading: an estimate, refined every chunk).
+                    bar.total = max(round(tokenized * size / sent[0]), bar.n + event["tokens"])
+                bar.update(event["tokens"])
+                postfix = {"chunks": chunks, "loss": _fmt_loss(event["loss_before"])}
+                if event["tokens_per_second"]:
+                    postfix["chunk_tok/s"] = f"{event['tokens_per_second']:.0f}"
+                if event["rolled_back"]:
+                    postfix["rolled_back"] = "yes"
+                bar.set_postfix(postfix, refresh=True)
+            elif event["type"] == "summary":
+                summary = event
+        if summary is not None and bar.total is not None:
+            bar.total = bar.n
+            bar.refresh()
+    finally:
+        bar.close()
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    if summary is None:
+        raise CLIError(f"{name}: the server closed the stream without a summary")
+    rate = summary["tokens_received"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
+    print(
+        f"{name}: {summary['tokens_received']} tokens, {summary['chunks_trained']} chunks, "
+        f"mean loss {_fmt_loss(summary['mean_loss_before'], summary['chunks_trained'])}, "
+        f"{summary['seconds']:.1f} s ({rate:.0f} tokens/s); session {summary['session_id']}: "
+        f"{summary['tokens_ingested']} tokens ingested, {summary['pending_tokens']} pending",
+        flush=True,
+    )
+    return summary
+
+
+def run_ingest(args) -> int:
+    settings = {"ingest": {"chunk_tokens": args.chunk_tokens}} if args.chunk_tokens else None
+    with _client(args) as client:
+        for path in args.files:
+            _ingest_file(client, args, path, settings)
+    return 0
+
+
+def run_sessions_list(args) -> int:
+    with _client(args) as client:
+        sessions = client.list_sessions()
+    rows = [("ID", "TOKENS", "CHUNKS", "LAST LOSS", "RESIDENCY")]
+    for s in sessions:
+        rows.append((s["session_id"], str(s["tokens_ingested"]), str(s["chunks"]),
+                     _fmt_loss(s["last_loss_before"], s["chunks"]), s["residency"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:4], widths[1:4])] + [r[4]]
+        print("  ".join(cells).rstrip())
+    if not sessions:
+        print("(no sessions)", file=sys.stderr)
+    return 0
+
+
+def _print_info(s: dict) -> None:
+    fields = [
+        ("session_id", s["session_id"]),
+        ("tokens_ingested", s["tokens_ingested"]),
+        ("pending_tokens", s["pending_tokens"]),
+        ("chunks", s["chunks"]),
+        ("rolled_back_chunks", s["rolled_back_chunks"]),
+        ("last_loss_before", _fmt_loss(s["last_loss_before"], s["chunks"])),
+        ("last_loss_after", _fmt_loss(s["last_loss_after"], s["chunks"])),
+        ("bytes", f"{s['bytes']} ({_fmt_bytes(s['bytes'])})"),
+        ("created_at", _fmt_time(s["created_at"])),
+        ("updated_at", _fmt_time(s["updated_at"])),
+        ("residency", s["residency"]),
+    ]
+    width = max(len(k) for k, _ in fields)
+    for k, v in fields:
+        print(f"{k + ':':<{width + 1}} {v}")
+
+
+def run_sessions_show(args) -> int:
+    with _client(args) as client:
+        _print_info(client.get_session(args.session_id))
+    return 0
+
+
+def run_sessions_rm(args) -> int:
+    with _client(args) as client:
+        client.delete_session(args.session_id)
+    print(f"deleted {args.session_id}")
+    return 0
+
+
+def run_sessions_save(args) -> int:
+    with _client(args) as client:
+        info = client.save_session(args.session_id)
+    print(f"saved {info['session_id']}: {info['tokens_ingested']} tokens ingested, {info['chunks']} chunks")
+    return 0
+
+
+def run_sessions_reset(args) -> int:
+    with _client(args) as client:
+        info = client.reset_session(args.session_id)
+    print(f"reset {info['session_id']}: {info['tokens_ingested']} tokens ingested")
+    return 0
+
+
+def add_key_to_file(path: Path, user: str, digest: str) -> None:
+    """Append ``digest`` to ``user``'s list in the JSON keys file, atomically; the file ends up mode 0600."""
+    data: dict = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text() or "{}")
+        except (OSError, ValueError) as e:
+            raise CLIError(f"{path}: cannot read the keys file ({e})") from None
+        if not isinstance(data, dict):
+            raise CLIError(f"{path}: expected a JSON object {{user: [sha256 hex, ...]}}")
+    digests = data.get(user, [])
+    digests = [digests] if isinstance(digests, str) else list(digests)
+    digests.append(digest)
+    data[user] = digests
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CLIError(f"{path}: {e.strerror or e}") from None
+
+
+def run_keys_new(args) -> int:
+    from server.auth import hash_key, new_key
+    from ttt.engine import check_session_id
+
+    keys_file = args.file or os.environ.get("TTT_API_KEYS_FILE")
+    if not keys_file:
+        raise CLIError("name the keys file with --file (or $TTT_API_KEYS_FILE)")
+    try:
+        check_session_id(args.user)  # the server keeps each user's sessions in a folder named after the user
+    except ValueError:
+        raise CLIError("user name must be 1-128 characters of letters, digits, '_', '-', '.', "
+                       "starting with a letter or digit") from None
+    key = new_key()
+    add_key_to_file(Path(keys_file), args.user, hash_key(key))
+    print(key)
+    print(f"added a key for {args.user} to {keys_file} (shown once; the server reads the file when it starts)",
+          file=sys.stderr)
+    return 0
+
+
+# ---- entry point --------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ttt", description="Test-time-training inference server")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve(sub)
+    add_client_commands(sub)
     sub.add_parser("bench", help="ingest throughput vs prefill, session bytes vs KV cache (bench/ingest.py)", add_help=False)
     sub.add_parser("sweep", help="measure candidate fast-weight defaults (bench/sweep.py)", add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -41,11 +344,31 @@ def main(argv: list[str] | None = None) -> int:
         from bench.ingest import main as bench
 
         bench(rest)
-    else:
+    elif args.command == "sweep":
         from bench.sweep import main as sweep
 
         sweep(rest)
+    else:
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return run_client_command(args)
     return 0
+
+
+def run_client_command(args) -> int:
+    from clients.client import TTTError
+
+    try:
+        return args.handler(args)
+    except TTTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted (chunks already trained stay learned; the rest stays pending)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ class DocumentTooLarge(QuotaExceeded):
 
 
 def _abort(context, e: Exception):
+    if isinstance(e, grpc.RpcError) and not context.is_active():
+        raise e  # the client cancelled or went away (the request iterator says so): not a server error
     for types, code in STATUS:
         if isinstance(e, types):
             detail = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
@@ -203,7 +205,13 @@ class SessionsService(pb_grpc.SessionsServicer):
                 before = session.stats.tokens_ingested + len(session.pending)
                 saved_text = session.text_stream.state()
                 if kind == "tokens":
-                    session.append_tokens(list(request.tokens.ids))
+                    # Token ids end the text before them: its held-back tail goes first, keeping the order.
+                    tail = session.text_stream.flush()
+                    try:
+                        session.append_tokens(tail + list(request.tokens.ids))
+                    except ValueError:
+                        session.text_stream.load_state(saved_text)  # refused ids change nothing
+                        raise
                 else:
                     session.append_text(request.text if kind == "text" else request.utf8)
                 added = session.stats.tokens_ingested + len(session.pending) - before

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from ttt import Engine, Session, SessionConfig
 from ttt.engine import check_session_id
 from ttt.store import read_manifest
@@ -116,7 +118,12 @@ class SessionRegistry:
         name, digest = latest.read_text().split()
         m = read_manifest(folder / name, digest)
         s = m["stats"]
-        return {"id": session_id, "pending_tokens": 0, "fast_weight_bytes": 0, "residency": "disk", **s}
+        try:  # untrained tokens: the length of `pending` in tokens.safetensors (only its header is read)
+            with safe_open(folder / name / "tokens.safetensors", framework="pt") as f:
+                pending = f.get_slice("pending").get_shape()[0]
+        except (OSError, SafetensorError):  # unreadable: loading says why (or falls back to the previous checkpoint)
+            pending = 0
+        return {"id": session_id, "pending_tokens": pending, "fast_weight_bytes": 0, "residency": "disk", **s}
 
     def save(self, user: str, session_id: str) -> Session:
         session = self.get(user, session_id)

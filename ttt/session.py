@@ -231,6 +231,8 @@ class Session:
             "id": self.id,
             "tokens_ingested": s.tokens_ingested,
             "pending_tokens": len(self.pending),
+            # bytes of the unfinished document received so far: a resumed stream sends the rest from here
+            "document_bytes": self.text_stream.bytes_received,
             "chunks": s.chunks,
             "rolled_back_chunks": s.rolled_back_chunks,
             "last_loss_before": s.last_loss_before,

@@ -148,6 +148,7 @@ class IncrementalTokenizer:
                     "sequence are pending; feed the rest of the sequence as bytes first"
                 )
             text = piece
+            self._bytes_in += len(piece.encode())
         else:
             raise TypeError(f"feed() takes str or bytes, got {type(piece).__name__}")
         if not text:
@@ -185,12 +186,18 @@ class IncrementalTokenizer:
         """Trailing bytes of an incomplete UTF-8 sequence."""
         return self._decoder.getstate()[0]
 
+    @property
+    def bytes_received(self) -> int:
+        """UTF-8 bytes of the current document fed so far (a resumed stream sends the rest from here)."""
+        return self._bytes_in
+
     def state(self) -> dict:
         """A JSON-serialisable snapshot of the pending tail (text, and incomplete bytes as hex)."""
         return {
             "version": _STATE_VERSION,
             "pending_text": self._pending,
             "pending_bytes": self.pending_bytes.hex(),
+            "bytes_received": self._bytes_in,
         }
 
     def load_state(self, state: dict) -> None:
@@ -206,6 +213,7 @@ class IncrementalTokenizer:
         self.reset()
         self._pending = text
         self._decoder.setstate((pending_bytes, 0))
+        self._bytes_in = int(state.get("bytes_received", len(text.encode()) + len(pending_bytes)))
 
     # ------------------------------------------------------------------ internals
 
