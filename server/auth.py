@@ -8,6 +8,8 @@ import json
 import secrets
 from pathlib import Path
 
+from ttt.engine import check_session_id
+
 OPEN_USER = "local"  # the single user of a server that runs without a keys file (loopback only)
 
 
@@ -35,6 +37,7 @@ class KeyRing:
             if not isinstance(data, dict):
                 raise ValueError(f"{keys_file}: expected a JSON object {{user: [sha256 hex, ...]}}")
             for user, digests in data.items():
+                check_session_id(user)  # user names become folder names, like session ids
                 for d in [digests] if isinstance(digests, str) else digests:
                     self._digests.append((d.removeprefix("sha256:").lower(), user))
 

@@ -102,6 +102,7 @@ def info_message(info: dict) -> pb.SessionInfo:
         created_at=info["created_at"],
         updated_at=info["updated_at"],
         residency=info["residency"],
+        document_bytes=info["document_bytes"],
     )
 
 

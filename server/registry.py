@@ -36,15 +36,18 @@ class QuotaExceeded(Exception):
 @dataclass
 class Entry:
     session: Session
-    saved_chunks: int = 0  # stats.chunks at the last checkpoint
+    saved_version: int  # session.version at the last checkpoint (or load)
+    saved_chunks: int  # stats.chunks at the last checkpoint, for chunk-count autosave
     saved_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
-    saved_pending: int = 0  # pending tokens at the last checkpoint
+
+    @classmethod
+    def saved(cls, session: Session) -> "Entry":
+        return cls(session, session.version, session.stats.chunks)
 
     @property
     def dirty(self) -> bool:
-        s = self.session
-        return s.stats.chunks != self.saved_chunks or len(s.pending) != self.saved_pending or bool(s.text_stream.pending_text)
+        return self.session.version != self.saved_version
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -85,7 +88,8 @@ class SessionRegistry:
             if len(existing) >= self.max_sessions_per_user:
                 raise QuotaExceeded(f"at most {self.max_sessions_per_user} sessions per user")
             session = self.engine.create_session(config, session_id)
-            self._live[(user, session.id)] = Entry(session)
+            # A new session is dirty: nothing of it is on disk yet.
+            self._live[(user, session.id)] = Entry(session, saved_version=-1, saved_chunks=0)
         return session
 
     def get(self, user: str, session_id: str) -> Session:
@@ -98,7 +102,7 @@ class SessionRegistry:
             if not (folder / "LATEST").is_file():
                 raise NotFound(f"no session {session_id!r}")
             session = self.engine.load_session(folder)
-            entry = Entry(session, session.stats.chunks, time.time(), saved_pending=len(session.pending))
+            entry = Entry.saved(session)
             with self._lock:
                 entry = self._live.setdefault(key, entry)
         entry.last_used = time.time()
@@ -123,15 +127,21 @@ class SessionRegistry:
                 pending = f.get_slice("pending").get_shape()[0]
         except (OSError, SafetensorError):  # unreadable: loading says why (or falls back to the previous checkpoint)
             pending = 0
-        return {"id": session_id, "pending_tokens": pending, "fast_weight_bytes": 0, "residency": "disk", **s}
+        return {
+            "id": session_id,
+            "pending_tokens": pending,
+            "document_bytes": m["tokenizer_state"].get("bytes_received", 0),
+            "fast_weight_bytes": 0,
+            "residency": "disk",
+            **s,
+        }
 
     def save(self, user: str, session_id: str) -> Session:
         session = self.get(user, session_id)
         with session.lock:
             session.save(self.folder(user, session_id))
             entry = self._live[(user, session_id)]
-            entry.saved_chunks, entry.saved_at = session.stats.chunks, time.time()
-            entry.saved_pending = len(session.pending)
+            entry.saved_version, entry.saved_chunks, entry.saved_at = session.version, session.stats.chunks, time.time()
         return session
 
     def delete(self, user: str, session_id: str) -> None:

@@ -310,6 +310,9 @@ def test_cancel_mid_stream_then_resume(client, tokenizer, caplog):
     assert info.tokens_ingested == trained and info.tokens_ingested % CHUNK == 0
     assert info.pending_tokens == held[last] - trained >= 0
     assert info.chunks == 3
+    # The session says how many bytes of the document it has: the rest starts there.
+    assert info.document_bytes == sum(len(p) for p in first_part)
+    assert b"".join(rest) == text.encode()[info.document_bytes :]
 
     total = len(token_ids(tokenizer, text))
     chunks, summary = client.ingest(start("resume", create=False, end=True), rest)

@@ -57,6 +57,7 @@ class Session:
         self.config = config or SessionConfig()
         self.lock = threading.RLock()  # one piece of work at a time on a session
         self.text_stream = IncrementalTokenizer(engine.base.tokenizer)
+        self.version = 0  # bumped by every change of state: a saver compares it with the saved one
         self.reset()
 
     def reset(self) -> None:
@@ -70,6 +71,7 @@ class Session:
             self.text_stream.reset()
             self.document_ended = True  # pending tokens may be trained as a partial chunk
             self.stats = SessionStats()
+            self.version += 1
 
     # ---- ingest -------------------------------------------------------------------------------
 
@@ -90,7 +92,9 @@ class Session:
     def append_text(self, piece: str | bytes) -> int:
         """Add a piece of a document (any size; bytes may split a UTF-8 character). Returns chunks ready."""
         with self.lock:
-            return self.append_tokens(self.text_stream.feed(piece))
+            ids = self.text_stream.feed(piece)
+            self.version += 1  # the tokenizer's pending text changed even when no token came out
+            return self.append_tokens(ids)
 
     def append_tokens(self, ids: list[int]) -> int:
         """Add token ids of a document. Returns how many full chunks are ready to train."""
@@ -101,6 +105,7 @@ class Session:
             self.pending.extend(ids)
             if ids:
                 self.document_ended = False
+                self.version += 1
             return self.chunks_ready
 
     def end_document(self) -> None:
@@ -108,6 +113,7 @@ class Session:
         with self.lock:
             self.pending.extend(self.text_stream.flush())
             self.document_ended = True
+            self.version += 1
 
     @property
     def chunks_ready(self) -> int:
@@ -144,6 +150,7 @@ class Session:
             s.rolled_back_chunks += report.rolled_back
             s.last_loss_before, s.last_loss_after = report.loss_before, report.loss_after
             s.updated_at = time.time()
+            self.version += 1
             return report
 
     def _context(self) -> RollingContext | None:
