@@ -141,6 +141,7 @@ def _ingest_file(client, args, path: str, settings: dict | None) -> dict:
         baseline = info["tokens_ingested"] + info["pending_tokens"]
         if settings:
             print(f"note: session {args.session} exists; --chunk-tokens applies only to new sessions", file=sys.stderr)
+            settings = None
     except TTTError as e:
         if e.code_name != "NOT_FOUND":
             raise

@@ -6,6 +6,7 @@ Where a chunk of text goes: ``Ingest`` -> ``Session.append_text`` (tokenize, no 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -20,7 +21,9 @@ from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
 from server.registry import AlreadyExists, NotFound, QuotaExceeded, SessionRegistry
 from server.scheduler import QueueFull, Scheduler, ShuttingDown
 from server.settings import Settings
+from ttt import SessionConfig
 from ttt.engine import check_session_id
+from ttt.session import STEP_SETTINGS
 from ttt.store import BaseModelMismatch, SessionFormatError
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,23 @@ def settings_dict(msg: pb.SessionSettings) -> dict:
         if values:
             out[section] = values
     return out
+
+
+def stream_settings(config: SessionConfig, requested: dict) -> dict:
+    """The step settings an Ingest stream asks for; the others shape the session and must match it."""
+    current = config.to_dict()
+    fixed = [
+        f"{section}.{name}"
+        for section, values in requested.items()
+        for name, value in values.items()
+        if not (section == "ingest" and name in STEP_SETTINGS)
+        and current[section][name] != (list(value) if name == "targets" else value)
+    ]
+    if fixed:
+        raise ValueError(f"{', '.join(sorted(fixed))} can only be set when the session is created")
+    step = {k: v for k, v in requested.get("ingest", {}).items() if k in STEP_SETTINGS}
+    dataclasses.replace(config.ingest, **step)  # validates them now, not at the first chunk
+    return step
 
 
 def info_message(info: dict) -> pb.SessionInfo:
@@ -160,12 +180,14 @@ class SessionsService(pb_grpc.SessionsServicer):
         start = first.start
         sid = check_session_id(start.session_id)
         key = (user, sid)
+        requested = settings_dict(start.settings)
         try:
             session = self.scheduler.run(key, self.registry.get, user, sid)
         except NotFound:
             if not start.create_if_missing:
                 raise
-            session = self.scheduler.run(key, self.registry.create, user, sid, settings_dict(start.settings))
+            session = self.scheduler.run(key, self.registry.create, user, sid, requested)
+        step_settings = stream_settings(session.config, requested)
 
         t0 = time.perf_counter()
         received = trained = 0
@@ -175,7 +197,7 @@ class SessionsService(pb_grpc.SessionsServicer):
         def train_ready():
             nonlocal trained, loss_sum
             while context.is_active() and session.chunks_ready:
-                report = self.scheduler.run(key, session.train_next_chunk)
+                report = self.scheduler.run(key, functools.partial(session.train_next_chunk, **step_settings))
                 if report is None:
                     return
                 trained += 1

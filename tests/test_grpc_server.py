@@ -620,3 +620,19 @@ def test_shutdown_saves_changed_sessions(tiny_model_dir, tmp_path, tokenizer):
         assert (info.tokens_ingested, info.pending_tokens) == (part.tokens_ingested, part.pending_tokens)
         _, summary = client.ingest(start("half", create=False), [text[777:]])
         assert summary.tokens_ingested == len(token_ids(tokenizer, text))
+
+
+def test_per_stream_step_settings(client):
+    """A stream may change lr / steps / clip for itself; settings that shape the session are fixed at creation."""
+    text = book(5_000, 6_000)
+    client.ingest(start("knobs"), [text])
+    # An lr of 1e-30 leaves the weights as they are: the same chunk scores the same before and after.
+    chunks, _ = client.ingest(start("knobs", settings=pb.SessionSettings(ingest=pb.IngestSettings(lr=1e-30, steps_per_chunk=2))), [text])
+    assert all(abs(c.loss_before - c.loss_after) < 1e-4 for c in chunks)
+    # Without overrides the session's own lr applies again and the loss moves.
+    chunks, _ = client.ingest(start("knobs"), [text])
+    assert any(abs(c.loss_before - c.loss_after) > 1e-3 for c in chunks)
+    fixed = pb.SessionSettings(ingest=pb.IngestSettings(chunk_tokens=CHUNK * 2))
+    client.fails(Code.INVALID_ARGUMENT, client.ingest, start("knobs", settings=fixed), [text], match="only be set when the session is created")
+    bad = pb.SessionSettings(ingest=pb.IngestSettings(lr=-1.0))
+    client.fails(Code.INVALID_ARGUMENT, client.ingest, start("knobs", settings=bad), [text], match="lr")

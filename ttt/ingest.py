@@ -103,6 +103,8 @@ def train_chunk(
     inputs = torch.cat([carry, chunk])[None]  # [1, T'], every token after the first is a target
     h_prefix = prefix_hidden(model, inputs, fast.first_layer, context)
     params = [p for p in fast.parameters() if p.requires_grad]
+    for group in optimizer.param_groups:  # the config is the source of truth (it may differ per stream)
+        group["lr"] = cfg.lr
     # Restored if any step goes non-finite: a rolled-back chunk keeps none of its steps (tiny next to a forward).
     saved = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
     loss_before, grad_norm, error, stepped = math.nan, math.nan, None, False

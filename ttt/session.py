@@ -8,6 +8,7 @@ fixed size, the window holds at most ``context_tokens`` tokens, and untrained to
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 import time
 import uuid
@@ -25,6 +26,10 @@ from .tokenize import IncrementalTokenizer
 
 if TYPE_CHECKING:
     from .engine import Engine
+
+
+# Ingest settings that may differ from chunk to chunk (the rest shape the session: fixed at creation).
+STEP_SETTINGS = {"lr", "steps_per_chunk", "max_grad_norm"}
 
 
 @dataclass
@@ -120,12 +125,17 @@ class Session:
         n, c = len(self.pending), self.config.ingest.chunk_tokens
         return n // c + (1 if self.document_ended and n % c else 0)
 
-    def train_next_chunk(self) -> ChunkReport | None:
-        """Score and train on the next ready chunk; None when no chunk is ready."""
+    def train_next_chunk(self, **overrides) -> ChunkReport | None:
+        """Score and train on the next ready chunk; None when no chunk is ready.
+
+        ``overrides`` change step settings for this chunk only: ``lr``, ``steps_per_chunk``, ``max_grad_norm``.
+        """
+        if set(overrides) - STEP_SETTINGS:
+            raise ValueError(f"only {sorted(STEP_SETTINGS)} can change per chunk, not {sorted(set(overrides) - STEP_SETTINGS)}")
         with self.lock:
             if not self.chunks_ready:
                 return None
-            cfg = self.config.ingest
+            cfg = dataclasses.replace(self.config.ingest, **overrides) if overrides else self.config.ingest
             chunk_ids = self.pending[: cfg.chunk_tokens]
             carry = self.window[-1:]  # the previous token predicts the chunk's first token
             if len(carry) + len(chunk_ids) < 2:  # a lone first token: nothing to predict it from
