@@ -6,24 +6,22 @@ Where a chunk of text goes: ``Ingest`` -> ``Session.append_text`` (tokenize, no 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import logging
 import math
-import time
 
 import grpc
 
 from server.auth import AuthError, KeyRing
 from server.proto.ttt.v1 import ttt_pb2 as pb
 from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
+from server.documents import DocumentFeed, stream_settings
 from server.registry import AlreadyExists, NotFound, QuotaExceeded, SessionRegistry
 from server.scheduler import QueueFull, Scheduler, ShuttingDown
 from server.settings import Settings
-from ttt import SessionConfig
 from ttt.engine import check_session_id
-from ttt.session import STEP_SETTINGS
+from ttt.ingest import ChunkReport
 from ttt.store import BaseModelMismatch, SessionFormatError
 
 log = logging.getLogger(__name__)
@@ -38,10 +36,6 @@ STATUS = [
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # includes UnicodeDecodeError
 ]
-
-
-class DocumentTooLarge(QuotaExceeded):
-    pass
 
 
 def _abort(context, e: Exception):
@@ -91,21 +85,19 @@ def settings_dict(msg: pb.SessionSettings) -> dict:
     return out
 
 
-def stream_settings(config: SessionConfig, requested: dict) -> dict:
-    """The step settings an Ingest stream asks for; the others shape the session and must match it."""
-    current = config.to_dict()
-    fixed = [
-        f"{section}.{name}"
-        for section, values in requested.items()
-        for name, value in values.items()
-        if not (section == "ingest" and name in STEP_SETTINGS)
-        and current[section][name] != (list(value) if name == "targets" else value)
-    ]
-    if fixed:
-        raise ValueError(f"{', '.join(sorted(fixed))} can only be set when the session is created")
-    step = {k: v for k, v in requested.get("ingest", {}).items() if k in STEP_SETTINGS}
-    dataclasses.replace(config.ingest, **step)  # validates them now, not at the first chunk
-    return step
+def progress_message(report: ChunkReport, session) -> pb.ChunkProgress:
+    return pb.ChunkProgress(
+        index=report.index,
+        tokens=report.tokens,
+        loss_before=report.loss_before,
+        loss_after=report.loss_after if report.loss_after is not None else math.nan,
+        seconds=report.seconds,
+        tokens_per_second=report.tokens / report.seconds if report.seconds > 0 else 0.0,
+        tokens_ingested=session.stats.tokens_ingested,
+        pending_tokens=len(session.pending),
+        rolled_back=report.rolled_back,
+        error=report.error or "",
+    )
 
 
 def info_message(info: dict) -> pb.SessionInfo:
@@ -187,79 +179,23 @@ class SessionsService(pb_grpc.SessionsServicer):
             if not start.create_if_missing:
                 raise
             session = self.scheduler.run(key, self.registry.create, user, sid, requested)
-        step_settings = stream_settings(session.config, requested)
-
-        t0 = time.perf_counter()
-        received = trained = 0
-        loss_sum = 0.0
-        limit = self.settings.max_document_tokens
-
-        def train_ready():
-            nonlocal trained, loss_sum
-            while context.is_active() and session.chunks_ready:
-                report = self.scheduler.run(key, functools.partial(session.train_next_chunk, **step_settings))
-                if report is None:
-                    return
-                trained += 1
-                if math.isfinite(report.loss_before):
-                    loss_sum += report.loss_before
-                if self.registry.chunks_since_save(user, sid) >= self.settings.autosave_every_chunks:
-                    self.scheduler.submit(key, self.registry.save, user, sid)
-                yield pb.IngestResponse(chunk=pb.ChunkProgress(
-                    index=report.index,
-                    tokens=report.tokens,
-                    loss_before=report.loss_before,
-                    loss_after=report.loss_after if report.loss_after is not None else math.nan,
-                    seconds=report.seconds,
-                    tokens_per_second=report.tokens / report.seconds if report.seconds > 0 else 0.0,
-                    tokens_ingested=session.stats.tokens_ingested,
-                    pending_tokens=len(session.pending),
-                    rolled_back=report.rolled_back,
-                    error=report.error or "",
-                ))
-
+        feed = DocumentFeed(
+            session, user, self.scheduler, self.registry,
+            max_tokens=self.settings.max_document_tokens,
+            autosave_every=self.settings.autosave_every_chunks,
+            step_settings=stream_settings(session.config, requested),
+            is_active=context.is_active,
+        )
         for request in request_iterator:
             kind = request.WhichOneof("message")
             if kind == "start":
                 raise ValueError("`start` may only be the first message")
-            if kind is None or (kind == "text" and not request.text) or (kind == "utf8" and not request.utf8):
-                raise ValueError("empty message: send text, utf8 bytes or token ids")
-            with session.lock:
-                before = session.stats.tokens_ingested + len(session.pending)
-                saved_text = session.text_stream.state()
-                if kind == "tokens":
-                    # Token ids end the text before them: its held-back tail goes first, keeping the order.
-                    tail = session.text_stream.flush()
-                    try:
-                        session.append_tokens(tail + list(request.tokens.ids))
-                    except ValueError:
-                        session.text_stream.load_state(saved_text)  # refused ids change nothing
-                        raise
-                else:
-                    session.append_text(request.text if kind == "text" else request.utf8)
-                added = session.stats.tokens_ingested + len(session.pending) - before
-                if received + added > limit:
-                    # Over the limit changes nothing: drop this piece's tokens and tokenizer progress.
-                    del session.pending[len(session.pending) - added :]
-                    session.text_stream.load_state(saved_text)
-                    raise DocumentTooLarge(f"document over the limit of {limit} tokens per stream")
-                received += added
-            yield from train_ready()
+            piece = list(request.tokens.ids) if kind == "tokens" else getattr(request, kind) if kind else None
+            for report in feed.add(piece):
+                yield pb.IngestResponse(chunk=progress_message(report, session))
             if not context.is_active():
                 return  # cancelled: trained chunks stay, the rest stays pending for the next stream
-
         if start.end_of_document:
-            with session.lock:
-                before = session.stats.tokens_ingested + len(session.pending)
-                session.end_document()
-                received += session.stats.tokens_ingested + len(session.pending) - before
-            yield from train_ready()
-        yield pb.IngestResponse(summary=pb.IngestSummary(
-            session_id=sid,
-            tokens_received=received,
-            chunks_trained=trained,
-            tokens_ingested=session.stats.tokens_ingested,
-            pending_tokens=len(session.pending),
-            mean_loss_before=loss_sum / trained if trained else math.nan,
-            seconds=time.perf_counter() - t0,
-        ))
+            for report in feed.end():
+                yield pb.IngestResponse(chunk=progress_message(report, session))
+        yield pb.IngestResponse(summary=pb.IngestSummary(**feed.summary()))

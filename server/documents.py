@@ -1,0 +1,120 @@
+"""One document arriving in pieces into one session; shared by the gRPC stream and the HTTP upload.
+
+Pieces are tokenized in the caller's thread (no device), checked against the per-document limit,
+and every chunk they complete is trained on the scheduler's worker, one unit per chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Callable, Iterator
+
+from server.registry import QuotaExceeded, SessionRegistry
+from server.scheduler import Scheduler
+from ttt import Session, SessionConfig
+from ttt.ingest import ChunkReport
+from ttt.session import STEP_SETTINGS
+
+
+class DocumentTooLarge(QuotaExceeded):
+    """More tokens than one document (stream or upload) may add."""
+
+
+def stream_settings(config: SessionConfig, requested: dict) -> dict:
+    """The step settings a stream asks for; the others shape the session and must match it."""
+    current = config.to_dict()
+    fixed = [
+        f"{section}.{name}"
+        for section, values in requested.items()
+        for name, value in values.items()
+        if not (section == "ingest" and name in STEP_SETTINGS)
+        and current[section][name] != (list(value) if name == "targets" else value)
+    ]
+    if fixed:
+        raise ValueError(f"{', '.join(sorted(fixed))} can only be set when the session is created")
+    step = {k: v for k, v in requested.get("ingest", {}).items() if k in STEP_SETTINGS}
+    dataclasses.replace(config.ingest, **step)  # validates them now, not at the first chunk
+    return step
+
+
+class DocumentFeed:
+    """Feeds one document into ``session``; iterate ``add``/``end`` to train the chunks they complete."""
+
+    def __init__(self, session: Session, user: str, scheduler: Scheduler, registry: SessionRegistry,
+                 *, max_tokens: int, autosave_every: int, step_settings: dict | None = None,
+                 is_active: Callable[[], bool] = lambda: True):
+        self.session, self.user, self.scheduler, self.registry = session, user, scheduler, registry
+        self.key = (user, session.id)
+        self.max_tokens, self.autosave_every = max_tokens, autosave_every
+        self.step_settings = step_settings or {}
+        self.is_active = is_active  # False once the client has gone: stop before the next chunk
+        self.received = 0  # tokens this document added
+        self.trained = 0
+        self.loss_sum = 0.0
+        self.started = time.perf_counter()
+
+    def _held(self) -> int:
+        return self.session.stats.tokens_ingested + len(self.session.pending)
+
+    def add(self, piece: str | bytes | list[int]) -> Iterator[ChunkReport]:
+        """Add text, UTF-8 bytes (may split a character) or token ids; train the chunks now complete.
+
+        Over the document limit nothing of the piece is kept (DocumentTooLarge).
+        """
+        if not piece:
+            raise ValueError("empty message: send text, UTF-8 bytes or token ids")
+        session = self.session
+        with session.lock:
+            before, saved_text = self._held(), session.text_stream.state()
+            if isinstance(piece, list):
+                # Token ids end the text before them: its held-back tail goes first, keeping the order.
+                tail = session.text_stream.flush()
+                try:
+                    session.append_tokens(tail + piece)
+                except ValueError:
+                    session.text_stream.load_state(saved_text)  # refused ids change nothing
+                    raise
+            else:
+                session.append_text(piece)
+            added = self._held() - before
+            if self.received + added > self.max_tokens:
+                del session.pending[len(session.pending) - added :]
+                session.text_stream.load_state(saved_text)
+                raise DocumentTooLarge(f"document over the limit of {self.max_tokens} tokens")
+            self.received += added
+        yield from self._train_ready()
+
+    def end(self) -> Iterator[ChunkReport]:
+        """The document is complete: train what is left, the last partial chunk included."""
+        with self.session.lock:
+            before = self._held()
+            self.session.end_document()
+            self.received += self._held() - before
+        yield from self._train_ready()
+
+    def _train_ready(self) -> Iterator[ChunkReport]:
+        train = functools.partial(self.session.train_next_chunk, **self.step_settings)
+        while self.is_active() and self.session.chunks_ready:
+            report = self.scheduler.run(self.key, train)
+            if report is None:
+                return
+            self.trained += 1
+            if math.isfinite(report.loss_before):
+                self.loss_sum += report.loss_before
+            if self.registry.chunks_since_save(*self.key) >= self.autosave_every:
+                self.scheduler.submit(self.key, self.registry.save, *self.key)
+            yield report
+
+    def summary(self) -> dict:
+        return {
+            "session_id": self.session.id,
+            "tokens_received": self.received,
+            "chunks_trained": self.trained,
+            "tokens_ingested": self.session.stats.tokens_ingested,
+            "pending_tokens": len(self.session.pending),
+            "mean_loss_before": self.loss_sum / self.trained if self.trained else math.nan,
+            "seconds": time.perf_counter() - self.started,
+        }
