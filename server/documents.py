@@ -45,12 +45,14 @@ class DocumentFeed:
 
     def __init__(self, session: Session, user: str, scheduler: Scheduler, registry: SessionRegistry,
                  *, max_tokens: int, autosave_every: int, step_settings: dict | None = None,
-                 is_active: Callable[[], bool] = lambda: True):
+                 is_active: Callable[[], bool] = lambda: True,
+                 on_chunk: Callable[[ChunkReport], None] = lambda report: None):
         self.session, self.user, self.scheduler, self.registry = session, user, scheduler, registry
         self.key = (user, session.id)
         self.max_tokens, self.autosave_every = max_tokens, autosave_every
         self.step_settings = step_settings or {}
         self.is_active = is_active  # False once the client has gone: stop before the next chunk
+        self.on_chunk = on_chunk  # metrics
         self.received = 0  # tokens this document added
         self.trained = 0
         self.loss_sum = 0.0
@@ -102,6 +104,7 @@ class DocumentFeed:
             if report is None:
                 return
             self.trained += 1
+            self.on_chunk(report)
             if math.isfinite(report.loss_before):
                 self.loss_sum += report.loss_before
             if self.registry.chunks_since_save(*self.key) >= self.autosave_every:

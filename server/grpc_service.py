@@ -13,13 +13,12 @@ import math
 
 import grpc
 
-from server.auth import AuthError, KeyRing
+from server.auth import AuthError
 from server.proto.ttt.v1 import ttt_pb2 as pb
 from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
 from server.documents import DocumentFeed, stream_settings
-from server.registry import AlreadyExists, NotFound, QuotaExceeded, SessionRegistry
-from server.scheduler import QueueFull, Scheduler, ShuttingDown
-from server.settings import Settings
+from server.registry import AlreadyExists, NotFound, QuotaExceeded
+from server.scheduler import QueueFull, ShuttingDown
 from ttt.engine import check_session_id
 from ttt.ingest import ChunkReport
 from ttt.store import BaseModelMismatch, SessionFormatError
@@ -36,6 +35,12 @@ STATUS = [
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # includes UnicodeDecodeError
 ]
+
+
+def status_of(e: Exception) -> str:
+    if isinstance(e, grpc.RpcError):
+        return "CANCELLED"
+    return next((code.name for types, code in STATUS if isinstance(e, types)), "INTERNAL")
 
 
 def _abort(context, e: Exception):
@@ -58,16 +63,21 @@ def rpc(method):
             try:
                 yield from method(self, request, context)
             except Exception as e:
+                self.metrics.request("grpc", method.__name__, status_of(e))
                 _abort(context, e)
+            self.metrics.request("grpc", method.__name__, "OK")
 
         return stream
 
     @functools.wraps(method)
     def unary(self, request, context):
         try:
-            return method(self, request, context)
+            result = method(self, request, context)
         except Exception as e:
+            self.metrics.request("grpc", method.__name__, status_of(e))
             _abort(context, e)
+        self.metrics.request("grpc", method.__name__, "OK")
+        return result
 
     return unary
 
@@ -119,8 +129,10 @@ def info_message(info: dict) -> pb.SessionInfo:
 
 
 class SessionsService(pb_grpc.SessionsServicer):
-    def __init__(self, registry: SessionRegistry, scheduler: Scheduler, keyring: KeyRing, settings: Settings):
-        self.registry, self.scheduler, self.keyring, self.settings = registry, scheduler, keyring, settings
+    def __init__(self, state):
+        """``state``: the running ``server.main.ServerState``."""
+        self.registry, self.scheduler, self.keyring = state.registry, state.scheduler, state.keyring
+        self.settings, self.metrics = state.settings, state.metrics
 
     def _user(self, context) -> str:
         auth = dict(context.invocation_metadata()).get("authorization")
@@ -185,6 +197,7 @@ class SessionsService(pb_grpc.SessionsServicer):
             autosave_every=self.settings.autosave_every_chunks,
             step_settings=stream_settings(session.config, requested),
             is_active=context.is_active,
+            on_chunk=self.metrics.chunk,
         )
         for request in request_iterator:
             kind = request.WhichOneof("message")

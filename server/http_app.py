@@ -1,14 +1,176 @@
-"""The HTTP front door (FastAPI). Health probes here; the OpenAI-compatible chat endpoint is issue 4."""
+"""The HTTP front door (FastAPI): OpenAI-compatible chat, sessions REST, health and metrics.
+
+Model work goes through the scheduler like gRPC's; errors use OpenAI's JSON error shape.
+"""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.auth import AuthError
+from server.documents import DocumentFeed, DocumentTooLarge
+from server.registry import AlreadyExists, NotFound, QuotaExceeded
+from server.scheduler import QueueFull, ShuttingDown
+from ttt.engine import check_session_id
+from ttt.generate import SamplingParams
+from ttt.store import BaseModelMismatch, SessionFormatError
+
+# exception type -> (HTTP status, OpenAI error type)
+ERRORS = [
+    (AuthError, 401, "authentication_error"),
+    (NotFound, 404, "not_found_error"),
+    (AlreadyExists, 409, "conflict_error"),
+    (DocumentTooLarge, 413, "request_too_large"),
+    ((QuotaExceeded, QueueFull), 429, "rate_limit_error"),
+    ((SessionFormatError, BaseModelMismatch), 409, "conflict_error"),
+    (ShuttingDown, 503, "service_unavailable"),
+    (ValueError, 400, "invalid_request_error"),
+]
+
+
+def error_response(status: int, kind: str, message: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
+
+
+# ---- request bodies ------------------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The subset of OpenAI's chat request we honour; other fields clients send are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="a session id, or the base model's name for no session")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, v):
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+
+class SessionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(None, description="client-chosen id; omitted: the server picks one")
+    settings: dict = Field(default_factory=dict, description='partial session config, e.g. {"ingest": {"lr": 0.001}}')
+
+
+# ---- the app -------------------------------------------------------------------------------------
+
+
+class CountRequests:
+    """ASGI middleware: one metrics count per request, by route and status (streaming-safe)."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.request("http", f"{scope['method']} {route}", str(status[0]))
+
+
+MAX_TOKENS_DEFAULT = 512
 
 
 def create_app(state) -> FastAPI:
-    """``state``: the running ``server.main.ServerState`` (engine, registry, scheduler, settings)."""
-    app = FastAPI(title="ttt", version="0.1.0")
+    """``state``: the running ``server.main.ServerState`` (engine, registry, scheduler, settings, keyring, metrics)."""
+    app = FastAPI(title="ttt", version="0.1.0", description="Test-time-training inference server")
+
+    async def _known_error(request: Request, e: Exception):
+        status, kind = next((s, k) for types, s, k in ERRORS if isinstance(e, types))
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        return error_response(status, kind, message)
+
+    for types, _, _ in ERRORS:
+        for t in types if isinstance(types, tuple) else (types,):
+            app.add_exception_handler(t, _known_error)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception):  # logged by the server; no traceback to the client
+        return error_response(500, "server_error", "internal error")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return error_response(400, "invalid_request_error", f"{where}: {first.get('msg', 'invalid request')}".strip(": "))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_errors(request: Request, e: StarletteHTTPException):
+        return error_response(e.status_code, "invalid_request_error", str(e.detail))
+
+    app.add_middleware(CountRequests, metrics=state.metrics)
+
+    def ready():
+        if state.engine is None:
+            raise ShuttingDown("the model is loading")
+        if state.closing:
+            raise ShuttingDown("the server is shutting down")
+
+    def user_of(request: Request) -> str:
+        return state.keyring.user_for(request.headers.get("authorization"))
+
+    async def on_device(key, fn, *args):
+        """Run ``fn`` as one scheduler unit without blocking the event loop."""
+        return await asyncio.wrap_future(state.scheduler.submit(key, fn, *args))
+
+    def info(user: str, sid: str) -> dict:
+        return state.registry.info(user, sid)
+
+    # ---- probes and metrics ----
 
     @app.get("/healthz")
     def healthz():
@@ -17,9 +179,187 @@ def create_app(state) -> FastAPI:
 
     @app.get("/readyz")
     def readyz():
-        """The model is loaded and the scheduler accepts work."""
-        if state.engine is None or state.closing:
-            return JSONResponse({"status": "loading" if state.engine is None else "shutting down"}, status_code=503)
+        """The model is loaded and the server accepts work (503 otherwise)."""
+        ready()
         return {"status": "ready", "model": state.engine.base.name}
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    # ---- models ----
+
+    @app.get("/v1/models")
+    def list_models(request: Request):
+        """The base model and the caller's sessions (each with the base model as parent)."""
+        ready()
+        user = user_of(request)
+        base = state.engine.base.name
+        data = [{"id": base, "object": "model", "created": 0, "owned_by": "ttt", "parent": None}]
+        for sid in state.registry.ids(user):
+            s = info(user, sid)
+            data.append({"id": sid, "object": "model", "created": int(s["created_at"]), "owned_by": user, "parent": base})
+        return {"object": "list", "data": data}
+
+    # ---- chat ----
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        ready()
+        user = user_of(request)
+        base_name = state.engine.base.name
+        sid = None if body.model == base_name else check_session_id(body.model)
+        key = (user, sid) if sid else (user, f"base:{uuid.uuid4().hex}")
+        if sid:
+            session = await on_device(key, state.registry.get, user, sid)
+            answerer = session.generate
+        else:
+            answerer = state.engine.generate
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        kwargs = dict(
+            max_tokens=body.max_completion_tokens or body.max_tokens or MAX_TOKENS_DEFAULT,
+            temperature=body.temperature, top_p=body.top_p, stop=body.stop or [], seed=body.seed,
+        )
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def usage(stream) -> dict:
+            return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens,
+                    "total_tokens": stream.prompt_tokens + stream.completion_tokens}
+
+        if not body.stream:
+            def answer():
+                t = time.perf_counter()
+                stream = answerer(messages, stream=True, **kwargs)
+                text = "".join(stream)
+                state.metrics.answer(stream.completion_tokens, time.perf_counter() - t)
+                return text, stream
+
+            text, stream = await on_device(key, answer)
+            return {
+                "id": cid, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": stream.finish_reason}],
+                "usage": usage(stream),
+            }
+
+        # Streaming: the answer is decoded on the device thread as one unit; deltas reach us through a queue.
+        deltas: queue.Queue = queue.Queue()
+        gone = threading.Event()  # the client disconnected: stop decoding
+
+        def decode():
+            t = time.perf_counter()
+            stream = answerer(messages, stream=True, **kwargs)
+            for delta in stream:
+                if gone.is_set():
+                    break
+                deltas.put(delta)
+            state.metrics.answer(stream.completion_tokens, time.perf_counter() - t)
+            return stream
+
+        # Bad messages, sampling settings or a prompt too long: a 400 before the 200 goes out.
+        state.engine.prompt(messages, SamplingParams(**kwargs))
+        future = state.scheduler.submit(key, decode)
+
+        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+            payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            return f"data: {json.dumps(payload)}\n\n"
+
+        async def events():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    if future.done() and deltas.empty():
+                        break
+                    try:
+                        delta = await asyncio.to_thread(deltas.get, True, 0.1)
+                    except queue.Empty:
+                        continue
+                    yield chunk({"content": delta})
+                try:
+                    stream = future.result()
+                except Exception as e:  # a failure after the 200: say so in the stream
+                    status, kind = next(((s, k) for t, s, k in ERRORS if isinstance(e, t)), (500, "server_error"))
+                    message = str(e) if status != 500 else "internal error"
+                    yield f"data: {json.dumps({'error': {'message': message, 'type': kind, 'code': status}})}\n\n"
+                    return
+                yield chunk({}, stream.finish_reason)
+                if body.stream_options and body.stream_options.include_usage:
+                    payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                               "choices": [], "usage": usage(stream)}
+                    yield f"data: {json.dumps(payload)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                gone.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # ---- sessions REST ----
+
+    @app.post("/v1/sessions", status_code=201)
+    async def create_session(body: SessionCreate, request: Request):
+        ready()
+        user = user_of(request)
+        sid = check_session_id(body.id) if body.id is not None else None
+        session = await on_device((user, sid), state.registry.create, user, sid, body.settings)
+        return info(user, session.id)
+
+    @app.get("/v1/sessions")
+    def list_sessions(request: Request):
+        ready()
+        user = user_of(request)
+        return {"object": "list", "data": [info(user, sid) for sid in state.registry.ids(user)]}
+
+    @app.get("/v1/sessions/{session_id}")
+    def get_session(session_id: str, request: Request):
+        ready()
+        return info(user_of(request), check_session_id(session_id))
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str, request: Request):
+        ready()
+        user, sid = user_of(request), check_session_id(session_id)
+        await on_device((user, sid), state.registry.delete, user, sid)
+        return {"id": sid, "deleted": True}
+
+    @app.post("/v1/sessions/{session_id}/save")
+    async def save_session(session_id: str, request: Request):
+        ready()
+        user, sid = user_of(request), check_session_id(session_id)
+        await on_device((user, sid), state.registry.save, user, sid)
+        return info(user, sid)
+
+    @app.post("/v1/sessions/{session_id}/reset")
+    async def reset_session(session_id: str, request: Request):
+        ready()
+        user, sid = user_of(request), check_session_id(session_id)
+        await on_device((user, sid), state.registry.reset, user, sid)
+        return info(user, sid)
+
+    @app.post("/v1/sessions/{session_id}/documents")
+    async def add_document(session_id: str, request: Request, end_of_document: bool = True):
+        """A ``text/plain`` body, read as a stream and chunked as over gRPC; answers when it is ingested."""
+        ready()
+        user, sid = user_of(request), check_session_id(session_id)
+        session = await on_device((user, sid), state.registry.get, user, sid)
+        s = state.settings
+        feed = DocumentFeed(session, user, state.scheduler, state.registry, max_tokens=s.max_document_tokens,
+                            autosave_every=s.autosave_every_chunks, on_chunk=state.metrics.chunk)
+        reports = []
+
+        def take(pieces):
+            reports.extend(pieces)
+
+        async for piece in request.stream():
+            if piece:  # tokenizing and training happen off the event loop
+                await asyncio.to_thread(take, feed.add(piece))
+        if end_of_document:
+            await asyncio.to_thread(take, feed.end())
+        summary = feed.summary()
+        summary["chunks"] = [
+            {"index": r.index, "tokens": r.tokens, "loss_before": r.loss_before, "loss_after": r.loss_after,
+             "seconds": r.seconds, "rolled_back": r.rolled_back, "error": r.error}
+            for r in reports
+        ]
+        return summary
 
     return app

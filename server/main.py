@@ -17,6 +17,7 @@ import ttt
 from server.auth import KeyRing
 from server.grpc_service import SessionsService
 from server.http_app import create_app
+from server.metrics import Metrics
 from server.proto.ttt.v1 import ttt_pb2, ttt_pb2_grpc
 from server.registry import SessionRegistry
 from server.scheduler import Scheduler
@@ -28,10 +29,14 @@ SERVICE_NAME = ttt_pb2.DESCRIPTOR.services_by_name["Sessions"].full_name
 
 @dataclass
 class ServerState:
+    """What both front doors share; engine and registry are None while the model loads."""
+
     settings: Settings
+    keyring: KeyRing
+    scheduler: Scheduler
+    metrics: Metrics
     engine: ttt.Engine | None = None
     registry: SessionRegistry | None = None
-    scheduler: Scheduler | None = None
     closing: bool = False
 
 
@@ -42,20 +47,22 @@ class Server:
         if settings.api_keys_file is None and not settings.loopback_only:
             raise SystemExit(f"refusing to serve {settings.host} without --api-keys-file: open mode is loopback only")
         self.settings = settings
-        self.keyring = KeyRing(settings.api_keys_file)
-        self.state = ServerState(settings)
+        scheduler = Scheduler(settings.max_queue)
+        metrics = Metrics(lambda: scheduler.depth, lambda: self.state.registry.resident if self.state.registry else 0)
+        self.state = ServerState(settings, KeyRing(settings.api_keys_file), scheduler, metrics)
+        self.keyring = self.state.keyring
         self.stopped = threading.Event()
 
     def start(self) -> None:
         s = self.settings
+        self._start_http()  # first, so that probes answer (503) while the model loads
         engine = ttt.load_engine(s.model, s.device)
-        scheduler = Scheduler(s.max_queue)
         registry = SessionRegistry(engine, s.data_dir, s.session_defaults, s.max_sessions_per_user)
-        self.state.engine, self.state.scheduler, self.state.registry = engine, scheduler, registry
+        self.state.engine, self.state.registry = engine, registry
 
         options = [("grpc.max_receive_message_length", s.max_message_bytes), ("grpc.max_send_message_length", s.max_message_bytes)]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
-        ttt_pb2_grpc.add_SessionsServicer_to_server(SessionsService(registry, scheduler, self.keyring, s), self.grpc)
+        ttt_pb2_grpc.add_SessionsServicer_to_server(SessionsService(self.state), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
@@ -64,6 +71,14 @@ class Server:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+        self._autosave = threading.Thread(target=self._autosave_loop, name="ttt-autosave", daemon=True)
+        self._autosave.start()
+        mode = "open (no API keys, loopback only)" if self.keyring.open else f"API keys from {s.api_keys_file}"
+        log.info("serving %s on %s: gRPC %d, HTTP %d; %s; data in %s",
+                 engine.base.name, engine.base.device, self.grpc_port, self.http_port, mode, s.data_dir)
+
+    def _start_http(self) -> None:
+        s = self.settings
         config = uvicorn.Config(create_app(self.state), host=s.host, port=s.http_port, log_level="warning")
         self.http = uvicorn.Server(config)
         self.http.install_signal_handlers = lambda: None  # signals are ours (see serve())
@@ -71,13 +86,9 @@ class Server:
         self._http_thread.start()
         while not self.http.started and self._http_thread.is_alive():
             self.stopped.wait(0.05)
-        self.http_port = self.http.servers[0].sockets[0].getsockname()[1] if self.http.servers else s.http_port
-
-        self._autosave = threading.Thread(target=self._autosave_loop, name="ttt-autosave", daemon=True)
-        self._autosave.start()
-        mode = "open (no API keys, loopback only)" if self.keyring.open else f"API keys from {s.api_keys_file}"
-        log.info("serving %s on %s: gRPC %d, HTTP %d; %s; data in %s",
-                 engine.base.name, engine.base.device, self.grpc_port, self.http_port, mode, s.data_dir)
+        if not self.http.started:
+            raise SystemExit(f"HTTP server could not start on {s.host}:{s.http_port}")
+        self.http_port = self.http.servers[0].sockets[0].getsockname()[1]
 
     def _autosave_loop(self) -> None:
         while not self.stopped.wait(min(5.0, self.settings.autosave_idle_seconds)):

@@ -160,6 +160,10 @@ class SessionRegistry:
         session.reset()
         return session
 
+    @property
+    def resident(self) -> int:
+        return len(self._live)
+
     def chunks_since_save(self, user: str, session_id: str) -> int:
         entry = self._live.get((user, session_id))
         return 0 if entry is None else entry.session.stats.chunks - entry.saved_chunks

@@ -46,8 +46,11 @@ class Engine:
         stream = kwargs.pop("stream", False)
         return self.answer(messages, SamplingParams(**kwargs), None, [], stream)
 
-    def answer(self, messages, params: SamplingParams, fast, window: list[int], stream: bool):
-        """The shared decoding path: ``window`` tokens, then the chat prompt, then sampled tokens."""
+    def prompt(self, messages: list[dict], params: SamplingParams, window: list[int] = ()) -> list[int]:
+        """Token ids to decode from: as much of ``window`` as fits, then the chat prompt.
+
+        Raises ValueError for bad messages or when the chat prompt and max_tokens exceed the context.
+        """
         prompt = chat_prompt(self.base.tokenizer, messages)
         room = self.base.cfg.max_position_embeddings - params.max_tokens - len(prompt)
         if room < 0:
@@ -55,8 +58,12 @@ class Engine:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceed the model's "
                 f"{self.base.cfg.max_position_embeddings}-token context"
             )
-        window = window[-room:] if room else []
-        ts = TokenStream(self.base.model, fast, self.base.tokenizer, window + prompt, params, self._stop_ids)
+        return (list(window[-room:]) if room else []) + prompt
+
+    def answer(self, messages, params: SamplingParams, fast, window: list[int], stream: bool):
+        """The shared decoding path: ``window`` tokens, then the chat prompt, then sampled tokens."""
+        prompt = self.prompt(messages, params, window)
+        ts = TokenStream(self.base.model, fast, self.base.tokenizer, prompt, params, self._stop_ids)
         if stream:
             return ts
         text = "".join(ts)

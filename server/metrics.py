@@ -1,0 +1,41 @@
+"""Prometheus metrics of one server (its own registry, so several servers can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+TOKENS_PER_SECOND_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
+
+
+class Metrics:
+    def __init__(self, queue_depth=lambda: 0, sessions_resident=lambda: 0):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("ttt_requests", "Requests by front door, method and status", ["api", "method", "status"], registry=r)
+        self.errors = Counter("ttt_errors", "Failed requests by status", ["api", "status"], registry=r)
+        self.tokens_ingested = Counter("ttt_tokens_ingested", "Tokens trained on", registry=r)
+        self.chunks = Counter("ttt_chunks", "Chunks trained", ["outcome"], registry=r)
+        self.tokens_generated = Counter("ttt_tokens_generated", "Completion tokens", registry=r)
+        self.ingest_tps = Histogram("ttt_ingest_tokens_per_second", "Ingest speed per chunk", buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
+        self.decode_tps = Histogram("ttt_decode_tokens_per_second", "Decode speed per answer", buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
+        Gauge("ttt_queue_depth", "Units of work waiting for the device", registry=r).set_function(queue_depth)
+        Gauge("ttt_sessions_resident", "Sessions in memory", registry=r).set_function(sessions_resident)
+
+    def chunk(self, report) -> None:
+        self.chunks.labels("rolled_back" if report.rolled_back else "applied").inc()
+        self.tokens_ingested.inc(report.tokens)
+        if report.seconds > 0:
+            self.ingest_tps.observe(report.tokens / report.seconds)
+
+    def answer(self, completion_tokens: int, seconds: float) -> None:
+        self.tokens_generated.inc(completion_tokens)
+        if seconds > 0 and completion_tokens:
+            self.decode_tps.observe(completion_tokens / seconds)
+
+    def request(self, api: str, method: str, status: str) -> None:
+        self.requests.labels(api, method, status).inc()
+        if status not in ("OK", "200", "201", "204"):
+            self.errors.labels(api, status).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
