@@ -1,7 +1,9 @@
-"""The `ttt` command: `ttt serve`, a client for a running server (`ingest`, `sessions`), `keys`, and benchmarks.
+"""The `ttt` command: `ttt serve`, a client for a running server (`ingest`, `sessions`, `chat`), `keys`, and benchmarks.
 
 Client commands talk gRPC to ``--server`` (default ``$TTT_SERVER`` or 127.0.0.1:50051) with the bearer key
 ``--api-key`` (default ``$TTT_API_KEY``). A failed call prints ``error: <CODE>: <message>`` and exits 1.
+``ttt chat`` talks HTTP instead (``--http``, default ``$TTT_HTTP`` or http://127.0.0.1:8000; see clients/chat.py)
+and prints ``error: <HTTP status or kind>: <message>``.
 """
 
 from __future__ import annotations
@@ -92,6 +94,23 @@ def add_client_commands(sub) -> None:
         q = ssub.add_parser(name, parents=[conn], help=text)
         q.add_argument("session_id", metavar="ID")
         q.set_defaults(handler=handler)
+
+    p = sub.add_parser(
+        "chat", help="talk to a session (OpenAI-compatible HTTP API): a REPL, or --message / piped lines",
+        description="Interactive chat with a session over HTTP. Each line is a user message; the answer streams "
+                    "in and joins the history, which is sent with every message. In the REPL: /reset, /help, "
+                    "/exit (or Ctrl-D); Ctrl-C stops an answer. With --message, or when standard input is not a "
+                    "terminal (one message per line), answers are printed and the command exits.",
+    )
+    p.add_argument("--session", "-s", metavar="ID", help="session id (default: the base model, no session)")
+    p.add_argument("--http", metavar="URL", help="HTTP address (default: $TTT_HTTP or http://127.0.0.1:8000)")
+    p.add_argument("--api-key", metavar="KEY", help="bearer key (default: $TTT_API_KEY; an open loopback server needs none)")
+    p.add_argument("--system", metavar="TEXT", help="a system message at the start of the conversation")
+    p.add_argument("--message", "-m", metavar="TEXT", help="send this one message, print the answer, exit")
+    p.add_argument("--max-tokens", type=_positive, metavar="N", help="most tokens per answer (server default 512)")
+    p.add_argument("--temperature", type=float, metavar="T", help="sampling temperature, 0 = greedy (server default 1.0)")
+    p.add_argument("--seed", type=int, metavar="N", help="sampling seed, for repeatable answers")
+    p.set_defaults(handler=run_chat)
 
     p = sub.add_parser("keys", help="manage the server's API keys file")
     ksub = p.add_subparsers(dest="action", required=True, metavar="{new}")
@@ -274,6 +293,12 @@ def run_sessions_reset(args) -> int:
         info = client.reset_session(args.session_id)
     print(f"reset {info['session_id']}: {info['tokens_ingested']} tokens ingested")
     return 0
+
+
+def run_chat(args) -> int:
+    from clients.chat import run_chat as chat
+
+    return chat(args, os.environ)
 
 
 def add_key_to_file(path: Path, user: str, digest: str) -> None:

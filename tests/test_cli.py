@@ -1,7 +1,8 @@
-"""The Python client (clients/client.py) and the `ttt` CLI (clients/cli.py) against a real server.
+"""The Python client (clients/client.py) and the `ttt` CLI (clients/cli.py, clients/chat.py) against a real server.
 
 One open (loopback, no keys) server on a tiny random Llama serves the module; the API-key test starts a
-second one whose keys file is written by `ttt keys new`.
+second one whose keys file is written by `ttt keys new`. The tiny model's answers are gibberish, but
+greedy (temperature 0) answers are deterministic, so `ttt chat` output is compared with the HTTP API's.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import stat
 import sys
 
 import grpc
+import httpx
 import pytest
 
+from clients import chat as chat_mod
 from clients import cli
 from clients.client import TTTClient, TTTError
 from server.auth import hash_key
@@ -53,6 +56,11 @@ def server(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def address(server) -> str:
     return f"127.0.0.1:{server.grpc_port}"
+
+
+@pytest.fixture(scope="module")
+def http_url(server) -> str:
+    return f"http://127.0.0.1:{server.http_port}"
 
 
 @pytest.fixture
@@ -367,6 +375,19 @@ def test_cli_with_api_keys(capsys, tmp_path, tiny_model_dir, monkeypatch):
             assert [s["session_id"] for s in c.list_sessions()] == ["diary"]
             bob_tokens = c.get_session("diary")["tokens_ingested"]
 
+        # ttt chat over HTTP: the same keys (no key / an unknown key: 401; bob has no "diary" of alice's).
+        http = ["--http", f"http://127.0.0.1:{srv.http_port}", "-m", "hi", *GREEDY]
+        monkeypatch.delenv("TTT_API_KEY")
+        rc, out, err = run_cli(capsys, "chat", "-s", "diary", *http)
+        assert rc == 1 and out == "" and err.startswith("error: 401: missing bearer key")
+        rc, _, err = run_cli(capsys, "chat", *http)  # the base model's lookup is behind the key too
+        assert rc == 1 and err.startswith("error: 401: missing bearer key")
+        rc, _, err = run_cli(capsys, "chat", "-s", "diary", "--api-key", "ttt-not-a-key", *http)
+        assert rc == 1 and err.strip() == "error: 401: unknown API key"
+        monkeypatch.setenv("TTT_API_KEY", alice)
+        rc, out, err = run_cli(capsys, "chat", "-s", "diary", *http)
+        assert rc == 0 and out == api_answer(f"http://127.0.0.1:{srv.http_port}", "diary", [user("hi")], alice) + "\n", err
+
         rc, out, _ = run_cli(capsys, "sessions", "show", "diary", *addr)  # alice's is untouched
         fields = {k: v.strip() for k, v in (line.split(":", 1) for line in out.splitlines())}
         assert rc == 0 and int(fields["tokens_ingested"]) > bob_tokens
@@ -374,3 +395,154 @@ def test_cli_with_api_keys(capsys, tmp_path, tiny_model_dir, monkeypatch):
         assert rc == 0
     finally:
         srv.stop(grace=2)
+
+
+# ---- ttt chat ------------------------------------------------------------------------------------
+
+GREEDY = ("--max-tokens", 5, "--temperature", 0)
+
+
+def api_answer(url: str, model: str, messages: list[dict], api_key: str | None = None) -> str:
+    """The non-streaming API's greedy 5-token answer: what `ttt chat ... GREEDY` must print."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=60, json={
+        "model": model, "messages": messages, "max_tokens": 5, "temperature": 0, "stream": False})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+class FakeTTY(io.StringIO):
+    """Standard input that says it is a terminal: `ttt chat` runs its REPL (input() reads it line by line)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def sent(monkeypatch) -> list[list[dict]]:
+    """The messages of every chat request `ttt chat` sends, in order."""
+    requests: list[list[dict]] = []
+    stream = chat_mod.ChatClient.stream
+
+    def spy(self, model, messages, **params):
+        requests.append([dict(m) for m in messages])
+        return stream(self, model, messages, **params)
+
+    monkeypatch.setattr(chat_mod.ChatClient, "stream", spy)
+    return requests
+
+
+@pytest.fixture(scope="module")
+def chat_session(address) -> str:
+    with TTTClient(address) as c:
+        list(c.ingest("chatty", [TEXT]))  # a session that has read something
+    yield "chatty"
+    with TTTClient(address) as c:
+        c.delete_session("chatty")
+
+
+def test_cli_chat_message(capsys, http_url, chat_session, monkeypatch):
+    expected = api_answer(http_url, chat_session, [user("hi")])
+    assert expected
+    rc, out, err = run_cli(capsys, "chat", "--session", chat_session, "--message", "hi", *GREEDY, "--http", http_url)
+    assert rc == 0, err
+    assert out == expected + "\n"
+
+    # --system comes first; $TTT_HTTP is the default --http (a bare host:port is fine).
+    monkeypatch.setenv("TTT_HTTP", http_url.removeprefix("http://"))
+    system = {"role": "system", "content": "Answer in French."}
+    expected = api_answer(http_url, chat_session, [system, user("hi")])
+    rc, out, err = run_cli(capsys, "chat", "-s", chat_session, "-m", "hi", "--system", system["content"], *GREEDY)
+    assert rc == 0 and out == expected + "\n", err
+
+    # Without --session: the base model, found in GET /v1/models as the entry without a parent.
+    base = next(m["id"] for m in httpx.get(f"{http_url}/v1/models").json()["data"] if m["parent"] is None)
+    expected = api_answer(http_url, base, [user("hi")])
+    rc, out, err = run_cli(capsys, "chat", "-m", "hi", *GREEDY)
+    assert rc == 0 and out == expected + "\n", err
+
+
+def test_cli_chat_piped_lines_carry_the_history(capsys, http_url, chat_session, monkeypatch, sent):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n\nand then?\n/reset\nand then?\n"))  # not a TTY
+    rc, out, err = run_cli(capsys, "chat", "-s", chat_session, *GREEDY, "--http", http_url)
+    assert rc == 0 and err == "", err
+
+    first = api_answer(http_url, chat_session, [user("hi")])
+    second = api_answer(http_url, chat_session, [user("hi"), assistant(first), user("and then?")])
+    third = api_answer(http_url, chat_session, [user("and then?")])  # after /reset
+    assert sent == [
+        [user("hi")],
+        [user("hi"), assistant(first), user("and then?")],
+        [user("and then?")],
+    ]
+    assert out == f"{first}\n{second}\n{third}\n"
+
+
+def test_cli_chat_repl(capsys, http_url, chat_session, monkeypatch, sent):
+    # Ctrl-C during the first answer, right after its first piece of text: the answer stops, the
+    # stream is closed, and the REPL carries on (keeping the part it printed in the history).
+    real_events = chat_mod.iter_sse_data
+    calls = [0]
+
+    def interrupt_first_answer(response):
+        calls[0] += 1
+        for data in real_events(response):
+            yield data
+            if calls[0] == 1 and '"content": ""' not in data:  # the role-only first event has empty content
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat_mod, "iter_sse_data", interrupt_first_answer)
+    monkeypatch.setattr(sys, "stdin", FakeTTY("/help\nhi\nmore\n/bogus\n/reset\nhi\n/exit\nnever sent\n"))
+    rc, out, err = run_cli(capsys, "chat", "-s", chat_session, *GREEDY, "--http", http_url)
+    assert rc == 0, err
+
+    full = api_answer(http_url, chat_session, [user("hi")])
+    assert len(sent) == 3
+    partial = sent[1][1]["content"]
+    assert sent[1] == [user("hi"), assistant(partial), user("more")] and partial and full.startswith(partial)
+    assert sent[2] == [user("hi")]  # after /reset
+    assert out.startswith("> ") and out.count("> ") >= 7  # a prompt per line read
+    assert out.endswith(f"> {full}\n> ")
+    assert "/reset" in err and "(stopped)" in err and "error: unknown command /bogus" in err
+    assert "chatting with session chatty" in err and "(conversation cleared)" in err
+
+    # End of input (Ctrl-D) quits too.
+    monkeypatch.setattr(sys, "stdin", FakeTTY("hi\n"))
+    rc, out, err = run_cli(capsys, "chat", "-s", chat_session, *GREEDY, "--http", http_url)
+    assert rc == 0 and out == f"> {full}\n> \n", err
+
+
+def test_cli_chat_errors(capsys, http_url, monkeypatch):
+    rc, out, err = run_cli(capsys, "chat", "-s", "nope", "-m", "hi", "--http", http_url)
+    assert rc == 1 and out == "" and err.strip() == "error: 404: no session 'nope'"
+    rc, _, err = run_cli(capsys, "chat", "-s", "../etc", "-m", "hi", "--http", http_url)
+    assert rc == 1 and err.startswith("error: 400: session id must be")
+    rc, _, err = run_cli(capsys, "chat", "-m", "hi", "--temperature", 7, "--http", http_url)
+    assert rc == 1 and err.startswith("error: 400: temperature")
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    rc, _, err = run_cli(capsys, "chat", "-s", "x", "-m", "hi", "--http", f"http://127.0.0.1:{closed}")
+    assert rc == 1 and err.startswith(f"error: connection: http://127.0.0.1:{closed}: ")
+    rc, _, err = run_cli(capsys, "chat", "-m", "hi", "--http", f"http://127.0.0.1:{closed}")  # the model lookup
+    assert rc == 1 and err.startswith("error: connection: ")
+
+    # The REPL reports each failure and goes on; piped input exits non-zero when a message failed.
+    monkeypatch.setattr(sys, "stdin", FakeTTY("hi\nhi again\n"))
+    rc, _, err = run_cli(capsys, "chat", "-s", "nope", "--http", http_url)
+    assert rc == 0 and err.count("error: 404: no session 'nope'") == 2
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    rc, _, err = run_cli(capsys, "chat", "-s", "nope", "--http", http_url)
+    assert rc == 1 and err.strip() == "error: 404: no session 'nope'"
+
+    rc, _, err = run_cli(capsys, "chat", "-m", "hi", "--max-tokens", 0)  # argparse
+    assert rc == 2 and "positive" in err
