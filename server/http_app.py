@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import queue
 import threading
 import time
@@ -18,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from server.auth import AuthError
 from server.documents import DocumentFeed, DocumentTooLarge
@@ -26,6 +29,8 @@ from server.scheduler import QueueFull, ShuttingDown
 from ttt.engine import check_session_id
 from ttt.generate import SamplingParams
 from ttt.store import BaseModelMismatch, SessionFormatError
+
+log = logging.getLogger("ttt.server.http")
 
 # exception type -> (HTTP status, OpenAI error type)
 ERRORS = [
@@ -36,12 +41,26 @@ ERRORS = [
     ((QuotaExceeded, QueueFull), 429, "rate_limit_error"),
     ((SessionFormatError, BaseModelMismatch), 409, "conflict_error"),
     (ShuttingDown, 503, "service_unavailable"),
-    (ValueError, 400, "invalid_request_error"),
+    ((ValueError, OverflowError), 400, "invalid_request_error"),  # OverflowError: a number too big, e.g. in a layers spec
 ]
 
 
 def error_response(status: int, kind: str, message: str, code: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
+
+
+def finite(value):
+    """``value`` with NaN and infinities (a loss with nothing to average, a diverged chunk) as None: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
+INT64 = {"ge": -(2**63), "le": 2**63 - 1}  # torch seeds are 64-bit
 
 
 # ---- request bodies ------------------------------------------------------------------------------
@@ -76,7 +95,7 @@ class ChatRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, **INT64)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -89,18 +108,69 @@ class ChatRequest(BaseModel):
         return v
 
 
+# Session settings, typed so that a wrong type or an absurd size is a 400 here, not a failure deep in the engine.
+# Fields and meanings: ttt.config (FastWeightConfig, IngestConfig), which checks the values further. The
+# upper bounds only keep a single request from asking for an impossible allocation.
+
+
+class FastSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(None, max_length=64, description='"lora" or "mlp"')
+    layers: str = Field(None, max_length=1024, description='"all", "last:N", "last_fraction:F" or "20,21,29"')
+    targets: list[str] = Field(None, max_length=16, description="LoRA projections, e.g. gate_proj, up_proj, down_proj")
+    rank: int = Field(None, ge=1, le=1024)
+    alpha: float = Field(None, allow_inf_nan=False)
+    mlp_hidden: int = Field(None, ge=1, le=16384)
+    seed: int = Field(None, **INT64)
+
+
+class IngestSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    chunk_tokens: int = Field(None, ge=2, le=1 << 16)
+    context_tokens: int = Field(None, ge=0, le=1 << 16)
+    sink_tokens: int = Field(None, ge=0, le=1 << 16)
+    steps_per_chunk: int = Field(None, ge=1, le=100)
+    optimizer: str = Field(None, max_length=64, description='"adamw" or "sgd"')
+    lr: float = Field(None, allow_inf_nan=False)
+    weight_decay: float = Field(None, allow_inf_nan=False)
+    betas: tuple[float, float] = Field(None)
+    max_grad_norm: float = Field(None, allow_inf_nan=False)
+    measure_loss_after: bool = Field(None)
+
+    @field_validator("betas")
+    @classmethod
+    def _finite_betas(cls, v):
+        if v is not None and not all(math.isfinite(b) for b in v):
+            raise ValueError("betas must be finite")
+        return v
+
+
+class SessionSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fast: FastSettings = Field(None)
+    ingest: IngestSettings = Field(None)
+
+
 class SessionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = Field(None, description="client-chosen id; omitted: the server picks one")
-    settings: dict = Field(default_factory=dict, description='partial session config, e.g. {"ingest": {"lr": 0.001}}')
+    settings: SessionSettings = Field(default_factory=SessionSettings, description='partial session config, e.g. {"ingest": {"lr": 0.001}}')
 
 
 # ---- the app -------------------------------------------------------------------------------------
 
 
 class CountRequests:
-    """ASGI middleware: one metrics count per request, by route and status (streaming-safe)."""
+    """ASGI middleware: one metrics count per request, by route and status (streaming-safe).
+
+    An unexpected exception becomes a logged 500 in the error shape here, rather than in Starlette's
+    outermost handler, which re-raises it to the server: uvicorn would log it again and drop the connection.
+    A client that goes away mid-request (e.g. mid-upload) is counted as 499 and not logged as an error.
+    """
 
     def __init__(self, app, metrics):
         self.app, self.metrics = app, metrics
@@ -109,14 +179,24 @@ class CountRequests:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = [500]
+        started = [False]
 
         async def send_and_note(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started[0] = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_note)
+        except ClientDisconnect:
+            if not started[0]:
+                status[0] = 499
+        except Exception:
+            log.exception("internal error in %s %s", scope["method"], scope["path"])
+            if started[0]:
+                raise
+            status[0] = 500
+            await error_response(500, "server_error", "internal error")(scope, receive, send)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.request("http", f"{scope['method']} {route}", str(status[0]))
@@ -137,10 +217,6 @@ def create_app(state) -> FastAPI:
     for types, _, _ in ERRORS:
         for t in types if isinstance(types, tuple) else (types,):
             app.add_exception_handler(t, _known_error)
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, e: Exception):  # logged by the server; no traceback to the client
-        return error_response(500, "server_error", "internal error")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
@@ -168,7 +244,7 @@ def create_app(state) -> FastAPI:
         return await asyncio.wrap_future(state.scheduler.submit(key, fn, *args))
 
     def info(user: str, sid: str) -> dict:
-        return state.registry.info(user, sid)
+        return finite(state.registry.info(user, sid))
 
     # ---- probes and metrics ----
 
@@ -300,7 +376,8 @@ def create_app(state) -> FastAPI:
         ready()
         user = user_of(request)
         sid = check_session_id(body.id) if body.id is not None else None
-        session = await on_device((user, sid), state.registry.create, user, sid, body.settings)
+        settings = body.settings.model_dump(exclude_unset=True)
+        session = await on_device((user, sid), state.registry.create, user, sid, settings)
         return info(user, session.id)
 
     @app.get("/v1/sessions")
@@ -360,6 +437,6 @@ def create_app(state) -> FastAPI:
              "seconds": r.seconds, "rolled_back": r.rolled_back, "error": r.error}
             for r in reports
         ]
-        return summary
+        return finite(summary)
 
     return app
