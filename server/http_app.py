@@ -17,6 +17,7 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -208,6 +209,20 @@ MAX_TOKENS_DEFAULT = 512
 def create_app(state) -> FastAPI:
     """``state``: the running ``server.main.ServerState`` (engine, registry, scheduler, settings, keyring, metrics)."""
     app = FastAPI(title="ttt", version="0.1.0", description="Test-time-training inference server")
+
+    def openapi() -> dict:
+        """FastAPI documents validation errors as 422; we answer them as 400 in OpenAI's error shape."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for path in schema["paths"].values():
+                for op in path.values():
+                    if "422" in op.get("responses", {}):
+                        op["responses"]["400"] = {"description": "Invalid request (OpenAI error shape)"}
+                        del op["responses"]["422"]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     async def _known_error(request: Request, e: Exception):
         status, kind = next((s, k) for types, s, k in ERRORS if isinstance(e, types))

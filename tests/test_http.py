@@ -417,7 +417,7 @@ def test_upload_cut_off_by_the_client_keeps_completed_chunks(api, open_server):
     with log_records("ttt") as errors, log_records("uvicorn.error") as uvicorn_errors:
         with pytest.raises(RuntimeError):
             api.post("/v1/sessions/cut/documents", content=body(), headers={"content-type": "text/plain"})
-        for _ in range(200):  # until the server has noticed and finished the request
+        for _ in range(600):  # until the server has noticed and finished the request (30 s)
             if gone_requests() > before:
                 break
             time.sleep(0.05)
