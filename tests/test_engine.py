@@ -313,9 +313,7 @@ def test_update_that_breaks_the_loss_is_not_kept(engine, steps, error):
     assert same_tensors(weights, fast_snapshot(s))  # the whole chunk's update is undone, not just step 1
     assert same_state(opt_state, s.optimizer.state_dict())
     assert all(bool(torch.isfinite(k).all()) for k in s._rolling.k if k is not None)
-    for group in s.optimizer.param_groups:  # a sane learning rate from here on
-        group["lr"] = 1e-2
-    r = s.train_next_chunk()
+    r = s.train_next_chunk(lr=1e-2)  # a sane learning rate from here on
     assert not r.rolled_back and math.isfinite(r.loss_before) and r.loss_after < r.loss_before
 
 
@@ -541,3 +539,17 @@ def test_score_after_window(engine):
     w = fast_snapshot(s)
     s.score(text)
     assert same_tensors(w, fast_snapshot(s))
+
+
+def test_step_settings_override_one_chunk(engine):
+    s = make_session(engine, lr=1e-2)
+    s.append_tokens(PATTERN[:48])
+    with pytest.raises(ValueError):
+        s.train_next_chunk(chunk_tokens=8)  # shapes the session: not per chunk
+    with pytest.raises(ValueError):
+        s.train_next_chunk(lr=-1.0)
+    frozen = s.train_next_chunk(lr=1e-30)  # the weights cannot move
+    assert abs(frozen.loss_after - frozen.loss_before) < 1e-6
+    moved = s.train_next_chunk()  # back to the session's own lr
+    assert moved.loss_after < moved.loss_before - 1e-3
+    assert s.config.ingest.lr == 1e-2

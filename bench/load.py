@@ -1,0 +1,299 @@
+"""A bounded load test on loopback: concurrent gRPC ingest streams and HTTP chat clients for a fixed time.
+
+    python -m bench.load --server-grpc 127.0.0.1:50051 --server-http http://127.0.0.1:8000 --seconds 60
+    python -m bench.load --start [--model DIR] [--device cpu] --seconds 20
+
+Each of ``--ingest-streams`` workers owns one new session and feeds it its own slice of
+tests/data/kjv_genesis_exodus.txt as a series of short Ingest streams (``--stream-bytes`` each, the
+document kept open between them) until the time is up. Each of ``--chat-clients`` workers sends
+POST /v1/chat/completions (``--max-tokens`` small) on those sessions, one request at a time. Every
+request has a timeout, each worker stops at the deadline (or after ``--max-requests``), and only
+loopback addresses are accepted.
+
+At the end it prints the error count, whether every token the streams sent is accounted for (sum of
+the streams' ``tokens_received`` == sum of the sessions' ``tokens_ingested + pending_tokens``), ingest
+throughput and chat latency p50/p99; the exit status is 1 on any error or unaccounted token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ERROR_BACKOFF = 0.2  # seconds a worker waits after a failed request
+BOOK = Path(__file__).resolve().parent.parent / "tests" / "data" / "kjv_genesis_exodus.txt"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_grpc(addr: str) -> str:
+    host = addr.rsplit(":", 1)[0]
+    if not _is_loopback(host):
+        raise SystemExit(f"--server-grpc {addr}: loopback addresses only")
+    return addr
+
+
+def _check_http(url: str) -> str:
+    host = urlsplit(url).hostname or ""
+    if not _is_loopback(host):
+        raise SystemExit(f"--server-http {url}: loopback addresses only")
+    return url.rstrip("/")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+class Tally:
+    """Results shared by the workers (guarded by a lock)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.errors: list[str] = []
+        self.received: dict[str, int] = {}  # session -> tokens its streams' summaries report received
+        self.streams = 0
+        self.chat_latencies: list[float] = []
+
+    def error(self, what: str) -> None:
+        with self.lock:
+            if len(self.errors) < 1000:
+                self.errors.append(what)
+            else:
+                self.errors.append("...")
+
+
+def ingest_worker(args, sid: str, data: bytes, deadline: float, tally: Tally) -> None:
+    import grpc
+
+    from server.proto.ttt.v1 import ttt_pb2 as pb
+    from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
+
+    metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
+    pos, count = 0, 0
+    with grpc.insecure_channel(args.server_grpc) as channel:
+        stub = pb_grpc.SessionsStub(channel)
+        while time.monotonic() < deadline and count < args.max_requests:
+            count += 1
+            piece = data[pos : pos + args.stream_bytes]
+            pos += len(piece)
+            if pos >= len(data):
+                pos = 0  # the slice again, as the same open document
+            start = pb.IngestStart(session_id=sid, create_if_missing=False, end_of_document=False)
+            requests = [pb.IngestRequest(start=start)] + [
+                pb.IngestRequest(utf8=piece[i : i + args.piece_bytes]) for i in range(0, len(piece), args.piece_bytes)
+            ]
+            try:
+                responses = list(stub.Ingest(iter(requests), metadata=metadata, timeout=args.request_timeout))
+            except grpc.RpcError as e:
+                tally.error(f"ingest {sid}: {e.code().name}: {e.details()}")
+                time.sleep(ERROR_BACKOFF)
+                continue
+            if not responses or responses[-1].WhichOneof("message") != "summary":
+                tally.error(f"ingest {sid}: the stream ended without a summary")
+                continue
+            errors = [r.chunk.error for r in responses[:-1] if r.chunk.error]
+            if errors:
+                tally.error(f"ingest {sid}: chunk errors {errors[:3]}")
+            with tally.lock:
+                tally.received[sid] = tally.received.get(sid, 0) + responses[-1].summary.tokens_received
+                tally.streams += 1
+
+
+def chat_worker(args, index: int, sids: list[str], deadline: float, tally: Tally) -> None:
+    import httpx
+
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    count = 0
+    with httpx.Client(base_url=args.server_http, headers=headers, timeout=args.request_timeout) as http:
+        while time.monotonic() < deadline and count < args.max_requests:
+            sid = sids[(index + count) % len(sids)]
+            count += 1
+            body = {
+                "model": sid,
+                "messages": [{"role": "user", "content": f"Who went out of Egypt? ({index}.{count})"}],
+                "max_tokens": args.max_tokens,
+                "temperature": 0,
+            }
+            t0 = time.perf_counter()
+            try:
+                r = http.post("/v1/chat/completions", json=body)
+            except httpx.HTTPError as e:
+                tally.error(f"chat {sid}: {type(e).__name__}: {e}")
+                time.sleep(ERROR_BACKOFF)
+                continue
+            latency = time.perf_counter() - t0
+            if r.status_code != 200:
+                tally.error(f"chat {sid}: HTTP {r.status_code}: {r.text[:200]}")
+                time.sleep(ERROR_BACKOFF)
+                continue
+            try:
+                r.json()["choices"][0]["message"]
+            except (ValueError, KeyError, IndexError):
+                tally.error(f"chat {sid}: malformed answer {r.text[:200]}")
+                continue
+            with tally.lock:
+                tally.chat_latencies.append(latency)
+
+
+def run(args) -> dict:
+    from clients.client import TTTClient, TTTError
+
+    book = BOOK.read_bytes()
+    m = args.ingest_streams
+    size = len(book) // m
+    run_id = uuid.uuid4().hex[:8]
+    sids = [f"load-{run_id}-{i}" for i in range(m)]
+    settings = {"ingest": {"chunk_tokens": args.chunk_tokens}} if args.chunk_tokens else None
+    tally = Tally()
+
+    with TTTClient(args.server_grpc, args.api_key, timeout=args.request_timeout) as client:
+        for sid in sids:
+            client.create_session(sid, settings)
+        before = {sid: client.get_session(sid) for sid in sids}
+
+        started = time.monotonic()
+        deadline = started + args.seconds
+        threads = [threading.Thread(target=ingest_worker, args=(args, sid, book[i * size : (i + 1) * size], deadline, tally),
+                                    name=f"ingest-{i}", daemon=True) for i, sid in enumerate(sids)]
+        threads += [threading.Thread(target=chat_worker, args=(args, k, sids, deadline, tally), name=f"chat-{k}",
+                                     daemon=True) for k in range(args.chat_clients)]
+        for t in threads:
+            t.start()
+        # Every worker stops at the deadline; a request in flight then is bounded by its timeout.
+        join_by = deadline + args.request_timeout + 5
+        for t in threads:
+            t.join(max(0.0, join_by - time.monotonic()))
+        elapsed = time.monotonic() - started
+        stuck = [t.name for t in threads if t.is_alive()]
+        for name in stuck:
+            tally.error(f"{name}: still running after the deadline plus the request timeout")
+
+        after = {}
+        for sid in sids:
+            try:
+                after[sid] = client.get_session(sid)
+            except TTTError as e:
+                tally.error(f"get {sid}: {e}")
+        if args.cleanup:
+            for sid in sids:
+                try:
+                    client.delete_session(sid)
+                except TTTError as e:
+                    tally.error(f"delete {sid}: {e}")
+
+    held = sum(a["tokens_ingested"] + a["pending_tokens"] for a in after.values())
+    held_before = sum(b["tokens_ingested"] + b["pending_tokens"] for b in before.values())
+    trained = sum(a["tokens_ingested"] for a in after.values()) - sum(b["tokens_ingested"] for b in before.values())
+    received = sum(tally.received.values())
+    lat = tally.chat_latencies
+    result = {
+        "seconds": round(elapsed, 2),
+        "errors": len(tally.errors),
+        "error_samples": tally.errors[:10],
+        "ingest_streams": m,
+        "ingest_requests": tally.streams,
+        "tokens_received": received,
+        "tokens_held": held - held_before,
+        "tokens_trained": trained,
+        "tokens_accounted": received == held - held_before and len(after) == m,
+        "ingest_tokens_per_s": round(trained / elapsed, 1) if elapsed > 0 else 0.0,
+        "chat_clients": args.chat_clients,
+        "chat_count": len(lat),
+        "chat_p50_ms": round(_percentile(lat, 0.50) * 1000, 1) if lat else None,
+        "chat_p99_ms": round(_percentile(lat, 0.99) * 1000, 1) if lat else None,
+        "chat_mean_ms": round(statistics.fmean(lat) * 1000, 1) if lat else None,
+    }
+    return result
+
+
+def _print(result: dict) -> None:
+    print(f"duration:          {result['seconds']} s")
+    print(f"errors:            {result['errors']}")
+    for e in result["error_samples"]:
+        print(f"  {e}")
+    print(f"tokens accounted:  {'yes' if result['tokens_accounted'] else 'NO'} "
+          f"(streams received {result['tokens_received']}, sessions hold {result['tokens_held']} "
+          f"= trained + pending)")
+    print(f"ingest:            {result['ingest_streams']} workers, {result['ingest_requests']} streams, "
+          f"{result['tokens_trained']} tokens trained, {result['ingest_tokens_per_s']} tokens/s total")
+    print(f"chat:              {result['chat_clients']} clients, {result['chat_count']} answers, "
+          f"p50 {result['chat_p50_ms']} ms, p99 {result['chat_p99_ms']} ms")
+    print(json.dumps({k: v for k, v in result.items() if k != "error_samples"}), flush=True)
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(prog="bench.load", description=__doc__.split("\n\n")[0])
+    p.add_argument("--server-grpc", default="127.0.0.1:50051", metavar="HOST:PORT")
+    p.add_argument("--server-http", default="http://127.0.0.1:8000", metavar="URL")
+    p.add_argument("--api-key", metavar="KEY")
+    p.add_argument("--start", action="store_true", help="start an in-process server on free loopback ports")
+    p.add_argument("--model", help="with --start: model folder (default: the embedded default model)")
+    p.add_argument("--device", help="with --start: cuda, cpu, ...")
+    p.add_argument("--ingest-streams", type=int, default=8, metavar="M")
+    p.add_argument("--chat-clients", type=int, default=16, metavar="K")
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--max-tokens", type=int, default=8, help="per chat answer")
+    p.add_argument("--chunk-tokens", type=int, help="chunk size of the sessions created (default: the server's)")
+    p.add_argument("--stream-bytes", type=int, default=4096, help="bytes per Ingest stream")
+    p.add_argument("--piece-bytes", type=int, default=1024, help="bytes per streamed message")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request or stream")
+    p.add_argument("--max-requests", type=int, default=100_000, help="per worker")
+    p.add_argument("--keep", dest="cleanup", action="store_false", help="keep the sessions afterwards")
+    args = p.parse_args(argv)
+    for name in ("ingest_streams", "chat_clients", "max_tokens", "stream_bytes", "piece_bytes", "max_requests"):
+        if getattr(args, name) < (0 if name == "chat_clients" else 1):
+            p.error(f"--{name.replace('_', '-')} is too small")
+    if args.seconds <= 0 or args.request_timeout <= 0:
+        p.error("--seconds and --request-timeout must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the load test; print and return the result dict (``errors``, ``tokens_accounted``, ...)."""
+    args = parse_args(argv)
+    server = tmp = None
+    if args.start:
+        from server.main import Server
+        from server.settings import Settings
+
+        tmp = tempfile.TemporaryDirectory(prefix="ttt-load-")
+        server = Server(Settings(model=args.model, device=args.device, host="127.0.0.1", grpc_port=0,
+                                 http_port=0, data_dir=Path(tmp.name)))
+        server.start()
+        args.server_grpc = f"127.0.0.1:{server.grpc_port}"
+        args.server_http = f"http://127.0.0.1:{server.http_port}"
+        args.api_key = None
+    _check_grpc(args.server_grpc)
+    args.server_http = _check_http(args.server_http)
+    try:
+        result = run(args)
+    finally:
+        if server is not None:
+            server.stop()
+            tmp.cleanup()
+    _print(result)
+    return result
+
+
+if __name__ == "__main__":
+    res = main()
+    sys.exit(0 if res["errors"] == 0 and res["tokens_accounted"] else 1)
