@@ -98,11 +98,16 @@ def ingest_worker(args, sid: str, data: bytes, deadline: float, tally: Tally) ->
             if pos >= len(data):
                 pos = 0  # the slice again, as the same open document
             start = pb.IngestStart(session_id=sid, create_if_missing=False, end_of_document=False)
-            requests = [pb.IngestRequest(start=start)] + [
-                pb.IngestRequest(utf8=piece[i : i + args.piece_bytes]) for i in range(0, len(piece), args.piece_bytes)
-            ]
+
+            def requests(piece=piece, start=start):  # lazy: no new piece goes out after the deadline
+                yield pb.IngestRequest(start=start)
+                for i in range(0, len(piece), args.piece_bytes):
+                    if i and time.monotonic() >= deadline:
+                        return
+                    yield pb.IngestRequest(utf8=piece[i : i + args.piece_bytes])
+
             try:
-                responses = list(stub.Ingest(iter(requests), metadata=metadata, timeout=args.request_timeout))
+                responses = list(stub.Ingest(requests(), metadata=metadata, timeout=args.request_timeout))
             except grpc.RpcError as e:
                 tally.error(f"ingest {sid}: {e.code().name}: {e.details()}")
                 time.sleep(ERROR_BACKOFF)
@@ -253,8 +258,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--max-tokens", type=int, default=8, help="per chat answer")
     p.add_argument("--chunk-tokens", type=int, help="chunk size of the sessions created (default: the server's)")
-    p.add_argument("--stream-bytes", type=int, default=4096, help="bytes per Ingest stream")
-    p.add_argument("--piece-bytes", type=int, default=1024, help="bytes per streamed message")
+    p.add_argument("--stream-bytes", type=int, default=1024, help="bytes per Ingest stream")
+    p.add_argument("--piece-bytes", type=int, default=256, help="bytes per streamed message")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request or stream")
     p.add_argument("--max-requests", type=int, default=100_000, help="per worker")
     p.add_argument("--keep", dest="cleanup", action="store_false", help="keep the sessions afterwards")
