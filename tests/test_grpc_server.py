@@ -33,11 +33,12 @@ from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
 from server.settings import Settings
 from ttt.tokenize import IncrementalTokenizer
 
+from texts import book, byte_pieces
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHUNK = 32
 DEFAULTS = {"ingest": {"chunk_tokens": CHUNK, "context_tokens": CHUNK}}
-BOOK = Path(__file__).parent / "data" / "kjv_genesis_exodus.txt"  # plain ASCII: char offsets are byte offsets
 TIMEOUT = 60.0  # seconds per unary call
 STREAM_TIMEOUT = 180.0  # per Ingest stream (the longest trains ~170 chunks)
 Code = grpc.StatusCode
@@ -141,20 +142,6 @@ def as_request(piece) -> pb.IngestRequest:
 
 
 # ---- texts and expectations ----------------------------------------------------------------------
-
-
-def book(start: int, end: int) -> str:
-    return BOOK.read_text()[start:end]
-
-
-def byte_pieces(data: bytes, sizes=(1, 7, 333, 4097)) -> list[bytes]:
-    """``data`` cut into consecutive pieces whose sizes cycle through ``sizes``."""
-    pieces, pos = [], 0
-    for size in itertools.cycle(sizes):
-        if pos >= len(data):
-            return pieces
-        pieces.append(data[pos : pos + size])
-        pos += size
 
 
 def token_ids(tokenizer, text: str) -> list[int]:

@@ -11,7 +11,7 @@ What an upload should produce is computed independently: the tokenizer on the wh
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import functools
 import json
 import logging
 import math
@@ -34,11 +34,13 @@ from ttt.config import FastWeightConfig, IngestConfig
 from ttt.generate import TokenStream
 from ttt.tokenize import IncrementalTokenizer
 
+from texts import book
+from texts import byte_pieces as _byte_pieces
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHUNK = 32
 TINY = {"ingest": {"chunk_tokens": CHUNK, "context_tokens": CHUNK}}
-BOOK = Path(__file__).parent / "data" / "kjv_genesis_exodus.txt"  # plain ASCII
 TIMEOUT = 60.0
 KEY_A, KEY_B = "ttt-alice-http-key-0123456789", "ttt-bob-http-key-9876543210"
 QUESTION = [{"role": "user", "content": "Who made the heaven and the earth?"}]
@@ -110,18 +112,7 @@ def keyed_server(tiny_model_dir, tmp_path_factory):
 # ---- helpers ------------------------------------------------------------------------------------------
 
 
-def book(start: int, end: int) -> str:
-    return BOOK.read_text()[start:end]
-
-
-def byte_pieces(data: bytes, sizes=(1, 7, 333, 101)) -> list[bytes]:
-    """``data`` cut into consecutive pieces whose sizes cycle through ``sizes``."""
-    pieces, pos = [], 0
-    for size in itertools.cycle(sizes):
-        if pos >= len(data):
-            return pieces
-        pieces.append(data[pos : pos + size])
-        pos += size
+byte_pieces = functools.partial(_byte_pieces, sizes=(1, 7, 333, 101))  # small pieces: a chunked HTTP body
 
 
 def upload(client: httpx.Client, sid: str, data: bytes | list[bytes], *, end: bool = True) -> httpx.Response:
@@ -798,7 +789,7 @@ def kjv(default_model_dir, tmp_path_factory):
         state["server"] = server
         with http(server) as api:
             assert api.post("/v1/sessions", json={"id": "kjv"}).status_code == 201
-            r = upload(api, "kjv", byte_pieces(book(*KJV).encode(), (4096, 1000)))
+            r = upload(api, "kjv", byte_pieces(book(*KJV).encode(), sizes=(4096, 1000)))
             assert r.status_code == 200, r.text
             state["summary"] = r.json()
         try:
