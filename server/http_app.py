@@ -254,6 +254,11 @@ def create_app(state) -> FastAPI:
     def user_of(request: Request) -> str:
         return state.keyring.user_for(request.headers.get("authorization"))
 
+    def caller(request: Request, session_id: str) -> tuple[str, str]:
+        """(user, session id) of a request on one session, once the server is ready and the key is known."""
+        ready()
+        return user_of(request), check_session_id(session_id)
+
     async def on_device(key, fn, *args):
         """Run ``fn`` as one scheduler unit without blocking the event loop."""
         return await asyncio.wrap_future(state.scheduler.submit(key, fn, *args))
@@ -403,35 +408,30 @@ def create_app(state) -> FastAPI:
 
     @app.get("/v1/sessions/{session_id}")
     def get_session(session_id: str, request: Request):
-        ready()
-        return info(user_of(request), check_session_id(session_id))
+        return info(*caller(request, session_id))
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str, request: Request):
-        ready()
-        user, sid = user_of(request), check_session_id(session_id)
+        user, sid = caller(request, session_id)
         await on_device((user, sid), state.registry.delete, user, sid)
         return {"id": sid, "deleted": True}
 
     @app.post("/v1/sessions/{session_id}/save")
     async def save_session(session_id: str, request: Request):
-        ready()
-        user, sid = user_of(request), check_session_id(session_id)
+        user, sid = caller(request, session_id)
         await on_device((user, sid), state.registry.save, user, sid)
         return info(user, sid)
 
     @app.post("/v1/sessions/{session_id}/reset")
     async def reset_session(session_id: str, request: Request):
-        ready()
-        user, sid = user_of(request), check_session_id(session_id)
+        user, sid = caller(request, session_id)
         await on_device((user, sid), state.registry.reset, user, sid)
         return info(user, sid)
 
     @app.post("/v1/sessions/{session_id}/documents")
     async def add_document(session_id: str, request: Request, end_of_document: bool = True):
         """A ``text/plain`` body, read as a stream and chunked as over gRPC; answers when it is ingested."""
-        ready()
-        user, sid = user_of(request), check_session_id(session_id)
+        user, sid = caller(request, session_id)
         session = await on_device((user, sid), state.registry.get, user, sid)
         s = state.settings
         feed = DocumentFeed(session, user, state.scheduler, state.registry, max_tokens=s.max_document_tokens,
