@@ -9,11 +9,17 @@ model folder (config.json + model.safetensors) plus the default model's tokenize
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton decides at ``@triton.jit`` time whether to interpret: set this before anything imports the
+# kernels, so that without CUDA the Triton kernels run (slowly, fp32) on CPU in the kernel tests.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The default model's tokenizer has 49152 ids; tiny models use the same vocabulary so that any token
 # the tokenizer produces is a valid embedding row (49152 x 64 fp32 is 12 MB: cheap).
