@@ -660,3 +660,94 @@ def test_manifest_contents(engine, tmp_path):
     for rel, info in m["files"].items():
         content = (ckpt / rel).read_bytes()
         assert info == {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}, rel
+
+
+# ---- 8: peft import --------------------------------------------------------------------------------
+
+
+def _logits(engine, session, tokens):
+    with torch.no_grad():
+        return engine.base.model(tokens, session.fast.adapters())
+
+
+def test_export_then_import_gives_the_same_logits(engine, tmp_path):
+    session = trained_session(engine, kind="lora", layers="0,2", targets=("q_proj", "down_proj"), rank=4, alpha=8.0)
+    imported = engine.import_peft(store.export_peft(session, tmp_path / "exported"), "imported")
+    assert imported.id == "imported" and imported.config.fast == dataclasses.replace(
+        session.config.fast, layers="0,2", targets=("down_proj", "q_proj")
+    )
+    assert imported.fast.layer_ids == [0, 2] and imported.stats.tokens_ingested == 0
+    tokens = torch.tensor([ids(engine, KJV[3000:3200])[:40]])
+    torch.testing.assert_close(_logits(engine, imported, tokens), _logits(engine, session, tokens), atol=0, rtol=0)
+    imported.ingest(DOC1[:100])  # it trains on from there
+    assert imported.stats.chunks > 0
+
+
+def test_adapter_made_by_peft_imports(engine, tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    lora = LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "up_proj"], layers_to_transform=[1, 2],
+                      layers_pattern="layers", use_rslora=True)
+    peft_model = get_peft_model(hf, lora)
+    with torch.no_grad():  # peft starts B at zero: give every LoRA weight a value so the test sees them
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    peft_model.save_pretrained(tmp_path / "peft")
+    session = engine.import_peft(tmp_path / "peft")
+    assert session.config.fast.layers == "1,2" and session.config.fast.targets == ("k_proj", "up_proj")
+    tokens = torch.tensor([ids(engine, KJV[3000:3200])[:40]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=tokens).logits.float()
+    torch.testing.assert_close(_logits(engine, session, tokens), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_import_refusals(engine, tmp_path, make_tiny_checkpoint):
+    session = trained_session(engine, kind="lora", text=DOC1[:100])
+    files = store.peft_files(session)
+    with pytest.raises(store.BaseModelMismatch, match="fingerprint"):  # exported for another base model
+        other = ttt.load_engine(make_tiny_checkpoint(tmp_path, seed=1), device="cpu")
+        store.import_peft(other, files)
+    cfg = json.loads(files["adapter_config.json"])
+    cases = [
+        ({**cfg, "peft_type": "IA3"}, "LORA only"),
+        ({**cfg, "use_dora": True}, "use_dora"),
+        ({**cfg, "r": 8}, "r=8"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(store.SessionFormatError, match=match):
+            store.import_peft(engine, {**files, "adapter_config.json": json.dumps(bad).encode()})
+    with pytest.raises(store.SessionFormatError, match="unreadable"):
+        store.import_peft(engine, {**files, "adapter_model.safetensors": b"\x10" * 40})
+    with pytest.raises(store.SessionFormatError, match="missing"):
+        store.import_peft(engine, {"adapter_config.json": files["adapter_config.json"]})
+    from safetensors.torch import save as st_save
+
+    wrong = {"base_model.model.model.layers.2.mlp.up_proj.lora_A.weight": torch.zeros(16, 7),
+             "base_model.model.model.layers.2.mlp.up_proj.lora_B.weight": torch.zeros(96, 16)}
+    with pytest.raises(store.SessionFormatError, match="shapes"):
+        store.import_peft(engine, {**files, "adapter_model.safetensors": st_save(wrong)})
+    beyond = {k.replace("layers.2.", "layers.9."): v for k, v in wrong.items()}
+    with pytest.raises(store.SessionFormatError, match="layers"):
+        store.import_peft(engine, {**files, "adapter_model.safetensors": st_save(beyond)})
+    named = {**cfg, "base_model_name_or_path": "/models/Llama-3.2-1B"}  # no fingerprint: the name decides
+    with pytest.raises(store.BaseModelMismatch, match="Llama-3.2-1B"):
+        store.import_peft(engine, {"adapter_config.json": json.dumps(named).encode(),
+                                   "adapter_model.safetensors": st_save(store.peft_tensors(session)[0])})
+
+
+def test_fallback_is_reported_without_paths(engine, tmp_path):
+    session = trained_session(engine, text=DOC1[:100])
+    root = tmp_path / "s"
+    store.save_session(session, root)
+    assert engine.load_session(root).restored_from is None
+    newest = store.save_session(session, root)
+    (newest / "optimizer.safetensors").write_bytes(b"garbage")
+    loaded = engine.load_session(root)
+    assert loaded.restored_from == "ckpt-000001"
+    info = loaded.info()
+    assert info["restored_from"] == "ckpt-000001" and len(info["warnings"]) == 1
+    warning = info["warnings"][0]
+    assert warning.startswith("ckpt-000002/optimizer.safetensors") and str(tmp_path) not in warning

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 from .config import SessionConfig
 from .generate import SamplingParams, TokenStream, chat_prompt, stop_token_ids
@@ -40,6 +41,18 @@ class Engine:
         from .store import load_session
 
         return load_session(self, path)
+
+    def import_peft(self, folder: str | os.PathLike, session_id: str | None = None) -> Session:
+        """A new session from a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
+
+        Its layers, targets and rank become the session's FastWeightConfig; the optimizer starts fresh.
+        """
+        from .store import import_peft
+
+        if session_id is not None:
+            check_session_id(session_id)
+        names = ("adapter_config.json", "adapter_model.safetensors")
+        return import_peft(self, {n: (Path(folder) / n).read_bytes() for n in names}, session_id)
 
     def generate(self, messages: list[dict], **kwargs) -> Generation | TokenStream:
         """Answer from the base model alone (no fast weights, no window); arguments as ``Session.generate``."""

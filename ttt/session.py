@@ -63,6 +63,8 @@ class Session:
         self.lock = threading.RLock()  # one piece of work at a time on a session
         self.text_stream = IncrementalTokenizer(engine.base.tokenizer)
         self.version = 0  # bumped by every change of state: a saver compares it with the saved one
+        self.restored_from: str | None = None  # the checkpoint loaded, when it was not the newest
+        self.warnings: list[str] = []  # why newer checkpoints were skipped at load
         self.reset()
 
     def reset(self) -> None:
@@ -233,6 +235,41 @@ class Session:
             raise ValueError("text too short to score (needs 2 tokens, or 1 after a window)")
         return total / count
 
+    # ---- residency ----------------------------------------------------------------------------
+
+    def to(self, device: str | torch.device) -> "Session":
+        """Move every tensor the session holds (fast weights, optimizer state, cached keys/values) to ``device``.
+
+        Training and answering need the engine's device; a server parks idle sessions in host memory.
+        AdamW's ``step`` counters stay on the CPU, where torch keeps them.
+        """
+        device = torch.device(device)
+        with self.lock:
+            self.fast.to(device)  # in place: the optimizer's parameter references stay valid
+            for state in self.optimizer.state.values():
+                for name, value in state.items():
+                    if isinstance(value, torch.Tensor) and name != "step":
+                        state[name] = value.to(device)
+            if self._rolling is not None:
+                r = self._rolling
+                r.k = [None if t is None else t.to(device) for t in r.k]
+                r.v = [None if t is None else t.to(device) for t in r.v]
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.fast.parameters()).device
+
+    def resident_bytes(self) -> int:
+        """Bytes of tensors held now: fast weights, optimizer state and the cached keys/values of the window."""
+        with self.lock:
+            tensors = [*self.fast.parameters()]
+            for state in self.optimizer.state.values():
+                tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+            if self._rolling is not None:
+                tensors += [t for t in (*self._rolling.k, *self._rolling.v) if t is not None]
+            return sum(t.numel() * t.element_size() for t in tensors)
+
     # ---- persistence --------------------------------------------------------------------------
 
     def save(self, path) -> None:
@@ -255,6 +292,10 @@ class Session:
             "last_loss_before": s.last_loss_before,
             "last_loss_after": s.last_loss_after,
             "fast_weight_bytes": self.fast.num_bytes(),
+            "resident_bytes": self.resident_bytes(),
+            # set when loading had to skip a damaged newest checkpoint (see store.load_session)
+            "restored_from": self.restored_from,
+            "warnings": list(self.warnings),
             "created_at": s.created_at,
             "updated_at": s.updated_at,
         }

@@ -20,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -31,7 +33,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import SessionConfig
+from .config import FastWeightConfig, IngestConfig, SessionConfig
 from .session import SessionStats
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from .session import Session
 
 FORMAT = "ttt-session"
+FINGERPRINT_KEY = "ttt_base_fingerprint"  # in the metadata of an exported adapter_model.safetensors
 FORMAT_VERSION = 1
 KEEP_CHECKPOINTS = 2
 log = logging.getLogger(__name__)
@@ -125,15 +128,28 @@ def peft_tensors(session: "Session") -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, adapter_config
 
 
+def peft_files(session: "Session") -> dict[str, bytes]:
+    """``adapter_model.safetensors`` and ``adapter_config.json`` of a LoRA session, as bytes.
+
+    The safetensors metadata also names the base model's fingerprint (peft ignores it; ``import_peft``
+    checks it).
+    """
+    tensors, adapter_config = peft_tensors(session)
+    metadata = {FINGERPRINT_KEY: session.engine.base.fingerprint}  # one key: safetensors orders keys at random
+    return {
+        "adapter_model.safetensors": st_save(tensors, metadata=metadata),
+        "adapter_config.json": json.dumps(adapter_config, indent=2).encode(),
+    }
+
+
 def export_peft(session: "Session", folder: str | os.PathLike) -> Path:
     """Write a LoRA session as a peft adapter folder (``PeftModel.from_pretrained`` loads it)."""
     if session.fast.kind != "lora":
         raise ValueError(f"only LoRA sessions have a peft form (this one is {session.fast.kind!r})")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors, adapter_config = peft_tensors(session)
-    _write_file(folder / "adapter_model.safetensors", st_save(tensors))
-    _write_file(folder / "adapter_config.json", json.dumps(adapter_config, indent=2).encode())
+    for name, data in peft_files(session).items():
+        _write_file(folder / name, data)
     return folder
 
 
@@ -163,13 +179,8 @@ def save_session(session: "Session", path: str | os.PathLike) -> Path:
         files["tokens.safetensors"] = _write_file(tmp / "tokens.safetensors", st_save(tokens))
         if session.fast.kind == "lora":
             (tmp / "adapter").mkdir()
-            peft_state, adapter_config = peft_tensors(session)
-            files["adapter/adapter_model.safetensors"] = _write_file(
-                tmp / "adapter" / "adapter_model.safetensors", st_save(peft_state)
-            )
-            files["adapter/adapter_config.json"] = _write_file(
-                tmp / "adapter" / "adapter_config.json", json.dumps(adapter_config, indent=2).encode()
-            )
+            for name, data in peft_files(session).items():
+                files[f"adapter/{name}"] = _write_file(tmp / "adapter" / name, data)
             _fsync_dir(tmp / "adapter")
         base = session.engine.base
         manifest = {
@@ -308,5 +319,136 @@ def load_session(engine: "Engine", path: str | os.PathLike, fallback: bool = Tru
             continue
         if errors:
             log.warning("%s: loaded %s after: %s", root, ckpt.name, "; ".join(map(str, errors)))
+            # Reported with the session, relative to its folder: a client never sees server paths.
+            session.restored_from = ckpt.name
+            session.warnings = [str(e).replace(f"{root}{os.sep}", "") for e in errors]
         return session
     raise errors[0]
+
+
+# ---- peft import ---------------------------------------------------------------------------------
+
+# A LoRA weight in peft's saved layout: base_model.model.model.layers.<layer>.<self_attn|mlp>.<proj>.lora_<A|B>.weight
+PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+def _adapter_error(problem: str) -> SessionFormatError:
+    return SessionFormatError(f"peft adapter: {problem}")
+
+
+def peft_session_config(adapter_config: dict, tensors: dict[str, torch.Tensor]) -> FastWeightConfig:
+    """The FastWeightConfig a peft LoRA adapter maps onto; refuses what our LoRA cannot express."""
+    c = adapter_config
+    if str(c.get("peft_type", "")).upper() != "LORA":
+        raise _adapter_error(f"peft_type {c.get('peft_type')!r} is not supported (LORA only)")
+    unsupported = {
+        "use_dora": bool(c.get("use_dora")),
+        "bias": c.get("bias", "none") != "none",
+        "fan_in_fan_out": bool(c.get("fan_in_fan_out")),
+        "modules_to_save": bool(c.get("modules_to_save")),
+        "rank_pattern": bool(c.get("rank_pattern")),
+        "alpha_pattern": bool(c.get("alpha_pattern")),
+    }
+    if any(unsupported.values()):
+        raise _adapter_error(f"unsupported options {sorted(k for k, v in unsupported.items() if v)}")
+    weights: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        m = PEFT_KEY.match(key)
+        if m is None:
+            raise _adapter_error(f"unexpected tensor {key!r} (expected LoRA A/B weights of Llama layers)")
+        weights.setdefault((int(m[1]), m[2]), {})[m[3]] = value
+    if not weights:
+        raise _adapter_error("no LoRA weights")
+    layers = sorted({layer for layer, _ in weights})
+    targets = sorted({name for _, name in weights})
+    missing = [f"{layer}.{name}" for layer in layers for name in targets if len(weights.get((layer, name), {})) != 2]
+    if missing:  # our LoRA puts the same projections on every fast layer
+        raise _adapter_error(f"every layer needs A and B of the same projections ({targets}); missing {missing[:5]}")
+    rank = int(c.get("r", 0))
+    if rank < 1 or any(w["A"].shape[0] != rank or w["B"].shape[1] != rank for w in weights.values()):
+        raise _adapter_error(f"tensor ranks do not match r={c.get('r')}")
+    alpha = float(c.get("lora_alpha", rank))
+    if c.get("use_rslora"):  # peft scales by alpha / sqrt(r); ours is alpha / r
+        alpha *= math.sqrt(rank)
+    try:
+        layer_list = ",".join(map(str, layers))
+        return FastWeightConfig(kind="lora", layers=layer_list, targets=tuple(targets), rank=rank, alpha=alpha)
+    except ValueError as e:
+        raise _adapter_error(str(e)) from None
+
+
+def import_peft(engine: "Engine", files: dict[str, bytes], session_id: str | None = None,
+                ingest: dict | None = None) -> "Session":
+    """A new session whose fast weights are a peft LoRA adapter.
+
+    ``files``: the bytes of ``adapter_config.json`` and ``adapter_model.safetensors`` (as
+    ``export_peft`` or peft's ``save_pretrained`` write them). The optimizer starts fresh; ``ingest``
+    is a partial IngestConfig dict for the session's later documents. Refuses non-LoRA adapters,
+    shapes that do not fit the base model, and an adapter made for another base model.
+    """
+    from .session import Session
+
+    try:
+        adapter_config = json.loads(files["adapter_config.json"])
+        data = files["adapter_model.safetensors"]
+        tensors = st_load(data)
+        metadata = safe_metadata(data)
+    except KeyError as e:
+        raise _adapter_error(f"missing {e.args[0]}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _adapter_error(f"adapter_config.json is not valid JSON ({e})") from None
+    except Exception as e:  # safetensors rejects a malformed header
+        raise _adapter_error(f"adapter_model.safetensors is unreadable ({e})") from None
+    if not isinstance(adapter_config, dict):
+        raise _adapter_error("adapter_config.json must be a JSON object")
+
+    base = engine.base
+    fingerprint = metadata.get(FINGERPRINT_KEY)
+    # peft records the base model's path or hub name; only its last component can be compared across machines.
+    named = Path(str(adapter_config.get("base_model_name_or_path") or "")).name
+    if (fingerprint and fingerprint != base.fingerprint) or (not fingerprint and named and named != base.name):
+        made_for = f"{named or '?'!r}" + (f" (fingerprint {fingerprint})" if fingerprint else "")
+        raise BaseModelMismatch(
+            f"the adapter was made for base model {made_for}, but this engine runs {base.name!r} ({base.fingerprint})"
+        )
+    fast_cfg = peft_session_config(adapter_config, tensors)
+    try:
+        config = SessionConfig(fast_cfg, IngestConfig(**(ingest or {})))
+    except TypeError as e:
+        raise ValueError(f"bad ingest settings: {e}") from None
+    try:
+        fast_cfg.layer_indices(base.cfg.num_layers)
+    except ValueError:
+        n = base.cfg.num_layers
+        raise _adapter_error(f"layers {fast_cfg.layers} do not all exist in the base model ({n} layers)") from None
+    session = Session(engine, config, session_id)
+    state = {}
+    for key, value in tensors.items():
+        m = PEFT_KEY.match(key)
+        state[f"per_layer.{m[1]}.lora_{m[3]}.{m[2]}"] = value.to(torch.float32)
+    own = session.fast.state_dict()
+    wrong = [k for k, v in state.items() if own[k].shape != v.shape]
+    if wrong:
+        raise _adapter_error(f"shapes do not match the base model: {wrong[:3]}")
+    session.fast.load_state_dict({k: v.to(base.device) for k, v in state.items()})
+    return session
+
+
+def safe_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (8-byte length, then JSON)."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+
+
+def estimate_checkpoint_bytes(session: "Session") -> int:
+    """About what a checkpoint of ``session`` takes on disk once it has trained (for disk quotas)."""
+    weights = session.fast.num_bytes()
+    moments = 2 if session.config.ingest.optimizer == "adamw" else 0
+    adapter = weights if session.fast.kind == "lora" else 0
+    tokens = 8 * (session.config.ingest.context_tokens + len(session.pending) + session.config.ingest.chunk_tokens)
+    return weights * (1 + moments) + adapter + tokens + 16 * 1024  # + manifest and headers
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 when absent)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else 0
