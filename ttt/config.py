@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+CHECKPOINTING_MODES = ("none", "recompute", "offload")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -53,7 +54,9 @@ class FastWeightConfig:
             try:
                 idx = sorted({int(i) for i in spec.split(",")})
             except ValueError:
-                raise ValueError(f"bad layers spec {spec!r}: use 'all', 'last:N', 'last_fraction:F' or '1,2,3'") from None
+                raise ValueError(
+                    f"bad layers spec {spec!r}: use 'all', 'last:N', 'last_fraction:F' or '1,2,3'"
+                ) from None
         if not idx or idx[0] < 0 or idx[-1] >= num_layers:
             raise ValueError(f"layers {spec!r} selects no valid layer of a {num_layers}-layer model")
         return idx
@@ -74,6 +77,10 @@ class IngestConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0  # gradient-norm clip; updates diverge without it
     measure_loss_after: bool = True  # one extra forward of the fast layers per chunk, for the report
+    # What the fast layers keep for backward: "none" (every activation), "recompute" (only each layer's input;
+    # the rest is recomputed in backward: torch.utils.checkpoint) or "offload" (as recompute, with those inputs
+    # in host memory; the same as recompute on CPU). For long chunks on large models; see bench/kernels.py.
+    activation_checkpointing: str = "none"
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -83,6 +90,9 @@ class IngestConfig:
             raise ValueError("context_tokens and sink_tokens must be >= 0, steps_per_chunk >= 1")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer {self.optimizer!r}: choose 'adamw' or 'sgd'")
+        if self.activation_checkpointing not in CHECKPOINTING_MODES:
+            mode = self.activation_checkpointing
+            raise ValueError(f"activation_checkpointing {mode!r}: choose from {CHECKPOINTING_MODES}")
         if not 0 < self.lr < float("inf") or not 0 < self.max_grad_norm < float("inf"):
             raise ValueError("lr and max_grad_norm must be positive finite numbers")
 
@@ -96,7 +106,7 @@ class SessionConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "SessionConfig":
+    def from_dict(cls, d: dict | None) -> SessionConfig:
         """From a (possibly partial) dict such as ``{"ingest": {"lr": 1e-3}}``; unknown keys are errors."""
         d = d or {}
         unknown = set(d) - {"fast", "ingest"}

@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kernels.cross_entropy import fused_linear_cross_entropy
 
 from .config import IngestConfig
 from .fast_weights import FastWeights
@@ -45,9 +47,12 @@ def make_optimizer(params, cfg: IngestConfig) -> torch.optim.Optimizer:
 
 
 def token_nll(model: Transformer, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token NLL of ``targets`` [B, T] from final hidden states ``h`` [B, T, D] -> [B, T] (fp32)."""
-    logits = model.logits(h)  # [B, T, V]
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    """Per-token NLL of ``targets`` [B, T] from final hidden states ``h`` [B, T, D] -> [B, T] (fp32).
+
+    The same as cross-entropy on ``model.logits(h)``, without ever holding the [B, T, V] logits
+    (kernels/cross_entropy.py): at vocab 128256 and 4096 tokens that is gigabytes against megabytes.
+    """
+    return fused_linear_cross_entropy(model.norm(h), model.lm_head.weight, targets, reduction="none")
 
 
 def prefix_hidden(model: Transformer, inputs: torch.Tensor, first_fast: int, context=None) -> torch.Tensor:
@@ -62,17 +67,32 @@ def forward_hidden(
     inputs: torch.Tensor,
     context: RollingContext | None = None,
     h_prefix: torch.Tensor | None = None,
+    checkpointing: str = "none",
 ) -> torch.Tensor:
     """Final hidden states [B, T, D] of ``inputs`` [B, T] after the ``context`` tokens.
 
     Layers below the first fast layer run without autograd (pass their output as ``h_prefix`` to
-    reuse it across steps); only the fast layers build a graph.
+    reuse it across steps); only the fast layers build a graph, whose saved activations
+    ``checkpointing`` ("none", "recompute", "offload": IngestConfig.activation_checkpointing) trims.
     """
     first = fast.first_layer if fast is not None else model.cfg.num_layers
     if h_prefix is None:
         h_prefix = prefix_hidden(model, inputs, first, context)
     adapters = fast.adapters() if fast is not None else None
-    return model.run_layers(h_prefix, first, model.cfg.num_layers, adapters, context)
+    if checkpointing == "none" or not torch.is_grad_enabled():
+        return model.run_layers(h_prefix, first, model.cfg.num_layers, adapters, context)
+    h = h_prefix
+    for i in range(first, model.cfg.num_layers):
+        # Between forward and backward only the layer's input survives (in host memory when offloading:
+        # the copy back to the device happens inside, so it is redone at recompute time); backward reruns
+        # the layer. Its RollingContext.extend reruns too and records the same keys/values.
+        x = h.to("cpu") if checkpointing == "offload" else h
+        h = checkpoint(_run_layer, model, x, i, adapters, context, h.device, use_reentrant=False)
+    return h
+
+
+def _run_layer(model: Transformer, h: torch.Tensor, i: int, adapters, context, device) -> torch.Tensor:
+    return model.run_layers(h.to(device), i, i + 1, adapters, context)
 
 
 def next_token_nll(model: Transformer, h: torch.Tensor, inputs: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -82,6 +102,33 @@ def next_token_nll(model: Transformer, h: torch.Tensor, inputs: torch.Tensor, st
 
 def _all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def snapshot(params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tensor], dict]:
+    """A copy of the weights and the optimizer state for ``restore`` (tiny next to a forward)."""
+    return [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
+
+
+def restore(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, saved) -> None:
+    with torch.no_grad():
+        for p, old in zip(params, saved[0], strict=True):
+            p.copy_(old)
+    optimizer.load_state_dict(saved[1])
+
+
+def update(params, optimizer: torch.optim.Optimizer, cfg: IngestConfig, step: int) -> tuple[float, str | None, bool]:
+    """Clip the gradients of ``params`` and step: (norm before clipping, why it failed or None, whether it stepped)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+    if not math.isfinite(grad_norm):
+        return grad_norm, f"non-finite gradient norm ({grad_norm}) at step {step}", False
+    try:
+        optimizer.step()
+    except RuntimeError as e:  # e.g. an lr so large that torch refuses the arithmetic
+        return grad_norm, f"optimizer step failed at step {step}: {e}", True
+    optimizer.zero_grad(set_to_none=True)
+    if not _all_finite(params):
+        return grad_norm, f"non-finite weights after step {step}", True
+    return grad_norm, None, True
 
 
 def train_chunk(
@@ -106,47 +153,37 @@ def train_chunk(
     for group in optimizer.param_groups:  # the config is the source of truth (it may differ per stream)
         group["lr"] = cfg.lr
     # Restored if any step goes non-finite: a rolled-back chunk keeps none of its steps (tiny next to a forward).
-    saved = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
+    saved = snapshot(params, optimizer)
     loss_before, grad_norm, error, stepped = math.nan, math.nan, None, False
 
     for step in range(cfg.steps_per_chunk):
-        loss = next_token_nll(model, forward_hidden(model, fast, inputs, context, h_prefix), inputs).mean()
+        h = forward_hidden(model, fast, inputs, context, h_prefix, cfg.activation_checkpointing)
+        loss = next_token_nll(model, h, inputs).mean()
         if step == 0:
             loss_before = loss.item()
         if not math.isfinite(loss.item()):
             error = f"non-finite loss ({loss.item()}) at step {step}"
             break
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-        if not math.isfinite(grad_norm):
-            error = f"non-finite gradient norm ({grad_norm}) at step {step}"
-            break
-        stepped = True
-        try:
-            optimizer.step()
-        except RuntimeError as e:  # e.g. an lr so large that torch refuses the arithmetic
-            error = f"optimizer step failed at step {step}: {e}"
-            break
-        optimizer.zero_grad(set_to_none=True)
-        if not _all_finite(params):
-            error = f"non-finite weights after step {step}"
+        grad_norm, error, stepped_now = update(params, optimizer, cfg, step)
+        stepped |= stepped_now
+        if error is not None:
             break
     optimizer.zero_grad(set_to_none=True)
 
     loss_after = None
     if cfg.measure_loss_after and error is None:
         with torch.no_grad():
-            loss_after = next_token_nll(model, forward_hidden(model, fast, inputs, context, h_prefix), inputs).mean().item()
+            h = forward_hidden(model, fast, inputs, context, h_prefix)
+            loss_after = next_token_nll(model, h, inputs).mean().item()
         if not math.isfinite(loss_after):
             error, loss_after = f"non-finite loss after the update ({loss_after})", None
     if error is not None and stepped:
         # Finite weights can still make the loss non-finite: undo every step of the chunk, and re-record the
         # context's keys/values under the restored weights (the last forward's may be non-finite).
-        with torch.no_grad():
-            for p, old in zip(params, saved[0], strict=True):
-                p.copy_(old)
-            optimizer.load_state_dict(saved[1])
-            if context is not None:
+        restore(params, optimizer, saved)
+        if context is not None:
+            with torch.no_grad():
                 forward_hidden(model, fast, inputs, context, h_prefix)
     if context is not None:
         context.commit(drop_last=1)  # the last token is the next chunk's first input
