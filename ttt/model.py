@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from kernels.attention import chunk_attention
+
 # Architectures whose checkpoints use Llama's module names and math (q/k/v/o, gate/up/down, RMSNorm, RoPE).
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -205,15 +207,9 @@ class Attention(nn.Module):
             k = apply_rope(k, cos, sin)
         else:
             k, v = cache.extend(layer, k, v, cos, sin)
-        # With a cache, the T new queries see all `past` keys plus a causal triangle over themselves.
-        window = cfg.sliding_window
-        if past == 0 and (window is None or T <= window):
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-            if window is not None:  # query i sees keys j with i - window < j <= i
-                mask &= ~torch.ones_like(mask).tril(past - window)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        # With a cache, the T new queries see all `past` keys plus a causal triangle over themselves
+        # (SDPA, or on CUDA the Triton kernel where a mask would be needed: kernels/attention.py).
+        y = chunk_attention(q, k, v, cfg.sliding_window)
         y = y.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
         return lin("o_proj", y, self.o_proj)
 
