@@ -1,0 +1,104 @@
+"""PNG figures of `ttt eval` and `ttt bench` results (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LABELS = {
+    "window": "(a) base model, window only",
+    "ttt": "(b) TTT: fast weights + window",
+    "full": "(c) full attention over the prefix",
+}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("plots need matplotlib: pip install 'ttt-server[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _band(ax, x, mean, sem, **kw):
+    """A line with a +-1 standard-error band when there are several runs (sem is None for one run)."""
+    (line,) = ax.plot(x, mean, marker="o", markersize=3, **kw)
+    if sem is not None:
+        lo = [m - s for m, s in zip(mean, sem, strict=True)]
+        hi = [m + s for m, s in zip(mean, sem, strict=True)]
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+
+
+def nll_figures(out: Path, positions: list[int], nll: dict[str, dict], gain: dict[str, dict], title: str) -> list[Path]:
+    """``nll_vs_position.png`` (a, b, c) and ``gain.png`` (how much lower b and c are than a)."""
+    plt = _pyplot()
+    paths = [out / "nll_vs_position.png", out / "gain.png"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, s in nll.items():
+        _band(ax, positions, s["mean"], s["sem"], label=LABELS[name])
+    ax.set(xlabel="chunk end (tokens into the document)", ylabel="NLL before training on the chunk (nats/token)",
+           title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, s in gain.items():
+        _band(ax, positions, s["mean"], s["sem"], label=f"{LABELS[name]} vs (a)")
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.set(xlabel="chunk end (tokens into the document)", ylabel="NLL gain over window only (nats/token)",
+           title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def recall_heatmap(out: Path, accuracy: dict, lengths: list[int], depths: list[float], chance: float) -> Path:
+    """``recall.png``: accuracy by depth (rows) and document length (columns), one panel per memory and probe."""
+    plt = _pyplot()
+    memories, probes = list(accuracy), list(next(iter(accuracy.values())))
+    fig, axes = plt.subplots(len(probes), len(memories), figsize=(3.2 * len(memories), 2.8 * len(probes)),
+                             squeeze=False)
+    for i, probe in enumerate(probes):
+        for j, memory in enumerate(memories):
+            ax = axes[i][j]
+            grid = [[float("nan") if v is None else v for v in row] for row in accuracy[memory][probe]]
+            ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            for r, row in enumerate(grid):
+                for c, v in enumerate(row):
+                    ax.text(c, r, "-" if v != v else f"{v:.2f}", ha="center", va="center",
+                            color="white" if v != v or v < 0.6 else "black")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+            ax.set(xlabel="document tokens", ylabel="fact depth", title=f"{LABELS[memory][:3]} {memory}: {probe}")
+    fig.suptitle(f"recall accuracy (score probe chance {chance:.2f}; generate probe chance ~0)")
+    fig.tight_layout()
+    path = out / "recall.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bench_figure(path: Path, tokens: list[int], series: dict[str, dict[str, list]], title: str) -> Path:
+    """Latency and memory vs tokens read: ``series[panel][label]`` lists one value per N (None: not measured)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 4), squeeze=False)
+    for ax, (panel, lines) in zip(axes[0], series.items(), strict=True):
+        for label, values in lines.items():
+            pts = [(n, v) for n, v in zip(tokens, values, strict=True) if v is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+        ax.set(xlabel="tokens read (N)", ylabel=panel, xscale="log")
+        if panel.startswith("bytes"):
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
