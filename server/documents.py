@@ -12,7 +12,9 @@ import math
 import time
 from typing import Callable, Iterator
 
-from server.registry import QuotaExceeded, SessionRegistry
+from server.errors import QuotaExceeded
+from server.policy import check_settings
+from server.registry import SessionRegistry
 from server.scheduler import Scheduler
 from ttt import Session, SessionConfig
 from ttt.ingest import ChunkReport
@@ -25,6 +27,7 @@ class DocumentTooLarge(QuotaExceeded):
 
 def stream_settings(config: SessionConfig, requested: dict) -> dict:
     """The step settings a stream asks for; the others shape the session and must match it."""
+    check_settings(requested)
     current = config.to_dict()
     fixed = [
         f"{section}.{name}"
@@ -44,12 +47,13 @@ class DocumentFeed:
     """Feeds one document into ``session``; iterate ``add``/``end`` to train the chunks they complete."""
 
     def __init__(self, session: Session, user: str, scheduler: Scheduler, registry: SessionRegistry,
-                 *, max_tokens: int, autosave_every: int, step_settings: dict | None = None,
+                 *, max_tokens: int, max_pieces: int, autosave_every: int, step_settings: dict | None = None,
                  is_active: Callable[[], bool] = lambda: True,
                  on_chunk: Callable[[ChunkReport], None] = lambda report: None):
         self.session, self.user, self.scheduler, self.registry = session, user, scheduler, registry
         self.key = (user, session.id)
-        self.max_tokens, self.autosave_every = max_tokens, autosave_every
+        self.max_tokens, self.max_pieces, self.autosave_every = max_tokens, max_pieces, autosave_every
+        self.pieces = 0
         self.step_settings = step_settings or {}
         self.is_active = is_active  # False once the client has gone: stop before the next chunk
         self.on_chunk = on_chunk  # metrics
@@ -64,10 +68,13 @@ class DocumentFeed:
     def add(self, piece: str | bytes | list[int]) -> Iterator[ChunkReport]:
         """Add text, UTF-8 bytes (may split a character) or token ids; train the chunks now complete.
 
-        Over the document limit nothing of the piece is kept (DocumentTooLarge).
+        Over the document or piece limit nothing of the piece is kept (QuotaExceeded).
         """
         if not piece:
             raise ValueError("empty message: send text, UTF-8 bytes or token ids")
+        if self.pieces >= self.max_pieces:
+            raise QuotaExceeded(f"more than {self.max_pieces} pieces in one stream: send larger pieces")
+        self.pieces += 1
         session = self.session
         with session.lock:
             before, saved_text = self._held(), session.text_stream.state()

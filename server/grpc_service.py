@@ -14,10 +14,11 @@ import math
 import grpc
 
 from server.auth import AuthError
+from server.documents import DocumentFeed, stream_settings
+from server.errors import AlreadyExists, NotFound, QuotaExceeded
+from server.policy import check_settings
 from server.proto.ttt.v1 import ttt_pb2 as pb
 from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
-from server.documents import DocumentFeed, stream_settings
-from server.registry import AlreadyExists, NotFound, QuotaExceeded
 from server.scheduler import QueueFull, ShuttingDown
 from ttt.engine import check_session_id
 from ttt.ingest import ChunkReport
@@ -92,7 +93,7 @@ def settings_dict(msg: pb.SessionSettings) -> dict:
             values["targets"] = list(values["targets"])
         if values:
             out[section] = values
-    return out
+    return check_settings(out)
 
 
 def progress_message(report: ChunkReport, session) -> pb.ChunkProgress:
@@ -125,6 +126,10 @@ def info_message(info: dict) -> pb.SessionInfo:
         updated_at=info["updated_at"],
         residency=info["residency"],
         document_bytes=info["document_bytes"],
+        resident_bytes=info["resident_bytes"],
+        disk_bytes=info["disk_bytes"],
+        restored_from=info["restored_from"] or "",
+        warnings=info["warnings"],
     )
 
 
@@ -132,7 +137,7 @@ class SessionsService(pb_grpc.SessionsServicer):
     def __init__(self, state):
         """``state``: the running ``server.main.ServerState``."""
         self.registry, self.scheduler, self.keyring = state.registry, state.scheduler, state.keyring
-        self.settings, self.metrics = state.settings, state.metrics
+        self.settings, self.metrics, self.streams = state.settings, state.metrics, state.streams
 
     def _user(self, context) -> str:
         auth = dict(context.invocation_metadata()).get("authorization")
@@ -145,7 +150,13 @@ class SessionsService(pb_grpc.SessionsServicer):
     def CreateSession(self, request, context):
         user = self._user(context)
         sid = check_session_id(request.session_id) if request.session_id else None
-        session = self.scheduler.run((user, sid), self.registry.create, user, sid, settings_dict(request.settings))
+        settings = settings_dict(request.settings)
+        if request.HasField("adapter"):
+            files = {"adapter_config.json": request.adapter.adapter_config,
+                     "adapter_model.safetensors": request.adapter.adapter_model}
+            session = self.scheduler.run((user, sid), self.registry.import_adapter, user, sid, files, settings)
+        else:
+            session = self.scheduler.run((user, sid), self.registry.create, user, sid, settings)
         return self._info(user, session.id)
 
     @rpc
@@ -183,6 +194,10 @@ class SessionsService(pb_grpc.SessionsServicer):
             raise ValueError("the first message of an Ingest stream must be `start`")
         start = first.start
         sid = check_session_id(start.session_id)
+        with self.streams.hold(user), self.registry.pinned(user, sid):
+            yield from self._ingest(user, sid, start, request_iterator, context)
+
+    def _ingest(self, user: str, sid: str, start: pb.IngestStart, request_iterator, context):
         key = (user, sid)
         requested = settings_dict(start.settings)
         try:
@@ -194,6 +209,7 @@ class SessionsService(pb_grpc.SessionsServicer):
         feed = DocumentFeed(
             session, user, self.scheduler, self.registry,
             max_tokens=self.settings.max_document_tokens,
+            max_pieces=self.settings.max_pieces_per_stream,
             autosave_every=self.settings.autosave_every_chunks,
             step_settings=stream_settings(session.config, requested),
             is_active=context.is_active,

@@ -19,13 +19,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from server.auth import AuthError
-from server.documents import DocumentFeed, DocumentTooLarge
-from server.registry import AlreadyExists, NotFound, QuotaExceeded
+from server.documents import DocumentFeed
+from server.errors import AlreadyExists, NotFound, QuotaExceeded
+from server.policy import field_limits
 from server.scheduler import QueueFull, ShuttingDown
 from ttt.engine import check_session_id
 from ttt.generate import SamplingParams
@@ -38,7 +39,6 @@ ERRORS = [
     (AuthError, 401, "authentication_error"),
     (NotFound, 404, "not_found_error"),
     (AlreadyExists, 409, "conflict_error"),
-    (DocumentTooLarge, 413, "request_too_large"),
     ((QuotaExceeded, QueueFull), 429, "rate_limit_error"),
     ((SessionFormatError, BaseModelMismatch), 409, "conflict_error"),
     (ShuttingDown, 503, "service_unavailable"),
@@ -111,29 +111,31 @@ class ChatRequest(BaseModel):
 
 # Session settings, typed so that a wrong type or an absurd size is a 400 here, not a failure deep in the engine.
 # Fields and meanings: ttt.config (FastWeightConfig, IngestConfig), which checks the values further. The
-# upper bounds only keep a single request from asking for an impossible allocation.
+# caps come from server.policy, which gRPC applies too.
 
 
 class FastSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(None, max_length=64, description='"lora" or "mlp"')
-    layers: str = Field(None, max_length=1024, description='"all", "last:N", "last_fraction:F" or "20,21,29"')
-    targets: list[str] = Field(None, max_length=16, description="LoRA projections, e.g. gate_proj, up_proj, down_proj")
-    rank: int = Field(None, ge=1, le=1024)
+    kind: str = Field(None, **field_limits("fast", "kind"), description='"lora" or "mlp"')
+    layers: str = Field(None, **field_limits("fast", "layers"),
+                        description='"all", "last:N", "last_fraction:F" or "20,21,29"')
+    targets: list[str] = Field(None, **field_limits("fast", "targets"),
+                               description="LoRA projections, e.g. gate_proj, up_proj, down_proj")
+    rank: int = Field(None, **field_limits("fast", "rank"))
     alpha: float = Field(None, allow_inf_nan=False)
-    mlp_hidden: int = Field(None, ge=1, le=16384)
+    mlp_hidden: int = Field(None, **field_limits("fast", "mlp_hidden"))
     seed: int = Field(None, **INT64)
 
 
 class IngestSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    chunk_tokens: int = Field(None, ge=2, le=1 << 16)
-    context_tokens: int = Field(None, ge=0, le=1 << 16)
-    sink_tokens: int = Field(None, ge=0, le=1 << 16)
-    steps_per_chunk: int = Field(None, ge=1, le=100)
-    optimizer: str = Field(None, max_length=64, description='"adamw" or "sgd"')
+    chunk_tokens: int = Field(None, **field_limits("ingest", "chunk_tokens"))
+    context_tokens: int = Field(None, **field_limits("ingest", "context_tokens"))
+    sink_tokens: int = Field(None, **field_limits("ingest", "sink_tokens"))
+    steps_per_chunk: int = Field(None, **field_limits("ingest", "steps_per_chunk"))
+    optimizer: str = Field(None, **field_limits("ingest", "optimizer"), description='"adamw" or "sgd"')
     lr: float = Field(None, allow_inf_nan=False)
     weight_decay: float = Field(None, allow_inf_nan=False)
     betas: tuple[float, float] = Field(None)
@@ -155,11 +157,21 @@ class SessionSettings(BaseModel):
     ingest: IngestSettings = Field(None)
 
 
+class PeftAdapter(BaseModel):
+    """A peft LoRA adapter folder's two files, as ``ttt.store.export_peft`` or peft's save_pretrained write them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_config: dict = Field(description="the content of adapter_config.json")
+    adapter_model: Base64Bytes = Field(description="adapter_model.safetensors, base64-encoded")
+
+
 class SessionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = Field(None, description="client-chosen id; omitted: the server picks one")
     settings: SessionSettings = Field(default_factory=SessionSettings, description='partial session config, e.g. {"ingest": {"lr": 0.001}}')
+    adapter: PeftAdapter | None = Field(None, description="start from this LoRA adapter (then only ingest settings)")
 
 
 # ---- the app -------------------------------------------------------------------------------------
@@ -307,8 +319,10 @@ def create_app(state) -> FastAPI:
         sid = None if body.model == base_name else check_session_id(body.model)
         key = (user, sid) if sid else (user, f"base:{uuid.uuid4().hex}")
         if sid:
-            session = await on_device(key, state.registry.get, user, sid)
-            answerer = session.generate
+            await on_device(key, state.registry.get, user, sid)  # an unknown session is a 404 before anything starts
+
+            def answerer(messages, **kwargs):  # on the worker: the session, brought back if it was moved meanwhile
+                return state.registry.get(user, sid).generate(messages, **kwargs)
         else:
             answerer = state.engine.generate
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -397,7 +411,12 @@ def create_app(state) -> FastAPI:
         user = user_of(request)
         sid = check_session_id(body.id) if body.id is not None else None
         settings = body.settings.model_dump(exclude_unset=True)
-        session = await on_device((user, sid), state.registry.create, user, sid, settings)
+        if body.adapter is not None:
+            files = {"adapter_config.json": json.dumps(body.adapter.adapter_config).encode(),
+                     "adapter_model.safetensors": body.adapter.adapter_model}
+            session = await on_device((user, sid), state.registry.import_adapter, user, sid, files, settings)
+        else:
+            session = await on_device((user, sid), state.registry.create, user, sid, settings)
         return info(user, session.id)
 
     @app.get("/v1/sessions")
@@ -432,20 +451,22 @@ def create_app(state) -> FastAPI:
     async def add_document(session_id: str, request: Request, end_of_document: bool = True):
         """A ``text/plain`` body, read as a stream and chunked as over gRPC; answers when it is ingested."""
         user, sid = caller(request, session_id)
-        session = await on_device((user, sid), state.registry.get, user, sid)
-        s = state.settings
-        feed = DocumentFeed(session, user, state.scheduler, state.registry, max_tokens=s.max_document_tokens,
-                            autosave_every=s.autosave_every_chunks, on_chunk=state.metrics.chunk)
         reports = []
 
         def take(pieces):
             reports.extend(pieces)
 
-        async for piece in request.stream():
-            if piece:  # tokenizing and training happen off the event loop
-                await asyncio.to_thread(take, feed.add(piece))
-        if end_of_document:
-            await asyncio.to_thread(take, feed.end())
+        with state.streams.hold(user), state.registry.pinned(user, sid):
+            session = await on_device((user, sid), state.registry.get, user, sid)
+            s = state.settings
+            feed = DocumentFeed(session, user, state.scheduler, state.registry, max_tokens=s.max_document_tokens,
+                                max_pieces=s.max_pieces_per_stream, autosave_every=s.autosave_every_chunks,
+                                on_chunk=state.metrics.chunk)
+            async for piece in request.stream():
+                if piece:  # tokenizing and training happen off the event loop
+                    await asyncio.to_thread(take, feed.add(piece))
+            if end_of_document:
+                await asyncio.to_thread(take, feed.end())
         summary = feed.summary()
         summary["chunks"] = [
             {"index": r.index, "tokens": r.tokens, "loss_before": r.loss_before, "loss_after": r.loss_after,

@@ -18,8 +18,9 @@ from server.auth import KeyRing
 from server.grpc_service import SessionsService
 from server.http_app import create_app
 from server.metrics import Metrics
+from server.policy import StreamSlots
 from server.proto.ttt.v1 import ttt_pb2, ttt_pb2_grpc
-from server.registry import SessionRegistry
+from server.registry import Limits, SessionRegistry
 from server.scheduler import Scheduler
 from server.settings import Settings
 
@@ -37,6 +38,7 @@ class ServerState:
     metrics: Metrics
     engine: ttt.Engine | None = None
     registry: SessionRegistry | None = None
+    streams: StreamSlots | None = None  # open ingest streams per user
     closing: bool = False
 
 
@@ -48,8 +50,9 @@ class Server:
             raise SystemExit(f"refusing to serve {settings.host} without --api-keys-file: open mode is loopback only")
         self.settings = settings
         scheduler = Scheduler(settings.max_queue)
-        metrics = Metrics(lambda: scheduler.depth, lambda: self.state.registry.resident if self.state.registry else 0)
-        self.state = ServerState(settings, KeyRing(settings.api_keys_file), scheduler, metrics)
+        metrics = Metrics(lambda: scheduler.depth, lambda: self.state.registry.residency() if self.state.registry else {})
+        self.state = ServerState(settings, KeyRing(settings.api_keys_file), scheduler, metrics,
+                                 streams=StreamSlots(settings.max_streams_per_user))
         self.keyring = self.state.keyring
         self.stopped = threading.Event()
 
@@ -57,7 +60,9 @@ class Server:
         s = self.settings
         self._start_http()  # first, so that probes answer (503) while the model loads
         engine = ttt.load_engine(s.model, s.device)
-        registry = SessionRegistry(engine, s.data_dir, s.session_defaults, s.max_sessions_per_user)
+        limits = Limits(s.max_sessions_per_user, s.max_bytes_per_user, s.device_budget_bytes, s.host_budget_bytes)
+        registry = SessionRegistry(engine, s.data_dir, s.session_defaults, limits, self.state.metrics,
+                                   busy=self.state.scheduler.waiting)
         self.state.engine, self.state.registry = engine, registry
 
         options = [("grpc.max_receive_message_length", s.max_message_bytes), ("grpc.max_send_message_length", s.max_message_bytes)]
@@ -91,12 +96,15 @@ class Server:
         self.http_port = self.http.servers[0].sockets[0].getsockname()[1]
 
     def _autosave_loop(self) -> None:
+        registry, scheduler = self.state.registry, self.state.scheduler
         while not self.stopped.wait(min(5.0, self.settings.autosave_idle_seconds)):
-            for user, sid in self.state.registry.dirty(self.settings.autosave_idle_seconds):
-                try:
-                    self.state.scheduler.submit((user, sid), self.state.registry.save, user, sid)
-                except Exception:  # queue full or shutting down: the next tick or shutdown saves it
-                    log.warning("autosave of a session deferred", exc_info=True)
+            try:
+                for user, sid in registry.dirty(self.settings.autosave_idle_seconds):
+                    scheduler.submit((user, sid), registry.save, user, sid)
+                # Sessions grow after they are used (optimizer state, cached keys/values): re-check the budgets.
+                scheduler.submit(("", "residency"), registry.enforce_budgets)
+            except Exception:  # queue full or shutting down: the next tick or shutdown saves them
+                log.warning("autosave or residency check deferred", exc_info=True)
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let in-flight chunks finish, save every changed session, exit."""

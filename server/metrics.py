@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
 
 TOKENS_PER_SECOND_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
 
 
+class ResidencyCollector:
+    """Sessions and bytes per residency tier, read from the registry at each scrape."""
+
+    def __init__(self, residency):
+        self.residency = residency  # () -> {tier: (sessions, bytes)}
+
+    def collect(self):
+        sessions = GaugeMetricFamily("ttt_sessions", "Sessions by residency tier", labels=["tier"])
+        nbytes = GaugeMetricFamily("ttt_session_bytes", "Session bytes by residency tier (disk: checkpoints)",
+                                   labels=["tier"])
+        for tier, (n, b) in self.residency().items():
+            sessions.add_metric([tier], n)
+            nbytes.add_metric([tier], b)
+        yield from (sessions, nbytes)
+
+
 class Metrics:
-    def __init__(self, queue_depth=lambda: 0, sessions_resident=lambda: 0):
+    def __init__(self, queue_depth=lambda: 0, residency=lambda: {}):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("ttt_requests", "Requests by front door, method and status", ["api", "method", "status"], registry=r)
@@ -19,7 +42,15 @@ class Metrics:
         self.ingest_tps = Histogram("ttt_ingest_tokens_per_second", "Ingest speed per chunk", buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
         self.decode_tps = Histogram("ttt_decode_tokens_per_second", "Decode speed per answer", buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
         Gauge("ttt_queue_depth", "Units of work waiting for the device", registry=r).set_function(queue_depth)
-        Gauge("ttt_sessions_resident", "Sessions in memory", registry=r).set_function(sessions_resident)
+        self.moves = Counter("ttt_session_moves", "Sessions moved between residency tiers", ["source", "target"], registry=r)
+        self.fallbacks = Counter("ttt_checkpoint_fallbacks", "Loads that skipped a damaged newest checkpoint", registry=r)
+        r.register(ResidencyCollector(residency))
+
+    def move(self, source: str, target: str) -> None:
+        self.moves.labels(source, target).inc()
+
+    def fallback(self) -> None:
+        self.fallbacks.inc()
 
     def chunk(self, report) -> None:
         self.chunks.labels("rolled_back" if report.rolled_back else "applied").inc()

@@ -1,36 +1,61 @@
-"""Sessions by user: in memory while in use, checkpointed under ``<data_dir>/users/<user>/<session>/``.
+"""Sessions by user: on the device while in use, parked in host memory or on disk when idle.
 
-Folder names come only from validated ids (``ttt.engine.check_session_id``), never from raw request
-text. Methods that touch a session's tensors are called on the scheduler's worker.
+Checkpoints live under ``<data_dir>/users/<user>/<session>/``; folder names come only from validated ids
+(``ttt.engine.check_session_id``), never from raw request text. Residency tiers, least recently used
+first out: "device" (ready to train and answer), "host" (tensors in host memory) and "disk" (saved, then
+dropped from memory). A session comes back on its next use (``get``). Methods that touch a session's
+tensors (``get``, ``create``, ``save``, ``enforce_budgets``, ...) are called on the scheduler's worker.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import threading
 import time
+from collections import Counter, OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
+import torch
 from safetensors import SafetensorError, safe_open
 
+from server.errors import AlreadyExists, NotFound, QuotaExceeded
+from server.policy import check_settings
 from ttt import Engine, Session, SessionConfig
 from ttt.engine import check_session_id
-from ttt.store import read_manifest
+from ttt.store import (
+    BaseModelMismatch,
+    SessionFormatError,
+    disk_bytes,
+    estimate_checkpoint_bytes,
+    import_peft,
+    read_manifest,
+)
 
+__all__ = ["AlreadyExists", "Limits", "NotFound", "QuotaExceeded", "SessionRegistry"]
 Key = tuple[str, str]  # (user, session id)
+TIERS = ("device", "host", "disk")
+log = logging.getLogger(__name__)
 
 
-class NotFound(KeyError):
-    pass
+@dataclass
+class Limits:
+    max_sessions_per_user: int = 256
+    max_bytes_per_user: int = 16 << 30  # checkpoints on disk
+    device_budget_bytes: int = 8 << 30
+    host_budget_bytes: int = 32 << 30
 
 
-class AlreadyExists(ValueError):
-    pass
+class Events:
+    """Where residency moves and checkpoint fallbacks are reported (``server.metrics.Metrics`` is one)."""
 
+    def move(self, source: str, target: str) -> None: ...
 
-class QuotaExceeded(Exception):
-    pass
+    def fallback(self) -> None: ...
 
 
 @dataclass
@@ -40,9 +65,11 @@ class Entry:
     saved_chunks: int  # stats.chunks at the last checkpoint, for chunk-count autosave
     saved_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
+    tier: str = "device"
+    bytes: int = 0  # resident bytes when last measured on the worker (read by metrics from other threads)
 
     @classmethod
-    def saved(cls, session: Session) -> "Entry":
+    def saved(cls, session: Session) -> Entry:
         return cls(session, session.version, session.stats.chunks)
 
     @property
@@ -58,13 +85,23 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _private(e: Exception, folder: Path) -> Exception:
+    """The same error with the server's paths cut to the session's own folder (clients see its message)."""
+    return type(e)(str(e).replace(f"{folder}{os.sep}", "").replace(str(folder), "session"))
+
+
 class SessionRegistry:
-    def __init__(self, engine: Engine, data_dir: Path, defaults: dict | None = None, max_sessions_per_user: int = 256):
+    def __init__(self, engine: Engine, data_dir: Path, defaults: dict | None = None, limits: Limits | None = None,
+                 events: Events | None = None, busy: Callable[[Key], bool] = lambda key: False):
         self.engine = engine
         self.root = Path(data_dir) / "users"
         self.defaults = defaults or {}
-        self.max_sessions_per_user = max_sessions_per_user
-        self._live: dict[Key, Entry] = {}
+        self.limits = limits or Limits()
+        self.events = events or Events()
+        self.busy = busy  # the scheduler has work queued for the session: keep it
+        self.host = torch.device("cpu")  # on a CPU-only server this is the device: moves are bookkeeping
+        self._live: OrderedDict[Key, Entry] = OrderedDict()  # least recently used first
+        self._pins: Counter[Key] = Counter()
         self._lock = threading.Lock()
 
     def folder(self, user: str, session_id: str) -> Path:
@@ -79,21 +116,68 @@ class SessionRegistry:
             live = {sid for (u, sid) in self._live if u == user}
         return sorted(live | self._on_disk(user))
 
-    def create(self, user: str, session_id: str | None, settings: dict | None = None) -> Session:
-        config = SessionConfig.from_dict(merge(self.defaults, settings or {}))
+    # ---- pins ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def pinned(self, user: str, session_id: str) -> Iterator[None]:
+        """Keep the session where it is (never demoted) while an ingest stream feeds it. Any thread."""
+        key = (user, check_session_id(session_id))
         with self._lock:
-            existing = {sid for (u, sid) in self._live if u == user} | self._on_disk(user)
-            if session_id is not None and session_id in existing:
-                raise AlreadyExists(f"session {session_id!r} already exists")
-            if len(existing) >= self.max_sessions_per_user:
-                raise QuotaExceeded(f"at most {self.max_sessions_per_user} sessions per user")
-            session = self.engine.create_session(config, session_id)
-            # A new session is dirty: nothing of it is on disk yet.
-            self._live[(user, session.id)] = Entry(session, saved_version=-1, saved_chunks=0)
+            self._pins[key] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pins[key] -= 1
+                if not self._pins[key]:
+                    del self._pins[key]
+
+    # ---- create, import, get ---------------------------------------------------------------------
+
+    def create(self, user: str, session_id: str | None, settings: dict | None = None) -> Session:
+        config = SessionConfig.from_dict(merge(self.defaults, check_settings(settings or {})))
+        return self._add(user, session_id, lambda: self.engine.create_session(config, session_id))
+
+    def import_adapter(self, user: str, session_id: str | None, files: dict[str, bytes],
+                       settings: dict | None = None) -> Session:
+        """A new session from a peft LoRA adapter's files, saved at once. ``settings``: ingest settings only."""
+        settings = check_settings(settings or {})
+        if settings.get("fast"):
+            raise ValueError("fast-weight settings come from the adapter: send only ingest settings")
+        ingest = merge(self.defaults, settings).get("ingest", {})
+        session = self._add(user, session_id, lambda: import_peft(self.engine, files, session_id, ingest))
+        self.save(user, session.id)
         return session
 
+    def _add(self, user: str, session_id: str | None, build: Callable[[], Session]) -> Session:
+        """Register a new session if the user's quotas allow it; nothing is written or kept otherwise."""
+        with self._lock:
+            existing = {sid for (u, sid) in self._live if u == user} | self._on_disk(user)
+        if session_id is not None and session_id in existing:
+            raise AlreadyExists(f"session {session_id!r} already exists")
+        if len(existing) >= self.limits.max_sessions_per_user:
+            raise QuotaExceeded(f"at most {self.limits.max_sessions_per_user} sessions per user")
+        session = build()
+        need = self._user_bytes(user) + estimate_checkpoint_bytes(session)
+        if need > self.limits.max_bytes_per_user:
+            raise QuotaExceeded(f"over the disk quota of {self.limits.max_bytes_per_user} bytes per user")
+        key = (user, session.id)
+        with self._lock:
+            # A new session is dirty: nothing of it is on disk yet.
+            entry = Entry(session, saved_version=-1, saved_chunks=0, bytes=session.resident_bytes())
+            if self._live.setdefault(key, entry) is not entry:
+                raise AlreadyExists(f"session {session.id!r} already exists")
+        self.enforce_budgets(keep=key)
+        return session
+
+    def _user_bytes(self, user: str) -> int:
+        """The user's checkpoints on disk, plus the estimated checkpoints of live sessions never saved."""
+        with self._lock:
+            unsaved = [e.session for (u, _), e in self._live.items() if u == user and e.saved_version == -1]
+        return disk_bytes(self.root / user) + sum(map(estimate_checkpoint_bytes, unsaved))
+
     def get(self, user: str, session_id: str) -> Session:
-        """The live session, loading its last checkpoint on first use."""
+        """The session on the device: promoted from host memory, or loaded from its last checkpoint."""
         key = (user, check_session_id(session_id))
         with self._lock:
             entry = self._live.get(key)
@@ -101,27 +185,100 @@ class SessionRegistry:
             folder = self.folder(user, session_id)
             if not (folder / "LATEST").is_file():
                 raise NotFound(f"no session {session_id!r}")
-            session = self.engine.load_session(folder)
+            try:
+                session = self.engine.load_session(folder)
+            except (SessionFormatError, BaseModelMismatch) as e:
+                raise _private(e, folder) from None
+            if session.restored_from:
+                self.events.fallback()
             entry = Entry.saved(session)
             with self._lock:
                 entry = self._live.setdefault(key, entry)
-        entry.last_used = time.time()
+            self.events.move("disk", "device")
+        elif entry.tier == "host":
+            entry.session.to(self.engine.base.device)
+            entry.tier = "device"
+            self.events.move("host", "device")
+        with self._lock:
+            entry.last_used = time.time()
+            self._live.move_to_end(key)
+        entry.bytes = entry.session.resident_bytes()
+        self.enforce_budgets(keep=key)
         return entry.session
 
+    # ---- residency -------------------------------------------------------------------------------
+
+    def enforce_budgets(self, keep: Key | None = None) -> None:
+        """Demote least recently used sessions until each tier fits its budget (on the worker).
+
+        Never demoted: ``keep`` (in use now), pinned sessions and sessions with queued work. A session
+        leaves memory only after a successful save: a failed one keeps it in host memory.
+        """
+        for source, target, budget in (("device", "host", self.limits.device_budget_bytes),
+                                       ("host", "disk", self.limits.host_budget_bytes)):
+            with self._lock:
+                tier = [(k, e) for k, e in self._live.items() if e.tier == source]
+            for _, e in tier:
+                e.bytes = e.session.resident_bytes()
+            used = sum(e.bytes for _, e in tier)
+            for key, entry in tier:
+                if used <= budget:
+                    break
+                if key == keep or self._pins[key] or self.busy(key):
+                    continue
+                if target == "host":
+                    entry.session.to(self.host)
+                    entry.tier = "host"
+                elif not self._drop(key, entry):
+                    continue
+                used -= entry.bytes
+                self.events.move(source, target)
+
+    def _drop(self, key: Key, entry: Entry) -> bool:
+        """Save ``entry`` if it changed, then forget it from memory; False (logged) when the save failed."""
+        if entry.dirty:
+            try:
+                self.save(*key)
+            except Exception:
+                log.warning("a session stays in memory: saving it before moving it to disk failed", exc_info=True)
+                return False
+        with self._lock:
+            if self._live.get(key) is entry and not self._pins[key]:
+                del self._live[key]
+                return True
+        return False
+
+    def residency(self) -> dict[str, tuple[int, int]]:
+        """tier -> (sessions, bytes): bytes in memory for device and host, checkpoint bytes for disk. Any thread."""
+        out = {tier: (0, 0) for tier in TIERS}
+        with self._lock:
+            live = set(self._live)
+            for e in self._live.values():
+                n, b = out[e.tier]
+                out[e.tier] = (n + 1, b + e.bytes)
+        saved = [p.parent for p in self.root.glob("*/*/LATEST")] if self.root.is_dir() else []
+        parked = [p for p in saved if (p.parent.name, p.name) not in live]
+        out["disk"] = (len(parked), sum(map(disk_bytes, parked)))
+        return out
+
+    # ---- info, save, delete, reset ---------------------------------------------------------------
+
     def info(self, user: str, session_id: str) -> dict:
-        """Session info without loading a session that is only on disk."""
+        """Session info without loading a session that is only on disk. Any thread."""
         key = (user, check_session_id(session_id))
+        folder = self.folder(user, session_id)
         with self._lock:
             entry = self._live.get(key)
         if entry is not None:
-            return {**entry.session.info(), "residency": "device"}
-        folder = self.folder(user, session_id)
+            return {**entry.session.info(), "residency": entry.tier, "disk_bytes": disk_bytes(folder)}
         latest = folder / "LATEST"
         if not latest.is_file():
             raise NotFound(f"no session {session_id!r}")
         name, digest = latest.read_text().split()
-        m = read_manifest(folder / name, digest)
-        s = m["stats"]
+        try:
+            m = read_manifest(folder / name, digest)
+        except SessionFormatError as e:
+            raise _private(e, folder) from None
         try:  # untrained tokens: the length of `pending` in tokens.safetensors (only its header is read)
             with safe_open(folder / name / "tokens.safetensors", framework="pt") as f:
                 pending = f.get_slice("pending").get_shape()[0]
@@ -132,17 +289,33 @@ class SessionRegistry:
             "pending_tokens": pending,
             "document_bytes": m["tokenizer_state"].get("bytes_received", 0),
             "fast_weight_bytes": 0,
+            "resident_bytes": 0,
+            "disk_bytes": disk_bytes(folder),
             "residency": "disk",
-            **s,
+            "restored_from": None,
+            "warnings": [],
+            **m["stats"],
         }
 
-    def save(self, user: str, session_id: str) -> Session:
-        session = self.get(user, session_id)
+    def save(self, user: str, session_id: str) -> None:
+        """Checkpoint a session held in memory (one only on disk is saved already)."""
+        key = (user, check_session_id(session_id))
+        folder = self.folder(user, session_id)
+        with self._lock:
+            entry = self._live.get(key)
+        if entry is None:
+            if not (folder / "LATEST").is_file():
+                raise NotFound(f"no session {session_id!r}")
+            return
+        session = entry.session
         with session.lock:
-            session.save(self.folder(user, session_id))
-            entry = self._live[(user, session_id)]
+            # After the save, the newest two checkpoints remain: older ones no longer count.
+            older = sorted(folder.glob("ckpt-*"), reverse=True)[1:]
+            need = disk_bytes(self.root / user) - sum(map(disk_bytes, older)) + estimate_checkpoint_bytes(session)
+            if need > self.limits.max_bytes_per_user:
+                raise QuotaExceeded(f"over the disk quota of {self.limits.max_bytes_per_user} bytes per user")
+            session.save(folder)
             entry.saved_version, entry.saved_chunks, entry.saved_at = session.version, session.stats.chunks, time.time()
-        return session
 
     def delete(self, user: str, session_id: str) -> None:
         key = (user, check_session_id(session_id))
@@ -160,16 +333,14 @@ class SessionRegistry:
         session.reset()
         return session
 
-    @property
-    def resident(self) -> int:
-        return len(self._live)
+    # ---- autosave --------------------------------------------------------------------------------
 
     def chunks_since_save(self, user: str, session_id: str) -> int:
         entry = self._live.get((user, session_id))
         return 0 if entry is None else entry.session.stats.chunks - entry.saved_chunks
 
     def dirty(self, idle_seconds: float = 0.0) -> list[Key]:
-        """Live sessions changed since their checkpoint and unused for ``idle_seconds``."""
+        """Sessions in memory changed since their checkpoint and unused for ``idle_seconds``."""
         now = time.time()
         with self._lock:
             return [k for k, e in self._live.items() if e.dirty and now - e.last_used >= idle_seconds]

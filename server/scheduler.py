@@ -36,6 +36,11 @@ class Scheduler:
         """Units waiting (not counting the one running)."""
         return self._waiting
 
+    def waiting(self, key: Hashable) -> bool:
+        """Units of session ``key`` are queued."""
+        with self._cond:
+            return key in self._queues
+
     def submit(self, key: Hashable, fn: Callable, *args) -> Future:
         """Queue ``fn(*args)`` behind the session ``key``'s earlier units; returns its Future."""
         future: Future = Future()

@@ -34,7 +34,16 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(4 << 20, gt=0, description="largest gRPC message")
     max_document_tokens: int = Field(20_000_000, gt=0, description="tokens one ingest stream may add")
     max_sessions_per_user: int = Field(256, gt=0)
+    max_bytes_per_user: int = Field(16 << 30, gt=0, description="checkpoints on disk per user (estimated before writing)")
+    max_pieces_per_stream: int = Field(1_000_000, gt=0, description="messages (or HTTP body pieces) in one ingest stream")
+    max_streams_per_user: int = Field(8, gt=0, description="ingest streams one user may have open at once")
     max_queue: int = Field(1024, gt=0, description="units of work waiting for the device before requests are refused")
+
+    # Residency: the least recently used sessions move device -> host memory -> disk (saved first) over these
+    # budgets; sessions with an open stream or queued work stay. On a CPU-only server the device is host memory:
+    # a device -> host move is bookkeeping only, but it is still counted against each budget.
+    device_budget_bytes: int = Field(8 << 30, ge=0, description="session tensors kept on the device")
+    host_budget_bytes: int = Field(32 << 30, ge=0, description="idle session tensors kept in host memory")
 
     # Autosave of sessions changed since their last checkpoint
     autosave_every_chunks: int = Field(32, gt=0)

@@ -717,20 +717,20 @@ def test_import_refusals(engine, tmp_path, make_tiny_checkpoint):
         ({**cfg, "r": 8}, "r=8"),
     ]
     for bad, match in cases:
-        with pytest.raises(store.SessionFormatError, match=match):
+        with pytest.raises(store.AdapterError, match=match):
             store.import_peft(engine, {**files, "adapter_config.json": json.dumps(bad).encode()})
-    with pytest.raises(store.SessionFormatError, match="unreadable"):
+    with pytest.raises(store.AdapterError, match="unreadable"):
         store.import_peft(engine, {**files, "adapter_model.safetensors": b"\x10" * 40})
-    with pytest.raises(store.SessionFormatError, match="missing"):
+    with pytest.raises(store.AdapterError, match="missing"):
         store.import_peft(engine, {"adapter_config.json": files["adapter_config.json"]})
     from safetensors.torch import save as st_save
 
     wrong = {"base_model.model.model.layers.2.mlp.up_proj.lora_A.weight": torch.zeros(16, 7),
              "base_model.model.model.layers.2.mlp.up_proj.lora_B.weight": torch.zeros(96, 16)}
-    with pytest.raises(store.SessionFormatError, match="shapes"):
+    with pytest.raises(store.AdapterError, match="shapes"):
         store.import_peft(engine, {**files, "adapter_model.safetensors": st_save(wrong)})
     beyond = {k.replace("layers.2.", "layers.9."): v for k, v in wrong.items()}
-    with pytest.raises(store.SessionFormatError, match="layers"):
+    with pytest.raises(store.AdapterError, match="layers"):
         store.import_peft(engine, {**files, "adapter_model.safetensors": st_save(beyond)})
     named = {**cfg, "base_model_name_or_path": "/models/Llama-3.2-1B"}  # no fingerprint: the name decides
     with pytest.raises(store.BaseModelMismatch, match="Llama-3.2-1B"):

@@ -332,8 +332,12 @@ def load_session(engine: "Engine", path: str | os.PathLike, fallback: bool = Tru
 PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
-def _adapter_error(problem: str) -> SessionFormatError:
-    return SessionFormatError(f"peft adapter: {problem}")
+class AdapterError(ValueError):
+    """A peft adapter that is malformed or that our fast weights cannot express."""
+
+
+def _adapter_error(problem: str) -> AdapterError:
+    return AdapterError(f"peft adapter: {problem}")
 
 
 def peft_session_config(adapter_config: dict, tensors: dict[str, torch.Tensor]) -> FastWeightConfig:

@@ -45,12 +45,22 @@ class SessionSettings(_message.Message):
     def __init__(self, fast: _Optional[_Union[FastWeightSettings, _Mapping]] = ..., ingest: _Optional[_Union[IngestSettings, _Mapping]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("session_id", "settings")
+    __slots__ = ("session_id", "settings", "adapter")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     settings: SessionSettings
-    def __init__(self, session_id: _Optional[str] = ..., settings: _Optional[_Union[SessionSettings, _Mapping]] = ...) -> None: ...
+    adapter: PeftAdapter
+    def __init__(self, session_id: _Optional[str] = ..., settings: _Optional[_Union[SessionSettings, _Mapping]] = ..., adapter: _Optional[_Union[PeftAdapter, _Mapping]] = ...) -> None: ...
+
+class PeftAdapter(_message.Message):
+    __slots__ = ("adapter_config", "adapter_model")
+    ADAPTER_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    adapter_config: bytes
+    adapter_model: bytes
+    def __init__(self, adapter_config: _Optional[bytes] = ..., adapter_model: _Optional[bytes] = ...) -> None: ...
 
 class SessionRef(_message.Message):
     __slots__ = ("session_id",)
@@ -59,7 +69,7 @@ class SessionRef(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "tokens_ingested", "pending_tokens", "chunks", "rolled_back_chunks", "last_loss_before", "last_loss_after", "bytes", "created_at", "updated_at", "residency", "document_bytes")
+    __slots__ = ("session_id", "tokens_ingested", "pending_tokens", "chunks", "rolled_back_chunks", "last_loss_before", "last_loss_after", "bytes", "created_at", "updated_at", "residency", "document_bytes", "resident_bytes", "disk_bytes", "restored_from", "warnings")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_INGESTED_FIELD_NUMBER: _ClassVar[int]
     PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +82,10 @@ class SessionInfo(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     RESIDENCY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FROM_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tokens_ingested: int
     pending_tokens: int
@@ -84,7 +98,11 @@ class SessionInfo(_message.Message):
     updated_at: float
     residency: str
     document_bytes: int
-    def __init__(self, session_id: _Optional[str] = ..., tokens_ingested: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., rolled_back_chunks: _Optional[int] = ..., last_loss_before: _Optional[float] = ..., last_loss_after: _Optional[float] = ..., bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., residency: _Optional[str] = ..., document_bytes: _Optional[int] = ...) -> None: ...
+    resident_bytes: int
+    disk_bytes: int
+    restored_from: str
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., tokens_ingested: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., rolled_back_chunks: _Optional[int] = ..., last_loss_before: _Optional[float] = ..., last_loss_after: _Optional[float] = ..., bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., residency: _Optional[str] = ..., document_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., restored_from: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
     __slots__ = ()
