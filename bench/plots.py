@@ -93,7 +93,10 @@ def bench_figure(path: Path, tokens: list[int], series: dict[str, dict[str, list
             pts = [(n, v) for n, v in zip(tokens, values, strict=True) if v is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-        ax.set(xlabel="tokens read (N)", ylabel=panel, xscale="log")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(tokens, [f"{n / 1024:g}K" if n % 1024 == 0 else str(n) for n in tokens])
+        ax.minorticks_off()
+        ax.set(xlabel="tokens read (N)", ylabel=panel)
         if panel.startswith("bytes"):
             ax.set_yscale("log")
         ax.legend(fontsize=8)

@@ -97,24 +97,37 @@ def plant(tokenizer, filler: list[int], facts: list[Fact], length: int) -> list[
 
 
 class PrefixedLM:
-    """A model (base + optional fast weights) with a fixed ``prefix`` run once into a KV cache.
+    """A model (base + optional fast weights) with a ``prefix`` read once into a KV cache.
 
-    ``nll`` and ``greedy`` continue from the prefix; each call rewinds the cache to it, so questions never
-    see one another. ``room`` keeps only the prefix's last tokens (as Engine.prompt does with a window).
+    ``nll``, ``stream`` and ``greedy`` continue from the prefix; each call rewinds the cache to it, so questions
+    never see one another. ``room`` keeps only the prefix's last tokens (as Engine.prompt does with a window);
+    ``capacity`` (default: the prefix plus a question) bounds the prefix plus question that ``extend`` can reach.
     """
 
-    @torch.no_grad()
-    def __init__(self, engine: ttt.Engine, prefix: list[int], fast=None, room: int | None = None):
+    def __init__(self, engine: ttt.Engine, prefix: list[int], fast=None, room: int | None = None,
+                 capacity: int | None = None):
         base = engine.base
         self.model, self.device, self.tokenizer = base.model, base.device, base.tokenizer
         self.adapters = fast.adapters() if fast is not None else None
         self.stop_ids = stop_token_ids(base.tokenizer, base.path)
-        self.prefix = prefix[max(0, len(prefix) - room) :] if room is not None else list(prefix)
-        max_len = min(len(self.prefix) + QUESTION_ROOM, base.cfg.max_position_embeddings)
-        self.cache = KVCache(base.cfg, 1, max_len, base.device, base.dtype)
-        # All but the prefix's last token: that one is fed with each continuation, so that it predicts the first.
-        if len(self.prefix) > 1:
-            self.model(torch.tensor([self.prefix[:-1]], device=self.device), self.adapters, self.cache)
+        prefix = prefix[max(0, len(prefix) - room) :] if room is not None else list(prefix)
+        capacity = capacity or min(len(prefix) + QUESTION_ROOM, base.cfg.max_position_embeddings)
+        self.cache = KVCache(base.cfg, 1, capacity, base.device, base.dtype)
+        self.prefix: list[int] = []
+        self.start = 0  # tokens of the prefix in the cache
+        self.extend(prefix)
+
+    @torch.no_grad()
+    def extend(self, ids: list[int]) -> None:
+        """Read more of the prefix. The prefix's last token stays out of the cache: it is fed with each
+        continuation, so that it predicts the continuation's first token."""
+        if not ids:
+            return
+        self.cache.length = self.start
+        feed = self.prefix[-1:] + list(ids[:-1])
+        if feed:
+            self.model(torch.tensor([feed], device=self.device), self.adapters, self.cache)
+        self.prefix += ids
         self.start = self.cache.length
 
     def _forward(self, ids: list[int], rewind: bool) -> torch.Tensor:
@@ -134,14 +147,20 @@ class PrefixedLM:
         return nll.item(), len(targets)
 
     @torch.no_grad()
+    def stream(self, messages: list[dict], max_tokens: int) -> Iterator[int]:
+        """Greedy chat-answer token ids after the prefix, as they are decoded (stops at an end-of-turn token)."""
+        logits = self._forward(self.prefix[-1:] + chat_prompt(self.tokenizer, messages), rewind=True)[-1]
+        for i in range(max_tokens):
+            tok = int(logits.argmax())
+            if tok in self.stop_ids:
+                return
+            yield tok
+            if i + 1 < max_tokens:
+                logits = self._forward([tok], rewind=False)[-1]
+
     def greedy(self, messages: list[dict], max_tokens: int) -> str:
         """The greedy chat answer after the prefix (what Session.generate gives at temperature 0)."""
-        logits = self._forward(self.prefix[-1:] + chat_prompt(self.tokenizer, messages), rewind=True)[-1]
-        out: list[int] = []
-        while len(out) < max_tokens and (tok := int(logits.argmax())) not in self.stop_ids:
-            out.append(tok)
-            logits = self._forward([tok], rewind=False)[-1]
-        return self.tokenizer.decode(out, skip_special_tokens=True)
+        return self.tokenizer.decode(list(self.stream(messages, max_tokens)), skip_special_tokens=True)
 
 
 def ask(lm: PrefixedLM, fact: Fact, cfg: RecallConfig) -> dict:

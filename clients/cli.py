@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import math
 import os
@@ -359,21 +360,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve(sub)
     add_client_commands(sub)
-    sub.add_parser("bench", help="ingest throughput vs prefill, session bytes vs KV cache (bench/ingest.py)", add_help=False)
-    sub.add_parser("sweep", help="measure candidate fast-weight defaults (bench/sweep.py)", add_help=False)
+    # Benchmarks parse their own flags (``ttt eval --help``): name -> (help, module with main(argv)).
+    benchmarks = {
+        "eval": ("how much a session remembers: NLL by position and fact recall vs full attention", "bench.eval"),
+        "bench": ("TTT vs full attention: ingest speed, chat latency and memory as documents grow", "bench.bench"),
+        "sweep": ("measure candidate fast-weight defaults", "bench.sweep"),
+    }
+    for name, (text, _) in benchmarks.items():
+        sub.add_parser(name, help=text, add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "serve":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         run_serve(args)
-    elif args.command == "bench":
-        from bench.ingest import main as bench
-
-        bench(rest)
-    elif args.command == "sweep":
-        from bench.sweep import main as sweep
-
-        sweep(rest)
+    elif args.command in benchmarks:
+        importlib.import_module(benchmarks[args.command][1]).main(rest)
     else:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -1,0 +1,237 @@
+"""`ttt bench`: what TTT costs next to full attention, on the same model and the same tokens, in one run.
+
+    ttt bench                                  # default model, CPU: N = 1k, 2k, 4k, 8k tokens, 16-token answers
+    ttt bench --device cuda --tokens 1024 4096 16384 65536 --model /models/Llama-3.2-1B-Instruct
+
+For N growing, three memories read the first N tokens of the document and then answer one chat question:
+  * TTT: a default session ingests the tokens (score + gradient step per chunk) and answers through
+    Session.generate (its fast weights + the last context_tokens tokens, prefilled at every question);
+  * full attention, prefill each time: Engine.answer with the N tokens before the question (no reuse);
+  * full attention, reused KV cache: the N tokens were prefilled once (timed as plain prefill); each question
+    runs on top of the cache.
+Printed ratios: ingest throughput (TTT vs plain prefill), time to first token and decode tokens/s of a chat,
+bytes held per session vs the KV cache (also computed for Llama-3-8B and 70B shapes at 128K and 1M tokens).
+Writes DIR/bench.json and DIR/bench.png (latency, decode speed and memory vs N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ttt
+from ttt.model import ModelConfig
+
+from .common import DEFAULT_DOC, document_tokens, run_metadata, sync, write_json
+from .plots import bench_figure
+from .recall import QUESTION_ROOM, PrefixedLM
+
+QUESTION = [{"role": "user", "content": "Retell, in detail, what happens in the text you have read."}]
+MEMORIES = ("ttt", "full_prefill", "full_reuse")
+
+
+@dataclass
+class Shape:
+    """What the KV cache and a LoRA session's size depend on."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> Shape:
+        return cls(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size)
+
+    def kv_bytes(self, tokens: int, bytes_per_value: int) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * tokens * bytes_per_value
+
+    def session_bytes(self, cfg: ttt.SessionConfig, bytes_per_value: int) -> int:
+        """A LoRA session's resident bytes: fp32 fast weights + AdamW's two moments + the rolling window's K/V."""
+        fast = len(cfg.fast.layer_indices(self.layers))
+        io = {"q_proj": (self.hidden, self.hidden), "k_proj": (self.hidden, self.kv_heads * self.head_dim),
+              "v_proj": (self.hidden, self.kv_heads * self.head_dim), "o_proj": (self.hidden, self.hidden),
+              "gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
+              "down_proj": (self.intermediate, self.hidden)}
+        params = fast * sum(cfg.fast.rank * sum(io[t]) for t in cfg.fast.targets)
+        return 3 * 4 * params + self.kv_bytes(cfg.ingest.context_tokens, bytes_per_value)
+
+
+KNOWN_SHAPES = {"Llama-3-8B": Shape(32, 8, 128, 4096, 14336), "Llama-3-70B": Shape(80, 8, 128, 8192, 28672)}
+LONG_CONTEXTS = (131072, 1048576)
+
+
+def timed_chat(start_answer: Callable[[], Iterator]) -> dict:
+    """Time an answer from the call that starts it: first token, then the decode rate of the rest."""
+    t0 = time.perf_counter()
+    tokens = start_answer()
+    got_first = next(tokens, None) is not None
+    t1 = time.perf_counter()
+    rest = sum(1 for _ in tokens)
+    t2 = time.perf_counter()
+    return {"ttft_s": t1 - t0, "decode_tokens_per_s": rest / (t2 - t1) if rest else None,
+            "answer_tokens": got_first + rest}
+
+
+def token_ticks(stream: ttt.TokenStream) -> Iterator[int]:
+    """One item per decoded token of a TokenStream (its text deltas can hold a token back)."""
+    seen = 0
+    for _ in stream:
+        yield from range(seen + 1, stream.completion_tokens + 1)
+        seen = stream.completion_tokens
+    yield from range(seen + 1, stream.completion_tokens + 1)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="ttt bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8000], metavar="N",
+                    help="document lengths at which a chat is timed (full attention only where N fits the context)")
+    ap.add_argument("--answer-tokens", type=int, default=16, help="greedy tokens per answer")
+    ap.add_argument("--text", type=Path, default=DEFAULT_DOC, help="the document (repeated if shorter than N)")
+    ap.add_argument("--session-config", default="{}", metavar="JSON",
+                    help='partial session config of the TTT session, e.g. \'{"ingest": {"chunk_tokens": 1024}}\'')
+    ap.add_argument("--out", type=Path, default=Path("runs/bench"), metavar="DIR")
+    ap.add_argument("--model", help="local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
+    args = ap.parse_args(argv)
+    args.tokens = sorted(set(args.tokens))
+    if args.tokens[0] < 2 or args.answer_tokens < 1:
+        ap.error("--tokens must be >= 2 and --answer-tokens >= 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    engine = ttt.load_engine(args.model, args.device)
+    base = engine.base
+    device, max_context = base.device, base.cfg.max_position_embeddings
+    ids = document_tokens(engine, args.text, args.tokens[-1])
+    cfg = ttt.SessionConfig.from_dict(json.loads(args.session_config))
+    chunk = cfg.ingest.chunk_tokens
+    fits = [n for n in args.tokens if n + QUESTION_ROOM <= max_context]  # full attention's question needs room
+
+    def ttt_answer():
+        return token_ticks(session.generate(QUESTION, max_tokens=args.answer_tokens, stream=True))
+
+    def full_answer(n: int):  # the N tokens, then the question, all prefilled now (Engine.answer: no reuse)
+        return token_ticks(engine.answer(QUESTION, ttt.SamplingParams(args.answer_tokens), None, ids[:n], True))
+
+    # Warm-up (allocator, kernels, thread pools): every path once on a short prefix.
+    session = engine.create_session(cfg)
+    session.append_tokens(ids[: 2 * chunk])
+    while session.train_next_chunk() is not None:
+        pass
+    timed_chat(ttt_answer)
+    timed_chat(lambda: full_answer(chunk))
+    timed_chat(lambda: PrefixedLM(engine, ids[:chunk]).stream(QUESTION, args.answer_tokens))
+
+    session = engine.create_session(cfg)  # the measured one
+    full = PrefixedLM(engine, [], capacity=min(args.tokens[-1] + QUESTION_ROOM, max_context))
+    rows, t_ingest, t_prefill, read = [], 0.0, 0.0, 0
+    for n in args.tokens:
+        print(f"N = {n}: reading ...", flush=True)
+        session.append_tokens(ids[read:n])
+        sync(device)
+        t = time.perf_counter()
+        while session.train_next_chunk() is not None:
+            pass
+        sync(device)
+        t_ingest += time.perf_counter() - t
+        if n in fits:
+            t = time.perf_counter()
+            for i in range(read, n, chunk):
+                full.extend(ids[i : min(i + chunk, n)])
+            sync(device)
+            t_prefill += time.perf_counter() - t
+        read = n
+        row = {"tokens": n, "trained_tokens": session.stats.tokens_ingested, "ttt": timed_chat(ttt_answer)}
+        if n in fits:
+            row["full_prefill"] = timed_chat(lambda n=n: full_answer(n))
+            row["full_reuse"] = timed_chat(lambda: full.stream(QUESTION, args.answer_tokens))
+        row["bytes"] = {
+            "ttt_session": session.resident_bytes(),  # fast weights + AdamW state + the window's keys/values
+            "ttt_fast_weights": session.fast.num_bytes(),
+            "kv_cache": Shape.of(base.cfg).kv_bytes(n, base.dtype.itemsize),
+        }
+        rows.append(row)
+
+    trained = session.stats.tokens_ingested
+    prefilled = fits[-1] if fits else 0
+    ingest = {"ttt_tokens_per_s": trained / t_ingest,
+              "prefill_tokens_per_s": prefilled / t_prefill if prefilled else None}
+    shapes = {name: {"kv_cache_bf16": {n: s.kv_bytes(n, 2) for n in LONG_CONTEXTS},
+                     "ttt_session_bf16": s.session_bytes(cfg, 2)} for name, s in KNOWN_SHAPES.items()}
+    results = {"meta": run_metadata(engine), "settings": {k: str(v) if isinstance(v, Path) else v
+                                                          for k, v in vars(args).items()},
+               "session_config": cfg.to_dict(), "question": QUESTION[0]["content"], "ingest": ingest,
+               "chats": rows, "known_shapes": shapes}
+    write_json(args.out / "bench.json", results)
+    png = plot(args.out / "bench.png", results)
+    print_summary(results)
+    print(f"wrote {args.out / 'bench.json'}, {png}")
+    return results
+
+
+def plot(path: Path, results: dict) -> Path:
+    rows = results["chats"]
+    tokens = [r["tokens"] for r in rows]
+    labels = {"ttt": "TTT session", "full_prefill": "full attention, prefill each time",
+              "full_reuse": "full attention, reused KV cache"}
+
+    def series(key):
+        return {labels[m]: [r[m][key] if m in r else None for r in rows] for m in MEMORIES}
+
+    mb = {"TTT session (resident)": [r["bytes"]["ttt_session"] for r in rows],
+          "KV cache of full attention": [r["bytes"]["kv_cache"] for r in rows]}
+    return bench_figure(path, tokens, {"time to first token (s)": series("ttft_s"),
+                                       "decode tokens/s": series("decode_tokens_per_s"),
+                                       "bytes held": mb},
+                        f"{results['meta']['model']} on {results['meta']['device']}")
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "-"
+
+
+def print_summary(results: dict) -> None:
+    meta, ingest = results["meta"], results["ingest"]
+    print(f"\n{meta['model']} on {meta['device']} ({meta['dtype']}), {results['settings']['answer_tokens']}-token "
+          f"greedy answers")
+    print(f"ingest: TTT {ingest['ttt_tokens_per_s']:.1f} tokens/s, plain prefill "
+          + (f"{ingest['prefill_tokens_per_s']:.1f} tokens/s -> TTT at "
+             f"{_ratio(ingest['ttt_tokens_per_s'], ingest['prefill_tokens_per_s'])} of prefill"
+             if ingest["prefill_tokens_per_s"] else "not measured (no N fits the context)"))
+    head = (f"{'N':>7s} {'TTFT ttt':>9s} {'prefill':>9s} {'reuse':>9s} {'ttt vs prefill':>15s} {'ttt vs reuse':>13s}"
+            f" {'tok/s ttt':>10s} {'prefill':>8s} {'reuse':>8s} {'session MB':>11s} {'KV MB':>9s} {'KV/session':>11s}")
+    print(head)
+
+    def get(r, m, k):
+        return r[m][k] if m in r else None
+
+    def fmt(x, width: int, digits: int) -> str:
+        return f"{'-':>{width}s}" if x is None else f"{x:{width}.{digits}f}"
+
+    for r in results["chats"]:
+        t = [get(r, m, "ttft_s") for m in MEMORIES]
+        d = [get(r, m, "decode_tokens_per_s") for m in MEMORIES]
+        b = r["bytes"]
+        print(f"{r['tokens']:7d} {fmt(t[0], 9, 3)} {fmt(t[1], 9, 3)} {fmt(t[2], 9, 3)} "
+              f"{_ratio(t[1], t[0]):>15s} {_ratio(t[2], t[0]):>13s} {fmt(d[0], 10, 1)} {fmt(d[1], 8, 1)} "
+              f"{fmt(d[2], 8, 1)} {b['ttt_session'] / 1e6:11.2f} {b['kv_cache'] / 1e6:9.2f} "
+              f"{_ratio(b['kv_cache'], b['ttt_session']):>11s}")
+    print("(TTFT in seconds; 'ttt vs prefill' = full attention's TTFT / TTT's; '-' = beyond the model's context)")
+    for name, s in results["known_shapes"].items():
+        sess = s["ttt_session_bf16"]
+        kv = ", ".join(f"{v / 1e9:.1f} GB at {n // 1024}K tokens ({v / sess:.0f}x)"
+                       for n, v in s["kv_cache_bf16"].items())
+        print(f"{name} (bf16): a default TTT session holds {sess / 1e6:.0f} MB whatever it read; KV cache {kv}")
+
+
+if __name__ == "__main__":
+    main()
