@@ -129,7 +129,7 @@ def _tile_config(h: torch.Tensor) -> TileConfig:
         return TileConfig(block_n=64, block_v=64, block_d=64, num_warps=4, programs=4 * sms)
     # The CPU interpreter runs programs one by one with numpy: wide tiles mean fewer interpreted steps;
     # two programs per row block still exercise the combination of vocabulary splits.
-    return TileConfig(block_n=16, block_v=128, block_d=32, num_warps=1, programs=2)
+    return TileConfig(block_n=16, block_v=128, block_d=64, num_warps=1, programs=2)
 
 
 def _precision(h: torch.Tensor) -> str:
