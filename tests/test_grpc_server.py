@@ -400,7 +400,10 @@ def test_invalid_streams(client):
 
 def test_invalid_settings(client):
     bad = {
-        "chunk": (pb.SessionSettings(ingest=pb.IngestSettings(chunk_tokens=1)), "chunk_tokens must be >= 2"),
+        "chunk": (pb.SessionSettings(ingest=pb.IngestSettings(chunk_tokens=1)), "chunk_tokens must be between 2 and"),
+        # the same caps as HTTP's (server.policy): no request may ask for an impossible allocation
+        "rank": (pb.SessionSettings(fast=pb.FastWeightSettings(rank=1 << 20)), "fast.rank must be between 1 and 1024"),
+        "steps": (pb.SessionSettings(ingest=pb.IngestSettings(steps_per_chunk=10_000)), "steps_per_chunk must be between"),
         "kind": (pb.SessionSettings(fast=pb.FastWeightSettings(kind="nope")), "unknown fast-weight kind 'nope'"),
         "layers": (pb.SessionSettings(fast=pb.FastWeightSettings(layers="bogus")), "bad layers spec"),
         "target": (pb.SessionSettings(fast=pb.FastWeightSettings(targets=["lm_head"])), "unknown LoRA targets"),
