@@ -111,9 +111,9 @@ def measure(fn: Attn, shape: Shape, device: torch.device, dtype: torch.dtype, re
     q = torch.randn(1, shape.heads, T, D, generator=g).to(device, dtype).requires_grad_()
     k = torch.randn(1, shape.kv_heads, N, D, generator=g).to(device, dtype).requires_grad_()
     v = torch.randn(1, shape.kv_heads, N, D, generator=g).to(device, dtype).requires_grad_()
-    with torch.no_grad():
-        err = (fn(q, k, v, shape.window).float() - attention_reference(q, k, v, shape.window).float()).abs().max()
-        fwd_ms = _time_ms(lambda: fn(q, k, v, shape.window), device, repeats)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()  # forward only (FlexAttention on CPU refuses grad inputs)
+    err = (fn(qd, kd, vd, shape.window).float() - attention_reference(qd, kd, vd, shape.window).float()).abs().max()
+    fwd_ms = _time_ms(lambda: fn(qd, kd, vd, shape.window), device, repeats)
     row = {"max_err": err.item(), "fwd_ms": fwd_ms, "fwd_bwd_ms": None, "peak_mib": None}
     if backward:
         dout = torch.randn(q.shape, generator=g).to(device, dtype)

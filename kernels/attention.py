@@ -5,7 +5,29 @@ document's first ``sink`` tokens, then its most recent ones, re-indexed 0..P-1) 
 [0, P + T): query i sees key j when j <= P + i and, with a window (Mistral), P + i - window < j.
 Sinks need no rule of their own: the model's mask treats them as ordinary context keys, so does this.
 
-MEASURED_REASONING
+Which path runs (``chunk_attention``), and why. ``python -m bench.attention --all-shapes``, fp32, on a shared
+2-core CPU (contended: figures move by 20-40% between runs), ms forward / forward+backward:
+
+    q heads x hd, kv heads, chunk + context     SDPA mask    SDPA lower-right   naive         Flex (compiled)
+    SmolLM 9x64 kv3, 512+512                    153 / 613    132 / 494          367 / 578     134 / no backward
+    SmolLM 9x64 kv3, 1024+2048                  575 / 1875   576 / 2142         1999 / 5141
+    SmolLM 9x64 kv3, 1024+2048, window 1024     757 / 2340   (needs no window)  2152 / 5048
+    Llama-3.2-1B 32x64 kv8, 1024+2048           1745 / 5792  1853 / 5696        6246 / 16001
+
+* CPU: SDPA with the explicit [T, N] mask (``attention_reference``). Its CPU flash kernel takes the mask, so it
+  is as fast as the lower-right causal variant (which torch materialises into the same mask on CPU) and 2-3x
+  faster than matmul-softmax. FlexAttention has no CPU backward in torch 2.13 (NotImplementedError; ingest needs
+  gradients) and its forward is no faster. Triton only runs interpreted on CPU: a correctness tool, not timed.
+* CUDA: the Triton kernel below for a chunk after context or a window that cuts the chunk; SDPA ``is_causal``
+  (its flash backend) for a chunk without context; SDPA without a mask for one-token decode. The reason is
+  structural, NOT MEASURED (no GPU was available when this was written): with an explicit mask CUDA SDPA cannot
+  use its flash backend and falls back to memory-efficient or math attention (the latter materialises
+  [B, H, T, N] scores), while this kernel keeps O(T * hd) memory per head, sums a GQA group's dk/dv in registers
+  and skips key blocks above the diagonal and outside the window. ``python -m bench.attention --device cuda``
+  times the kernel against SDPA lower-right causal (flash-eligible, no window) and compiled FlexAttention; if
+  either wins, route that case there. Block sizes are a fixed, untuned 64 x 64 on CUDA (16 x 16 interpreted).
+* Known slack: every visited block evaluates the mask (no separate full-block loop), and dk/dv are computed for
+  the context keys too although the model detaches them (half the dk/dv work at 512+512).
 """
 
 from __future__ import annotations
