@@ -1,6 +1,6 @@
 """`ttt bench`: what TTT costs next to full attention, on the same model and the same tokens, in one run.
 
-    ttt bench                                  # default model, CPU: N = 1k, 2k, 4k, 8k tokens, 16-token answers
+    ttt bench                                  # default model, CPU: N = 1k, 2k, 4k tokens, 16-token answers
     ttt bench --device cuda --tokens 1024 4096 16384 65536 --model /models/Llama-3.2-1B-Instruct
 
 For N growing, three memories read the first N tokens of the document and then answer one chat question:
@@ -59,7 +59,8 @@ class Shape:
               "gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
               "down_proj": (self.intermediate, self.hidden)}
         params = fast * sum(cfg.fast.rank * sum(io[t]) for t in cfg.fast.targets)
-        return 3 * 4 * params + self.kv_bytes(cfg.ingest.context_tokens, bytes_per_value)
+        # The rolling context caches context_tokens - 1 tokens: the last one is fed with the next chunk.
+        return 3 * 4 * params + self.kv_bytes(max(cfg.ingest.context_tokens - 1, 0), bytes_per_value)
 
 
 KNOWN_SHAPES = {"Llama-3-8B": Shape(32, 8, 128, 4096, 14336), "Llama-3-70B": Shape(80, 8, 128, 8192, 28672)}
@@ -90,7 +91,7 @@ def token_ticks(stream: ttt.TokenStream) -> Iterator[int]:
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="ttt bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8000], metavar="N",
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096], metavar="N",
                     help="document lengths at which a chat is timed (full attention only where N fits the context)")
     ap.add_argument("--answer-tokens", type=int, default=16, help="greedy tokens per answer")
     ap.add_argument("--text", type=Path, default=DEFAULT_DOC, help="the document (repeated if shorter than N)")

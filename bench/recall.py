@@ -35,7 +35,7 @@ QUESTION_ROOM = 128  # KV-cache tokens kept free after a prefix: a question or a
 
 @dataclass
 class RecallConfig:
-    lengths: tuple[int, ...] = (2048, 4096)  # document lengths in tokens, facts included
+    lengths: tuple[int, ...] = (1024, 2048)  # document lengths in tokens, facts included
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)  # where facts sit, as a fraction of the document
     facts_per_depth: int = 2  # consecutive facts at each depth (different keys)
     wrong_values: int = 4  # score probe: chance is 1 / (wrong_values + 1)
