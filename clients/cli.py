@@ -82,8 +82,8 @@ def add_client_commands(sub) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, only the summary lines")
     p.set_defaults(handler=run_ingest)
 
-    p = sub.add_parser("sessions", help="list, show, delete, save or reset sessions")
-    ssub = p.add_subparsers(dest="action", required=True, metavar="{list,show,rm,save,reset}")
+    p = sub.add_parser("sessions", help="list, show, delete, save, reset or import sessions")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="{list,show,rm,save,reset,import}")
     q = ssub.add_parser("list", parents=[conn], help="a table of your sessions")
     q.set_defaults(handler=run_sessions_list)
     for name, handler, text in (
@@ -95,6 +95,11 @@ def add_client_commands(sub) -> None:
         q = ssub.add_parser(name, parents=[conn], help=text)
         q.add_argument("session_id", metavar="ID")
         q.set_defaults(handler=handler)
+    q = ssub.add_parser("import", parents=[conn],
+                        help="a new session from a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
+    q.add_argument("folder", metavar="DIR")
+    q.add_argument("--session", help="the new session's id (default: the server picks one)")
+    q.set_defaults(handler=run_sessions_import)
 
     p = sub.add_parser(
         "chat", help="talk to a session (OpenAI-compatible HTTP API): a REPL, or --message / piped lines",
@@ -263,7 +268,12 @@ def _print_info(s: dict) -> None:
         ("created_at", _fmt_time(s["created_at"])),
         ("updated_at", _fmt_time(s["updated_at"])),
         ("residency", s["residency"]),
+        ("resident_bytes", _fmt_bytes(s["resident_bytes"])),
+        ("disk_bytes", _fmt_bytes(s["disk_bytes"])),
     ]
+    if s["restored_from"]:  # the newest checkpoint was damaged: say which one was loaded, and why
+        fields.append(("restored_from", s["restored_from"]))
+        fields += [("warning", w) for w in s["warnings"]]
     width = max(len(k) for k, _ in fields)
     for k, v in fields:
         print(f"{k + ':':<{width + 1}} {v}")
@@ -286,6 +296,16 @@ def run_sessions_save(args) -> int:
     with _client(args) as client:
         info = client.save_session(args.session_id)
     print(f"saved {info['session_id']}: {info['tokens_ingested']} tokens ingested, {info['chunks']} chunks")
+    return 0
+
+
+def run_sessions_import(args) -> int:
+    with _client(args) as client:
+        try:
+            info = client.import_adapter(args.folder, args.session)
+        except ValueError as e:  # not an adapter folder (the server's refusals are TTTErrors)
+            raise CLIError(str(e)) from None
+    print(f"imported {args.folder} as session {info['session_id']} ({_fmt_bytes(info['bytes'])} of fast weights)")
     return 0
 
 

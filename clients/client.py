@@ -21,7 +21,9 @@ the bearer key as ``authorization: Bearer <key>`` metadata. A failed call raises
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -136,6 +138,23 @@ class TTTClient:
     def create_session(self, session_id: str | None = None, settings: Mapping[str, Any] | None = None) -> dict:
         """Create a session (``session_id`` None: the server picks one) and return its info dict."""
         request = pb.CreateSessionRequest(session_id=session_id or "", settings=settings_message(settings))
+        return message_dict(self._call("CreateSession", request))
+
+    def import_adapter(self, folder: str | os.PathLike, session_id: str | None = None,
+                       settings: Mapping[str, Any] | None = None) -> dict:
+        """A new session from a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
+
+        The adapter's layers, projections and rank become the session's fast weights; ``settings`` may
+        set only ingest settings. Returns the new session's info.
+        """
+        folder = Path(folder)
+        try:
+            adapter = pb.PeftAdapter(adapter_config=(folder / "adapter_config.json").read_bytes(),
+                                     adapter_model=(folder / "adapter_model.safetensors").read_bytes())
+        except OSError as e:
+            raise ValueError(f"{folder}: not a peft adapter folder ({e.strerror}: {e.filename})") from None
+        request = pb.CreateSessionRequest(session_id=session_id or "", settings=settings_message(settings),
+                                          adapter=adapter)
         return message_dict(self._call("CreateSession", request))
 
     def get_session(self, session_id: str) -> dict:

@@ -42,8 +42,10 @@ class Metrics:
         self.ingest_tps = Histogram("ttt_ingest_tokens_per_second", "Ingest speed per chunk", buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
         self.decode_tps = Histogram("ttt_decode_tokens_per_second", "Decode speed per answer", buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
         Gauge("ttt_queue_depth", "Units of work waiting for the device", registry=r).set_function(queue_depth)
-        self.moves = Counter("ttt_session_moves", "Sessions moved between residency tiers", ["source", "target"], registry=r)
-        self.fallbacks = Counter("ttt_checkpoint_fallbacks", "Loads that skipped a damaged newest checkpoint", registry=r)
+        self.moves = Counter("ttt_session_moves", "Sessions moved between residency tiers", ["source", "target"],
+                             registry=r)
+        self.fallbacks = Counter("ttt_checkpoint_fallbacks", "Loads that skipped a damaged newest checkpoint",
+                                 registry=r)
         r.register(ResidencyCollector(residency))
 
     def move(self, source: str, target: str) -> None:

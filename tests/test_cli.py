@@ -280,6 +280,23 @@ def test_cli_ingest_and_sessions(capsys, tmp_path, address, tokenizer, monkeypat
     assert rc == 1 and out == "" and err.strip() == "error: NOT_FOUND: no session 'cli-doc'"
 
 
+def test_cli_sessions_import(capsys, tmp_path, server, address):
+    from ttt.store import export_peft
+
+    trained = server.state.engine.create_session({"fast": {"rank": 4}, "ingest": {"chunk_tokens": 16}})
+    trained.ingest(TEXT)
+    folder = export_peft(trained, tmp_path / "adapter")
+    rc, out, err = run_cli(capsys, "sessions", "import", folder, "--session", "cli-imported", "--server", address)
+    assert rc == 0, err
+    assert out.startswith(f"imported {folder} as session cli-imported")
+    info = TTTClient(address).get_session("cli-imported")
+    assert info["bytes"] == trained.fast.num_bytes() and info["disk_bytes"] > 0  # saved at once
+    rc, _, err = run_cli(capsys, "sessions", "import", folder, "--session", "cli-imported", "--server", address)
+    assert rc == 1 and err.strip() == "error: ALREADY_EXISTS: session 'cli-imported' already exists"
+    rc, _, err = run_cli(capsys, "sessions", "import", tmp_path / "nothing", "--server", address)
+    assert rc == 1 and "not a peft adapter folder" in err
+
+
 def test_cli_chunk_tokens_and_stdin(capsys, tmp_path, address, tokenizer, monkeypatch):
     doc = tmp_path / "doc.txt"
     doc.write_text(TEXT, encoding="utf-8")

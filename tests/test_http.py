@@ -557,10 +557,10 @@ def test_other_users_sessions_are_invisible(keyed_server):
         assert alice_api.get("/v1/sessions/diary").json() == info  # untouched
 
 
-def test_document_over_the_limit_is_413(tiny_model_dir, tmp_path, tokenizer):
+def test_document_over_the_limit_is_429(tiny_model_dir, tmp_path, tokenizer):
     with running(tiny_model_dir, tmp_path, max_document_tokens=40) as server, http(server) as api:
         api.post("/v1/sessions", json={"id": "big"})
-        check_error(upload(api, "big", book(0, 3000).encode()), 413, match="over the limit of 40 tokens")
+        check_error(upload(api, "big", book(0, 3000).encode()), 429, match="over the limit of 40 tokens")
         assert api.get("/v1/sessions/big").json()["tokens_ingested"] == 0
         small = "In the beginning God created the heaven and the earth."
         r = upload(api, "big", small.encode())
@@ -693,7 +693,7 @@ def test_metrics(api, open_server, tokenizer):
 
     names = {name for name, _ in after}
     assert {"ttt_requests_total", "ttt_errors_total", "ttt_tokens_ingested_total", "ttt_chunks_total", "ttt_queue_depth",
-            "ttt_sessions_resident", "ttt_tokens_generated_total", "ttt_decode_tokens_per_second_bucket",
+            "ttt_sessions", "ttt_session_bytes", "ttt_tokens_generated_total", "ttt_decode_tokens_per_second_bucket",
             "ttt_decode_tokens_per_second_count", "ttt_ingest_tokens_per_second_bucket",
             "ttt_ingest_tokens_per_second_count"} <= names
 
@@ -710,7 +710,9 @@ def test_metrics(api, open_server, tokenizer):
     assert delta("ttt_requests_total", api="http", method="POST /v1/chat/completions", status="200") == 1
     assert delta("ttt_requests_total", api="http", method="POST /v1/sessions", status="201") == 1
     assert metric(after, "ttt_queue_depth") == 0
-    assert metric(after, "ttt_sessions_resident") == open_server.state.registry.resident > 0
+    residency = open_server.state.registry.residency()
+    assert metric(after, "ttt_sessions", tier="device") == residency["device"][0] > 0
+    assert metric(after, "ttt_session_bytes", tier="device") == residency["device"][1] > 0
 
 
 # ---- fuzzing from the OpenAPI document (schemathesis) -------------------------------------------------------------------
