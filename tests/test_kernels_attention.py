@@ -138,3 +138,12 @@ def test_cuda_bf16_matches_fp32_reference(window):
 def test_cuda_fp32_matches_reference():
     # fp32 inputs: tl.dot rounds them to tf32 on CUDA, hence looser than the interpreter's 1e-5
     assert_matches_reference(1, 9, 3, 515, 1003, 64, 300, atol=1e-2, rtol=1e-2, device="cuda")
+
+
+def test_bench_rows():
+    # bench/kernels.py calls bench.attention.run(); a tiny shape keeps it to milliseconds
+    from bench.attention import Shape, run
+
+    rows = run("cpu", shapes=(Shape("tiny", 4, 2, 16, 9, 7, window=5),), repeats=1)
+    assert {r["impl"] for r in rows} == {"sdpa_mask", "naive"}  # no Triton on CPU, lower-right needs no window
+    assert all(r["fwd_bwd_ms"] > 0 and r["max_err"] < 1e-5 for r in rows)
