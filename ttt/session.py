@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .batch import ChunkItem, train_chunks
 from .config import SessionConfig
 from .fast_weights import build_fast_weights
 from .generate import SamplingParams, TokenStream
-from .ingest import ChunkReport, forward_hidden, make_optimizer, next_token_nll, train_chunk
+from .ingest import ChunkReport, forward_hidden, make_optimizer, next_token_nll
 from .model import RollingContext
 from .tokenize import IncrementalTokenizer
 
@@ -131,6 +132,16 @@ class Session:
         """Score and train on the next ready chunk; None when no chunk is ready.
 
         ``overrides`` change step settings for this chunk only: ``lr``, ``steps_per_chunk``, ``max_grad_norm``.
+        Several sessions at once, in shared batches: ``ttt.batch.train_sessions``.
+        """
+        with self.lock:
+            item = self.take_chunk(**overrides)
+            return None if item is None else self.record_chunk(item, train_chunks(self.engine.base.model, [item])[0])
+
+    def take_chunk(self, **overrides) -> ChunkItem | None:
+        """The next ready chunk and what trains on it (``train_next_chunk``'s overrides); None when none is ready.
+
+        The chunk stays pending until ``record_chunk``: hold ``self.lock`` from one to the other.
         """
         if set(overrides) - STEP_SETTINGS:
             raise ValueError(f"only {sorted(STEP_SETTINGS)} can change per chunk, not {sorted(set(overrides) - STEP_SETTINGS)}")
@@ -140,22 +151,23 @@ class Session:
             cfg = dataclasses.replace(self.config.ingest, **overrides) if overrides else self.config.ingest
             chunk_ids = self.pending[: cfg.chunk_tokens]
             carry = self.window[-1:]  # the previous token predicts the chunk's first token
-            if len(carry) + len(chunk_ids) < 2:  # a lone first token: nothing to predict it from
-                report = ChunkReport(self.stats.chunks, len(chunk_ids), float("nan"), None, 0.0, 0.0)
-            else:
-                device = self.engine.base.device
-                report = train_chunk(
-                    self.engine.base.model,
-                    self.fast,
-                    self.optimizer,
-                    self._context(),
-                    torch.tensor(carry, dtype=torch.long, device=device),
-                    torch.tensor(chunk_ids, dtype=torch.long, device=device),
-                    cfg,
-                    self.stats.chunks,
-                )
+            device = self.engine.base.device
+            return ChunkItem(
+                self.fast,
+                self.optimizer,
+                self._context(),
+                torch.tensor(carry, dtype=torch.long, device=device),
+                torch.tensor(chunk_ids, dtype=torch.long, device=device),
+                cfg,
+                self.stats.chunks,
+            )
+
+    def record_chunk(self, item: ChunkItem, report: ChunkReport) -> ChunkReport:
+        """After ``item`` (from ``take_chunk``) trained: its tokens join the window, the stats count it."""
+        with self.lock:
+            chunk_ids = self.pending[: item.chunk.numel()]
             del self.pending[: len(chunk_ids)]
-            self.window = (self.window + chunk_ids)[-max(cfg.context_tokens, 1) :]
+            self.window = (self.window + chunk_ids)[-max(item.cfg.context_tokens, 1) :]
             s = self.stats
             s.tokens_ingested += len(chunk_ids)
             s.chunks += 1

@@ -1,0 +1,261 @@
+"""Several sessions' ingest chunks in one forward and one backward: the engine's use of the multi-LoRA kernel.
+
+Under load many sessions each have a chunk ready. One after another, the frozen model runs once per
+session over T tokens; here the chunks are stacked into one batch [S, T], the frozen prefix and the
+fast layers run once over it, and every LoRA projection goes through ``kernels.multi_lora`` with each
+session's own A and B (stacked at every forward, so gradients flow back to each session's Parameters).
+Each session's loss is its own mean NLL and the sum is backpropagated once: session s's weights touch
+only its own rows, so its gradient is exactly that of its own loss. Then each session clips, steps and
+rolls back a non-finite update on its own, and its RollingContext rolls forward, as in
+``ingest.train_chunk``: the reports and weights match training the chunks one by one (up to float
+rounding; ``tests/test_batch.py``).
+
+Batched together are chunks that fit one rectangular batch: LoRA fast weights with the same layers,
+targets, rank and scale, on the same device, the same number of input tokens (chunk + carried token)
+and the same context length, i.e. the steady state under load (full chunks, full windows). Anything
+else (extra-MLP fast weights, a document's last partial chunk, a session whose window is still filling)
+trains alone through ``train_chunk``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Hashable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from kernels.multi_lora import multi_lora_linear
+
+from .config import IngestConfig
+from .fast_weights import FastWeights, LoRALayer
+from .ingest import ChunkReport, forward_hidden, next_token_nll, prefix_hidden, restore, snapshot, train_chunk, update
+from .model import RollingContext, Transformer
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+@dataclass
+class ChunkItem:
+    """One session's next chunk and the state that trains on it (``train_chunk``'s arguments)."""
+
+    fast: FastWeights
+    optimizer: torch.optim.Optimizer
+    context: RollingContext | None
+    carry: torch.Tensor  # [0 or 1]: the previous chunk's last token, which predicts the chunk's first
+    chunk: torch.Tensor  # [T]
+    cfg: IngestConfig
+    index: int
+
+    @property
+    def num_inputs(self) -> int:
+        return self.carry.numel() + self.chunk.numel()
+
+
+def batch_key(item: ChunkItem) -> Hashable | None:
+    """Items with equal keys can share one batch; None: the item trains alone."""
+    fast = item.fast
+    if fast.kind != "lora" or item.num_inputs < 2:
+        return None
+    c = fast.cfg
+    device = next(fast.parameters()).device
+    context_length = -1 if item.context is None else item.context.length
+    return (tuple(fast.layer_ids), c.targets, c.rank, c.scale, device, item.num_inputs, context_length,
+            item.cfg.activation_checkpointing)
+
+
+class StackedContext:
+    """Several sessions' RollingContexts of equal length, seen by the model as one batch (row i: session i)."""
+
+    def __init__(self, contexts: list[RollingContext]):
+        self.contexts = contexts
+
+    @property
+    def length(self) -> int:
+        return self.contexts[0].length
+
+    def extend(self, layer: int, k, v, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: [S, kv_heads, T, head_dim]; each session records its own row, as in a forward of its own
+        rows = [c.extend(layer, k[i : i + 1], v[i : i + 1], cos, sin) for i, c in enumerate(self.contexts)]
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+
+class StackedLoRALayer:
+    """One fast layer of several LoRA sessions (a ``model.LayerAdapter``): session i owns batch row i."""
+
+    def __init__(self, layers: list[LoRALayer], seg_offsets: torch.Tensor):
+        self.scale = layers[0].scale
+        self.seg_offsets = seg_offsets  # [S + 1]: row i of the batch is flattened rows [i * T, (i + 1) * T)
+        self.lora_a = {n: torch.stack([la.lora_A[n] for la in layers]) for n in layers[0].lora_A}  # [S, R, in]
+        self.lora_b = {n: torch.stack([la.lora_B[n] for la in layers]) for n in layers[0].lora_B}  # [S, out, R]
+
+    def linear(self, name: str, x: torch.Tensor, base) -> torch.Tensor:
+        # x: [S, T, in] -> [S, T, out]
+        if name not in self.lora_a:
+            return base(x)
+        y = multi_lora_linear(x.flatten(0, 1), base.weight, base.bias, self.lora_a[name], self.lora_b[name],
+                              self.seg_offsets, self.scale)
+        return y.view(*x.shape[:2], -1)
+
+    def after_block(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+
+class StackedFastWeights:
+    """Several sessions' LoRA fast weights as the one ``fast`` argument of ``ingest.forward_hidden``."""
+
+    def __init__(self, fasts: list[FastWeights], tokens: int):
+        self.fasts = fasts
+        self.first_layer = fasts[0].first_layer
+        device = next(fasts[0].parameters()).device
+        self.seg_offsets = torch.arange(0, (len(fasts) + 1) * tokens, tokens, device=device)
+
+    def adapters(self) -> dict[int, StackedLoRALayer]:
+        # stacked afresh at every forward: the optimizers step the sessions' own Parameters in between
+        return {i: StackedLoRALayer([f.per_layer[str(i)] for f in self.fasts], self.seg_offsets)
+                for i in self.fasts[0].layer_ids}
+
+
+@dataclass
+class _Run:
+    """One session's progress through a batched chunk: ``train_chunk``'s local variables."""
+
+    item: ChunkItem
+    params: list[torch.nn.Parameter]
+    saved: tuple
+    loss_before: float = math.nan
+    grad_norm: float = math.nan
+    loss_after: float | None = None
+    error: str | None = None
+    stepped: bool = False
+
+
+def _train_batch(model: Transformer, items: list[ChunkItem]) -> list[ChunkReport]:
+    """``train_chunk`` for several compatible items (equal ``batch_key``) with shared forwards/backwards."""
+    t0 = time.perf_counter()
+    inputs = torch.stack([torch.cat([it.carry, it.chunk]) for it in items])  # [S, T']
+    has_context = items[0].context is not None
+    checkpointing = items[0].cfg.activation_checkpointing
+
+    def forward(rows: list[int]) -> torch.Tensor:
+        # final hidden states [len(rows), T', D] of the sessions in rows; each context records its own keys/values
+        fast = StackedFastWeights([items[i].fast for i in rows], inputs.shape[1])
+        context = StackedContext([items[i].context for i in rows]) if has_context else None
+        return forward_hidden(model, fast, inputs[rows], context, h_prefix[rows], checkpointing)
+
+    all_rows = list(range(len(items)))
+    h_prefix = prefix_hidden(model, inputs, items[0].fast.first_layer,
+                             StackedContext([it.context for it in items]) if has_context else None)
+    runs = []
+    for it in items:
+        params = [p for p in it.fast.parameters() if p.requires_grad]
+        for group in it.optimizer.param_groups:  # the config is the source of truth (it may differ per stream)
+            group["lr"] = it.cfg.lr
+        runs.append(_Run(it, params, snapshot(params, it.optimizer)))
+
+    for step in range(max(it.cfg.steps_per_chunk for it in items)):
+        rows = [i for i in all_rows if runs[i].error is None and step < items[i].cfg.steps_per_chunk]
+        if not rows:
+            break
+        losses = next_token_nll(model, forward(rows), inputs[rows]).mean(dim=1)  # [len(rows)]
+        finite = []
+        for j, (i, loss) in enumerate(zip(rows, losses.tolist(), strict=True)):
+            if step == 0:
+                runs[i].loss_before = loss
+            if math.isfinite(loss):
+                finite.append(j)
+            else:
+                runs[i].error = f"non-finite loss ({loss}) at step {step}"
+        if finite:
+            losses[finite].sum().backward()
+        for j in finite:
+            run = runs[rows[j]]
+            run.grad_norm, run.error, stepped = update(run.params, run.item.optimizer, run.item.cfg, step)
+            run.stepped |= stepped
+
+    measured = [i for i in all_rows if items[i].cfg.measure_loss_after and runs[i].error is None]
+    if measured:
+        with torch.no_grad():
+            after = next_token_nll(model, forward(measured), inputs[measured]).mean(dim=1).tolist()
+        for i, loss in zip(measured, after, strict=True):
+            if math.isfinite(loss):
+                runs[i].loss_after = loss
+            else:
+                runs[i].error = f"non-finite loss after the update ({loss})"
+    undone = [i for i in all_rows if runs[i].error is not None and runs[i].stepped]
+    for i in undone:
+        restore(runs[i].params, items[i].optimizer, runs[i].saved)
+    if undone and has_context:
+        with torch.no_grad():  # re-record the contexts' keys/values under the restored weights
+            forward(undone)
+
+    seconds = (time.perf_counter() - t0) / len(items)  # the batch's time, shared: the sum is the device time
+    reports = []
+    for run in runs:
+        run.item.optimizer.zero_grad(set_to_none=True)
+        if has_context:
+            run.item.context.commit(drop_last=1)  # the last token is the next chunk's first input
+        reports.append(ChunkReport(
+            index=run.item.index,
+            tokens=run.item.chunk.numel(),
+            loss_before=run.loss_before,
+            loss_after=run.loss_after,
+            seconds=seconds,
+            grad_norm=run.grad_norm,
+            rolled_back=run.error is not None,
+            error=run.error,
+        ))
+    return reports
+
+
+def _train_alone(model: Transformer, item: ChunkItem) -> ChunkReport:
+    if item.num_inputs < 2:  # a lone first token: nothing to predict it from
+        return ChunkReport(item.index, item.chunk.numel(), math.nan, None, 0.0, 0.0)
+    return train_chunk(model, item.fast, item.optimizer, item.context, item.carry, item.chunk, item.cfg, item.index)
+
+
+def train_chunks(model: Transformer, items: Sequence[ChunkItem]) -> list[ChunkReport]:
+    """Score, then train on, each item's chunk; one report per item, in order.
+
+    Items with equal ``batch_key`` share one batch; the others train one by one with ``train_chunk``.
+    The items must belong to distinct sessions.
+    """
+    groups: dict[Hashable, list[int]] = {}
+    for i, item in enumerate(items):
+        key = batch_key(item)
+        groups.setdefault(("alone", i) if key is None else key, []).append(i)
+    reports: list[ChunkReport | None] = [None] * len(items)
+    for rows in groups.values():
+        if len(rows) == 1:
+            done = [_train_alone(model, items[rows[0]])]
+        else:
+            done = _train_batch(model, [items[i] for i in rows])
+        for i, report in zip(rows, done, strict=True):
+            reports[i] = report
+    return reports
+
+
+def train_sessions(sessions: Sequence[Session], overrides: Sequence[dict] | None = None) -> list[ChunkReport | None]:
+    """``Session.train_next_chunk`` for several sessions at once: the ready ones train in shared batches.
+
+    Returns one report per session, None where no chunk was ready. ``overrides[i]`` are session i's
+    step settings for this chunk (as ``train_next_chunk``'s keyword arguments). The sessions must be
+    distinct and share one engine; their locks are held throughout.
+    """
+    if len({id(s) for s in sessions}) != len(sessions):
+        raise ValueError("a session can train only one chunk per batch")
+    overrides = overrides or [{}] * len(sessions)
+    with ExitStack() as stack:
+        for s in sorted(sessions, key=id):  # one global order: two batches never wait on each other
+            stack.enter_context(s.lock)
+        items = [s.take_chunk(**o) for s, o in zip(sessions, overrides, strict=True)]
+        ready = [i for i, item in enumerate(items) if item is not None]
+        reports = train_chunks(sessions[0].engine.base.model, [items[i] for i in ready]) if ready else []
+        out: list[ChunkReport | None] = [None] * len(sessions)
+        for i, report in zip(ready, reports, strict=True):
+            out[i] = sessions[i].record_chunk(items[i], report)
+        return out
