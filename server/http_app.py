@@ -141,6 +141,8 @@ class IngestSettings(BaseModel):
     betas: tuple[float, float] = Field(None)
     max_grad_norm: float = Field(None, allow_inf_nan=False)
     measure_loss_after: bool = Field(None)
+    activation_checkpointing: str = Field(None, **field_limits("ingest", "activation_checkpointing"),
+                                          description='"none", "recompute" or "offload"')
 
     @field_validator("betas")
     @classmethod

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from server.errors import QuotaExceeded
 
@@ -27,6 +27,7 @@ LENGTHS: dict[tuple[str, str], int] = {
     ("fast", "layers"): 1024,
     ("fast", "targets"): 16,
     ("ingest", "optimizer"): 64,
+    ("ingest", "activation_checkpointing"): 64,
 }
 
 

@@ -15,10 +15,10 @@ import shutil
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,6 +28,7 @@ from server.policy import check_settings
 from ttt import Engine, Session, SessionConfig
 from ttt.engine import check_session_id
 from ttt.store import (
+    KEEP_CHECKPOINTS,
     BaseModelMismatch,
     SessionFormatError,
     disk_bytes,
@@ -158,7 +159,7 @@ class SessionRegistry:
         if len(existing) >= self.limits.max_sessions_per_user:
             raise QuotaExceeded(f"at most {self.limits.max_sessions_per_user} sessions per user")
         session = build()
-        need = self._user_bytes(user) + estimate_checkpoint_bytes(session)
+        need = self._user_bytes(user) + KEEP_CHECKPOINTS * estimate_checkpoint_bytes(session)
         if need > self.limits.max_bytes_per_user:
             raise QuotaExceeded(f"over the disk quota of {self.limits.max_bytes_per_user} bytes per user")
         key = (user, session.id)
@@ -171,10 +172,13 @@ class SessionRegistry:
         return session
 
     def _user_bytes(self, user: str) -> int:
-        """The user's checkpoints on disk, plus the estimated checkpoints of live sessions never saved."""
+        """The user's checkpoints on disk, plus the estimated checkpoints of live sessions never saved.
+
+        A session keeps its previous checkpoint as a fallback: it takes KEEP_CHECKPOINTS checkpoints.
+        """
         with self._lock:
             unsaved = [e.session for (u, _), e in self._live.items() if u == user and e.saved_version == -1]
-        return disk_bytes(self.root / user) + sum(map(estimate_checkpoint_bytes, unsaved))
+        return disk_bytes(self.root / user) + KEEP_CHECKPOINTS * sum(map(estimate_checkpoint_bytes, unsaved))
 
     def get(self, user: str, session_id: str) -> Session:
         """The session on the device: promoted from host memory, or loaded from its last checkpoint."""
