@@ -100,3 +100,13 @@ def test_bf16_on_cuda_matches_fp32_reference():
     for g, w in zip(got, want, strict=True):
         # bf16 keeps 8 bits of mantissa: compare relative to the tensor's scale
         assert (g.float() - w).abs().max() <= 2e-2 * w.abs().max()
+
+
+def test_bench_runs_on_a_tiny_shape():
+    from bench.multi_lora import Shape, run
+
+    rows = run("cpu", shapes=(Shape("tiny", 3, 5, 48, 40, rank=4),))
+    assert [(r["impl"], r["mode"]) for r in rows] == [
+        ("loop", "fwd"), ("loop", "fwd+bwd"), ("batched_torch", "fwd"), ("batched_torch", "fwd+bwd")
+    ]
+    assert all(r["max_err"] < 1e-5 and r["seconds"] > 0 for r in rows)
