@@ -242,6 +242,8 @@ def fused_linear_cross_entropy(
         raise ValueError(f"reduction {reduction!r}: choose from {REDUCTIONS}")
     if h.shape[:-1] != targets.shape or weight.dim() != 2 or weight.shape[1] != h.shape[-1]:
         raise ValueError(f"shapes: h {tuple(h.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}")
+    if h.dtype != weight.dtype:
+        raise ValueError(f"h is {h.dtype} but weight is {weight.dtype}: cast one (the matmul runs in one dtype)")
     h2, t = h.reshape(-1, h.shape[-1]).contiguous(), targets.reshape(-1).contiguous()
     weight = weight.contiguous()
     if use_triton(h2, weight):

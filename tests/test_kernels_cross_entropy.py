@@ -110,6 +110,8 @@ def test_bad_arguments():
         fused(h, w, t, "avg")
     with pytest.raises(ValueError, match="shapes"):
         fused(h, w[:, :4], t, "mean")
+    with pytest.raises(ValueError, match="dtype"):
+        fused(h, w.double(), t, "mean")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="needs CUDA and triton")
