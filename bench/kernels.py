@@ -134,14 +134,14 @@ def ingest_case(spec: dict) -> dict:
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
     torch.manual_seed(0)
     cfg = ModelConfig(
-        **INGEST_SHAPE, num_layers=FAST_LAYERS + 1, rms_norm_eps=1e-5, max_position_embeddings=8192,
+        **INGEST_SHAPE, num_layers=spec["fast_layers"] + 1, rms_norm_eps=1e-5, max_position_embeddings=8192,
         tie_word_embeddings=True,
     )
     inv_freq = 1.0 / (1e5 ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
     model = Transformer(cfg, inv_freq)
     torch.nn.init.normal_(model.embed_tokens.weight, std=0.02)  # tied LM head: N(0, 1) would give loss ~500
     model = model.to(device, dtype).eval().requires_grad_(False)
-    fast = build_fast_weights(FastWeightConfig(layers=f"last:{FAST_LAYERS}"), model)
+    fast = build_fast_weights(FastWeightConfig(layers=f"last:{spec['fast_layers']}"), model)
     ingest = IngestConfig(measure_loss_after=False, activation_checkpointing=spec["mode"])
     optimizer = make_optimizer(fast.parameters(), ingest)
     chunk = torch.randint(0, cfg.vocab_size, (spec["tokens"],), device=device)

@@ -35,7 +35,8 @@ def test_child_errors_become_rows():
 
 
 def test_ingest_case(capsys):
-    spec = dict(bench="ingest_step", mode="recompute", tokens=24, device="cpu", dtype="float32", repeats=1)
+    spec = dict(bench="ingest_step", mode="recompute", tokens=24, fast_layers=1, device="cpu", dtype="float32")
+    spec["repeats"] = 1
     bench.main(["--child", json.dumps(spec)])
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert math.isfinite(row["loss"]) and row["seconds"] > 0 and row["peak_bytes"] >= 0
