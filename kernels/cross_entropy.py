@@ -14,7 +14,9 @@ Two implementations of the same math, chosen by ``dispatch.use_triton``:
     recomputes each (row block, vocab block) tile and accumulates dh and dW with fp32 atomics.
   * torch (CPU, the reference): the same per token-chunk, each chunk's logits [rows, V] a temporary.
 
-Both accumulate logits in fp32 and do the softmax in fp32. The per-token losses come out of an
+Triton keeps the logits in fp32 from its fp32 accumulators; the reference computes them as
+``Transformer.logits`` does (a matmul in the inputs' dtype, then fp32); both do the softmax and the loss
+in fp32, so in fp32 both equal the materialised path to rounding. The per-token losses come out of an
 autograd Function; reductions are plain torch ops on them, so "mean", "sum" and "none" share one
 backward. Not done yet: skipping backward tiles whose softmax is negligible (CCE's gradient filter), which
 would also cut the backward's atomic traffic (N * V * D / BLOCK_V adds into dh); autotuned tiles. The
