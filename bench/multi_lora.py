@@ -146,7 +146,7 @@ def engine_rows(device: str, sessions: int, tokens: int) -> list[dict]:
             times.append(time.perf_counter() - t)
         seconds = statistics.median(times)
         rows.append(dict(
-            shape=f"ingest step, default model, {sessions} x {tokens} tokens", impl=impl, mode="train",
+            shape="default model ingest step", sessions=sessions, tokens=tokens, impl=impl, mode="train",
             device=device, seconds=seconds, tokens_per_s=sessions * tokens / seconds,
             loss_before=statistics.mean(r.loss_before for r in reports),
         ))
@@ -159,7 +159,7 @@ def print_rows(rows: list[dict]) -> None:
     print(f"{'shape':30s} {'S x T':>8s} {'impl':14s} {'mode':8s} {'dtype':9s} {'ms':>9s} {'speedup':>8s} "
           f"{'max_err':>9s}")
     for r in rows:
-        st = f"{r['sessions']}x{r['tokens']}" if "sessions" in r else ""
+        st = f"{r['sessions']}x{r['tokens']}"
         err = f"{r['max_err']:9.1e}" if "max_err" in r else f"{r['tokens_per_s']:6.0f} t/s"
         print(f"{r['shape'][:30]:30s} {st:>8s} {r['impl']:14s} {r['mode']:8s} {r.get('dtype', ''):9s} "
               f"{r['seconds'] * 1e3:9.2f} {r['speedup']:7.2f}x {err}")
