@@ -1,22 +1,23 @@
 """One document arriving in pieces into one session; shared by the gRPC stream and the HTTP upload.
 
 Pieces are tokenized in the caller's thread (no device), checked against the per-document limit,
-and every chunk they complete is trained on the scheduler's worker, one unit per chunk.
+and every chunk they complete is trained on the scheduler's worker, one unit per chunk; chunks of
+several sessions that reach the device together train in one batched step (``ttt.batch``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from server.errors import QuotaExceeded
 from server.policy import check_settings
 from server.registry import SessionRegistry
 from server.scheduler import Scheduler
 from ttt import Session, SessionConfig
+from ttt.batch import train_sessions
 from ttt.ingest import ChunkReport
 from ttt.session import STEP_SETTINGS
 
@@ -41,6 +42,12 @@ def stream_settings(config: SessionConfig, requested: dict) -> dict:
     step = {k: v for k, v in requested.get("ingest", {}).items() if k in STEP_SETTINGS}
     dataclasses.replace(config.ingest, **step)  # validates them now, not at the first chunk
     return step
+
+
+def train_batch(items: Sequence[tuple[Session, dict]]) -> list[ChunkReport | None]:
+    """The next chunk of each (session, step settings): compatible sessions train in one batched step."""
+    sessions, settings = zip(*items, strict=True)
+    return train_sessions(sessions, settings)
 
 
 class DocumentFeed:
@@ -105,9 +112,8 @@ class DocumentFeed:
         yield from self._train_ready()
 
     def _train_ready(self) -> Iterator[ChunkReport]:
-        train = functools.partial(self.session.train_next_chunk, **self.step_settings)
         while self.is_active() and self.session.chunks_ready:
-            report = self.scheduler.run(self.key, train)
+            report = self.scheduler.run_batchable(self.key, train_batch, (self.session, self.step_settings))
             if report is None:
                 return
             self.trained += 1

@@ -49,7 +49,7 @@ class Server:
         if settings.api_keys_file is None and not settings.loopback_only:
             raise SystemExit(f"refusing to serve {settings.host} without --api-keys-file: open mode is loopback only")
         self.settings = settings
-        scheduler = Scheduler(settings.max_queue)
+        scheduler = Scheduler(settings.max_queue, settings.max_batch_sessions)
         metrics = Metrics(lambda: scheduler.depth, lambda: self.state.registry.residency() if self.state.registry else {})
         self.state = ServerState(settings, KeyRing(settings.api_keys_file), scheduler, metrics,
                                  streams=StreamSlots(settings.max_streams_per_user))

@@ -3,14 +3,23 @@
 A unit is a short call (train one chunk, answer one chat). Units of one session run in the order they
 were submitted; sessions take turns unit by unit (round robin), so a long ingest yields the device at
 every chunk boundary and another user's chat waits at most one chunk.
+
+A *batchable* unit (``submit_batchable``) names a function that runs several sessions' units of its
+kind in one call (``ttt.batch.train_sessions``: one forward and backward for many sessions' chunks).
+When such a unit reaches the front, the front units of up to ``max_batch - 1`` other sessions of the
+same kind join it; each of those sessions then goes to the back of the line as if it had had its turn.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from typing import Any, Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+BatchFn = Callable[[Sequence[Any]], Sequence[Any]]  # items -> one result per item, same order
 
 
 class QueueFull(Exception):
@@ -21,10 +30,20 @@ class ShuttingDown(Exception):
     """The scheduler no longer accepts work."""
 
 
+@dataclass(frozen=True)
+class Unit:
+    fn: Callable
+    args: tuple
+    future: Future
+    batch: BatchFn | None = None  # set for batchable units: fn is unused, args[0] is the item
+
+
 class Scheduler:
-    def __init__(self, max_queue: int = 1024):
-        self.max_queue = max_queue
-        self._queues: OrderedDict[Hashable, deque[tuple[Callable, tuple, Future]]] = OrderedDict()
+    def __init__(self, max_queue: int = 1024, max_batch: int = 1):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.max_queue, self.max_batch = max_queue, max_batch
+        self._queues: OrderedDict[Hashable, deque[Unit]] = OrderedDict()
         self._waiting = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -33,7 +52,7 @@ class Scheduler:
 
     @property
     def depth(self) -> int:
-        """Units waiting (not counting the one running)."""
+        """Units waiting (not counting the ones running)."""
         return self._waiting
 
     def waiting(self, key: Hashable) -> bool:
@@ -43,43 +62,71 @@ class Scheduler:
 
     def submit(self, key: Hashable, fn: Callable, *args) -> Future:
         """Queue ``fn(*args)`` behind the session ``key``'s earlier units; returns its Future."""
-        future: Future = Future()
-        with self._cond:
-            if self._closed:
-                raise ShuttingDown("the server is shutting down")
-            if self._waiting >= self.max_queue:
-                raise QueueFull(f"{self._waiting} units are waiting for the device")
-            self._queues.setdefault(key, deque()).append((fn, args, future))
-            self._waiting += 1
-            self._cond.notify()
-        return future
+        return self._queue(key, Unit(fn, args, Future()))
+
+    def submit_batchable(self, key: Hashable, batch: BatchFn, item: Any) -> Future:
+        """Queue ``batch([item, ...])[i]``: may run in one call with other sessions' items for ``batch``."""
+        return self._queue(key, Unit(batch, (item,), Future(), batch))
 
     def run(self, key: Hashable, fn: Callable, *args) -> Any:
         """``submit`` and wait for the result (exceptions are re-raised in the caller's thread)."""
         return self.submit(key, fn, *args).result()
 
-    def _next(self):
+    def run_batchable(self, key: Hashable, batch: BatchFn, item: Any) -> Any:
+        return self.submit_batchable(key, batch, item).result()
+
+    def _queue(self, key: Hashable, unit: Unit) -> Future:
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down")
+            if self._waiting >= self.max_queue:
+                raise QueueFull(f"{self._waiting} units are waiting for the device")
+            self._queues.setdefault(key, deque()).append(unit)
+            self._waiting += 1
+            self._cond.notify()
+        return unit.future
+
+    def _pop_front(self, key: Hashable) -> Unit:
+        """Take ``key``'s front unit and send ``key`` to the back of the line. Call with the lock held."""
+        queue = self._queues.pop(key)
+        unit = queue.popleft()
+        if queue:
+            self._queues[key] = queue
+        self._waiting -= 1
+        return unit
+
+    def _next(self) -> list[Unit] | None:
         with self._cond:
             while not self._queues:
                 if self._closed:
                     return None
                 self._cond.wait()
-            key, queue = self._queues.popitem(last=False)  # the session that waited longest
-            unit = queue.popleft()
-            if queue:
-                self._queues[key] = queue  # its next unit goes to the back of the line
-            self._waiting -= 1
-            return unit
+            first = next(iter(self._queues))  # the session that waited longest
+            units = [self._pop_front(first)]
+            if units[0].batch is not None:
+                for key in list(self._queues):  # the others, in line order
+                    if len(units) == self.max_batch:
+                        break
+                    if key != first and self._queues[key][0].batch is units[0].batch:
+                        units.append(self._pop_front(key))
+            return units
 
     def _run(self) -> None:
-        while (unit := self._next()) is not None:
-            fn, args, future = unit
-            if not future.set_running_or_notify_cancel():
+        while (units := self._next()) is not None:
+            units = [u for u in units if u.future.set_running_or_notify_cancel()]
+            if not units:
                 continue
             try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # delivered to the waiting handler
-                future.set_exception(e)
+                if units[0].batch is None:
+                    results = [units[0].fn(*units[0].args)]
+                else:
+                    results = units[0].batch([u.args[0] for u in units])
+            except BaseException as e:  # delivered to the waiting handlers
+                for u in units:
+                    u.future.set_exception(e)
+                continue
+            for u, result in zip(units, results, strict=True):
+                u.future.set_result(result)
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Refuse new units, finish the queued ones, stop the worker."""

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     max_pieces_per_stream: int = Field(1_000_000, gt=0, description="messages (or HTTP body pieces) in one ingest stream")
     max_streams_per_user: int = Field(8, gt=0, description="ingest streams one user may have open at once")
     max_queue: int = Field(1024, gt=0, description="units of work waiting for the device before requests are refused")
+    max_batch_sessions: int = Field(
+        8, ge=1, description="sessions whose ready chunks may train in one batched step (1: one at a time)"
+    )
 
     # Residency: the least recently used sessions move device -> host memory -> disk (saved first) over these
     # budgets; sessions with an open stream or queued work stay. On a CPU-only server the device is host memory:

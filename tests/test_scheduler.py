@@ -154,3 +154,57 @@ def test_shutdown_finishes_queued_units():
     assert [f.result(0) for f in queued[:6]] == [(k, i) for i in range(3) for k in "ab"]
     assert sorted(order) == sorted((k, i) for i in range(3) for k in "ab")
     assert s.depth == 0
+
+
+def test_batchable_units_of_different_keys_run_in_one_call():
+    s = Scheduler(max_batch=3)
+    calls, started, release = [], threading.Event(), threading.Event()
+
+    def double_all(items):
+        calls.append(list(items))
+        return [2 * x for x in items]
+
+    try:
+        gate = s.submit("gate", blocker(started, release))
+        assert started.wait(TIMEOUT)
+        futures = {
+            (key, i): s.submit_batchable(key, double_all, 10 * n + i) for i in range(2) for n, key in enumerate("ABCD")
+        }
+        plain = s.submit("E", lambda: "plain")
+        release.set()
+        gate.result(TIMEOUT)
+        results = {k: f.result(TIMEOUT) for k, f in futures.items()}
+        assert plain.result(TIMEOUT) == "plain"
+    finally:
+        release.set()
+        s.shutdown(TIMEOUT)
+
+    assert results == {(key, i): 2 * (10 * n + i) for i in range(2) for n, key in enumerate("ABCD")}
+    # At most max_batch items per call, each key's items in order, a key at most once per call, and the
+    # sessions left behind by a full batch lead the next one.
+    assert calls[0] == [0, 10, 20]
+    assert calls[1] == [30, 1, 11]
+    assert calls[2] == [21, 31]
+    assert s.depth == 0
+
+
+def test_a_failing_batch_fails_each_of_its_units_and_the_worker_survives():
+    s = Scheduler(max_batch=4)
+    started, release = threading.Event(), threading.Event()
+
+    def fail(items):
+        raise RuntimeError(f"batch of {len(items)}")
+
+    try:
+        gate = s.submit("gate", blocker(started, release))
+        assert started.wait(TIMEOUT)
+        futures = [s.submit_batchable(key, fail, key) for key in "AB"]
+        release.set()
+        gate.result(TIMEOUT)
+        for f in futures:
+            with pytest.raises(RuntimeError, match="batch of 2"):
+                f.result(TIMEOUT)
+        assert s.run_batchable("A", lambda items: [x + "!" for x in items], "ok") == "ok!"
+    finally:
+        release.set()
+        s.shutdown(TIMEOUT)
