@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
 
     trained = session.stats.tokens_ingested
     prefilled = fits[-1] if fits else 0
-    ingest = {"ttt_tokens_per_s": trained / t_ingest,
+    ingest = {"ttt_tokens_per_s": trained / t_ingest if trained else None,
               "prefill_tokens_per_s": prefilled / t_prefill if prefilled else None}
     shapes = {name: {"kv_cache_bf16": {n: s.kv_bytes(n, 2) for n in LONG_CONTEXTS},
                      "ttt_session_bf16": s.session_bytes(cfg, 2)} for name, s in KNOWN_SHAPES.items()}
@@ -204,10 +204,10 @@ def print_summary(results: dict) -> None:
     meta, ingest = results["meta"], results["ingest"]
     print(f"\n{meta['model']} on {meta['device']} ({meta['dtype']}), {results['settings']['answer_tokens']}-token "
           f"greedy answers")
-    print(f"ingest: TTT {ingest['ttt_tokens_per_s']:.1f} tokens/s, plain prefill "
-          + (f"{ingest['prefill_tokens_per_s']:.1f} tokens/s -> TTT at "
-             f"{_ratio(ingest['ttt_tokens_per_s'], ingest['prefill_tokens_per_s'])} of prefill"
-             if ingest["prefill_tokens_per_s"] else "not measured (no N fits the context)"))
+    ttt_tps, prefill_tps = ingest["ttt_tokens_per_s"], ingest["prefill_tokens_per_s"]
+    print("ingest: TTT " + (f"{ttt_tps:.1f} tokens/s" if ttt_tps else "not measured (no full chunk)")
+          + ", plain prefill " + (f"{prefill_tps:.1f} tokens/s" if prefill_tps else "not measured (no N fits)")
+          + f" -> TTT at {_ratio(ttt_tps, prefill_tps)} of prefill")
     head = (f"{'N':>7s} {'TTFT ttt':>9s} {'prefill':>9s} {'reuse':>9s} {'ttt vs prefill':>15s} {'ttt vs reuse':>13s}"
             f" {'tok/s ttt':>10s} {'prefill':>8s} {'reuse':>8s} {'session MB':>11s} {'KV MB':>9s} {'KV/session':>11s}")
     print(head)

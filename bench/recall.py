@@ -39,7 +39,7 @@ class RecallConfig:
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)  # where facts sit, as a fraction of the document
     facts_per_depth: int = 2  # consecutive facts at each depth (different keys)
     wrong_values: int = 4  # score probe: chance is 1 / (wrong_values + 1)
-    answer_tokens: int = 8  # generate probe: greedy tokens per answer
+    answer_tokens: int = 24  # generate probe: greedy tokens per answer (the model often restates the question first)
     seed: int = 0
 
 
