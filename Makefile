@@ -30,7 +30,7 @@ serve: $(STAMP)
 	$(BIN)/ttt serve
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.ingest
+	$(BIN)/ttt bench
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
