@@ -49,8 +49,9 @@ class Server:
         if settings.api_keys_file is None and not settings.loopback_only:
             raise SystemExit(f"refusing to serve {settings.host} without --api-keys-file: open mode is loopback only")
         self.settings = settings
-        scheduler = Scheduler(settings.max_queue, settings.max_batch_sessions)
-        metrics = Metrics(lambda: scheduler.depth, lambda: self.state.registry.residency() if self.state.registry else {})
+        metrics = Metrics(lambda: scheduler.depth,
+                          lambda: self.state.registry.residency() if self.state.registry else {})
+        scheduler = Scheduler(settings.max_queue, settings.max_batch_sessions, metrics.batch_sessions.observe)
         self.state = ServerState(settings, KeyRing(settings.api_keys_file), scheduler, metrics,
                                  streams=StreamSlots(settings.max_streams_per_user))
         self.keyring = self.state.keyring
@@ -65,7 +66,8 @@ class Server:
                                    busy=self.state.scheduler.waiting)
         self.state.engine, self.state.registry = engine, registry
 
-        options = [("grpc.max_receive_message_length", s.max_message_bytes), ("grpc.max_send_message_length", s.max_message_bytes)]
+        options = [("grpc.max_receive_message_length", s.max_message_bytes),
+                   ("grpc.max_send_message_length", s.max_message_bytes)]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
         ttt_pb2_grpc.add_SessionsServicer_to_server(SessionsService(self.state), self.grpc)
         self.health = health.HealthServicer()

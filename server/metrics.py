@@ -12,6 +12,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 
 TOKENS_PER_SECOND_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class ResidencyCollector:
@@ -34,13 +35,18 @@ class Metrics:
     def __init__(self, queue_depth=lambda: 0, residency=lambda: {}):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("ttt_requests", "Requests by front door, method and status", ["api", "method", "status"], registry=r)
+        self.requests = Counter("ttt_requests", "Requests by front door, method and status",
+                                ["api", "method", "status"], registry=r)
         self.errors = Counter("ttt_errors", "Failed requests by status", ["api", "status"], registry=r)
         self.tokens_ingested = Counter("ttt_tokens_ingested", "Tokens trained on", registry=r)
         self.chunks = Counter("ttt_chunks", "Chunks trained", ["outcome"], registry=r)
         self.tokens_generated = Counter("ttt_tokens_generated", "Completion tokens", registry=r)
-        self.ingest_tps = Histogram("ttt_ingest_tokens_per_second", "Ingest speed per chunk", buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
-        self.decode_tps = Histogram("ttt_decode_tokens_per_second", "Decode speed per answer", buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
+        self.ingest_tps = Histogram("ttt_ingest_tokens_per_second", "Ingest speed per chunk",
+                                    buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
+        self.decode_tps = Histogram("ttt_decode_tokens_per_second", "Decode speed per answer",
+                                    buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
+        self.batch_sessions = Histogram("ttt_batch_sessions", "Sessions whose chunks trained in one device step",
+                                        buckets=BATCH_BUCKETS, registry=r)
         Gauge("ttt_queue_depth", "Units of work waiting for the device", registry=r).set_function(queue_depth)
         self.moves = Counter("ttt_session_moves", "Sessions moved between residency tiers", ["source", "target"],
                              registry=r)

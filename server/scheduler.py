@@ -39,10 +39,11 @@ class Unit:
 
 
 class Scheduler:
-    def __init__(self, max_queue: int = 1024, max_batch: int = 1):
+    def __init__(self, max_queue: int = 1024, max_batch: int = 1, on_batch: Callable[[int], None] = lambda n: None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.max_queue, self.max_batch = max_queue, max_batch
+        self.on_batch = on_batch  # told the number of units in each batchable call (metrics)
         self._queues: OrderedDict[Hashable, deque[Unit]] = OrderedDict()
         self._waiting = 0
         self._cond = threading.Condition()
@@ -120,6 +121,7 @@ class Scheduler:
                 if units[0].batch is None:
                     results = [units[0].fn(*units[0].args)]
                 else:
+                    self.on_batch(len(units))
                     results = units[0].batch([u.args[0] for u in units])
             except BaseException as e:  # delivered to the waiting handlers
                 for u in units:

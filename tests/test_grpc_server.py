@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from server.auth import hash_key
+from server.documents import DocumentFeed
 from server.main import Server
 from server.proto.ttt.v1 import ttt_pb2 as pb
 from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
@@ -626,3 +627,53 @@ def test_per_stream_step_settings(client):
     client.fails(Code.INVALID_ARGUMENT, client.ingest, start("knobs", settings=fixed), [text], match="only be set when the session is created")
     bad = pb.SessionSettings(ingest=pb.IngestSettings(lr=-1.0))
     client.fails(Code.INVALID_ARGUMENT, client.ingest, start("knobs", settings=bad), [text], match="lr")
+
+
+def test_documents_waiting_together_train_in_one_batch(open_server):
+    """Chunks of several sessions queued at once train in one batched step, with the weights each would get alone.
+
+    Three documents feed their sessions (the path both front doors share) while the device is held busy, so
+    that their chunks are all waiting when it frees up.
+    """
+    server = open_server[0]
+    state = server.state
+    ids = {f"batch{i}": [100 + 7 * i + j for j in range(CHUNK)] for i in range(3)}  # one full chunk each
+    sessions = {sid: state.scheduler.run(("local", sid), state.registry.create, "local", sid) for sid in ids}
+
+    def batches() -> tuple[float, float]:
+        return tuple(state.metrics.registry.get_sample_value(f"ttt_batch_sessions_{s}") or 0.0 for s in ("count", "sum"))
+
+    before = batches()
+    started, release = threading.Event(), threading.Event()
+    gate = state.scheduler.submit(("test", "gate"), lambda: started.set() or release.wait(TIMEOUT))
+    assert started.wait(TIMEOUT)
+    reports = {}
+
+    def feed(sid):
+        document = DocumentFeed(sessions[sid], "local", state.scheduler, state.registry,
+                                max_tokens=10**6, max_pieces=10, autosave_every=10**6)
+        reports[sid] = list(document.add(ids[sid]))
+
+    feeders = [threading.Thread(target=feed, args=(sid,)) for sid in ids]
+    for t in feeders:
+        t.start()
+    for _ in range(int(TIMEOUT * 100)):
+        if state.scheduler.depth == len(ids):
+            break
+        threading.Event().wait(0.01)
+    release.set()
+    gate.result(TIMEOUT)
+    for t in feeders:
+        t.join(STREAM_TIMEOUT)
+
+    count, total = batches()
+    assert (count - before[0], total - before[1]) == (1, len(ids))  # one step for the three sessions
+    for sid, tokens in ids.items():
+        [report] = reports[sid]
+        alone = state.engine.create_session(sessions[sid].config)
+        alone.append_tokens(tokens)
+        expected = alone.train_next_chunk()
+        assert report.loss_before == pytest.approx(expected.loss_before, rel=1e-5)
+        assert report.loss_after == pytest.approx(expected.loss_after, rel=1e-5)
+        for (name, p), q in zip(sessions[sid].fast.named_parameters(), alone.fast.parameters(), strict=True):
+            assert (p - q).abs().max() < 1e-5, name

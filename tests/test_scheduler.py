@@ -157,7 +157,8 @@ def test_shutdown_finishes_queued_units():
 
 
 def test_batchable_units_of_different_keys_run_in_one_call():
-    s = Scheduler(max_batch=3)
+    sizes = []
+    s = Scheduler(max_batch=3, on_batch=sizes.append)
     calls, started, release = [], threading.Event(), threading.Event()
 
     def double_all(items):
@@ -185,6 +186,7 @@ def test_batchable_units_of_different_keys_run_in_one_call():
     assert calls[0] == [0, 10, 20]
     assert calls[1] == [30, 1, 11]
     assert calls[2] == [21, 31]
+    assert sizes == [3, 3, 2]
     assert s.depth == 0
 
 
