@@ -188,7 +188,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """The torch reference: the same per-token losses, ``chunk_rows`` tokens' logits at a time.
 
     Logits are ``h @ W.T`` in the inputs' dtype cast to fp32, exactly as ``Transformer.logits``, so that
-    in fp32 this matches the materialised path to rounding. Backward recomputes each chunk's logits.
+    in fp32 this matches the materialised path to rounding. Backward recomputes each chunk's logits,
+    except when only ``h`` needs a gradient (the frozen LM head of ingest): then forward, while a chunk's
+    softmax is at hand, keeps ``(softmax - onehot) @ W`` per token ([N, D], like h) and backward only
+    scales it, which saves a [N, V] x [V, D] matmul and the logits' recomputation (a third of the work).
     """
 
     @staticmethod
@@ -197,17 +200,31 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         safe_targets = torch.where(valid, targets, 0)  # any index: ignored rows are zeroed
         lse = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
         target_logit = torch.empty_like(lse)
+        early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]  # dh now, no dW: see the docstring
+        dh_unscaled = torch.empty_like(h) if early else None
         for rows in _chunks(h.shape[0], chunk_rows):
             logits = (h[rows] @ weight.T).float()  # [rows, V]
             target_logit[rows] = logits.gather(1, safe_targets[rows, None])[:, 0]
             m = logits.amax(dim=-1)  # log-sum-exp in place: no second [rows, V] buffer
-            lse[rows] = logits.sub_(m[:, None]).exp_().sum(dim=-1).log_().add_(m)
-        ctx.save_for_backward(h, weight, safe_targets, lse, valid)
-        ctx.chunk_rows = chunk_rows
+            total = logits.sub_(m[:, None]).exp_().sum(dim=-1)
+            lse[rows] = total.log().add_(m)
+            if early:
+                softmax = logits.div_(total[:, None])
+                softmax.scatter_add_(1, safe_targets[rows, None], torch.full_like(total[:, None], -1.0))
+                dh_unscaled[rows] = softmax.to(h.dtype) @ weight
+        if early:
+            ctx.save_for_backward(dh_unscaled, valid)
+        else:
+            ctx.save_for_backward(h, weight, safe_targets, lse, valid)
+        ctx.chunk_rows, ctx.early = chunk_rows, early
         return torch.where(valid, lse - target_logit, 0.0)
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.early:
+            dh_unscaled, valid = ctx.saved_tensors
+            grad = torch.where(valid, grad_loss, 0.0).float()
+            return (dh_unscaled.float() * grad[:, None]).to(dh_unscaled.dtype), None, None, None, None
         h, weight, targets, lse, valid = ctx.saved_tensors
         grad = torch.where(valid, grad_loss, 0.0).float()
         dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
