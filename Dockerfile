@@ -47,13 +47,14 @@ ENV VIRTUAL_ENV=/opt/venv \
 RUN python3 -m venv "$VIRTUAL_ENV" \
     && pip install "torch==${TORCH_VERSION}"
 
-# The project's dependencies and its `convert` extra (gguf, accelerate: reading the default model's
-# GGUF file), read from pyproject.toml so there is no second list to keep in sync, and installed
+# The project's dependencies and its `convert` (gguf, accelerate: reading the default model's GGUF
+# file), `gpu` (triton: the kernels) and `bench` (matplotlib: `ttt eval`/`ttt bench` figures) extras,
+# read from pyproject.toml so there is no second list to keep in sync, and installed
 # before the source is copied so code edits do not reinstall them. torch is restated so the
 # resolver cannot swap the CUDA build for another version.
 WORKDIR /src
 COPY pyproject.toml ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['convert']))" > /tmp/requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = p['optional-dependencies']; print('\n'.join(p['dependencies'] + extras['convert'] + extras['gpu'] + extras['bench']))" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt "torch==${TORCH_VERSION}" \
     && rm /tmp/requirements.txt
 
