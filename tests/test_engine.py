@@ -496,6 +496,40 @@ def test_session_window_is_part_of_prompt_and_weights_unchanged(engine):
     assert s.recent_tokens()[-3:] == [7, 8, 9]
 
 
+def test_answers_reuse_the_windows_keys_and_values_until_the_session_changes(engine, monkeypatch):
+    s = make_session(engine)
+    s.append_tokens(PATTERN[:40])
+    train_all(s)
+    prompt_tokens = len(chat_prompt(engine.base.tokenizer, MSGS))
+    prefilled = []  # tokens each answer's first forward runs over
+    forward = type(engine.base.model).forward
+
+    def spy(model, tokens, adapters=None, cache=None):
+        if cache is not None and tokens.shape[1] > 1:
+            prefilled.append(tokens.shape[1])
+        return forward(model, tokens, adapters, cache)
+
+    monkeypatch.setattr(type(engine.base.model), "forward", spy)
+    params = ttt.SamplingParams(max_tokens=6)
+    # The same answer as prefilling window + prompt in one forward (no cache): same weights, same tokens.
+    expect = engine.answer(MSGS, params, s.fast, s.recent_tokens(), stream=False)
+    first = s.generate(MSGS, max_tokens=6)
+    cached = s._answer_prefix[1]
+    again = s.generate(MSGS, max_tokens=6, stream=True)
+    assert "".join(again) == first.text == expect.text
+    assert again.prompt_tokens == first.prompt_tokens == len(s.window) + prompt_tokens
+    assert prefilled == [len(s.window) + prompt_tokens, prompt_tokens, prompt_tokens]  # window + prompt once
+    assert s._answer_prefix[1] is cached and s.resident_bytes() > cached.num_bytes() > 0
+
+    s.append_tokens(PATTERN[40:60])  # a change (pending tokens join the window): a new prefix
+    train_all(s)
+    changed = s.generate(MSGS, max_tokens=6)
+    assert s._answer_prefix[1] is not cached and s._answer_prefix[1].tokens == s.recent_tokens()
+    assert changed.text == engine.answer(MSGS, params, s.fast, s.recent_tokens(), stream=False).text
+    s.to("cpu")  # a move drops the cache (it is rebuilt where the session is)
+    assert s._answer_prefix is None
+
+
 @pytest.mark.parametrize("messages", [
     [], [{"role": "robot", "content": "hi"}], [{"role": "user", "content": 3}], [{"content": "hi"}],
     [{"role": "user"}],

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from .config import SessionConfig
-from .generate import SamplingParams, TokenStream, chat_prompt, stop_token_ids
+from .generate import PrefixCache, SamplingParams, TokenStream, chat_prompt, stop_token_ids
 from .model import BaseModel, load_base_model
 from .session import Generation, Session
 
@@ -73,10 +73,12 @@ class Engine:
             )
         return (list(window[-room:]) if room else []) + prompt
 
-    def answer(self, messages, params: SamplingParams, fast, window: list[int], stream: bool):
-        """The shared decoding path: ``window`` tokens, then the chat prompt, then sampled tokens."""
+    def answer(self, messages, params: SamplingParams, fast, window: list[int], stream: bool,
+               prefix: PrefixCache | None = None):
+        """The shared decoding path: ``window`` tokens (their keys/values from ``prefix`` when it holds
+        them), then the chat prompt, then sampled tokens."""
         prompt = self.prompt(messages, params, window)
-        ts = TokenStream(self.base.model, fast, self.base.tokenizer, prompt, params, self._stop_ids)
+        ts = TokenStream(self.base.model, fast, self.base.tokenizer, prompt, params, self._stop_ids, prefix)
         if stream:
             return ts
         text = "".join(ts)

@@ -13,6 +13,32 @@ from .model import KVCache, Transformer
 
 
 @dataclass
+class PrefixCache:
+    """Rotated keys and values of the tokens a session's answers start with (its window).
+
+    Computed once per state of the session, so that a chat prefills only its own prompt: the time to first
+    token stops depending on the window (and never depended on the document).
+    """
+
+    tokens: list[int]
+    k: list[torch.Tensor]  # per layer [1, kv_heads, P, head_dim]
+    v: list[torch.Tensor]
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: Transformer, fast: FastWeights | None, tokens: list[int]) -> PrefixCache:
+        weight = model.embed_tokens.weight
+        cache = KVCache(model.cfg, 1, len(tokens), weight.device, weight.dtype)
+        adapters = fast.adapters() if fast is not None else None
+        model.run_layers(model.embed(torch.tensor([tokens], device=weight.device)), 0, model.cfg.num_layers,
+                         adapters, cache)  # no LM head: only the keys and values are wanted
+        return cls(list(tokens), cache.k, cache.v)
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+@dataclass
 class SamplingParams:
     max_tokens: int = 256
     temperature: float = 0.0  # 0 means greedy
@@ -66,9 +92,12 @@ class TokenStream:
     """
 
     def __init__(self, model: Transformer, fast: FastWeights | None, tokenizer, prompt: list[int],
-                 params: SamplingParams, stop_ids: set[int]):
+                 params: SamplingParams, stop_ids: set[int], prefix: PrefixCache | None = None):
         self.model, self.fast, self.tokenizer = model, fast, tokenizer
         self.prompt, self.params, self.stop_ids = prompt, params, stop_ids
+        # Reused only when the prompt really starts with its tokens (the window may have been cut to fit).
+        fits = prefix is not None and len(prefix.tokens) < len(prompt) and prompt[: len(prefix.tokens)] == prefix.tokens
+        self.prefix = prefix if fits else None
         self.prompt_tokens = len(prompt)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
@@ -98,8 +127,13 @@ class TokenStream:
         device = model.embed_tokens.weight.device
         gen = torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
         cache = KVCache(model.cfg, 1, len(self.prompt) + p.max_tokens, device, model.embed_tokens.weight.dtype)
+        if self.prefix is not None:
+            cache.length = len(self.prefix.tokens)
+            for layer, (k, v) in enumerate(zip(self.prefix.k, self.prefix.v, strict=True)):
+                cache.k[layer][:, :, : cache.length] = k
+                cache.v[layer][:, :, : cache.length] = v
         adapters = self.fast.adapters() if self.fast is not None else None
-        logits = model(torch.tensor([self.prompt], device=device), adapters, cache)[0, -1]
+        logits = model(torch.tensor([self.prompt[cache.length :]], device=device), adapters, cache)[0, -1]
         out: list[int] = []
         shown = 0
         while True:

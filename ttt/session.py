@@ -20,7 +20,7 @@ import torch
 from .batch import ChunkItem, train_chunks
 from .config import SessionConfig
 from .fast_weights import build_fast_weights
-from .generate import SamplingParams, TokenStream
+from .generate import PrefixCache, SamplingParams, TokenStream
 from .ingest import ChunkReport, forward_hidden, make_optimizer, next_token_nll
 from .model import RollingContext
 from .tokenize import IncrementalTokenizer
@@ -75,6 +75,7 @@ class Session:
             self.optimizer = make_optimizer(self.fast.parameters(), self.config.ingest)
             self.window: list[int] = []  # the most recent trained tokens, at most context_tokens (>= 1)
             self._rolling: RollingContext | None = None  # their keys/values; transient, rebuilt from window
+            self._answer_prefix: tuple[int, PrefixCache] | None = None  # (version, window's K/V for answers)
             self.pending: list[int] = []  # tokens received but not yet trained on
             self.text_stream.reset()
             self.document_ended = True  # pending tokens may be trained as a partial chunk
@@ -222,7 +223,17 @@ class Session:
             # A snapshot (a few MB): the answer stays consistent even if an ingest runs meanwhile.
             fast = copy.deepcopy(self.fast).requires_grad_(False)
             window = self.recent_tokens()
-        return self.engine.answer(messages, params, fast, window, stream)
+            prefix = self._window_prefix(window)
+        return self.engine.answer(messages, params, fast, window, stream, prefix)
+
+    def _window_prefix(self, window: list[int]) -> PrefixCache | None:
+        """The window's keys/values under the current weights: computed at the first answer after a change,
+        then reused by every answer until the next change (``version``). Call with the lock held."""
+        if not window:
+            return None
+        if self._answer_prefix is None or self._answer_prefix[0] != self.version:
+            self._answer_prefix = self.version, PrefixCache.build(self.engine.base.model, self.fast, window)
+        return self._answer_prefix[1]
 
     @torch.no_grad()
     def score(self, text: str) -> float:
@@ -266,6 +277,7 @@ class Session:
                 r = self._rolling
                 r.k = [None if t is None else t.to(device) for t in r.k]
                 r.v = [None if t is None else t.to(device) for t in r.v]
+            self._answer_prefix = None  # a cache: the next answer rebuilds it where the session is
         return self
 
     @property
@@ -280,6 +292,8 @@ class Session:
                 tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
             if self._rolling is not None:
                 tensors += [t for t in (*self._rolling.k, *self._rolling.v) if t is not None]
+            if self._answer_prefix is not None:
+                tensors += [*self._answer_prefix[1].k, *self._answer_prefix[1].v]
             return sum(t.numel() * t.element_size() for t in tensors)
 
     # ---- persistence --------------------------------------------------------------------------
