@@ -1,7 +1,9 @@
 """gRPC handlers: authenticate, validate, hand model work to the scheduler, stream progress.
 
-Where a chunk of text goes: ``Ingest`` -> ``Session.append_text`` (tokenize, no device) ->
-``scheduler.run(key, session.train_next_chunk)`` -> ``ttt.ingest.train_chunk`` (score, step) on the worker.
+Where a chunk of text goes: ``Ingest`` -> ``DocumentFeed.add`` (server/documents.py) ->
+``Session.append_text`` (tokenize, no device) -> ``scheduler.run_batchable(key, train_batch, ...)`` ->
+``ttt.batch.train_sessions`` -> ``ttt.ingest.train_chunk`` (score, step) on the worker, or one batched
+step with other sessions' chunks waiting at the same time (``ttt.batch.train_chunks``).
 """
 
 from __future__ import annotations
