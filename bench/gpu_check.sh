@@ -17,7 +17,8 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 { nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
     2>&1 | tee "$OUT/machine.txt"
 # bf16 / CUDA variants (skipped on CPU machines), then every kernel test with Triton compiled.
-python3 -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/pytest_gpu.log"
+python3 -m pytest -q -m gpu tests/test_kernels_cross_entropy.py tests/test_kernels_multi_lora.py tests/test_kernels_attention.py \
+    tests/test_store.py 2>&1 | tee "$OUT/pytest_gpu.log"
 TTT_KERNELS=triton python3 -m pytest -q tests/test_kernels_cross_entropy.py tests/test_kernels_multi_lora.py \
     tests/test_kernels_attention.py tests/test_ingest_paths.py tests/test_batch.py 2>&1 | tee "$OUT/pytest_triton.log"
 python3 -m bench.kernels --device cuda --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"

@@ -116,6 +116,7 @@ def test_bad_arguments():
         fused(h, w.double(), t, "mean")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="needs CUDA and triton")
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_triton_bf16_cuda(reduction, monkeypatch):
