@@ -33,29 +33,29 @@ def _band(ax, x, mean, sem, **kw):
 
 def nll_figures(out: Path, positions: list[int], nll: dict[str, dict], gain: dict[str, dict], title: str) -> list[Path]:
     """``nll_vs_position.png`` (a, b, c) and ``gain.png`` (how much lower b and c are than a)."""
-    plt = _pyplot()
-    paths = [out / "nll_vs_position.png", out / "gain.png"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, s in nll.items():
-        _band(ax, positions, s["mean"], s["sem"], label=LABELS[name])
-    ax.set(xlabel="chunk end (tokens into the document)", ylabel="NLL before training on the chunk (nats/token)",
-           title=title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
+    return [
+        _curves(out / "nll_vs_position.png", positions, {LABELS[n]: s for n, s in nll.items()},
+                "NLL before training on the chunk (nats/token)", title),
+        _curves(out / "gain.png", positions, {f"{LABELS[n]} vs (a)": s for n, s in gain.items()},
+                "NLL gain over window only (nats/token)", title, zero_line=True),
+    ]
 
+
+def _curves(path: Path, positions: list[int], series: dict[str, dict], ylabel: str, title: str,
+            zero_line: bool = False) -> Path:
+    """One figure of mean curves with standard-error bands against chunk position."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, s in gain.items():
-        _band(ax, positions, s["mean"], s["sem"], label=f"{LABELS[name]} vs (a)")
-    ax.axhline(0, color="gray", linewidth=0.8)
-    ax.set(xlabel="chunk end (tokens into the document)", ylabel="NLL gain over window only (nats/token)",
-           title=title)
+    for label, s in series.items():
+        _band(ax, positions, s["mean"], s["sem"], label=label)
+    if zero_line:
+        ax.axhline(0, color="gray", linewidth=0.8)
+    ax.set(xlabel="chunk end (tokens into the document)", ylabel=ylabel, title=title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(paths[1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return paths
+    return path
 
 
 def recall_heatmap(out: Path, accuracy: dict, lengths: list[int], depths: list[float], chance: float) -> Path:

@@ -32,10 +32,10 @@ class ShuttingDown(Exception):
 
 @dataclass(frozen=True)
 class Unit:
-    fn: Callable
-    args: tuple
+    fn: Callable  # a BatchFn when batchable, called with the items of every unit in its batch
+    args: tuple  # batchable: (item,)
     future: Future
-    batch: BatchFn | None = None  # set for batchable units: fn is unused, args[0] is the item
+    batchable: bool = False
 
 
 class Scheduler:
@@ -67,7 +67,7 @@ class Scheduler:
 
     def submit_batchable(self, key: Hashable, batch: BatchFn, item: Any) -> Future:
         """Queue ``batch([item, ...])[i]``: may run in one call with other sessions' items for ``batch``."""
-        return self._queue(key, Unit(batch, (item,), Future(), batch))
+        return self._queue(key, Unit(batch, (item,), Future(), batchable=True))
 
     def run(self, key: Hashable, fn: Callable, *args) -> Any:
         """``submit`` and wait for the result (exceptions are re-raised in the caller's thread)."""
@@ -104,11 +104,12 @@ class Scheduler:
                 self._cond.wait()
             first = next(iter(self._queues))  # the session that waited longest
             units = [self._pop_front(first)]
-            if units[0].batch is not None:
+            if units[0].batchable:
                 for key in list(self._queues):  # the others, in line order
                     if len(units) == self.max_batch:
                         break
-                    if key != first and self._queues[key][0].batch is units[0].batch:
+                    front = self._queues[key][0]
+                    if key != first and front.batchable and front.fn is units[0].fn:
                         units.append(self._pop_front(key))
             return units
 
@@ -118,11 +119,11 @@ class Scheduler:
             if not units:
                 continue
             try:
-                if units[0].batch is None:
-                    results = [units[0].fn(*units[0].args)]
-                else:
+                if units[0].batchable:
                     self.on_batch(len(units))
-                    results = units[0].batch([u.args[0] for u in units])
+                    results = units[0].fn([u.args[0] for u in units])
+                else:
+                    results = [units[0].fn(*units[0].args)]
             except BaseException as e:  # delivered to the waiting handlers
                 for u in units:
                     u.future.set_exception(e)
