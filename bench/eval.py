@@ -8,8 +8,10 @@
    (a) the base model with only the recent window, (b) TTT: a session's fast weights plus the same window,
    (c) full attention over the whole prefix (as far as the model's context, or ``--full-context``, allows).
    Several seeds or documents give error bars (standard error of the mean over runs).
-2. Recall probe (bench/recall.py): facts planted at several depths of documents of several lengths, asked
-   back by likelihood (right vs wrong values) and by a greedy chat answer, under (a), (b) and (c).
+2. Recall probe: needles planted at several depths (fractions of the document, 0.9 near its start) of documents
+   of several lengths, asked back by likelihood (right vs wrong values) and by a greedy chat answer, under
+   (a), (b) and (c): the needle task of ``ttt recall`` (bench/recall_cli.py), which also has multi-fact stories
+   and book questions, more memories and the presets; ``--recall-only`` skips the NLL curves.
 
 Writes DIR/results.json (every point, the settings, the model, the git revision), nll_vs_position.png,
 gain.png, recall.png, and prints a summary table.
@@ -29,11 +31,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 import ttt
+from ttt.config import PRESETS
 
 from .common import DEFAULT_DOC, document_tokens, run_metadata, write_json
 from .nll import full_nll, ttt_nll, window_nll
 from .plots import nll_figures, recall_heatmap
-from .recall import MEMORIES, PROBES, RecallConfig, accuracy, run_recall
+from .recall import PROBES, accuracy
+from .recall_cli import needle_documents, probe_documents
+
+RECALL_MEMORIES = ("window", "ttt", "full")
 
 
 def mean_sem(values: list[float]) -> tuple[float, float | None]:
@@ -55,8 +61,9 @@ def line_offset(text: str, seed: int, chars_needed: int) -> int:
     return text.find("\n", off) + 1 if off else 0
 
 
-def session_config(args, seed: int) -> ttt.SessionConfig:
-    cfg = ttt.SessionConfig.from_dict(json.loads(args.session_config))
+def session_config(args, seed: int, preset: str | None = None) -> ttt.SessionConfig:
+    given = json.loads(args.session_config)
+    cfg = ttt.SessionConfig.from_dict({**given, "memory": preset} if preset else given)
     cfg.ingest.chunk_tokens, cfg.ingest.context_tokens = args.chunk_tokens, args.context_tokens
     cfg.ingest.measure_loss_after = False  # not part of the score; one forward less per chunk
     cfg.fast.seed = seed
@@ -80,14 +87,23 @@ def parse_args(argv):
     ap.add_argument("--skip", type=int, default=2, help="warm-up chunks left out of the summary means")
     ap.add_argument("--session-config", default="{}", metavar="JSON",
                     help='partial session config for (b), e.g. \'{"ingest": {"lr": 1e-3}}\'')
-    ap.add_argument("--recall-lengths", type=int, nargs="+", default=list(RecallConfig.lengths), metavar="N")
-    ap.add_argument("--recall-depths", type=float, nargs="+", default=list(RecallConfig.depths), metavar="F")
-    ap.add_argument("--facts-per-depth", type=int, default=RecallConfig.facts_per_depth)
-    ap.add_argument("--wrong-values", type=int, default=RecallConfig.wrong_values)
+    ap.add_argument("--presets", nargs="*", default=[], choices=list(PRESETS),
+                    help="(b) once per memory preset (over --session-config), e.g. --presets off fast balanced deep")
+    ap.add_argument("--recall-lengths", type=int, nargs="+", default=[1024, 2048], metavar="N")
+    ap.add_argument("--recall-depths", type=float, nargs="+", default=[0.9, 0.5, 0.1], metavar="F",
+                    help="needle depths: the share of the document after the needle (0.9: near its start)")
+    ap.add_argument("--facts-per-depth", type=int, default=2)
+    ap.add_argument("--wrong-values", type=int, default=5, help="likelihood probe: wrong answers per needle")
+    ap.add_argument("--answer-tokens", type=int, default=24, help="greedy tokens per chat answer")
     ap.add_argument("--no-recall", action="store_true")
+    ap.add_argument("--recall-only", action="store_true", help="only the recall probe, no NLL curves")
     args = ap.parse_args(argv)
     if args.chunks < 1 or args.seeds < 1 or not 0 <= args.skip < args.chunks:
         ap.error("--chunks and --seeds must be >= 1, --skip in [0, --chunks)")
+    if args.recall_only and args.no_recall:
+        ap.error("--recall-only and --no-recall exclude each other")
+    if not all(0 < d < 1 for d in args.recall_depths):
+        ap.error("--recall-depths are fractions of the document in (0, 1)")
     return args
 
 
@@ -96,17 +112,15 @@ def main(argv=None) -> dict:
     engine = ttt.load_engine(args.model, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     n_tokens = args.chunks * args.chunk_tokens
-    methods = ["window", "ttt"] + ([] if args.no_full else ["full"])
-    recall_cfgs = [RecallConfig(tuple(args.recall_lengths), tuple(args.recall_depths), args.facts_per_depth,
-                                args.wrong_values, seed=seed) for seed in range(args.seeds)]
+    sessions = {f"ttt/{p}": p for p in args.presets} if args.presets else {"ttt": None}  # NLL method -> preset
+    methods = [] if args.recall_only else ["window", *sessions] + ([] if args.no_full else ["full"])
     n_facts = len(args.recall_depths) * args.facts_per_depth * len(args.recall_lengths)
-    recall_steps = sum(-(-n // args.chunk_tokens) for n in args.recall_lengths) + n_facts
     total = len(args.docs) * args.seeds * args.chunks * len(methods)
-    total += 0 if args.no_recall else args.seeds * recall_steps
+    total += 0 if args.no_recall else args.seeds * n_facts * len(RECALL_MEMORIES)
     bar = tqdm(total=total, desc="eval", unit="step", file=sys.stderr, dynamic_ncols=True)
 
     runs, seconds = [], dict.fromkeys(methods + ["recall"], 0.0)
-    texts = {doc: doc.read_text(encoding="utf-8") for doc in args.docs}
+    texts = {doc: doc.read_text(encoding="utf-8") for doc in args.docs} if methods else {}
     for doc, text in texts.items():
         for seed in range(args.seeds):
             offset = line_offset(text, seed, 6 * n_tokens)  # ~4-5 characters per token in English prose
@@ -114,8 +128,9 @@ def main(argv=None) -> dict:
             scorers = {
                 "window": lambda ids=ids: window_nll(engine, ids, args.chunk_tokens, args.context_tokens,
                                                      ttt.IngestConfig().sink_tokens),
-                "ttt": lambda ids=ids, seed=seed: ttt_nll(engine, ids, session_config(args, seed)),
                 "full": lambda ids=ids: full_nll(engine, ids, args.chunk_tokens, args.full_context),
+                **{m: lambda ids=ids, seed=seed, p=p: ttt_nll(engine, ids, session_config(args, seed, p))
+                   for m, p in sessions.items()},
             }
             run = {"doc": doc.name, "seed": seed, "char_offset": offset, "nll": {}}
             for name in methods:
@@ -130,24 +145,28 @@ def main(argv=None) -> dict:
 
     records = []
     if not args.no_recall:
-        doc, text = next(iter(texts.items()))
-        for cfg in recall_cfgs:
-            bar.set_postfix_str(f"recall seed {cfg.seed}")
-            t = time.perf_counter()
-            filler_offset = line_offset(text, 1000 + cfg.seed, 6 * max(cfg.lengths))
-            filler = document_tokens(engine, doc, max(cfg.lengths), filler_offset)
-            for record in run_recall(engine, filler, cfg, session_config(args, cfg.seed), bar.update):
-                records.append({"seed": cfg.seed, **record})
-            seconds["recall"] += time.perf_counter() - t
+        t = time.perf_counter()
+        docs = needle_documents(engine, args.recall_lengths, args.recall_depths, args.facts_per_depth, 0,
+                                args.seeds, args.wrong_values)
+        for seed in range(args.seeds):
+            bar.set_postfix_str(f"recall seed {seed}")
+            mine = [d for d in docs if d[0]["seed"] == seed]
+            recs, _ = probe_documents(engine, mine, {"session": session_config(args, seed)}, RECALL_MEMORIES,
+                                      args.answer_tokens, bar.update)
+            records += [{k.removesuffix("/session"): v for k, v in r.items()} for r in recs]
+        seconds["recall"] = time.perf_counter() - t
     bar.close()
 
     results = summarize(args, engine, runs, methods, records, seconds)
     write_json(args.out / "results.json", results)
-    pngs = nll_figures(args.out, results["positions"], results["nll"], results["gain"],
-                       f"{engine.base.name}, {len(runs)} run(s) of {n_tokens} tokens")
+    pngs = [] if not runs else nll_figures(args.out, results["positions"], results["nll"], results["gain"],
+                                           f"{engine.base.name}, {len(runs)} run(s) of {n_tokens} tokens")
     if records:
-        pngs.append(recall_heatmap(args.out, results["recall"]["accuracy"], args.recall_lengths, args.recall_depths,
-                                   results["recall"]["chance_score"]))
+        r = results["recall"]
+        grids = {f"{m}: {p}": r["accuracy"][m][p] for p in PROBES for m in RECALL_MEMORIES}
+        pngs.append(recall_heatmap(args.out / "recall.png", grids, args.recall_lengths, [
+            round(d * max(args.recall_lengths)) for d in args.recall_depths],
+            f"needles recalled (likelihood chance {r['chance_score']:.2f}); rows: share of the document after them"))
     print_summary(results)
     print(f"wrote {args.out / 'results.json'}, {', '.join(p.name for p in pngs)}")
     return results
@@ -162,7 +181,9 @@ def summarize(args, engine, runs, methods, records, seconds) -> dict:
              for m in methods if m != "window"}
     summary = {m: mean_sem([statistics.fmean(r[skip:]) for r in per_method[m]])[0] for m in methods}
     if "full" in summary and summary["window"] != summary["full"]:
-        summary["gap_recovered"] = (summary["window"] - summary["ttt"]) / (summary["window"] - summary["full"])
+        gap = summary["window"] - summary["full"]
+        summary |= {f"gap_recovered{m.removeprefix('ttt')}": (summary["window"] - summary[m]) / gap
+                    for m in methods if m.startswith("ttt")}
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("docs", "out")}
     settings["docs"] = [str(d) for d in args.docs]
     results = {
@@ -181,13 +202,22 @@ def summarize(args, engine, runs, methods, records, seconds) -> dict:
             "lengths": args.recall_lengths,
             "depths": args.recall_depths,
             "chance_score": 1 / (args.wrong_values + 1),
-            "accuracy": accuracy(records, args.recall_lengths, args.recall_depths),
+            # accuracy[memory][probe][depth index][length index]; None where no needle was asked
+            "accuracy": {m: {p: [[accuracy(records, m, p, length=n, depth=round(d * n)) for n in args.recall_lengths]
+                                 for d in args.recall_depths] for p in PROBES} for m in RECALL_MEMORIES},
             "records": records,
         }
     return results
 
 
 def print_summary(results: dict) -> None:
+    if results["nll"]:
+        print_nll(results)
+    if "recall" in results:
+        print_recall(results["recall"])
+
+
+def print_nll(results: dict) -> None:
     nll, gain = results["nll"], results["gain"]
     methods = list(nll)
 
@@ -196,23 +226,27 @@ def print_summary(results: dict) -> None:
 
     print(f"\n{results['meta']['model']} on {results['meta']['device']}: NLL (nats/token) of each chunk, "
           f"scored before training on it")
-    print(f"{'tokens':>8s}" + "".join(f"{m:>16s}" for m in methods) + f"{'gain of ttt':>16s}")
+    ttts = [m for m in methods if m.startswith("ttt")]
+    print(f"{'tokens':>8s}" + "".join(f"{m:>16s}" for m in methods) + "".join(f"{'gain ' + m:>18s}" for m in ttts))
     for i, pos in enumerate(results["positions"]):
-        print(f"{pos:8d}" + "".join(f"{cell(nll[m], i):>16s}" for m in methods) + f"{cell(gain['ttt'], i):>16s}")
+        print(f"{pos:8d}" + "".join(f"{cell(nll[m], i):>16s}" for m in methods)
+              + "".join(f"{cell(gain[m], i):>18s}" for m in ttts))
     s = results["summary"]
-    gap = f"; TTT recovers {100 * s['gap_recovered']:.0f}% of the window-to-full gap" if "gap_recovered" in s else ""
-    print(f"mean of chunks {s['chunks']}: " + ", ".join(f"{m} {s[m]:.4f}" for m in methods) + gap)
-    if "recall" not in results:
-        return
-    r = results["recall"]
-    print(f"\nrecall accuracy by fact depth (rows) and document tokens (columns), {len(r['records'])} facts; "
-          f"score-probe chance {r['chance_score']:.2f}")
+    gaps = [f"{m} recovers {100 * s['gap_recovered' + m.removeprefix('ttt')]:.0f}%" for m in ttts
+            if "gap_recovered" + m.removeprefix("ttt") in s]
+    print(f"mean of chunks {s['chunks']}: " + ", ".join(f"{m} {s[m]:.4f}" for m in methods)
+          + (f"; of the window-to-full gap, {', '.join(gaps)}" if gaps else ""))
+
+
+def print_recall(r: dict) -> None:
+    print(f"\nrecall accuracy by share of the document after the needle (rows) and document tokens (columns), "
+          f"{len(r['records'])} needles; likelihood chance {r['chance_score']:.2f}")
     width = 7 * len(r["lengths"])
     for probe in PROBES:
-        print(f"{probe + ' probe':>16s}" + "".join(f" | {m:<{width}s}" for m in MEMORIES))
-        print(f"{'depth':>16s}" + "".join(" | " + "".join(f"{n:>7d}" for n in r["lengths"]) for _ in MEMORIES))
+        print(f"{probe + ' probe':>16s}" + "".join(f" | {m:<{width}s}" for m in RECALL_MEMORIES))
+        print(f"{'depth':>16s}" + "".join(" | " + "".join(f"{n:>7d}" for n in r["lengths"]) for _ in RECALL_MEMORIES))
         for d, depth in enumerate(r["depths"]):
-            rows = [r["accuracy"][m][probe][d] for m in MEMORIES]
+            rows = [r["accuracy"][m][probe][d] for m in RECALL_MEMORIES]
             print(f"{depth:>16g}" + "".join(" | " + "".join("      -" if v is None else f"{v:7.2f}" for v in row)
                                           for row in rows))
 

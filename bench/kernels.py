@@ -15,7 +15,7 @@ CUDA uses the models' hidden sizes (576, 4096) in bf16; CPU uses fp32 and a hidd
 (``--hidden``): the logits, which are what the fused loss removes, do not depend on it, and it keeps the
 CPU run near two minutes.
 
-Ingest step: one ``ingest.train_chunk`` (frozen prefix, fast layers with autograd, loss, backward, AdamW
+Ingest step: one ``batch.train_chunks`` (frozen prefix, fast layers with autograd, loss, backward, AdamW
 step) on random weights of SmolLM2-135M's layer shapes, 8 fast layers (the default's last quarter) after
 one frozen one, for each ``IngestConfig.activation_checkpointing`` mode ("offload" on CUDA only: on CPU it
 is "recompute").
@@ -125,10 +125,11 @@ def loss_case(spec: dict) -> dict:
 
 
 def ingest_case(spec: dict) -> dict:
-    """One ingest.train_chunk of ``tokens`` tokens with the given activation checkpointing."""
+    """One ingest step (batch.train_chunks) of ``tokens`` tokens with the given activation checkpointing."""
     from ttt.config import FastWeightConfig, IngestConfig
     from ttt.fast_weights import build_fast_weights
-    from ttt.ingest import make_optimizer, train_chunk
+    from ttt.batch import ChunkItem, train_chunks
+    from ttt.ingest import make_optimizer
     from ttt.model import ModelConfig, Transformer
 
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
@@ -148,7 +149,8 @@ def ingest_case(spec: dict) -> dict:
     reports = []
 
     def step(n: int):
-        reports.append(train_chunk(model, fast, optimizer, None, chunk[:0], chunk[:n], ingest, len(reports)))
+        item = ChunkItem(fast, optimizer, None, chunk[:0], chunk[:n], ingest, len(reports))
+        reports += train_chunks(model, [item])
 
     seconds, peak = measure(step, spec["tokens"], device, spec["repeats"])
     return {"seconds": seconds, "peak_bytes": peak, "loss": reports[-1].loss_before}

@@ -11,6 +11,12 @@ LABELS = {
 }
 
 
+def label(method: str) -> str:
+    """A curve's legend: "ttt/<preset>" is TTT with that memory preset."""
+    name, _, preset = method.partition("/")
+    return LABELS[name] + (f", {preset}" if preset else "")
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -34,9 +40,9 @@ def _band(ax, x, mean, sem, **kw):
 def nll_figures(out: Path, positions: list[int], nll: dict[str, dict], gain: dict[str, dict], title: str) -> list[Path]:
     """``nll_vs_position.png`` (a, b, c) and ``gain.png`` (how much lower b and c are than a)."""
     return [
-        _curves(out / "nll_vs_position.png", positions, {LABELS[n]: s for n, s in nll.items()},
+        _curves(out / "nll_vs_position.png", positions, {label(n): s for n, s in nll.items()},
                 "NLL before training on the chunk (nats/token)", title),
-        _curves(out / "gain.png", positions, {f"{LABELS[n]} vs (a)": s for n, s in gain.items()},
+        _curves(out / "gain.png", positions, {f"{label(n)} vs (a)": s for n, s in gain.items()},
                 "NLL gain over window only (nats/token)", title, zero_line=True),
     ]
 
@@ -58,27 +64,27 @@ def _curves(path: Path, positions: list[int], series: dict[str, dict], ylabel: s
     return path
 
 
-def recall_heatmap(out: Path, accuracy: dict, lengths: list[int], depths: list[float], chance: float) -> Path:
-    """``recall.png``: accuracy by depth (rows) and document length (columns), one panel per memory and probe."""
+def recall_heatmap(path: Path, grids: dict[str, list[list[float | None]]], lengths: list[int], depths: list[int],
+                   title: str) -> Path:
+    """Accuracy by needle depth (rows: tokens before the end) and document length (columns), a panel per memory."""
     plt = _pyplot()
-    memories, probes = list(accuracy), list(next(iter(accuracy.values())))
-    fig, axes = plt.subplots(len(probes), len(memories), figsize=(3.2 * len(memories), 2.8 * len(probes)),
-                             squeeze=False)
-    for i, probe in enumerate(probes):
-        for j, memory in enumerate(memories):
-            ax = axes[i][j]
-            grid = [[float("nan") if v is None else v for v in row] for row in accuracy[memory][probe]]
-            ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-            for r, row in enumerate(grid):
-                for c, v in enumerate(row):
-                    ax.text(c, r, "-" if v != v else f"{v:.2f}", ha="center", va="center",
-                            color="white" if v != v or v < 0.6 else "black")
-            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-            ax.set(xlabel="document tokens", ylabel="fact depth", title=f"{LABELS[memory][:3]} {memory}: {probe}")
-    fig.suptitle(f"recall accuracy (score probe chance {chance:.2f}; generate probe chance ~0)")
+    cols = min(len(grids), 4)
+    rows = -(-len(grids) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(grids) :]:
+        ax.axis("off")
+    for ax, (memory, grid) in zip(axes.flat, grids.items()):
+        grid = [[float("nan") if v is None else v for v in row] for row in grid]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for r, row in enumerate(grid):
+            for c, v in enumerate(row):
+                ax.text(c, r, "-" if v != v else f"{v:.2f}", ha="center", va="center",
+                        color="white" if v != v or v < 0.6 else "black")
+        ax.set_xticks(range(len(lengths)), [f"{n / 1024:g}K" for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d / 1024:g}K" for d in depths])
+        ax.set(xlabel="document tokens", ylabel="tokens after the needle", title=memory)
+    fig.suptitle(title)
     fig.tight_layout()
-    path = out / "recall.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

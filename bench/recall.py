@@ -1,21 +1,21 @@
-"""Recall probe: facts planted at several depths of a long document, asked back after reading it.
+"""Asking a memory about what was read: the probes of ``ttt recall`` and ``ttt eval``.
 
-A fact is a sentence "The secret code of the <adjective> <animal> is <5 digits>." inserted at a line start at a
-given depth of filler text. After the document is read, each memory is asked for every fact two ways:
-  * score: the total NLL of the fact's sentence with its right value vs ``wrong_values`` random wrong ones
-    (same digit count, so the same tokens but the value's); correct when the right value is the likeliest;
-  * generate: a greedy chat answer to "What is the secret code of ...?"; correct when it contains the value.
-Memories: ``ttt`` (the session's fast weights + its window, what Session.score / Session.generate compute),
-``window`` (the base model with the same window, no TTT: the control) and ``full`` (the base model with the
-whole document in context, as far as the model's context allows). Each memory's context is run once per
-document into a KV cache and reused for every question (tests check this equals Session.score/generate).
+A memory is the base model (optionally with a session's fast weights) after a prefix of tokens, read once into
+a KV cache (``PrefixedLM``). The five memories compared:
+  * ``none``: the base model with nothing read (the control: what it guesses without the document);
+  * ``window``: the base model with the session's recent window only (no TTT);
+  * ``ttt``: what a session answers from: its fast weights and its answer prefix (exact spans + window),
+    exactly what ``Session.score`` and ``Session.generate`` use;
+  * ``weights``: the session's fast weights alone, nothing in context;
+  * ``full``: the base model with the whole document in context, as far as the model's context allows.
+Each ``Item`` (bench/items.py) is asked three ways: ``statement`` and ``qa`` compare the likelihood of the
+right answer with that of each wrong one (a tie is a miss), ``generate`` checks a greedy chat answer.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import re
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,76 +24,11 @@ import ttt
 from ttt.generate import chat_prompt, stop_token_ids
 from ttt.model import KVCache
 
-ADJECTIVES = ("amber", "blue", "crimson", "dusty", "golden", "hidden", "ivory", "jade", "lunar", "misty", "olive",
-              "quiet", "rusty", "silver", "violet", "wild")
-ANIMALS = ("badger", "crane", "falcon", "gecko", "heron", "ibis", "jackal", "koala", "lynx", "marten", "newt",
-           "otter", "puffin", "raven", "stoat", "walrus")
-MEMORIES = ("window", "ttt", "full")
-PROBES = ("score", "generate")
+from .items import Item
+
+MEMORIES = ("none", "window", "ttt", "weights", "full")
+PROBES = ("statement", "qa", "generate")
 QUESTION_ROOM = 128  # KV-cache tokens kept free after a prefix: a question or a fact sentence plus the answer
-
-
-@dataclass
-class RecallConfig:
-    lengths: tuple[int, ...] = (1024, 2048)  # document lengths in tokens, facts included
-    depths: tuple[float, ...] = (0.1, 0.5, 0.9)  # where facts sit, as a fraction of the document
-    facts_per_depth: int = 2  # consecutive facts at each depth (different keys)
-    wrong_values: int = 4  # score probe: chance is 1 / (wrong_values + 1)
-    answer_tokens: int = 24  # generate probe: greedy tokens per answer (the model often restates the question first)
-    seed: int = 0
-
-
-@dataclass
-class Fact:
-    key: str  # "the amber heron"
-    value: str  # "48213"
-    wrong: list[str]  # values of the same length for the score probe
-    depth: float  # requested depth (fraction of the document)
-    position: int = 0  # token index where the sentence starts in the document
-
-    def sentence(self, value: str | None = None) -> str:
-        return f"The secret code of {self.key} is {value or self.value}."
-
-    def question(self) -> list[dict]:
-        return [{"role": "user", "content": f"What is the secret code of {self.key}? Answer with the number only."}]
-
-
-def make_facts(cfg: RecallConfig, rng: random.Random) -> list[Fact]:
-    """``facts_per_depth`` facts per depth, with distinct keys and distinct 5-digit values."""
-    n = len(cfg.depths) * cfg.facts_per_depth
-    pairs = [(a, b) for a in ADJECTIVES for b in ANIMALS]
-    if n > len(pairs):
-        raise ValueError(f"at most {len(pairs)} facts per document")
-    keys = rng.sample(pairs, n)
-    values = [str(v) for v in rng.sample(range(10000, 100000), n * (cfg.wrong_values + 1))]
-    return [
-        Fact(f"the {a} {b}", values[i], values[n + i * cfg.wrong_values : n + (i + 1) * cfg.wrong_values],
-             cfg.depths[i // cfg.facts_per_depth])
-        for i, (a, b) in enumerate(keys)
-    ]
-
-
-def plant(tokenizer, filler: list[int], facts: list[Fact], length: int) -> list[int]:
-    """A ``length``-token document: filler tokens with each depth's facts inserted at the next line start.
-
-    Sets each fact's ``position``. Facts of one depth are consecutive, one per line.
-    """
-    pieces = [tokenizer(f.sentence() + "\n", add_special_tokens=False).input_ids for f in facts]
-    room = length - sum(map(len, pieces))
-    if room < len(facts) or len(filler) < room:
-        raise ValueError(f"a {length}-token document cannot hold {len(facts)} facts with {len(filler)} filler tokens")
-    filler = filler[:room]
-    newline_after = [i + 1 for i, t in enumerate(filler) if tokenizer.decode([t]).endswith("\n")]
-    doc, taken = [], 0
-    for fact, piece in zip(facts, pieces, strict=True):
-        target = round(fact.depth * room)
-        at = next((i for i in newline_after if i >= target), target)  # a line start, else exactly there
-        at = max(at, taken)
-        doc += filler[taken:at]
-        taken = at
-        fact.position = len(doc)
-        doc += piece
-    return doc + filler[taken:]
 
 
 class PrefixedLM:
@@ -104,13 +39,13 @@ class PrefixedLM:
     ``capacity`` (default: the prefix plus a question) bounds the prefix plus question that ``extend`` can reach.
     """
 
-    def __init__(self, engine: ttt.Engine, prefix: list[int], fast=None, room: int | None = None,
+    def __init__(self, engine: ttt.Engine, prefix: Sequence[int], fast=None, room: int | None = None,
                  capacity: int | None = None):
         base = engine.base
         self.model, self.device, self.tokenizer = base.model, base.device, base.tokenizer
         self.adapters = fast.adapters() if fast is not None else None
         self.stop_ids = stop_token_ids(base.tokenizer, base.path)
-        prefix = prefix[max(0, len(prefix) - room) :] if room is not None else list(prefix)
+        prefix = list(prefix[max(0, len(prefix) - room) :] if room is not None else prefix)
         capacity = capacity or min(len(prefix) + QUESTION_ROOM, base.cfg.max_position_embeddings)
         self.cache = KVCache(base.cfg, 1, capacity, base.device, base.dtype)
         self.prefix: list[int] = []
@@ -118,7 +53,7 @@ class PrefixedLM:
         self.extend(prefix)
 
     @torch.no_grad()
-    def extend(self, ids: list[int]) -> None:
+    def extend(self, ids: Sequence[int]) -> None:
         """Read more of the prefix. The prefix's last token stays out of the cache: it is fed with each
         continuation, so that it predicts the continuation's first token."""
         if not ids:
@@ -135,16 +70,23 @@ class PrefixedLM:
             self.cache.length = self.start  # later writes overwrite the previous question's keys and values
         return self.model(torch.tensor([ids], device=self.device), self.adapters, self.cache)[0]  # [T, V]
 
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
     @torch.no_grad()
+    def nll_after(self, context: list[int], target: list[int]) -> float:
+        """Total NLL (nats) of ``target`` tokens after the prefix and then ``context``."""
+        ids = self.prefix[-1:] + context + target
+        if not self.prefix:  # nothing predicts the very first token
+            ids, target = ids, target if context else target[1:]
+        logits = self._forward(ids[:-1], rewind=True)[-len(target) :]
+        return F.cross_entropy(logits, torch.tensor(target, device=self.device), reduction="sum").item()
+
     def nll(self, text: str) -> tuple[float, int]:
         """Total NLL (nats) of ``text``'s tokens after the prefix, and how many tokens were scored."""
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        if self.prefix:
-            logits, targets = self._forward(self.prefix[-1:] + ids[:-1], rewind=True), ids
-        else:  # nothing predicts the first token
-            logits, targets = self._forward(ids, rewind=True)[:-1], ids[1:]
-        nll = F.cross_entropy(logits, torch.tensor(targets, device=self.device), reduction="sum")
-        return nll.item(), len(targets)
+        ids = self.encode(text)
+        head, target = (ids[:1], ids[1:]) if not self.prefix else ([], ids)
+        return self.nll_after(head, target), len(target)
 
     @torch.no_grad()
     def stream(self, messages: list[dict], max_tokens: int) -> Iterator[int]:
@@ -163,74 +105,50 @@ class PrefixedLM:
         return self.tokenizer.decode(list(self.stream(messages, max_tokens)), skip_special_tokens=True)
 
 
-def ask(lm: PrefixedLM, fact: Fact, cfg: RecallConfig) -> dict:
-    """Both probes of one fact on one memory."""
-    nll_right, _ = lm.nll(fact.sentence())
-    nll_wrong = [lm.nll(fact.sentence(v))[0] for v in fact.wrong]
-    answer = lm.greedy(fact.question(), cfg.answer_tokens)
-    return {
-        "score": nll_right < min(nll_wrong),
-        "generate": fact.value in answer,
-        "nll_right": nll_right,
-        "nll_wrong": nll_wrong,
-        "answer": answer,
-    }
+def _normal(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
 
-def memories(engine: ttt.Engine, session: ttt.Session, doc: list[int]) -> dict[str, PrefixedLM]:
-    """The three memories after ``session`` has read ``doc``; full attention keeps what fits with an answer."""
-    window = session.recent_tokens()
-    return {
-        "ttt": PrefixedLM(engine, window, session.fast),
-        "window": PrefixedLM(engine, window),
-        "full": PrefixedLM(engine, doc, room=engine.base.cfg.max_position_embeddings - QUESTION_ROOM),
-    }
+def contains(answer: str, value: str) -> bool:
+    """Whether ``answer`` states ``value``: the same words in order, ignoring case and punctuation."""
+    return f" {_normal(value)} " in f" {_normal(answer)} "
 
 
-def run_recall(
-    engine: ttt.Engine,
-    filler: list[int],
-    cfg: RecallConfig,
-    session_config: dict | None = None,
-    step: Callable[[], None] = lambda: None,
-) -> Iterator[dict]:
-    """For each document length: plant facts, let a new session read the document, probe every memory.
-
-    Yields one record per (length, fact). ``step`` is called after every trained chunk and every probed fact.
-    """
-    rng = random.Random(cfg.seed)
-    for length in cfg.lengths:
-        facts = make_facts(cfg, rng)
-        doc = plant(engine.base.tokenizer, filler, facts, length)
-        session = engine.create_session(session_config)
-        session.append_tokens(doc)
-        session.end_document()
-        while session.train_next_chunk() is not None:
-            step()
-        window_start = length - len(session.recent_tokens())
-        lms = memories(engine, session, doc)
-        for fact in facts:
-            record = {"length": length, "depth": fact.depth, "position": fact.position, "key": fact.key,
-                      "value": fact.value, "in_window": fact.position >= window_start,
-                      "in_full_context": fact.position >= length - len(lms["full"].prefix)}
-            for name, lm in lms.items():
-                record[name] = ask(lm, fact, cfg)
-            step()
-            yield record
-
-
-def accuracy(records: list[dict], lengths, depths) -> dict[str, dict[str, list[list[float | None]]]]:
-    """accuracy[memory][probe][depth index][length index]: the fraction of facts recalled (None: no facts)."""
-    out: dict[str, dict[str, list[list[float | None]]]] = {}
-    for memory in MEMORIES:
-        out[memory] = {}
-        for probe in PROBES:
-            grid = []
-            for d in depths:
-                row = []
-                for n in lengths:
-                    hits = [r[memory][probe] for r in records if r["depth"] == d and r["length"] == n]
-                    row.append(sum(hits) / len(hits) if hits else None)
-                grid.append(row)
-            out[memory][probe] = grid
+def ask(lm: PrefixedLM, item: Item, answer_tokens: int = 16) -> dict:
+    """All three probes of one item on one memory."""
+    out: dict = {}
+    candidates = [item.answer, *item.wrong]
+    if item.cloze is not None:
+        heads = [item.statement(c) for c in candidates]
+        nll = [lm.nll_after(lm.encode(head), lm.encode(tail)) for head, tail in heads]
+        out["statement"] = nll[0] < min(nll[1:])
+        out["statement_nll"] = nll
+    messages = [{"role": "user", "content": item.question}]
+    prompt = chat_prompt(lm.tokenizer, messages)
+    nll = [lm.nll_after(prompt, lm.encode(c)) for c in candidates]
+    out["qa"] = nll[0] < min(nll[1:])
+    out["qa_nll"] = nll
+    out["answer"] = lm.greedy(messages, answer_tokens)
+    out["generate"] = contains(out["answer"], item.answer)
     return out
+
+
+def memories(engine: ttt.Engine, doc: Sequence[int], names: Sequence[str], session: ttt.Session | None = None,
+             context_tokens: int = 512) -> dict[str, PrefixedLM]:
+    """The memories ``names`` after reading ``doc`` (``session``: the one that read it, for "ttt" and "weights");
+    "window" sees the last ``context_tokens`` tokens; "full" keeps what fits with a question."""
+    makers = {
+        "none": lambda: PrefixedLM(engine, []),
+        "window": lambda: PrefixedLM(engine, doc[max(0, len(doc) - context_tokens) :] if context_tokens else []),
+        "ttt": lambda: PrefixedLM(engine, session.answer_prefix(), session.fast),
+        "weights": lambda: PrefixedLM(engine, [], session.fast),
+        "full": lambda: PrefixedLM(engine, doc, room=engine.base.cfg.max_position_embeddings - QUESTION_ROOM),
+    }
+    return {name: makers[name]() for name in names}
+
+
+def accuracy(records: list[dict], memory: str, probe: str, **where) -> float | None:
+    """The fraction of ``records`` (matching ``where``) that ``memory`` got right by ``probe``; None if none."""
+    hits = [r[memory][probe] for r in records
+            if memory in r and probe in r[memory] and all(r.get(k) == v for k, v in where.items())]
+    return sum(hits) / len(hits) if hits else None

@@ -383,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     # Benchmarks parse their own flags (``ttt eval --help``): name -> (help, module with main(argv)).
     benchmarks = {
         "eval": ("how much a session remembers: NLL by position and fact recall vs full attention", "bench.eval"),
+        "recall": ("does a session answer about what it read: needles, multi-fact stories, book questions",
+                   "bench.recall_cli"),
         "bench": ("TTT vs full attention: ingest speed, chat latency and memory as documents grow", "bench.bench"),
         "sweep": ("measure candidate fast-weight defaults", "bench.sweep"),
     }

@@ -13,13 +13,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from server.errors import QuotaExceeded
-from server.policy import check_settings
 from server.registry import SessionRegistry
 from server.scheduler import Scheduler
 from ttt import Session, SessionConfig
 from ttt.batch import train_sessions
+from ttt.config import PER_CHUNK, check_caps
 from ttt.ingest import ChunkReport
-from ttt.session import STEP_SETTINGS
 
 
 class DocumentTooLarge(QuotaExceeded):
@@ -28,18 +27,20 @@ class DocumentTooLarge(QuotaExceeded):
 
 def stream_settings(config: SessionConfig, requested: dict) -> dict:
     """The step settings a stream asks for; the others shape the session and must match it."""
-    check_settings(requested)
+    check_caps(requested)
     current = config.to_dict()
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
     fixed = [
         f"{section}.{name}"
-        for section, values in requested.items()
+        for section, values in requested.items() if section != "memory"
         for name, value in values.items()
-        if not (section == "ingest" and name in STEP_SETTINGS)
-        and current[section][name] != (list(value) if name == "targets" else value)
+        if not (section == "ingest" and name in PER_CHUNK) and plain(current[section][name]) != plain(value)
     ]
+    if requested.get("memory", config.memory) != config.memory:
+        fixed.append("memory")
     if fixed:
         raise ValueError(f"{', '.join(sorted(fixed))} can only be set when the session is created")
-    step = {k: v for k, v in requested.get("ingest", {}).items() if k in STEP_SETTINGS}
+    step = {k: v for k, v in requested.get("ingest", {}).items() if k in PER_CHUNK}
     dataclasses.replace(config.ingest, **step)  # validates them now, not at the first chunk
     return step
 

@@ -2,8 +2,9 @@
 
 Where a chunk of text goes: ``Ingest`` -> ``DocumentFeed.add`` (server/documents.py) ->
 ``Session.append_text`` (tokenize, no device) -> ``scheduler.run_batchable(key, train_batch, ...)`` ->
-``ttt.batch.train_sessions`` -> ``ttt.ingest.train_chunk`` (score, step) on the worker, or one batched
-step with other sessions' chunks waiting at the same time (``ttt.batch.train_chunks``).
+``ttt.batch.train_sessions`` -> ``ttt.batch.train_group`` (score, step; one session, or a batch with other
+sessions' chunks waiting at the same time) -> ``Session.record_chunk`` (window, surprising spans and their
+rehearsal: ``ttt.memory``) on the worker.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import grpc
 from server.auth import AuthError
 from server.documents import DocumentFeed, stream_settings
 from server.errors import AlreadyExists, NotFound, QuotaExceeded
-from server.policy import check_settings
 from server.proto.ttt.v1 import ttt_pb2 as pb
 from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
 from server.scheduler import QueueFull, ShuttingDown
+from ttt.config import SECTIONS, check_caps
 from ttt.engine import check_session_id
 from ttt.ingest import ChunkReport
 from ttt.store import BaseModelMismatch, SessionFormatError
@@ -87,15 +88,15 @@ def rpc(method):
 
 def settings_dict(msg: pb.SessionSettings) -> dict:
     """The fields the client set, as a partial SessionConfig dict."""
-    out = {}
-    for section in ("fast", "ingest"):
+    out: dict = {"memory": msg.memory} if msg.HasField("memory") else {}
+    for section in SECTIONS:
         sub = getattr(msg, section)
         values = {f.name: v for f, v in sub.ListFields()}
         if "targets" in values:
             values["targets"] = list(values["targets"])
         if values:
             out[section] = values
-    return check_settings(out)
+    return check_caps(out)
 
 
 def progress_message(report: ChunkReport, session) -> pb.ChunkProgress:
@@ -132,6 +133,9 @@ def info_message(info: dict) -> pb.SessionInfo:
         disk_bytes=info["disk_bytes"],
         restored_from=info["restored_from"] or "",
         warnings=info["warnings"],
+        memory=info["memory"],
+        memory_spans=info["memory_spans"],
+        exact_tokens=info["exact_tokens"],
     )
 
 

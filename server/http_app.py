@@ -19,15 +19,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, field_validator
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, create_model, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from server.auth import AuthError
 from server.documents import DocumentFeed
 from server.errors import AlreadyExists, NotFound, QuotaExceeded
-from server.policy import field_limits
 from server.scheduler import QueueFull, ShuttingDown
+from ttt.config import PRESETS, SCHEMA, SECTIONS
 from ttt.engine import check_session_id
 from ttt.generate import SamplingParams
 from ttt.store import BaseModelMismatch, SessionFormatError
@@ -110,53 +110,32 @@ class ChatRequest(BaseModel):
 
 
 # Session settings, typed so that a wrong type or an absurd size is a 400 here, not a failure deep in the engine.
-# Fields and meanings: ttt.config (FastWeightConfig, IngestConfig), which checks the values further. The
-# caps come from server.policy, which gRPC applies too.
+# Derived from the one schema, ttt.config.SCHEMA (types, documentation, caps; gRPC applies the same caps); the
+# dataclasses check the values further.
 
 
-class FastSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    kind: str = Field(None, **field_limits("fast", "kind"), description='"lora" or "mlp"')
-    layers: str = Field(None, **field_limits("fast", "layers"),
-                        description='"all", "last:N", "last_fraction:F" or "20,21,29"')
-    targets: list[str] = Field(None, **field_limits("fast", "targets"),
-                               description="LoRA projections, e.g. gate_proj, up_proj, down_proj")
-    rank: int = Field(None, **field_limits("fast", "rank"))
-    alpha: float = Field(None, allow_inf_nan=False)
-    mlp_hidden: int = Field(None, **field_limits("fast", "mlp_hidden"))
-    seed: int = Field(None, **INT64)
+def _settings_model(section: str) -> type[BaseModel]:
+    fields = {}
+    for spec in SCHEMA:
+        if spec.section == section:
+            caps = {k: v for k in ("ge", "le", "max_length") if (v := getattr(spec, k)) is not None}
+            if spec.type in (float, float | None):
+                caps["allow_inf_nan"] = False
+            fields[spec.name] = (spec.type, Field(None, description=spec.doc, **caps))
+    return create_model(f"{section.title()}Settings", __config__=ConfigDict(extra="forbid"), **fields)
 
 
-class IngestSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    chunk_tokens: int = Field(None, **field_limits("ingest", "chunk_tokens"))
-    context_tokens: int = Field(None, **field_limits("ingest", "context_tokens"))
-    sink_tokens: int = Field(None, **field_limits("ingest", "sink_tokens"))
-    steps_per_chunk: int = Field(None, **field_limits("ingest", "steps_per_chunk"))
-    optimizer: str = Field(None, **field_limits("ingest", "optimizer"), description='"adamw" or "sgd"')
-    lr: float = Field(None, allow_inf_nan=False)
-    weight_decay: float = Field(None, allow_inf_nan=False)
-    betas: tuple[float, float] = Field(None)
-    max_grad_norm: float = Field(None, allow_inf_nan=False)
-    measure_loss_after: bool = Field(None)
-    activation_checkpointing: str = Field(None, **field_limits("ingest", "activation_checkpointing"),
-                                          description='"none", "recompute" or "offload"')
-
-    @field_validator("betas")
-    @classmethod
-    def _finite_betas(cls, v):
-        if v is not None and not all(math.isfinite(b) for b in v):
-            raise ValueError("betas must be finite")
-        return v
+FastSettings, IngestSettings, RecallSettings = (_settings_model(s) for s in SECTIONS)
 
 
 class SessionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    memory: Literal[tuple(PRESETS)] = Field(None, description="a named preset the other settings override: "
+                                            + ", ".join(PRESETS) + ' (default "balanced")')
     fast: FastSettings = Field(None)
     ingest: IngestSettings = Field(None)
+    recall: RecallSettings = Field(None)
 
 
 class PeftAdapter(BaseModel):

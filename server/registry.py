@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from server.errors import AlreadyExists, NotFound, QuotaExceeded
-from server.policy import check_settings
 from ttt import Engine, Session, SessionConfig
+from ttt.config import check_caps
 from ttt.engine import check_session_id
 from ttt.store import (
     KEEP_CHECKPOINTS,
@@ -34,7 +33,7 @@ from ttt.store import (
     disk_bytes,
     estimate_checkpoint_bytes,
     import_peft,
-    read_manifest,
+    saved_info,
 )
 
 __all__ = ["AlreadyExists", "Limits", "NotFound", "QuotaExceeded", "SessionRegistry"]
@@ -136,13 +135,13 @@ class SessionRegistry:
     # ---- create, import, get ---------------------------------------------------------------------
 
     def create(self, user: str, session_id: str | None, settings: dict | None = None) -> Session:
-        config = SessionConfig.from_dict(merge(self.defaults, check_settings(settings or {})))
+        config = SessionConfig.from_dict(merge(self.defaults, check_caps(settings or {})))
         return self._add(user, session_id, lambda: self.engine.create_session(config, session_id))
 
     def import_adapter(self, user: str, session_id: str | None, files: dict[str, bytes],
                        settings: dict | None = None) -> Session:
         """A new session from a peft LoRA adapter's files, saved at once. ``settings``: ingest settings only."""
-        settings = check_settings(settings or {})
+        settings = check_caps(settings or {})
         if settings.get("fast"):
             raise ValueError("fast-weight settings come from the adapter: send only ingest settings")
         ingest = merge(self.defaults, settings).get("ingest", {})
@@ -275,31 +274,14 @@ class SessionRegistry:
             entry = self._live.get(key)
         if entry is not None:
             return {**entry.session.info(), "residency": entry.tier, "disk_bytes": disk_bytes(folder)}
-        latest = folder / "LATEST"
-        if not latest.is_file():
+        if not (folder / "LATEST").is_file():
             raise NotFound(f"no session {session_id!r}")
-        name, digest = latest.read_text().split()
         try:
-            m = read_manifest(folder / name, digest)
+            saved = saved_info(folder)
         except SessionFormatError as e:
             raise _private(e, folder) from None
-        try:  # untrained tokens: the length of `pending` in tokens.safetensors (only its header is read)
-            with safe_open(folder / name / "tokens.safetensors", framework="pt") as f:
-                pending = f.get_slice("pending").get_shape()[0]
-        except (OSError, SafetensorError):  # unreadable: loading says why (or falls back to the previous checkpoint)
-            pending = 0
-        return {
-            "id": session_id,
-            "pending_tokens": pending,
-            "document_bytes": m["tokenizer_state"].get("bytes_received", 0),
-            "fast_weight_bytes": 0,
-            "resident_bytes": 0,
-            "disk_bytes": disk_bytes(folder),
-            "residency": "disk",
-            "restored_from": None,
-            "warnings": [],
-            **m["stats"],
-        }
+        return {"id": session_id, "resident_bytes": 0, "disk_bytes": disk_bytes(folder), "residency": "disk",
+                "restored_from": None, "warnings": [], **saved}
 
     def save(self, user: str, session_id: str) -> None:
         """Checkpoint a session held in memory (one only on disk is saved already)."""

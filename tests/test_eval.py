@@ -7,7 +7,6 @@ runs the default model at tiny sizes.
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -15,7 +14,8 @@ import torch
 import ttt
 from bench.common import DEFAULT_DOC, document_tokens
 from bench.nll import full_nll, ttt_nll, window_nll
-from bench.recall import Fact, PrefixedLM, RecallConfig, ask, make_facts, plant
+from bench.items import Item
+from bench.recall import PrefixedLM, ask, contains, memories
 from clients import cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,67 +65,63 @@ def test_the_three_memories_agree_where_they_see_the_same_tokens(engine, ids):
     assert scored[1] != pytest.approx(window[1], abs=1e-6)  # chunk 1 is scored after a step on chunk 0
 
 
-def test_facts_are_planted_at_line_starts_at_their_depths(engine):
-    tok = engine.base.tokenizer
-    cfg = RecallConfig(lengths=(300,), depths=(0.2, 0.7), facts_per_depth=2, wrong_values=3)
-    facts = make_facts(cfg, random.Random(0))
-    assert len({f.key for f in facts}) == 4 and [f.depth for f in facts] == [0.2, 0.2, 0.7, 0.7]
-    for f in facts:
-        assert len(f.wrong) == 3 and f.value not in f.wrong and {len(v) for v in f.wrong} == {len(f.value)}
-    filler = document_tokens(engine, DEFAULT_DOC, 400)
-    doc = plant(tok, filler, facts, 300)
-    assert len(doc) == 300
-    positions = [f.position for f in facts]
-    assert positions == sorted(positions) and 0.15 < positions[0] / 300 < 0.35 and 0.6 < positions[2] / 300 < 0.85
-    for f in facts:
-        assert tok.decode(doc[f.position :]).startswith(f.sentence() + "\n")
-        assert tok.decode(doc[: f.position]).endswith("\n")
-    with pytest.raises(ValueError, match="cannot hold"):
-        plant(tok, filler[:50], make_facts(cfg, random.Random(0)), 300)
-
-
 def test_prefixed_lm_equals_session_score_and_generate(engine, ids):
-    session = engine.create_session(SMALL)
+    # a session that keeps exact spans: the memory "ttt" reads its answer prefix (spans + window) as answers do
+    session = engine.create_session({**SMALL, "recall": {"exact_tokens": 24, "span_tokens": 8}})
     session.append_tokens(ids)
     session.end_document()
     while session.train_next_chunk() is not None:
         pass
-    lm = PrefixedLM(engine, session.recent_tokens(), session.fast)
-    fact = Fact("the amber heron", "48213", ["11111"], 0.5)
-    total, count = lm.nll(fact.sentence())
-    assert total / count == pytest.approx(session.score(fact.sentence()), abs=1e-4)
-    assert lm.nll(fact.sentence()) == pytest.approx((total, count))  # the cache rewinds between questions
-    answer = session.generate(fact.question(), max_tokens=6)
-    assert lm.greedy(fact.question(), 6) == answer.text
+    assert session.memory.exact_tokens()  # something kept beside the window
+    lm = memories(engine, ids, ["ttt"], session)["ttt"]
+    assert lm.prefix == session.answer_prefix() == session.memory.exact_tokens() + session.recent_tokens()
+    item = Item("needle/code", ["The secret code of the amber heron is 48213."], "What is the code?", "48213",
+                ["11111"], "The secret code of the amber heron is {}.")
+    sentence = item.facts[0]
+    total, count = lm.nll(sentence)
+    assert total / count == pytest.approx(session.score(sentence), abs=1e-4)
+    assert lm.nll(sentence) == pytest.approx((total, count))  # the cache rewinds between questions
+    question = [{"role": "user", "content": item.question}]
+    assert lm.greedy(question, 6) == session.generate(question, max_tokens=6).text
     # Reading the prefix in pieces gives the same cache as reading it at once.
     pieces = PrefixedLM(engine, [], session.fast, capacity=len(lm.prefix) + 128)
     for i in range(0, len(lm.prefix), 7):
         pieces.extend(lm.prefix[i : i + 7])
-    assert pieces.nll(fact.sentence())[0] == pytest.approx(total, abs=1e-3)
+    assert pieces.nll(sentence)[0] == pytest.approx(total, abs=1e-3)
+    # the statement probe is the same sentence cut at the answer
+    head, tail = item.statement("48213")
+    assert lm.nll_after(lm.encode(head), lm.encode(tail)) == pytest.approx(total - lm.nll(head)[0], abs=1e-3)
 
 
 class StubLM:
-    """Knows ``value`` for every key: its sentence is likelier than any other, and it answers with it."""
+    """Knows ``value``: its statement and reply are likelier than any other answer, and it answers with it."""
 
-    def __init__(self, value: str | None):
-        self.value = value
+    def __init__(self, value: str | None, tokenizer):
+        self.value, self.tokenizer = value, tokenizer
 
-    def nll(self, text: str) -> tuple[float, int]:
-        return (1.0 if self.value and self.value in text else 2.0), 5
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def nll_after(self, context: list[int], target: list[int]) -> float:
+        return 1.0 if self.value and self.value in self.tokenizer.decode(target) else 2.0
 
     def greedy(self, messages, max_tokens) -> str:
         return f"It is {self.value}." if self.value else "I do not know."
 
 
-def test_a_planted_value_is_scored_against_the_wrong_ones():
-    fact = Fact("the quiet otter", "48213", ["10101", "20202", "30303"], 0.5)
-    cfg = RecallConfig(wrong_values=3)
-    knows = ask(StubLM("48213"), fact, cfg)
-    assert knows["score"] and knows["generate"] and knows["nll_right"] == 1.0 and knows["nll_wrong"] == [2.0] * 3
-    wrong = ask(StubLM("20202"), fact, cfg)  # likes a wrong value best
-    assert not wrong["score"] and not wrong["generate"]
-    ties = ask(StubLM(None), fact, cfg)  # no preference: a tie is not recall
-    assert not ties["score"] and not ties["generate"] and ties["answer"] == "I do not know."
+def test_an_answer_is_scored_against_the_wrong_ones(engine):
+    item = Item("needle/code", ["The code of the quiet otter is 48213."], "What is the code of the quiet otter?",
+                "48213", ["10101", "20202", "30303"], "The code of the quiet otter is {}.")
+    tok = engine.base.tokenizer
+    knows = ask(StubLM("48213", tok), item)
+    assert knows["statement"] and knows["qa"] and knows["generate"]
+    assert knows["statement_nll"] == [1.0, 2.0, 2.0, 2.0]
+    wrong = ask(StubLM("20202", tok), item)  # likes a wrong value best
+    assert not wrong["statement"] and not wrong["qa"] and not wrong["generate"]
+    ties = ask(StubLM(None, tok), item)  # no preference: a tie is not recall
+    assert not ties["statement"] and not ties["qa"] and not ties["generate"] and ties["answer"] == "I do not know."
+    assert contains("The code is 48,213!", "48213") is False and contains("It is 48213.", "48213")
+    assert contains("Oswin  TARRANT, surely", "Oswin Tarrant") and not contains("Oswinx Tarrant", "Oswin Tarrant")
 
 
 def check_png(path):
@@ -156,14 +152,16 @@ def test_ttt_eval_cli_writes_results_and_plots(tiny_model_dir, tmp_path, capsys)
     assert recall["chance_score"] == pytest.approx(1 / 3)
     assert len(recall["records"]) == 2 * 2  # seeds x depths
     for memory in ("window", "ttt", "full"):
-        for probe in ("score", "generate"):
+        for probe in ("statement", "qa", "generate"):
             grid = recall["accuracy"][memory][probe]  # [depth][length]
             assert len(grid) == 2 and all(len(row) == 1 and 0 <= row[0] <= 1 for row in grid)
-    assert all(r["in_full_context"] for r in recall["records"])
+    for r in recall["records"]:
+        assert len(r["window"]["statement_nll"]) == 3  # the answer and 2 wrong ones
+        assert 0 < r["from_end"] < 128 + 40
     for name in ("nll_vs_position.png", "gain.png", "recall.png"):
         check_png(out / name)
     printed = capsys.readouterr().out
-    assert "gain of ttt" in printed and "recall accuracy" in printed
+    assert "gain ttt" in printed and "recall accuracy" in printed
 
 
 def test_ttt_sweep_cli(tiny_model_dir, tmp_path):

@@ -1,22 +1,24 @@
-"""Several sessions' ingest chunks in one forward and one backward: the engine's use of the multi-LoRA kernel.
+"""THE ingest step: score, then train on, the next chunk of one session or of several sessions in one batch.
 
-Under load many sessions each have a chunk ready. One after another, the frozen model runs once per
-session over T tokens; here the chunks are stacked into one batch [S, T], the frozen prefix and the
+For each chunk (with the preceding ``context_tokens`` as unlabelled context, held as cached keys and values
+in a ``RollingContext`` so each token passes the model once):
+  1. the frozen layers below the first fast layer run once, without autograd;
+  2. the fast layers run with autograd; the first forward's per-token loss is the chunk's honest score
+     (its weights have not seen the chunk yet) and each token's surprise;
+  3. each session clips its gradient norm and steps; a non-finite loss, gradient or result is rolled back,
+     never kept, and the others are untouched.
+
+Several sessions' chunks that fit one rectangular batch are stacked into [S, T]: the frozen prefix and the
 fast layers run once over it, and every LoRA projection goes through ``kernels.multi_lora`` with each
 session's own A and B (stacked at every forward, so gradients flow back to each session's Parameters).
-Each session's loss is its own mean NLL and the sum is backpropagated once: session s's weights touch
-only its own rows, so its gradient is exactly that of its own loss. Then each session clips, steps and
-rolls back a non-finite update on its own, and its RollingContext rolls forward, as in
-``ingest.train_chunk``: the reports and weights match training the chunks one by one (up to float
-rounding; ``tests/test_batch.py``).
-
-Batched together are chunks that fit one rectangular batch: LoRA fast weights with the same layers,
-targets, rank and scale, on the same device, the same number of input tokens (chunk + carried token)
-and the same context length, i.e. the steady state under load (full chunks, full windows). Anything
-else (extra-MLP fast weights, a document's last partial chunk, a session whose window is still filling)
-trains alone through ``train_chunk``.
+Each session's loss is its own mean NLL and the sum is backpropagated once: session s's weights touch only
+its own rows, so its gradient is exactly that of its own loss (``tests/test_batch.py``: the reports and
+weights match training the chunks one by one, up to float rounding). Batched together are LoRA fast weights
+with the same layers, targets, rank and scale, on the same device, the same number of input tokens (chunk +
+carried token) and the same context length, i.e. the steady state under load. Anything else (extra-MLP fast
+weights, a document's last partial chunk, a session whose window is still filling) is a batch of one, which
+runs on the session's own fast weights and context.
 """
-
 from __future__ import annotations
 
 import math
@@ -27,12 +29,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from kernels.multi_lora import multi_lora_linear
 
 from .config import IngestConfig
 from .fast_weights import FastWeights, LoRALayer
-from .ingest import ChunkReport, forward_hidden, next_token_nll, prefix_hidden, restore, snapshot, train_chunk, update
+from .ingest import (ChunkReport, forward_hidden, next_token_nll, prefix_hidden, restore, snapshot,
+                     surprise_weighted_mean, update)
 from .model import RollingContext, Transformer
 
 if TYPE_CHECKING:
@@ -41,7 +45,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class ChunkItem:
-    """One session's next chunk and the state that trains on it (``train_chunk``'s arguments)."""
+    """One session's next chunk and the state that trains on it."""
 
     fast: FastWeights
     optimizer: torch.optim.Optimizer
@@ -122,7 +126,7 @@ class StackedFastWeights:
 
 @dataclass
 class _Run:
-    """One session's progress through a batched chunk: ``train_chunk``'s local variables."""
+    """One session's progress through its chunk."""
 
     item: ChunkItem
     params: list[torch.nn.Parameter]
@@ -132,10 +136,11 @@ class _Run:
     loss_after: float | None = None
     error: str | None = None
     stepped: bool = False
+    surprise: torch.Tensor | None = None
 
 
-def _train_batch(model: Transformer, items: list[ChunkItem]) -> list[ChunkReport]:
-    """``train_chunk`` for several compatible items (equal ``batch_key``) with shared forwards/backwards."""
+def train_group(model: Transformer, items: list[ChunkItem]) -> list[ChunkReport]:
+    """Score, then train on, the chunks of ``items``: one item, or several with equal ``batch_key``."""
     t0 = time.perf_counter()
     inputs = torch.stack([torch.cat([it.carry, it.chunk]) for it in items])  # [S, T']
     has_context = items[0].context is not None
@@ -143,13 +148,17 @@ def _train_batch(model: Transformer, items: list[ChunkItem]) -> list[ChunkReport
 
     def forward(rows: list[int]) -> torch.Tensor:
         # final hidden states [len(rows), T', D] of the sessions in rows; each context records its own keys/values
-        fast = StackedFastWeights([items[i].fast for i in rows], inputs.shape[1])
-        context = StackedContext([items[i].context for i in rows]) if has_context else None
+        if len(items) == 1:  # one session: its own fast weights and context, no stacking
+            fast, context = items[0].fast, items[0].context
+        else:
+            fast = StackedFastWeights([items[i].fast for i in rows], inputs.shape[1])
+            context = StackedContext([items[i].context for i in rows]) if has_context else None
         return forward_hidden(model, fast, inputs[rows], context, h_prefix[rows], checkpointing)
 
+    prefix_context = items[0].context if len(items) == 1 else (
+        StackedContext([it.context for it in items]) if has_context else None)
+    h_prefix = prefix_hidden(model, inputs, items[0].fast.first_layer, prefix_context)
     all_rows = list(range(len(items)))
-    h_prefix = prefix_hidden(model, inputs, items[0].fast.first_layer,
-                             StackedContext([it.context for it in items]) if has_context else None)
     runs = []
     for it in items:
         params = [p for p in it.fast.parameters() if p.requires_grad]
@@ -161,11 +170,15 @@ def _train_batch(model: Transformer, items: list[ChunkItem]) -> list[ChunkReport
         rows = [i for i in all_rows if runs[i].error is None and step < items[i].cfg.steps_per_chunk]
         if not rows:
             break
-        losses = next_token_nll(model, forward(rows), inputs[rows]).mean(dim=1)  # [len(rows)]
+        nll = next_token_nll(model, forward(rows), inputs[rows])  # [len(rows), T' - 1]
+        losses = torch.stack([surprise_weighted_mean(nll[j : j + 1], items[i].cfg.surprise_power)[0]
+                              for j, i in enumerate(rows)])
         finite = []
-        for j, (i, loss) in enumerate(zip(rows, losses.tolist(), strict=True)):
+        for j, (i, loss) in enumerate(zip(rows, nll.mean(dim=1).tolist(), strict=True)):
             if step == 0:
                 runs[i].loss_before = loss
+                # the chunk's tokens' surprise; a chunk without a carried token has nothing to predict its first
+                runs[i].surprise = F.pad(nll[j].detach(), (items[i].chunk.numel() - nll.shape[1], 0)).cpu()
             if math.isfinite(loss):
                 finite.append(j)
             else:
@@ -208,21 +221,16 @@ def _train_batch(model: Transformer, items: list[ChunkItem]) -> list[ChunkReport
             grad_norm=run.grad_norm,
             rolled_back=run.error is not None,
             error=run.error,
+            surprise=run.surprise,
         ))
     return reports
-
-
-def _train_alone(model: Transformer, item: ChunkItem) -> ChunkReport:
-    if item.num_inputs < 2:  # a lone first token: nothing to predict it from
-        return ChunkReport(item.index, item.chunk.numel(), math.nan, None, 0.0, 0.0)
-    return train_chunk(model, item.fast, item.optimizer, item.context, item.carry, item.chunk, item.cfg, item.index)
 
 
 def train_chunks(model: Transformer, items: Sequence[ChunkItem]) -> list[ChunkReport]:
     """Score, then train on, each item's chunk; one report per item, in order.
 
-    Items with equal ``batch_key`` share one batch; the others train one by one with ``train_chunk``.
-    The items must belong to distinct sessions.
+    Items with equal ``batch_key`` share one batch; the others are batches of one. The items must belong to
+    distinct sessions.
     """
     groups: dict[Hashable, list[int]] = {}
     for i, item in enumerate(items):
@@ -230,10 +238,10 @@ def train_chunks(model: Transformer, items: Sequence[ChunkItem]) -> list[ChunkRe
         groups.setdefault(("alone", i) if key is None else key, []).append(i)
     reports: list[ChunkReport | None] = [None] * len(items)
     for rows in groups.values():
-        if len(rows) == 1:
-            done = [_train_alone(model, items[rows[0]])]
+        if items[rows[0]].num_inputs < 2:  # a lone first token: nothing to predict it from
+            done = [ChunkReport(items[rows[0]].index, 1, math.nan, None, 0.0, 0.0)]
         else:
-            done = _train_batch(model, [items[i] for i in rows])
+            done = train_group(model, [items[i] for i in rows])
         for i, report in zip(rows, done, strict=True):
             reports[i] = report
     return reports

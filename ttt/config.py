@@ -1,31 +1,54 @@
-"""Per-session settings: what the fast weights are, and how a document trains them.
+"""Per-session settings: the one schema of what the fast weights are, how a document trains them and what a
+session keeps to recall it.
 
-Defaults were chosen by measurement on the default model (see README.md, "Choosing the defaults",
-and ``bench/sweep.py`` which reproduces it).
+Each setting is declared once, here, with its default, its documentation and its caps (``setting``): the
+HTTP models, the gRPC mapping and the server's checks are derived from these fields (``SCHEMA``), so a new
+setting is one field here (plus one proto field). Defaults were chosen by measurement on the default model
+(README.md, "Choosing the defaults" and "Memory that answers"; ``bench/sweep.py`` and ``ttt recall``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 
 CHECKPOINTING_MODES = ("none", "recompute", "offload")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def setting(default, doc: str, *, ge: float | None = None, le: float | None = None, max_length: int | None = None,
+            per_chunk: bool = False):
+    """A settings field: ``doc`` is its documentation (also in the OpenAPI schema); ``ge``/``le`` bound a
+    number and ``max_length`` a string or list, so that one request cannot ask for an impossible allocation;
+    ``per_chunk``: an ingest stream may change it for its own chunks (the others shape the session)."""
+    meta = {"doc": doc, "ge": ge, "le": le, "max_length": max_length, "per_chunk": per_chunk}
+    return field(default=default, metadata=meta)
+
+
+def _finite(**values: float) -> None:
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} must be finite")
+
+
 @dataclass
 class FastWeightConfig:
     """Which per-session weights sit on top of the frozen base model."""
 
-    kind: str = "lora"  # a key of fast_weights.FAST_WEIGHT_KINDS: "lora" or "mlp" (TTT-E2E's extra MLP)
-    # "all", "last:N" (the last N layers), "last_fraction:F" or a comma list of layer indices "20,21,29".
-    layers: str = "last_fraction:0.25"
-    # LoRA: which projections get adapters.
-    targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-    rank: int = 16
-    alpha: float = 32.0
-    mlp_hidden: int = 256  # extra-MLP kind: hidden width of each layer's zero-initialised MLP
-    seed: int = 0  # initialisation of the fast weights (LoRA A, extra-MLP input projections)
+    kind: str = setting("lora", '"lora" or "mlp" (TTT-E2E\'s extra MLP): a key of fast_weights.FAST_WEIGHT_KINDS',
+                        max_length=64)
+    layers: str = setting("last_fraction:0.25", '"all", "last:N", "last_fraction:F" or layer indices "20,21,29"',
+                          max_length=1024)
+    targets: tuple[str, ...] = setting(("gate_proj", "up_proj", "down_proj"),
+                                       "LoRA: the projections that get adapters", max_length=16)
+    rank: int = setting(16, "LoRA rank", ge=1, le=1024)
+    alpha: float = setting(32.0, "LoRA alpha (the delta is scaled by alpha / rank)")
+    mlp_hidden: int = setting(256, "extra-MLP kind: hidden width of each layer's zero-initialised MLP", ge=1,
+                              le=16384)
+    seed: int = setting(0, "initialisation of the fast weights (LoRA A, extra-MLP input projections)",
+                        ge=-(2**63), le=2**63 - 1)
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
@@ -34,6 +57,7 @@ class FastWeightConfig:
             raise ValueError(f"unknown LoRA targets {bad}; choose from {LINEAR_NAMES}")
         if self.rank < 1 or self.mlp_hidden < 1:
             raise ValueError("rank and mlp_hidden must be >= 1")
+        _finite(alpha=self.alpha)
 
     @property
     def scale(self) -> float:
@@ -66,21 +90,24 @@ class FastWeightConfig:
 class IngestConfig:
     """How each chunk of a document becomes a gradient step."""
 
-    chunk_tokens: int = 512  # tokens per chunk: each chunk is scored, then trained on
-    context_tokens: int = 512  # preceding tokens given as unlabelled context (also the query window)
-    # The document's first tokens stay in the context as attention sinks (StreamingLLM); see model.RollingContext.
-    sink_tokens: int = 4
-    steps_per_chunk: int = 1
-    optimizer: str = "adamw"  # "adamw" or "sgd"
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float = 1.0  # gradient-norm clip; updates diverge without it
-    measure_loss_after: bool = True  # one extra forward of the fast layers per chunk, for the report
-    # What the fast layers keep for backward: "none" (every activation), "recompute" (only each layer's input;
-    # the rest is recomputed in backward: torch.utils.checkpoint) or "offload" (as recompute, with those inputs
-    # in host memory; the same as recompute on CPU). For long chunks on large models; see bench/kernels.py.
-    activation_checkpointing: str = "none"
+    chunk_tokens: int = setting(512, "tokens per chunk: each chunk is scored, then trained on", ge=2, le=1 << 16)
+    context_tokens: int = setting(512, "preceding tokens given as unlabelled context (also the answers' window)",
+                                  ge=0, le=1 << 16)
+    sink_tokens: int = setting(4, "the document's first tokens kept in the context as attention sinks "
+                                  "(StreamingLLM; model.RollingContext)", ge=0, le=1 << 16)
+    steps_per_chunk: int = setting(1, "gradient steps per chunk", ge=1, le=100, per_chunk=True)
+    optimizer: str = setting("adamw", '"adamw" or "sgd"', max_length=64)
+    lr: float = setting(3e-3, "learning rate", per_chunk=True)
+    weight_decay: float = setting(0.0, "optimizer weight decay")
+    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas")
+    max_grad_norm: float = setting(1.0, "gradient-norm clip; updates diverge without it", per_chunk=True)
+    measure_loss_after: bool = setting(True, "one extra forward of the fast layers per chunk, for the report")
+    activation_checkpointing: str = setting(
+        "none", 'what the fast layers keep for backward: "none" (every activation), "recompute" (each layer\'s '
+        'input; the rest recomputed) or "offload" (as recompute, inputs in host memory)', max_length=64)
+    surprise_power: float = setting(
+        0.0, "the next-token loss weighs token t by (nll_t / the chunk's mean nll) ** surprise_power "
+        "(0: a plain mean; Titans' surprise)", ge=0, le=8)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -95,24 +122,128 @@ class IngestConfig:
             raise ValueError(f"activation_checkpointing {mode!r}: choose from {CHECKPOINTING_MODES}")
         if not 0 < self.lr < float("inf") or not 0 < self.max_grad_norm < float("inf"):
             raise ValueError("lr and max_grad_norm must be positive finite numbers")
+        if len(self.betas) != 2:
+            raise ValueError("betas must be two numbers")
+        _finite(weight_decay=self.weight_decay, beta1=self.betas[0], beta2=self.betas[1])
+        if not 0 <= self.surprise_power < float("inf"):
+            raise ValueError("surprise_power must be a finite number >= 0")
+
+
+@dataclass
+class RecallConfig:
+    """What a session keeps so that it can answer about what left its window (``memory.py``, ``study.py``)."""
+
+    exact_tokens: int = setting(512, "tokens of the most surprising spans read verbatim before the window by "
+                                     "every answer (0: none)", ge=0, le=1 << 16)
+    pool_tokens: int = setting(2048, "tokens of surprising spans kept in all, the exact ones and those "
+                                     "rehearsed (at least exact_tokens)", ge=0, le=1 << 20)
+    spans_per_chunk: int = setting(4, "candidate spans (sentences) taken from each chunk", ge=1, le=1024)
+    span_tokens: int = setting(32, "a span's longest length in tokens", ge=2, le=4096)
+    peak_tokens: int = setting(3, "a span's score: the summed NLL of its this-many most surprising tokens",
+                               ge=1, le=4096)
+    replay_spans: int = setting(8, "older spans rehearsed with each chunk's new ones", ge=0, le=1024)
+    replay_steps: int = setting(1, "gradient steps on the rehearsal batch after each chunk's step (0: none)",
+                                ge=0, le=100)
+    replay_lr: float | None = setting(None, "the rehearsal's learning rate (null: the ingest lr)")
+    study_spans: int = setting(0, "study: the chunk's this-many most surprising spans become templated "
+                                  "questions answered by the model with the window in context, which the fast "
+                                  "weights learn to answer without it (0: off)", ge=0, le=64)
+    study_top_k: int = setting(16, "study: teacher logits kept per answer token", ge=1, le=1024)
+
+    def __post_init__(self):
+        if min(self.exact_tokens, self.pool_tokens, self.replay_spans, self.replay_steps, self.study_spans) < 0:
+            raise ValueError("exact_tokens, pool_tokens, replay_spans, replay_steps and study_spans must be >= 0")
+        if self.spans_per_chunk < 1 or self.span_tokens < 2 or self.peak_tokens < 1 or self.study_top_k < 1:
+            raise ValueError("spans_per_chunk, peak_tokens and study_top_k must be >= 1, span_tokens >= 2")
+        if self.replay_lr is not None and not 0 < self.replay_lr < float("inf"):
+            raise ValueError("replay_lr must be a positive finite number (or null)")
+        self.pool_tokens = max(self.pool_tokens, self.exact_tokens)
+
+
+# Named trade-offs between ingest speed and recall: ``{"memory": name}`` starts a session from these settings,
+# and any other setting given overrides them. No settings at all means "balanced" (the dataclass defaults).
+# Chosen by measurement: README.md, "Memory that answers" (``ttt recall``).
+PRESETS: dict[str, dict[str, dict]] = {
+    "off": {"recall": {"exact_tokens": 0, "pool_tokens": 0, "replay_steps": 0}},  # next-token prediction alone
+    "fast": {"recall": {"exact_tokens": 256, "pool_tokens": 256, "replay_steps": 0}},
+    "balanced": {},
+    "deep": {"recall": {"exact_tokens": 1024, "pool_tokens": 4096, "replay_spans": 16, "replay_steps": 2}},
+}
+SECTIONS = {"fast": FastWeightConfig, "ingest": IngestConfig, "recall": RecallConfig}
+
+
+@dataclass
+class SettingSpec:
+    """One field of ``SECTIONS``: what the doors derive their models and checks from."""
+
+    section: str
+    name: str
+    type: object  # the field's annotation, resolved
+    default: object
+    doc: str
+    ge: float | None
+    le: float | None
+    max_length: int | None
+    per_chunk: bool
+
+
+def _specs() -> list[SettingSpec]:
+    out = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            out.append(SettingSpec(section, f.name, hints[f.name], f.default, m["doc"], m["ge"], m["le"],
+                                   m["max_length"], m["per_chunk"]))
+    return out
+
+
+SCHEMA: list[SettingSpec] = _specs()
+PER_CHUNK = {s.name for s in SCHEMA if s.per_chunk}  # ingest settings a stream may change for its own chunks
+
+
+def check_caps(settings: dict) -> dict:
+    """``settings`` (a partial SessionConfig dict) if every value is within its field's caps; ValueError otherwise.
+
+    The caps only keep one request from asking for an impossible allocation; the dataclasses check further.
+    """
+    specs = {(s.section, s.name): s for s in SCHEMA}
+    for section, values in settings.items():
+        for name, value in values.items() if isinstance(values, dict) else ():
+            spec = specs.get((section, name))
+            if spec is None:
+                continue  # an unknown field: SessionConfig.from_dict names it
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if (spec.ge is not None and value < spec.ge) or (spec.le is not None and value > spec.le):
+                    raise ValueError(f"{section}.{name} must be between {spec.ge} and {spec.le}")
+            if spec.max_length is not None and hasattr(value, "__len__") and len(value) > spec.max_length:
+                raise ValueError(f"{section}.{name} is longer than {spec.max_length}")
+    return settings
 
 
 @dataclass
 class SessionConfig:
     fast: FastWeightConfig = field(default_factory=FastWeightConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    recall: RecallConfig = field(default_factory=RecallConfig)
+    memory: str = "balanced"  # the preset these settings started from (PRESETS)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> SessionConfig:
-        """From a (possibly partial) dict such as ``{"ingest": {"lr": 1e-3}}``; unknown keys are errors."""
+        """From a (possibly partial) dict such as ``{"memory": "fast", "ingest": {"lr": 1e-3}}``: the preset
+        ``memory`` (default "balanced"), then the given fields over it. Unknown keys are errors."""
         d = d or {}
-        unknown = set(d) - {"fast", "ingest"}
+        unknown = set(d) - {*SECTIONS, "memory"}
         if unknown:
             raise ValueError(f"unknown session config sections {sorted(unknown)}")
+        memory = d.get("memory") or "balanced"
+        if memory not in PRESETS:
+            raise ValueError(f"unknown memory preset {memory!r}; choose from {sorted(PRESETS)}")
+        given = {s: {**PRESETS[memory].get(s, {}), **(d.get(s) or {})} for s in SECTIONS}
         try:
-            return cls(FastWeightConfig(**d.get("fast", {})), IngestConfig(**d.get("ingest", {})))
+            return cls(*(SECTIONS[s](**given[s]) for s in SECTIONS), memory)
         except TypeError as e:  # an unknown field name
             raise ValueError(f"bad session config: {e}") from None

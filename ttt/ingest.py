@@ -1,11 +1,5 @@
-"""The score-then-update step: one chunk of a document becomes gradient steps on fast weights.
-
-For each chunk (with the preceding ``context_tokens`` as unlabelled context, held as cached keys and
-values in a ``RollingContext`` so each token passes the model once):
-  1. the frozen layers below the first fast layer run once, without autograd;
-  2. the fast layers run with autograd; the first forward's loss is the chunk's honest score
-     (its weights have not seen the chunk yet);
-  3. clip the gradient norm, step; a non-finite loss, gradient or result is rolled back, never kept.
+"""The pieces of an ingest step: forwards that backprop only through the fast layers, the fused loss, the
+guarded optimizer step and its rollback. ``batch.train_chunks`` puts them together (the one step).
 """
 
 from __future__ import annotations
@@ -13,7 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -37,6 +31,8 @@ class ChunkReport:
     grad_norm: float  # before clipping, of the last step
     rolled_back: bool = False  # the chunk's update was undone (non-finite loss, gradient, weights or loss after)
     error: str | None = None  # why it was rolled back
+    # [tokens] NLL of each of the chunk's tokens before the update (0 where nothing predicts it): its surprise
+    surprise: torch.Tensor | None = field(default=None, repr=False)
 
 
 def make_optimizer(params, cfg: IngestConfig) -> torch.optim.Optimizer:
@@ -100,6 +96,14 @@ def next_token_nll(model: Transformer, h: torch.Tensor, inputs: torch.Tensor, st
     return token_nll(model, h[:, start:-1], inputs[:, start + 1 :])
 
 
+def surprise_weighted_mean(nll: torch.Tensor, power: float) -> torch.Tensor:
+    """[B, T] per-token NLL -> [B] loss: token t weighs (nll_t / row mean) ** power (detached); 0: a plain mean."""
+    if power == 0:
+        return nll.mean(dim=1)
+    w = (nll.detach() / nll.detach().mean(dim=1, keepdim=True).clamp_min(1e-6)) ** power
+    return (w * nll).sum(dim=1) / w.sum(dim=1).clamp_min(1e-6)
+
+
 def _all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -129,71 +133,3 @@ def update(params, optimizer: torch.optim.Optimizer, cfg: IngestConfig, step: in
     if not _all_finite(params):
         return grad_norm, f"non-finite weights after step {step}", True
     return grad_norm, None, True
-
-
-def train_chunk(
-    model: Transformer,
-    fast: FastWeights,
-    optimizer: torch.optim.Optimizer,
-    context: RollingContext | None,
-    carry: torch.Tensor,
-    chunk: torch.Tensor,
-    cfg: IngestConfig,
-    index: int,
-) -> ChunkReport:
-    """Score, then train on, ``chunk`` [T].
-
-    ``carry`` [0 or 1] is the previous chunk's last token: it predicts the chunk's first token.
-    ``context`` holds the keys/values of the tokens before it and rolls forward over this chunk at the end.
-    """
-    t0 = time.perf_counter()
-    inputs = torch.cat([carry, chunk])[None]  # [1, T'], every token after the first is a target
-    h_prefix = prefix_hidden(model, inputs, fast.first_layer, context)
-    params = [p for p in fast.parameters() if p.requires_grad]
-    for group in optimizer.param_groups:  # the config is the source of truth (it may differ per stream)
-        group["lr"] = cfg.lr
-    # Restored if any step goes non-finite: a rolled-back chunk keeps none of its steps (tiny next to a forward).
-    saved = snapshot(params, optimizer)
-    loss_before, grad_norm, error, stepped = math.nan, math.nan, None, False
-
-    for step in range(cfg.steps_per_chunk):
-        h = forward_hidden(model, fast, inputs, context, h_prefix, cfg.activation_checkpointing)
-        loss = next_token_nll(model, h, inputs).mean()
-        if step == 0:
-            loss_before = loss.item()
-        if not math.isfinite(loss.item()):
-            error = f"non-finite loss ({loss.item()}) at step {step}"
-            break
-        loss.backward()
-        grad_norm, error, stepped_now = update(params, optimizer, cfg, step)
-        stepped |= stepped_now
-        if error is not None:
-            break
-    optimizer.zero_grad(set_to_none=True)
-
-    loss_after = None
-    if cfg.measure_loss_after and error is None:
-        with torch.no_grad():
-            h = forward_hidden(model, fast, inputs, context, h_prefix)
-            loss_after = next_token_nll(model, h, inputs).mean().item()
-        if not math.isfinite(loss_after):
-            error, loss_after = f"non-finite loss after the update ({loss_after})", None
-    if error is not None and stepped:
-        # Finite weights can still make the loss non-finite: undo every step of the chunk, and re-record the
-        # context's keys/values under the restored weights (the last forward's may be non-finite).
-        restore(params, optimizer, saved)
-        if context is not None:
-            with torch.no_grad():
-                forward_hidden(model, fast, inputs, context, h_prefix)
-    if context is not None:
-        context.commit(drop_last=1)  # the last token is the next chunk's first input
-    return ChunkReport(
-        index=index,
-        tokens=chunk.numel(),
-        loss_before=loss_before,
-        loss_after=loss_after,
-        seconds=time.perf_counter() - t0,
-        grad_norm=grad_norm,
-        rolled_back=error is not None,
-        error=error,
-    )

@@ -18,19 +18,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from .batch import ChunkItem, train_chunks
-from .config import SessionConfig
+from .config import PER_CHUNK, SessionConfig
 from .fast_weights import build_fast_weights
 from .generate import PrefixCache, SamplingParams, TokenStream
 from .ingest import ChunkReport, forward_hidden, make_optimizer, next_token_nll
+from .memory import SpanMemory, rehearse, select_spans, sentence_ends
+from .study import questions, teacher
 from .model import RollingContext
 from .tokenize import IncrementalTokenizer
 
 if TYPE_CHECKING:
     from .engine import Engine
-
-
-# Ingest settings that may differ from chunk to chunk (the rest shape the session: fixed at creation).
-STEP_SETTINGS = {"lr", "steps_per_chunk", "max_grad_norm"}
 
 
 @dataclass
@@ -77,6 +75,7 @@ class Session:
             self._rolling: RollingContext | None = None  # their keys/values; transient, rebuilt from window
             self._answer_prefix: tuple[int, PrefixCache] | None = None  # (version, window's K/V for answers)
             self.pending: list[int] = []  # tokens received but not yet trained on
+            self.memory = SpanMemory(self.config.recall)  # the most surprising spans read (memory.py)
             self.text_stream.reset()
             self.document_ended = True  # pending tokens may be trained as a partial chunk
             self.stats = SessionStats()
@@ -144,8 +143,8 @@ class Session:
 
         The chunk stays pending until ``record_chunk``: hold ``self.lock`` from one to the other.
         """
-        if set(overrides) - STEP_SETTINGS:
-            raise ValueError(f"only {sorted(STEP_SETTINGS)} can change per chunk, not {sorted(set(overrides) - STEP_SETTINGS)}")
+        if set(overrides) - PER_CHUNK:
+            raise ValueError(f"only {sorted(PER_CHUNK)} can change per chunk, not {sorted(set(overrides) - PER_CHUNK)}")
         with self.lock:
             if not self.chunks_ready:
                 return None
@@ -168,6 +167,7 @@ class Session:
         with self.lock:
             chunk_ids = self.pending[: item.chunk.numel()]
             del self.pending[: len(chunk_ids)]
+            self._remember(chunk_ids, report)
             self.window = (self.window + chunk_ids)[-max(item.cfg.context_tokens, 1) :]
             s = self.stats
             s.tokens_ingested += len(chunk_ids)
@@ -177,6 +177,26 @@ class Session:
             s.updated_at = time.time()
             self.version += 1
             return report
+
+    def _remember(self, chunk_ids: list[int], report: ChunkReport) -> None:
+        """Keep the chunk's most surprising spans (memory.py), then rehearse them with older ones and study
+        questions about them while the chunk is still in the window (study.py)."""
+        recall = self.config.recall
+        if not recall.pool_tokens or report.surprise is None or not torch.isfinite(report.surprise).all():
+            return
+        base = self.engine.base
+        spans = select_spans(chunk_ids, report.surprise, sentence_ends(base.tokenizer), recall,
+                             self.stats.tokens_ingested)
+        kept = self.memory.add(spans)
+        if not recall.replay_steps:
+            return
+        batch = self.memory.replay_batch(kept, seed=self.config.fast.seed * 1_000_003 + self.stats.chunks)
+        study = None
+        if recall.study_spans and spans:
+            pairs = questions(base.tokenizer, [sp.tokens for sp in spans[: recall.study_spans]])
+            study = teacher(base.model, self._context(), pairs, recall.study_top_k, base.device)
+        if batch or study is not None:
+            rehearse(base.model, self.fast, self.optimizer, batch, study, self.config.ingest, recall)
 
     def _context(self) -> RollingContext | None:
         """The cached keys/values of the window before its last token; rebuilt from the window when absent."""
@@ -202,6 +222,11 @@ class Session:
         n = self.config.ingest.context_tokens
         return (self.window + self.pending)[-n:] if n else []
 
+    def answer_prefix(self) -> list[int]:
+        """What every answer reads before its prompt: the exact spans kept (memory.py), then the window."""
+        with self.lock:
+            return self.memory.exact_tokens() + self.recent_tokens()
+
     def generate(
         self,
         messages: list[dict],
@@ -222,7 +247,7 @@ class Session:
         with self.lock:
             # A snapshot (a few MB): the answer stays consistent even if an ingest runs meanwhile.
             fast = copy.deepcopy(self.fast).requires_grad_(False)
-            window = self.recent_tokens()
+            window = self.answer_prefix()
             prefix = self._window_prefix(window)
         return self.engine.answer(messages, params, fast, window, stream, prefix)
 
@@ -237,16 +262,17 @@ class Session:
 
     @torch.no_grad()
     def score(self, text: str) -> float:
-        """Mean NLL (nats/token) of ``text`` after the recent window, under the fast weights; no update."""
+        """Mean NLL (nats/token) of ``text`` after the answer prefix (exact spans + window), under the fast
+        weights; no update."""
         base = self.engine.base
         ids = base.tokenizer(text, add_special_tokens=False).input_ids
         with self.lock:
-            window = self.recent_tokens()
+            exact, window = self.memory.exact_tokens(), self.recent_tokens()
             cfg = self.config.ingest
             total, count = 0.0, 0
-            # Long texts go in chunks, each with the preceding context_tokens as context (as in ingest).
+            # Long texts go in chunks, each after the exact spans and the preceding context_tokens (as in ingest).
             for start in range(0, len(ids), cfg.chunk_tokens):
-                context = (window + ids[:start])[-cfg.context_tokens :] if cfg.context_tokens else []
+                context = exact + ((window + ids[:start])[-cfg.context_tokens :] if cfg.context_tokens else [])
                 piece = ids[start : start + cfg.chunk_tokens]
                 if len(context) + len(piece) < 2:
                     continue
@@ -318,6 +344,9 @@ class Session:
             "last_loss_before": s.last_loss_before,
             "last_loss_after": s.last_loss_after,
             "fast_weight_bytes": self.fast.num_bytes(),
+            "memory": self.config.memory,
+            "memory_spans": len(self.memory.spans),  # surprising spans kept (memory.py)
+            "exact_tokens": len(self.memory.exact_tokens()),  # of their tokens, those every answer reads
             "resident_bytes": self.resident_bytes(),
             # set when loading had to skip a damaged newest checkpoint (see store.load_session)
             "restored_from": self.restored_from,

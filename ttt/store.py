@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -175,6 +176,7 @@ def save_session(session: "Session", path: str | os.PathLike) -> Path:
         tokens = {
             "window": torch.tensor(session.window, dtype=torch.int64),
             "pending": torch.tensor(session.pending, dtype=torch.int64),
+            **session.memory.tensors(),
         }
         files["tokens.safetensors"] = _write_file(tmp / "tokens.safetensors", st_save(tokens))
         if session.fast.kind == "lora":
@@ -268,7 +270,10 @@ def _load_checkpoint(engine: "Engine", ckpt: Path, manifest_sha256: str | None) 
     except Exception as e:  # safetensors rejects a malformed header
         raise SessionFormatError(f"{ckpt}: unreadable safetensors ({e})") from None
 
-    session = Session(engine, SessionConfig.from_dict(manifest["config"]), manifest["session_id"])
+    config = manifest["config"]
+    if "recall" not in config:  # saved before recall settings existed: it trained by next-token prediction alone
+        config = {**config, "memory": "off"}
+    session = Session(engine, SessionConfig.from_dict(config), manifest["session_id"])
     device = base.device
     try:
         session.fast.load_state_dict({k: v.to(device) for k, v in fast_state.items()})
@@ -284,6 +289,7 @@ def _load_checkpoint(engine: "Engine", ckpt: Path, manifest_sha256: str | None) 
     session.optimizer.load_state_dict({"state": state, "param_groups": opt["param_groups"]})
     session.window = tokens["window"].tolist()
     session.pending = tokens["pending"].tolist()
+    session.memory.load_tensors(tokens)
     session.document_ended = manifest["document_ended"]
     session.text_stream.load_state(manifest["tokenizer_state"])
     session.stats = SessionStats(**manifest["stats"])
@@ -451,6 +457,29 @@ def estimate_checkpoint_bytes(session: "Session") -> int:
     adapter = weights if session.fast.kind == "lora" else 0
     tokens = 8 * (session.config.ingest.context_tokens + len(session.pending) + session.config.ingest.chunk_tokens)
     return weights * (1 + moments) + adapter + tokens + 16 * 1024  # + manifest and headers
+
+
+def saved_info(root: Path) -> dict:
+    """What ``Session.info`` says of the session saved under ``root`` (its newest checkpoint), without loading its
+    tensors: only the manifest and the safetensors headers of ``tokens.safetensors`` are read."""
+    name, digest = (root / "LATEST").read_text().split()
+    manifest = read_manifest(root / name, digest)
+    config = manifest["config"]
+    shapes = {}
+    try:
+        with safe_open(root / name / "tokens.safetensors", framework="pt") as f:
+            shapes = {key: f.get_slice(key).get_shape()[0] for key in f.keys()}
+    except (OSError, SafetensorError):  # unreadable: loading says why (or falls back to the previous checkpoint)
+        pass
+    return {
+        "pending_tokens": shapes.get("pending", 0),
+        "document_bytes": manifest["tokenizer_state"].get("bytes_received", 0),
+        "fast_weight_bytes": 0,
+        "memory": config.get("memory", "off" if "recall" not in config else "balanced"),
+        "memory_spans": shapes.get("span_lengths", 0),
+        "exact_tokens": 0,  # known once loaded (the spans' scores decide which are read)
+        **manifest["stats"],
+    }
 
 
 def disk_bytes(path: Path) -> int:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dserver/proto/ttt/v1/ttt.proto\x12\x06ttt.v1\"\x9b\x01\n\x12\x46\x61stWeightSettings\x12\x11\n\x04kind\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06layers\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x0f\n\x07targets\x18\x03 \x03(\t\x12\x11\n\x04rank\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05\x61lpha\x18\x05 \x01(\x02H\x03\x88\x01\x01\x42\x07\n\x05_kindB\t\n\x07_layersB\x07\n\x05_rankB\x08\n\x06_alpha\"\x8a\x02\n\x0eIngestSettings\x12\x19\n\x0c\x63hunk_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0e\x63ontext_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fsteps_per_chunk\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x0f\n\x02lr\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x16\n\toptimizer\x18\x05 \x01(\tH\x04\x88\x01\x01\x12\x1a\n\rmax_grad_norm\x18\x06 \x01(\x02H\x05\x88\x01\x01\x42\x0f\n\r_chunk_tokensB\x11\n\x0f_context_tokensB\x12\n\x10_steps_per_chunkB\x05\n\x03_lrB\x0c\n\n_optimizerB\x10\n\x0e_max_grad_norm\"c\n\x0fSessionSettings\x12(\n\x04\x66\x61st\x18\x01 \x01(\x0b\x32\x1a.ttt.v1.FastWeightSettings\x12&\n\x06ingest\x18\x02 \x01(\x0b\x32\x16.ttt.v1.IngestSettings\"{\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12)\n\x08settings\x18\x02 \x01(\x0b\x32\x17.ttt.v1.SessionSettings\x12$\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x13.ttt.v1.PeftAdapter\"<\n\x0bPeftAdapter\x12\x16\n\x0e\x61\x64\x61pter_config\x18\x01 \x01(\x0c\x12\x15\n\radapter_model\x18\x02 \x01(\x0c\" \n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xe8\x02\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0ftokens_ingested\x18\x02 \x01(\x03\x12\x16\n\x0epending_tokens\x18\x03 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\x03\x12\x1a\n\x12rolled_back_chunks\x18\x05 \x01(\x03\x12\x18\n\x10last_loss_before\x18\x06 \x01(\x01\x12\x17\n\x0flast_loss_after\x18\x07 \x01(\x01\x12\r\n\x05\x62ytes\x18\x08 \x01(\x03\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nupdated_at\x18\n \x01(\x01\x12\x11\n\tresidency\x18\x0b \x01(\t\x12\x16\n\x0e\x64ocument_bytes\x18\x0c \x01(\x03\x12\x16\n\x0eresident_bytes\x18\r \x01(\x03\x12\x12\n\ndisk_bytes\x18\x0e \x01(\x03\x12\x15\n\rrestored_from\x18\x0f \x01(\t\x12\x10\n\x08warnings\x18\x10 \x03(\t\"\x15\n\x13ListSessionsRequest\"=\n\x14ListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.ttt.v1.SessionInfo\"\x17\n\x15\x44\x65leteSessionResponse\"\x80\x01\n\x0bIngestStart\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11\x63reate_if_missing\x18\x02 \x01(\x08\x12)\n\x08settings\x18\x03 \x01(\x0b\x32\x17.ttt.v1.SessionSettings\x12\x17\n\x0f\x65nd_of_document\x18\x04 \x01(\x08\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x84\x01\n\rIngestRequest\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.ttt.v1.IngestStartH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0e\n\x04utf8\x18\x03 \x01(\x0cH\x00\x12\"\n\x06tokens\x18\x04 \x01(\x0b\x32\x10.ttt.v1.TokenIdsH\x00\x42\t\n\x07message\"\xd8\x01\n\rChunkProgress\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x13\n\x0bloss_before\x18\x03 \x01(\x01\x12\x12\n\nloss_after\x18\x04 \x01(\x01\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12\x17\n\x0ftokens_ingested\x18\x07 \x01(\x03\x12\x16\n\x0epending_tokens\x18\x08 \x01(\x03\x12\x13\n\x0brolled_back\x18\t \x01(\x08\x12\r\n\x05\x65rror\x18\n \x01(\t\"\xb0\x01\n\rIngestSummary\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0ftokens_received\x18\x02 \x01(\x03\x12\x16\n\x0e\x63hunks_trained\x18\x03 \x01(\x03\x12\x17\n\x0ftokens_ingested\x18\x04 \x01(\x03\x12\x16\n\x0epending_tokens\x18\x05 \x01(\x03\x12\x18\n\x10mean_loss_before\x18\x06 \x01(\x01\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\"m\n\x0eIngestResponse\x12&\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x15.ttt.v1.ChunkProgressH\x00\x12(\n\x07summary\x18\x02 \x01(\x0b\x32\x15.ttt.v1.IngestSummaryH\x00\x42\t\n\x07message2\xc2\x03\n\x08Sessions\x12\x42\n\rCreateSession\x12\x1c.ttt.v1.CreateSessionRequest\x1a\x13.ttt.v1.SessionInfo\x12\x35\n\nGetSession\x12\x12.ttt.v1.SessionRef\x1a\x13.ttt.v1.SessionInfo\x12I\n\x0cListSessions\x12\x1b.ttt.v1.ListSessionsRequest\x1a\x1c.ttt.v1.ListSessionsResponse\x12\x42\n\rDeleteSession\x12\x12.ttt.v1.SessionRef\x1a\x1d.ttt.v1.DeleteSessionResponse\x12\x36\n\x0bSaveSession\x12\x12.ttt.v1.SessionRef\x1a\x13.ttt.v1.SessionInfo\x12\x37\n\x0cResetSession\x12\x12.ttt.v1.SessionRef\x1a\x13.ttt.v1.SessionInfo\x12;\n\x06Ingest\x12\x15.ttt.v1.IngestRequest\x1a\x16.ttt.v1.IngestResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dserver/proto/ttt/v1/ttt.proto\x12\x06ttt.v1\"\xdf\x01\n\x12\x46\x61stWeightSettings\x12\x11\n\x04kind\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06layers\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x0f\n\x07targets\x18\x03 \x03(\t\x12\x11\n\x04rank\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05\x61lpha\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x17\n\nmlp_hidden\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x42\x07\n\x05_kindB\t\n\x07_layersB\x07\n\x05_rankB\x08\n\x06_alphaB\r\n\x0b_mlp_hiddenB\x07\n\x05_seed\"\x8c\x04\n\x0eIngestSettings\x12\x19\n\x0c\x63hunk_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0e\x63ontext_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fsteps_per_chunk\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x0f\n\x02lr\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x16\n\toptimizer\x18\x05 \x01(\tH\x04\x88\x01\x01\x12\x1a\n\rmax_grad_norm\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x18\n\x0bsink_tokens\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12measure_loss_after\x18\t \x01(\x08H\x08\x88\x01\x01\x12%\n\x18\x61\x63tivation_checkpointing\x18\n \x01(\tH\t\x88\x01\x01\x12\x1b\n\x0esurprise_power\x18\x0b \x01(\x02H\n\x88\x01\x01\x42\x0f\n\r_chunk_tokensB\x11\n\x0f_context_tokensB\x12\n\x10_steps_per_chunkB\x05\n\x03_lrB\x0c\n\n_optimizerB\x10\n\x0e_max_grad_normB\x0e\n\x0c_sink_tokensB\x0f\n\r_weight_decayB\x15\n\x13_measure_loss_afterB\x1b\n\x19_activation_checkpointingB\x11\n\x0f_surprise_power\"\xbe\x03\n\x0eRecallSettings\x12\x19\n\x0c\x65xact_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0bpool_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fspans_per_chunk\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0bspan_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x18\n\x0bpeak_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x19\n\x0creplay_spans\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x19\n\x0creplay_steps\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x16\n\treplay_lr\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x18\n\x0bstudy_spans\x18\t \x01(\x05H\x08\x88\x01\x01\x12\x18\n\x0bstudy_top_k\x18\n \x01(\x05H\t\x88\x01\x01\x42\x0f\n\r_exact_tokensB\x0e\n\x0c_pool_tokensB\x12\n\x10_spans_per_chunkB\x0e\n\x0c_span_tokensB\x0e\n\x0c_peak_tokensB\x0f\n\r_replay_spansB\x0f\n\r_replay_stepsB\x0c\n\n_replay_lrB\x0e\n\x0c_study_spansB\x0e\n\x0c_study_top_k\"\xab\x01\n\x0fSessionSettings\x12(\n\x04\x66\x61st\x18\x01 \x01(\x0b\x32\x1a.ttt.v1.FastWeightSettings\x12&\n\x06ingest\x18\x02 \x01(\x0b\x32\x16.ttt.v1.IngestSettings\x12\x13\n\x06memory\x18\x03 \x01(\tH\x00\x88\x01\x01\x12&\n\x06recall\x18\x04 \x01(\x0b\x32\x16.ttt.v1.RecallSettingsB\t\n\x07_memory\"{\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12)\n\x08settings\x18\x02 \x01(\x0b\x32\x17.ttt.v1.SessionSettings\x12$\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x13.ttt.v1.PeftAdapter\"<\n\x0bPeftAdapter\x12\x16\n\x0e\x61\x64\x61pter_config\x18\x01 \x01(\x0c\x12\x15\n\radapter_model\x18\x02 \x01(\x0c\" \n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xa4\x03\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0ftokens_ingested\x18\x02 \x01(\x03\x12\x16\n\x0epending_tokens\x18\x03 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\x03\x12\x1a\n\x12rolled_back_chunks\x18\x05 \x01(\x03\x12\x18\n\x10last_loss_before\x18\x06 \x01(\x01\x12\x17\n\x0flast_loss_after\x18\x07 \x01(\x01\x12\r\n\x05\x62ytes\x18\x08 \x01(\x03\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nupdated_at\x18\n \x01(\x01\x12\x11\n\tresidency\x18\x0b \x01(\t\x12\x16\n\x0e\x64ocument_bytes\x18\x0c \x01(\x03\x12\x16\n\x0eresident_bytes\x18\r \x01(\x03\x12\x12\n\ndisk_bytes\x18\x0e \x01(\x03\x12\x15\n\rrestored_from\x18\x0f \x01(\t\x12\x10\n\x08warnings\x18\x10 \x03(\t\x12\x0e\n\x06memory\x18\x11 \x01(\t\x12\x14\n\x0cmemory_spans\x18\x12 \x01(\x03\x12\x14\n\x0c\x65xact_tokens\x18\x13 \x01(\x03\"\x15\n\x13ListSessionsRequest\"=\n\x14ListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.ttt.v1.SessionInfo\"\x17\n\x15\x44\x65leteSessionResponse\"\x80\x01\n\x0bIngestStart\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11\x63reate_if_missing\x18\x02 \x01(\x08\x12)\n\x08settings\x18\x03 \x01(\x0b\x32\x17.ttt.v1.SessionSettings\x12\x17\n\x0f\x65nd_of_document\x18\x04 \x01(\x08\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x84\x01\n\rIngestRequest\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.ttt.v1.IngestStartH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0e\n\x04utf8\x18\x03 \x01(\x0cH\x00\x12\"\n\x06tokens\x18\x04 \x01(\x0b\x32\x10.ttt.v1.TokenIdsH\x00\x42\t\n\x07message\"\xd8\x01\n\rChunkProgress\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x13\n\x0bloss_before\x18\x03 \x01(\x01\x12\x12\n\nloss_after\x18\x04 \x01(\x01\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12\x17\n\x0ftokens_ingested\x18\x07 \x01(\x03\x12\x16\n\x0epending_tokens\x18\x08 \x01(\x03\x12\x13\n\x0brolled_back\x18\t \x01(\x08\x12\r\n\x05\x65rror\x18\n \x01(\t\"\xb0\x01\n\rIngestSummary\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0ftokens_received\x18\x02 \x01(\x03\x12\x16\n\x0e\x63hunks_trained\x18\x03 \x01(\x03\x12\x17\n\x0ftokens_ingested\x18\x04 \x01(\x03\x12\x16\n\x0epending_tokens\x18\x05 \x01(\x03\x12\x18\n\x10mean_loss_before\x18\x06 \x01(\x01\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\"m\n\x0eIngestResponse\x12&\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x15.ttt.v1.ChunkProgressH\x00\x12(\n\x07summary\x18\x02 \x01(\x0b\x32\x15.ttt.v1.IngestSummaryH\x00\x42\t\n\x07message2\xc2\x03\n\x08Sessions\x12\x42\n\rCreateSession\x12\x1c.ttt.v1.CreateSessionRequest\x1a\x13.ttt.v1.SessionInfo\x12\x35\n\nGetSession\x12\x12.ttt.v1.SessionRef\x1a\x13.ttt.v1.SessionInfo\x12I\n\x0cListSessions\x12\x1b.ttt.v1.ListSessionsRequest\x1a\x1c.ttt.v1.ListSessionsResponse\x12\x42\n\rDeleteSession\x12\x12.ttt.v1.SessionRef\x1a\x1d.ttt.v1.DeleteSessionResponse\x12\x36\n\x0bSaveSession\x12\x12.ttt.v1.SessionRef\x1a\x13.ttt.v1.SessionInfo\x12\x37\n\x0cResetSession\x12\x12.ttt.v1.SessionRef\x1a\x13.ttt.v1.SessionInfo\x12;\n\x06Ingest\x12\x15.ttt.v1.IngestRequest\x1a\x16.ttt.v1.IngestResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,37 +32,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'server.proto.ttt.v1.ttt_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FASTWEIGHTSETTINGS']._serialized_start=42
-  _globals['_FASTWEIGHTSETTINGS']._serialized_end=197
-  _globals['_INGESTSETTINGS']._serialized_start=200
-  _globals['_INGESTSETTINGS']._serialized_end=466
-  _globals['_SESSIONSETTINGS']._serialized_start=468
-  _globals['_SESSIONSETTINGS']._serialized_end=567
-  _globals['_CREATESESSIONREQUEST']._serialized_start=569
-  _globals['_CREATESESSIONREQUEST']._serialized_end=692
-  _globals['_PEFTADAPTER']._serialized_start=694
-  _globals['_PEFTADAPTER']._serialized_end=754
-  _globals['_SESSIONREF']._serialized_start=756
-  _globals['_SESSIONREF']._serialized_end=788
-  _globals['_SESSIONINFO']._serialized_start=791
-  _globals['_SESSIONINFO']._serialized_end=1151
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1153
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1174
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1176
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1237
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1239
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1262
-  _globals['_INGESTSTART']._serialized_start=1265
-  _globals['_INGESTSTART']._serialized_end=1393
-  _globals['_TOKENIDS']._serialized_start=1395
-  _globals['_TOKENIDS']._serialized_end=1418
-  _globals['_INGESTREQUEST']._serialized_start=1421
-  _globals['_INGESTREQUEST']._serialized_end=1553
-  _globals['_CHUNKPROGRESS']._serialized_start=1556
-  _globals['_CHUNKPROGRESS']._serialized_end=1772
-  _globals['_INGESTSUMMARY']._serialized_start=1775
-  _globals['_INGESTSUMMARY']._serialized_end=1951
-  _globals['_INGESTRESPONSE']._serialized_start=1953
-  _globals['_INGESTRESPONSE']._serialized_end=2062
-  _globals['_SESSIONS']._serialized_start=2065
-  _globals['_SESSIONS']._serialized_end=2515
+  _globals['_FASTWEIGHTSETTINGS']._serialized_end=265
+  _globals['_INGESTSETTINGS']._serialized_start=268
+  _globals['_INGESTSETTINGS']._serialized_end=792
+  _globals['_RECALLSETTINGS']._serialized_start=795
+  _globals['_RECALLSETTINGS']._serialized_end=1241
+  _globals['_SESSIONSETTINGS']._serialized_start=1244
+  _globals['_SESSIONSETTINGS']._serialized_end=1415
+  _globals['_CREATESESSIONREQUEST']._serialized_start=1417
+  _globals['_CREATESESSIONREQUEST']._serialized_end=1540
+  _globals['_PEFTADAPTER']._serialized_start=1542
+  _globals['_PEFTADAPTER']._serialized_end=1602
+  _globals['_SESSIONREF']._serialized_start=1604
+  _globals['_SESSIONREF']._serialized_end=1636
+  _globals['_SESSIONINFO']._serialized_start=1639
+  _globals['_SESSIONINFO']._serialized_end=2059
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=2061
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=2082
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=2084
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=2145
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=2147
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=2170
+  _globals['_INGESTSTART']._serialized_start=2173
+  _globals['_INGESTSTART']._serialized_end=2301
+  _globals['_TOKENIDS']._serialized_start=2303
+  _globals['_TOKENIDS']._serialized_end=2326
+  _globals['_INGESTREQUEST']._serialized_start=2329
+  _globals['_INGESTREQUEST']._serialized_end=2461
+  _globals['_CHUNKPROGRESS']._serialized_start=2464
+  _globals['_CHUNKPROGRESS']._serialized_end=2680
+  _globals['_INGESTSUMMARY']._serialized_start=2683
+  _globals['_INGESTSUMMARY']._serialized_end=2859
+  _globals['_INGESTRESPONSE']._serialized_start=2861
+  _globals['_INGESTRESPONSE']._serialized_end=2970
+  _globals['_SESSIONS']._serialized_start=2973
+  _globals['_SESSIONS']._serialized_end=3423
 # @@protoc_insertion_point(module_scope)

@@ -7,42 +7,84 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FastWeightSettings(_message.Message):
-    __slots__ = ("kind", "layers", "targets", "rank", "alpha")
+    __slots__ = ("kind", "layers", "targets", "rank", "alpha", "mlp_hidden", "seed")
     KIND_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
+    MLP_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     kind: str
     layers: str
     targets: _containers.RepeatedScalarFieldContainer[str]
     rank: int
     alpha: float
-    def __init__(self, kind: _Optional[str] = ..., layers: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
+    mlp_hidden: int
+    seed: int
+    def __init__(self, kind: _Optional[str] = ..., layers: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., mlp_hidden: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class IngestSettings(_message.Message):
-    __slots__ = ("chunk_tokens", "context_tokens", "steps_per_chunk", "lr", "optimizer", "max_grad_norm")
+    __slots__ = ("chunk_tokens", "context_tokens", "steps_per_chunk", "lr", "optimizer", "max_grad_norm", "sink_tokens", "weight_decay", "measure_loss_after", "activation_checkpointing", "surprise_power")
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    SINK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_LOSS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    SURPRISE_POWER_FIELD_NUMBER: _ClassVar[int]
     chunk_tokens: int
     context_tokens: int
     steps_per_chunk: int
     lr: float
     optimizer: str
     max_grad_norm: float
-    def __init__(self, chunk_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., steps_per_chunk: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+    sink_tokens: int
+    weight_decay: float
+    measure_loss_after: bool
+    activation_checkpointing: str
+    surprise_power: float
+    def __init__(self, chunk_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., steps_per_chunk: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., max_grad_norm: _Optional[float] = ..., sink_tokens: _Optional[int] = ..., weight_decay: _Optional[float] = ..., measure_loss_after: _Optional[bool] = ..., activation_checkpointing: _Optional[str] = ..., surprise_power: _Optional[float] = ...) -> None: ...
+
+class RecallSettings(_message.Message):
+    __slots__ = ("exact_tokens", "pool_tokens", "spans_per_chunk", "span_tokens", "peak_tokens", "replay_spans", "replay_steps", "replay_lr", "study_spans", "study_top_k")
+    EXACT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POOL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPANS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SPAN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_SPANS_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_LR_FIELD_NUMBER: _ClassVar[int]
+    STUDY_SPANS_FIELD_NUMBER: _ClassVar[int]
+    STUDY_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    exact_tokens: int
+    pool_tokens: int
+    spans_per_chunk: int
+    span_tokens: int
+    peak_tokens: int
+    replay_spans: int
+    replay_steps: int
+    replay_lr: float
+    study_spans: int
+    study_top_k: int
+    def __init__(self, exact_tokens: _Optional[int] = ..., pool_tokens: _Optional[int] = ..., spans_per_chunk: _Optional[int] = ..., span_tokens: _Optional[int] = ..., peak_tokens: _Optional[int] = ..., replay_spans: _Optional[int] = ..., replay_steps: _Optional[int] = ..., replay_lr: _Optional[float] = ..., study_spans: _Optional[int] = ..., study_top_k: _Optional[int] = ...) -> None: ...
 
 class SessionSettings(_message.Message):
-    __slots__ = ("fast", "ingest")
+    __slots__ = ("fast", "ingest", "memory", "recall")
     FAST_FIELD_NUMBER: _ClassVar[int]
     INGEST_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
     fast: FastWeightSettings
     ingest: IngestSettings
-    def __init__(self, fast: _Optional[_Union[FastWeightSettings, _Mapping]] = ..., ingest: _Optional[_Union[IngestSettings, _Mapping]] = ...) -> None: ...
+    memory: str
+    recall: RecallSettings
+    def __init__(self, fast: _Optional[_Union[FastWeightSettings, _Mapping]] = ..., ingest: _Optional[_Union[IngestSettings, _Mapping]] = ..., memory: _Optional[str] = ..., recall: _Optional[_Union[RecallSettings, _Mapping]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id", "settings", "adapter")
@@ -69,7 +111,7 @@ class SessionRef(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "tokens_ingested", "pending_tokens", "chunks", "rolled_back_chunks", "last_loss_before", "last_loss_after", "bytes", "created_at", "updated_at", "residency", "document_bytes", "resident_bytes", "disk_bytes", "restored_from", "warnings")
+    __slots__ = ("session_id", "tokens_ingested", "pending_tokens", "chunks", "rolled_back_chunks", "last_loss_before", "last_loss_after", "bytes", "created_at", "updated_at", "residency", "document_bytes", "resident_bytes", "disk_bytes", "restored_from", "warnings", "memory", "memory_spans", "exact_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_INGESTED_FIELD_NUMBER: _ClassVar[int]
     PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +128,9 @@ class SessionInfo(_message.Message):
     DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FROM_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_SPANS_FIELD_NUMBER: _ClassVar[int]
+    EXACT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tokens_ingested: int
     pending_tokens: int
@@ -102,7 +147,10 @@ class SessionInfo(_message.Message):
     disk_bytes: int
     restored_from: str
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., tokens_ingested: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., rolled_back_chunks: _Optional[int] = ..., last_loss_before: _Optional[float] = ..., last_loss_after: _Optional[float] = ..., bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., residency: _Optional[str] = ..., document_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., restored_from: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    memory: str
+    memory_spans: int
+    exact_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., tokens_ingested: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., rolled_back_chunks: _Optional[int] = ..., last_loss_before: _Optional[float] = ..., last_loss_after: _Optional[float] = ..., bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., residency: _Optional[str] = ..., document_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., restored_from: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., memory: _Optional[str] = ..., memory_spans: _Optional[int] = ..., exact_tokens: _Optional[int] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
     __slots__ = ()

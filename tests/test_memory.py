@@ -1,0 +1,192 @@
+"""What a session keeps to recall what left its window: surprising spans (ttt/memory.py), their rehearsal, and
+study (ttt/study.py). Tiny random Llama for the mechanics; one slow test shows the effect on the default model
+with two sessions that read the same text but for one planted fact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ttt
+from ttt.config import RecallConfig
+from ttt.ingest import forward_hidden
+from ttt.memory import Span, SpanMemory, rehearse, select_spans, span_batch
+from ttt.model import RollingContext
+from ttt.study import ContextView, StudyBatch, questions, student_loss, teacher
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = {"ingest": {"chunk_tokens": 32, "context_tokens": 32}}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return ttt.load_engine(tiny_model_dir, "cpu")
+
+
+def encode(engine, text: str) -> list[int]:
+    return engine.base.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_spans_are_the_most_surprising_sentences_cut_around_their_peak():
+    # sentences end at tokens 3 and 9 (ends[t] marks a sentence end)
+    tokens = list(range(16))
+    ends = torch.zeros(32, dtype=torch.bool)
+    ends[[3, 9]] = True
+    surprise = torch.zeros(16)
+    surprise[6], surprise[14] = 5.0, 9.0  # the third sentence is the most surprising, then the second
+    cfg = RecallConfig(spans_per_chunk=2, span_tokens=4, peak_tokens=1)
+    spans = select_spans(tokens, surprise, ends, cfg, position=100)
+    assert [sp.score for sp in spans] == [9.0, 5.0]
+    # cut to 4 tokens ending up to 4 after the peak, within the sentence: [10, 16) -> [12, 16); [4, 10) -> [6, 10)
+    assert [(sp.position, sp.tokens) for sp in spans] == [(112, [12, 13, 14, 15]), (106, [6, 7, 8, 9])]
+
+
+def test_the_memory_keeps_the_best_within_its_budget_and_reads_them_in_document_order():
+    memory = SpanMemory(RecallConfig(exact_tokens=5, pool_tokens=7))
+    a, b, c = Span([1, 2, 3], 3.0, 50), Span([4, 5], 9.0, 10), Span([6, 7, 8], 5.0, 30)
+    assert memory.add([a, b]) == [a, b]
+    assert memory.add([c]) == [c] and memory.spans == [b, c]  # a (lowest score) is out: 7 tokens at most
+    assert memory.tokens_held == 5
+    assert memory.exact_tokens() == [4, 5, 6, 7, 8]  # b at 10 before c at 30
+    assert memory.add([Span([9, 9, 9], 1.0, 60)]) == []  # ranks last and does not fit any more
+    batch = memory.replay_batch([c], seed=0)
+    assert batch[0] is c and batch[1:] == [b]  # the new span, then older ones
+    restored = SpanMemory(memory.cfg)
+    restored.load_tensors(memory.tensors())
+    assert restored.spans == memory.spans
+    inputs, targets = span_batch([b, c], "cpu")
+    assert inputs.tolist() == [[4, 5, 0], [6, 7, 8]] and targets.tolist() == [[5, -100, -100], [7, 8, -100]]
+
+
+def test_rehearsal_learns_the_spans_and_rolls_back_a_nonfinite_step(engine):
+    model = engine.base.model
+    session = engine.create_session(SMALL)
+    span = Span(encode(engine, "The secret code of the amber heron is 48213."), 40.0, 0)
+    inputs, targets = span_batch([span], "cpu")
+
+    def span_loss():
+        with torch.no_grad():
+            h = forward_hidden(model, session.fast, inputs)
+            return ttt.ingest.token_nll(model, h, targets).sum().item()
+
+    before = span_loss()
+    recall = RecallConfig(replay_steps=3, replay_lr=1e-2)
+    assert rehearse(model, session.fast, session.optimizer, [span], None, session.config.ingest, recall) is not None
+    assert span_loss() < before - 1.0
+    assert all(group["lr"] == session.config.ingest.lr for group in session.optimizer.param_groups)
+    state = {k: v.clone() for k, v in session.fast.state_dict().items()}
+    huge = RecallConfig(replay_steps=2, replay_lr=1e30)
+    sgd = engine.create_session({**SMALL, "ingest": {**SMALL["ingest"], "optimizer": "sgd"}})
+    sgd.fast.load_state_dict(state)
+    assert rehearse(model, sgd.fast, sgd.optimizer, [span], None, sgd.config.ingest, huge) is None
+    for k, v in sgd.fast.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)  # every step undone
+
+
+def test_the_teacher_sees_the_window_without_changing_it(engine):
+    model = engine.base.model
+    window = encode(engine, "Elspeth Lanyon kept a jade ring under the floor. The mill was built in 1703.")
+    context = RollingContext(model.cfg.num_layers, 64, 4)
+    with torch.no_grad():
+        forward_hidden(model, None, torch.tensor([window]), context)
+    context.commit()
+    k_before = [t.clone() for t in context.k]
+    pairs = questions(engine.base.tokenizer, [window[:8], window[10:]])
+    assert all(engine.base.tokenizer.decode(p).count("What does the text say about") == 1 for p, _ in pairs)
+    batch = teacher(model, context, pairs, top_k=5, device="cpu")
+    assert [torch.equal(a, b) for a, b in zip(k_before, context.k)] == [True] * len(k_before) and not context._new
+    # row 1's teacher = one plain forward over window + prompt + answer
+    prompt, answer = pairs[1]
+    logits = model(torch.tensor([window + prompt + answer]))[0]
+    rows = batch.positions[:, 0] == 1
+    where = batch.positions[rows, 1] + len(window)
+    want = torch.topk(logits[where], 5, dim=-1)
+    torch.testing.assert_close(batch.top_ids[rows], want.indices)
+    torch.testing.assert_close(batch.top_logp[rows], torch.log_softmax(want.values, -1), atol=1e-4, rtol=0)
+    assert batch.positions.shape[0] == sum(len(a) for _, a in pairs)
+
+
+def test_the_student_loss_is_least_when_it_matches_the_teacher(engine):
+    model = engine.base.model
+    pairs = questions(engine.base.tokenizer, [encode(engine, "The ferryman was called Oswin Tarrant.")])
+    no_context = teacher(model, None, pairs, top_k=8, device="cpu")
+    h = model.run_layers(model.embed(no_context.inputs), 0, model.cfg.num_layers)
+    # a student equal to the teacher pays only for the teacher's mass outside its top 8: -log(top-8 mass)
+    logp = torch.log_softmax(model.logits(h[no_context.positions[:, 0], no_context.positions[:, 1]]), -1)
+    outside = -torch.logsumexp(logp.gather(1, no_context.top_ids), dim=1).mean()
+    assert student_loss(model, h, no_context).item() == pytest.approx(outside.item(), abs=1e-4)
+    shifted = StudyBatch(no_context.inputs, no_context.positions, no_context.top_ids.roll(1, dims=1),
+                         no_context.top_logp)
+    assert student_loss(model, h, shifted).item() > outside.item() + 0.01
+    view = ContextView(RollingContext(model.cfg.num_layers, 8, 0), rows=1)
+    assert view.length == 0
+
+
+def test_sessions_keep_spans_study_and_save_them(engine, tmp_path):
+    ids = encode(engine, "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who, for his own "
+                         "amusement, never took up any book but the Baronetage. " * 6)
+    for memory in ("off", "fast", "balanced", "deep"):
+        session = engine.create_session({**SMALL, "memory": memory, "recall": {"study_spans": 2}})
+        session.append_tokens(ids)
+        session.end_document()
+        while session.train_next_chunk() is not None:
+            pass
+        info = session.info()
+        assert info["memory"] == memory
+        recall = session.config.recall
+        assert info["memory_spans"] == len(session.memory.spans) and (memory == "off") == (not session.memory.spans)
+        assert session.memory.tokens_held <= recall.pool_tokens
+        assert info["exact_tokens"] == len(session.memory.exact_tokens()) <= recall.exact_tokens
+        assert session.answer_prefix()[-len(session.recent_tokens()) :] == session.recent_tokens()
+        session.save(tmp_path / memory)
+        loaded = engine.load_session(tmp_path / memory)
+        assert loaded.memory.spans == session.memory.spans and loaded.config == session.config
+        assert loaded.score("Anne Elliot") == pytest.approx(session.score("Anne Elliot"), abs=1e-5)
+
+
+def test_presets_and_their_overrides():
+    cfg = ttt.SessionConfig.from_dict({"memory": "fast", "recall": {"exact_tokens": 64}})
+    assert cfg.memory == "fast" and cfg.recall.exact_tokens == 64 and cfg.recall.replay_steps == 0
+    assert ttt.SessionConfig.from_dict({}) == ttt.SessionConfig()  # no settings: "balanced"
+    assert ttt.SessionConfig().recall.exact_tokens > 0 and ttt.SessionConfig().recall.replay_steps > 0
+    off = ttt.SessionConfig.from_dict({"memory": "off"}).recall
+    assert (off.exact_tokens, off.pool_tokens, off.replay_steps) == (0, 0, 0)
+    with pytest.raises(ValueError, match="unknown memory preset"):
+        ttt.SessionConfig.from_dict({"memory": "huge"})
+    with pytest.raises(ValueError, match="replay_lr"):
+        ttt.SessionConfig.from_dict({"recall": {"replay_lr": float("nan")}})
+    with pytest.raises(ValueError, match="alpha"):
+        ttt.SessionConfig.from_dict({"fast": {"alpha": float("nan")}})
+
+
+@pytest.mark.slow
+def test_a_fact_read_once_is_recalled_after_it_left_the_window(default_model_dir):
+    """Two default sessions read the same 1.5K tokens of a novel but for one planted fact, 1K tokens before the
+    end: only the one that read it ranks the true value first, and it does so by a wide margin."""
+    import random
+
+    from bench.items import make_needles, plant
+    from bench.recall import PrefixedLM, ask
+    from bench.recall_cli import FILLER
+
+    engine = ttt.load_engine(default_model_dir, "cpu")
+    tok = engine.base.tokenizer
+    filler = tok(FILLER.read_text()[30000:40000], add_special_tokens=False).input_ids[:1500]
+    item = make_needles(random.Random(3), 1, kinds=["code"])[0]
+    other = make_needles(random.Random(4), 1, kinds=["place"])[0]
+    margins = []
+    for fact in (item.facts[0], other.facts[0]):
+        doc, _ = plant(tok, filler, [(500, fact)])
+        session = engine.create_session()
+        session.append_tokens(doc)
+        session.end_document()
+        while session.train_next_chunk() is not None:
+            pass
+        lm = PrefixedLM(engine, session.answer_prefix(), session.fast)
+        result = ask(lm, item, answer_tokens=4)
+        nll = result["statement_nll"]
+        margins.append(min(nll[1:]) - nll[0])  # > 0: the true value is the likeliest
+    read, not_read = margins
+    assert read > 2.0 and not_read < 1.0

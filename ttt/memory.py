@@ -1,0 +1,177 @@
+"""What makes a session recall what it read after it left the window: surprising spans, kept and rehearsed.
+
+Next-token prediction on a text read once stores its surface, not its facts (measured: a planted fact read
+once and out of the window is recalled no better than by the window alone). A chunk's honest score already
+tells which of its tokens the session did not expect (their NLL before the update: *surprise*); the spans
+around those tokens are what a later question is most likely to need and least likely to be learned by one
+step. A ``SpanMemory`` keeps the most surprising spans seen so far within a fixed token budget (memory stays
+flat in document length), and they are used two ways:
+  * **exact**: the ``exact_tokens`` most surprising of them are read, verbatim and in document order, before
+    the window by every answer (as SR-TTT's exact cache of high-surprise tokens);
+  * **replay**: after each chunk's step, one more step on a batch of spans, the chunk's new ones plus older ones
+    drawn from the pool (spaced repetition, as Titans' surprise-driven memory), each span on its own (no context),
+    so the fast weights learn the span itself and not its neighbourhood.
+
+Shapes: T tokens in a chunk, N spans in a replay batch, L the longest of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .config import RecallConfig
+
+SENTENCE_END = (".", "!", "?", ";", ":")
+
+
+@dataclass
+class Span:
+    """A piece of the document, verbatim, with how surprising it was and where it was read."""
+
+    tokens: list[int]
+    score: float  # the sum of its most surprising tokens' NLL (nats), when it was read
+    position: int  # the index of its first token in the session's stream of trained tokens
+
+
+@functools.lru_cache(maxsize=4)
+def sentence_ends(tokenizer) -> torch.Tensor:
+    """[V] bool: the token ends a sentence or a line (its text, without closing quotes, ends in . ! ? ; : or has
+    a newline). Computed once per tokenizer."""
+    ends = torch.zeros(len(tokenizer), dtype=torch.bool)
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([i])
+        ends[i] = "\n" in text or text.rstrip(" \"')").endswith(SENTENCE_END)
+    return ends
+
+
+def select_spans(tokens: Sequence[int], surprise: torch.Tensor, ends: torch.Tensor, cfg: RecallConfig,
+                 position: int) -> list[Span]:
+    """The chunk's ``cfg.spans_per_chunk`` most surprising sentences (each cut to ``cfg.span_tokens`` around its
+    most surprising token, keeping what comes before it: a fact's key usually precedes its value).
+
+    ``tokens`` [T] and ``surprise`` [T] (NLL of each token before the update; 0 where unscored); ``position`` is
+    the stream index of ``tokens[0]``.
+    """
+    bounds = (torch.nonzero(ends[torch.as_tensor(tokens)]).flatten() + 1).tolist()
+    starts = [0] + [b for b in bounds if b < len(tokens)]
+    stops = starts[1:] + [len(tokens)]
+    candidates = []
+    for a, b in zip(starts, stops, strict=True):
+        s = surprise[a:b]
+        top = torch.topk(s, min(cfg.peak_tokens, b - a)).values.sum().item()
+        peak = a + int(s.argmax())
+        lo = max(a, min(peak + 4, b) - cfg.span_tokens)
+        hi = min(b, lo + cfg.span_tokens)
+        candidates.append(Span(list(tokens[lo:hi]), top, position + lo))
+    candidates.sort(key=lambda sp: -sp.score)
+    return candidates[: cfg.spans_per_chunk]
+
+
+class SpanMemory:
+    """The most surprising spans read so far, at most ``cfg.pool_tokens`` tokens in all (lowest score out first)."""
+
+    def __init__(self, cfg: RecallConfig):
+        self.cfg = cfg
+        self.spans: list[Span] = []  # by descending score
+
+    @property
+    def tokens_held(self) -> int:
+        return sum(len(s.tokens) for s in self.spans)
+
+    def add(self, spans: Sequence[Span]) -> list[Span]:
+        """Keep ``spans`` if they rank within the budget; returns those kept."""
+        self.spans = sorted([*self.spans, *spans], key=lambda sp: -sp.score)
+        kept, total = [], 0
+        for sp in self.spans:
+            if total + len(sp.tokens) <= self.cfg.pool_tokens:
+                kept.append(sp)
+                total += len(sp.tokens)
+        self.spans = kept
+        return [sp for sp in spans if any(sp is k for k in kept)]
+
+    def exact_tokens(self) -> list[int]:
+        """The most surprising spans within ``cfg.exact_tokens``, in document order, as one token list."""
+        chosen, total = [], 0
+        for sp in self.spans:
+            if total + len(sp.tokens) <= self.cfg.exact_tokens:
+                chosen.append(sp)
+                total += len(sp.tokens)
+        return [t for sp in sorted(chosen, key=lambda sp: sp.position) for t in sp.tokens]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The spans as flat tensors (for a checkpoint); ``load_tensors`` reads them back."""
+        return {
+            "span_tokens": torch.tensor([t for sp in self.spans for t in sp.tokens], dtype=torch.int64),
+            "span_lengths": torch.tensor([len(sp.tokens) for sp in self.spans], dtype=torch.int64),
+            "span_positions": torch.tensor([sp.position for sp in self.spans], dtype=torch.int64),
+            "span_scores": torch.tensor([sp.score for sp in self.spans], dtype=torch.float64),
+        }
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "span_tokens" not in tensors:  # a checkpoint from before span memories: none kept
+            self.spans = []
+            return
+        pieces = torch.split(tensors["span_tokens"], tensors["span_lengths"].tolist())
+        self.spans = [Span(p.tolist(), score, position) for p, score, position in zip(
+            pieces, tensors["span_scores"].tolist(), tensors["span_positions"].tolist(), strict=True)]
+
+    def replay_batch(self, new: Sequence[Span], seed: int) -> list[Span]:
+        """The chunk's new spans plus up to ``cfg.replay_spans`` older ones drawn at random (seeded)."""
+        older = [sp for sp in self.spans if not any(sp is n for n in new)]
+        drawn = random.Random(seed).sample(older, min(self.cfg.replay_spans, len(older)))
+        return [*new, *drawn]
+
+
+def span_batch(spans: Sequence[Span], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs [N, L] and targets [N, L] (-100 past a span's end and at its first token: nothing predicts it)."""
+    length = max(len(sp.tokens) for sp in spans)
+    inputs = torch.zeros(len(spans), length, dtype=torch.long)
+    targets = torch.full((len(spans), length), -100, dtype=torch.long)
+    for i, sp in enumerate(spans):
+        inputs[i, : len(sp.tokens)] = torch.tensor(sp.tokens)
+        targets[i, : len(sp.tokens) - 1] = torch.tensor(sp.tokens[1:])
+    return inputs.to(device), targets.to(device)
+
+
+def rehearse(model, fast, optimizer, spans: Sequence[Span], study, ingest_cfg, recall_cfg: RecallConfig) -> float | None:
+    """``recall_cfg.replay_steps`` steps on ``spans`` (next-token prediction, each span alone) plus, when ``study``
+    (a ``study.StudyBatch``) is given, its distillation loss; returns the last loss, or None when a step went
+    non-finite (then every step of this call is undone)."""
+    from .ingest import forward_hidden, restore, snapshot, token_nll, update
+    from .study import student_loss
+
+    device = next(fast.parameters()).device
+    inputs, targets = span_batch(spans, device) if spans else (None, None)
+    params = [p for p in fast.parameters() if p.requires_grad]
+    for group in optimizer.param_groups:
+        group["lr"] = recall_cfg.replay_lr or ingest_cfg.lr
+    saved = snapshot(params, optimizer)
+    loss_value = None
+    try:
+        for step in range(recall_cfg.replay_steps):
+            loss = torch.zeros((), device=device)
+            if inputs is not None:
+                h = forward_hidden(model, fast, inputs, None, None, ingest_cfg.activation_checkpointing)
+                loss = loss + token_nll(model, h, targets).sum() / (targets != -100).sum()  # 0 at -100
+            if study is not None:
+                h = forward_hidden(model, fast, study.inputs, None, None, ingest_cfg.activation_checkpointing)
+                loss = loss + student_loss(model, h, study)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite rehearsal loss at step {step}")
+            loss.backward()
+            _, why, _ = update(params, optimizer, ingest_cfg, step)
+            if why is not None:
+                raise FloatingPointError(why)
+            loss_value = loss.item()
+    except FloatingPointError:
+        optimizer.zero_grad(set_to_none=True)
+        restore(params, optimizer, saved)
+        loss_value = None
+    for group in optimizer.param_groups:
+        group["lr"] = ingest_cfg.lr
+    return loss_value
