@@ -53,8 +53,9 @@ class Shape:
         return 2 * self.layers * self.kv_heads * self.head_dim * tokens * bytes_per_value
 
     def session_bytes(self, cfg: ttt.SessionConfig, bytes_per_value: int) -> int:
-        """A LoRA session's resident bytes: fp32 fast weights + AdamW's two moments + the window's K/V twice
-        (the rolling context ingest attends to, and the answers' prefix cache)."""
+        """A LoRA session's resident bytes once its exact memory is full (at most this, whatever it read): fp32
+        fast weights + AdamW's two moments + the window's K/V (the rolling context ingest attends to) + the
+        answers' prefix cache (the exact spans' and the window's K/V). The spans' token ids are not tensors."""
         fast = len(cfg.fast.layer_indices(self.layers))
         io = {"q_proj": (self.hidden, self.hidden), "k_proj": (self.hidden, self.kv_heads * self.head_dim),
               "v_proj": (self.hidden, self.kv_heads * self.head_dim), "o_proj": (self.hidden, self.hidden),
@@ -63,7 +64,8 @@ class Shape:
         params = fast * sum(cfg.fast.rank * sum(io[t]) for t in cfg.fast.targets)
         # The rolling context caches context_tokens - 1 tokens: the last one is fed with the next chunk.
         rolling = self.kv_bytes(max(cfg.ingest.context_tokens - 1, 0), bytes_per_value)
-        return 3 * 4 * params + rolling + self.kv_bytes(cfg.ingest.context_tokens, bytes_per_value)
+        answers = self.kv_bytes(cfg.recall.exact_tokens + cfg.ingest.context_tokens, bytes_per_value)
+        return 3 * 4 * params + rolling + answers
 
 
 KNOWN_SHAPES = {"Llama-3-8B": Shape(32, 8, 128, 4096, 14336), "Llama-3-70B": Shape(80, 8, 128, 8192, 28672)}

@@ -150,7 +150,7 @@ def ingest_case(spec: dict) -> dict:
 
     def step(n: int):
         item = ChunkItem(fast, optimizer, None, chunk[:0], chunk[:n], ingest, len(reports))
-        reports += train_chunks(model, [item])
+        reports.extend(train_chunks(model, [item]))
 
     seconds, peak = measure(step, spec["tokens"], device, spec["repeats"])
     return {"seconds": seconds, "peak_bytes": peak, "loss": reports[-1].loss_before}

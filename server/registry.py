@@ -78,10 +78,13 @@ class Entry:
 
 
 def merge(base: dict, override: dict) -> dict:
-    """A partial SessionConfig dict over another."""
-    out = {k: dict(v) for k, v in base.items()}
-    for section, values in override.items():
-        out.setdefault(section, {}).update(values)
+    """A partial SessionConfig dict over another (sections merge field by field; the preset name is replaced)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, values in override.items():
+        if isinstance(values, dict):
+            out[key] = {**(out.get(key) or {}), **values}
+        else:
+            out[key] = values
     return out
 
 

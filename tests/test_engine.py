@@ -47,10 +47,13 @@ def one_layer_engine(tmp_path_factory):
     return ttt.load_engine(path, device="cpu")
 
 
-def make_session(engine, *, kind="lora", layers="all", rank=4, **ingest):
+def make_session(engine, *, kind="lora", layers="all", rank=4, memory="off", **ingest):
+    """A small session; by default without the recall memory (its spans and rehearsal: tests/test_memory.py), so
+    that these tests see the bare ingest step and window."""
     cfg = dict(chunk_tokens=16, context_tokens=24, sink_tokens=4, lr=1e-2)
     cfg.update(ingest)
-    return engine.create_session({"fast": {"kind": kind, "layers": layers, "rank": rank, "mlp_hidden": 32}, "ingest": cfg})
+    fast = {"kind": kind, "layers": layers, "rank": rank, "mlp_hidden": 32}
+    return engine.create_session({"fast": fast, "ingest": cfg, "memory": memory})
 
 
 def rand_ids(n: int, seed: int = 0) -> list[int]:
@@ -497,7 +500,7 @@ def test_session_window_is_part_of_prompt_and_weights_unchanged(engine):
 
 
 def test_answers_reuse_the_windows_keys_and_values_until_the_session_changes(engine, monkeypatch):
-    s = make_session(engine)
+    s = make_session(engine, memory="balanced")  # answers read the exact spans kept, then the window
     s.append_tokens(PATTERN[:40])
     train_all(s)
     prompt_tokens = len(chat_prompt(engine.base.tokenizer, MSGS))
@@ -512,20 +515,22 @@ def test_answers_reuse_the_windows_keys_and_values_until_the_session_changes(eng
     monkeypatch.setattr(type(engine.base.model), "forward", spy)
     params = ttt.SamplingParams(max_tokens=6)
     # The same answer as prefilling window + prompt in one forward (no cache): same weights, same tokens.
-    expect = engine.answer(MSGS, params, s.fast, s.recent_tokens(), stream=False)
+    assert len(s.answer_prefix()) > len(s.recent_tokens())
+    expect = engine.answer(MSGS, params, s.fast, s.answer_prefix(), stream=False)
     first = s.generate(MSGS, max_tokens=6)
     cached = s._answer_prefix[1]
     again = s.generate(MSGS, max_tokens=6, stream=True)
     assert "".join(again) == first.text == expect.text
-    assert again.prompt_tokens == first.prompt_tokens == len(s.window) + prompt_tokens
-    assert prefilled == [len(s.window) + prompt_tokens, prompt_tokens, prompt_tokens]  # window + prompt once
+    prefix = len(s.answer_prefix())
+    assert again.prompt_tokens == first.prompt_tokens == prefix + prompt_tokens
+    assert prefilled == [prefix + prompt_tokens, prompt_tokens, prompt_tokens]  # prefix + prompt once
     assert s._answer_prefix[1] is cached and s.resident_bytes() > cached.num_bytes() > 0
 
     s.append_tokens(PATTERN[40:60])  # a change (pending tokens join the window): a new prefix
     train_all(s)
     changed = s.generate(MSGS, max_tokens=6)
-    assert s._answer_prefix[1] is not cached and s._answer_prefix[1].tokens == s.recent_tokens()
-    assert changed.text == engine.answer(MSGS, params, s.fast, s.recent_tokens(), stream=False).text
+    assert s._answer_prefix[1] is not cached and s._answer_prefix[1].tokens == s.answer_prefix()
+    assert changed.text == engine.answer(MSGS, params, s.fast, s.answer_prefix(), stream=False).text
     s.to("cpu")  # a move drops the cache (it is rebuilt where the session is)
     assert s._answer_prefix is None
 

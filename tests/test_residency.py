@@ -15,7 +15,8 @@ import ttt
 from server.registry import Limits, SessionRegistry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SMALL = {"ingest": {"chunk_tokens": 16, "context_tokens": 16}}
+# No recall memory: every trained session then has about the same size (the budgets below count sessions).
+SMALL = {"ingest": {"chunk_tokens": 16, "context_tokens": 16}, "memory": "off"}
 KJV = (Path(__file__).parent / "data" / "kjv_genesis_exodus.txt").read_text(encoding="utf-8")
 QUESTION = [{"role": "user", "content": "Who made the heaven and the earth?"}]
 

@@ -140,38 +140,51 @@ def span_batch(spans: Sequence[Span], device) -> tuple[torch.Tensor, torch.Tenso
 
 def rehearse(model, fast, optimizer, spans: Sequence[Span], study, ingest_cfg, recall_cfg: RecallConfig) -> float | None:
     """``recall_cfg.replay_steps`` steps on ``spans`` (next-token prediction, each span alone) plus, when ``study``
-    (a ``study.StudyBatch``) is given, its distillation loss; returns the last loss, or None when a step went
-    non-finite (then every step of this call is undone)."""
-    from .ingest import forward_hidden, restore, snapshot, token_nll, update
-    from .study import student_loss
+    (a ``study.StudyBatch``) is given, its distillation loss. Returns the loss after the steps (measured when
+    ``ingest_cfg.measure_loss_after``, else the last step's), or None when anything went non-finite: then every
+    step of this call is undone, as a chunk's are."""
+    from .ingest import restore, snapshot, update
 
-    device = next(fast.parameters()).device
-    inputs, targets = span_batch(spans, device) if spans else (None, None)
     params = [p for p in fast.parameters() if p.requires_grad]
     for group in optimizer.param_groups:
         group["lr"] = recall_cfg.replay_lr or ingest_cfg.lr
     saved = snapshot(params, optimizer)
-    loss_value = None
     try:
         for step in range(recall_cfg.replay_steps):
-            loss = torch.zeros((), device=device)
-            if inputs is not None:
-                h = forward_hidden(model, fast, inputs, None, None, ingest_cfg.activation_checkpointing)
-                loss = loss + token_nll(model, h, targets).sum() / (targets != -100).sum()  # 0 at -100
-            if study is not None:
-                h = forward_hidden(model, fast, study.inputs, None, None, ingest_cfg.activation_checkpointing)
-                loss = loss + student_loss(model, h, study)
+            loss = _rehearsal_loss(model, fast, spans, study, ingest_cfg)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite rehearsal loss at step {step}")
             loss.backward()
             _, why, _ = update(params, optimizer, ingest_cfg, step)
             if why is not None:
                 raise FloatingPointError(why)
-            loss_value = loss.item()
+        if ingest_cfg.measure_loss_after:  # finite weights can still make the loss non-finite
+            with torch.no_grad():
+                loss = _rehearsal_loss(model, fast, spans, study, ingest_cfg)
+            if not torch.isfinite(loss):
+                raise FloatingPointError("non-finite loss after the rehearsal")
+        result = loss.item()
     except FloatingPointError:
         optimizer.zero_grad(set_to_none=True)
         restore(params, optimizer, saved)
-        loss_value = None
+        result = None
     for group in optimizer.param_groups:
         group["lr"] = ingest_cfg.lr
-    return loss_value
+    return result
+
+
+def _rehearsal_loss(model, fast, spans: Sequence[Span], study, ingest_cfg) -> torch.Tensor:
+    """Mean NLL over the spans' tokens (each span alone) plus the study batch's distillation loss."""
+    from .ingest import forward_hidden, token_nll
+    from .study import student_loss
+
+    device = next(fast.parameters()).device
+    loss = torch.zeros((), device=device)
+    if spans:
+        inputs, targets = span_batch(spans, device)
+        h = forward_hidden(model, fast, inputs, None, None, ingest_cfg.activation_checkpointing)
+        loss = loss + token_nll(model, h, targets).sum() / (targets != -100).sum()  # token_nll is 0 at -100
+    if study is not None:
+        h = forward_hidden(model, fast, study.inputs, None, None, ingest_cfg.activation_checkpointing)
+        loss = loss + student_loss(model, h, study)
+    return loss

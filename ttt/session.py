@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .batch import ChunkItem, train_chunks
-from .config import PER_CHUNK, SessionConfig
+from .config import PER_CHUNK, IngestConfig, SessionConfig
 from .fast_weights import build_fast_weights
 from .generate import PrefixCache, SamplingParams, TokenStream
 from .ingest import ChunkReport, forward_hidden, make_optimizer, next_token_nll
@@ -167,7 +167,7 @@ class Session:
         with self.lock:
             chunk_ids = self.pending[: item.chunk.numel()]
             del self.pending[: len(chunk_ids)]
-            self._remember(chunk_ids, report)
+            self._remember(chunk_ids, report, item.cfg)
             self.window = (self.window + chunk_ids)[-max(item.cfg.context_tokens, 1) :]
             s = self.stats
             s.tokens_ingested += len(chunk_ids)
@@ -178,7 +178,7 @@ class Session:
             self.version += 1
             return report
 
-    def _remember(self, chunk_ids: list[int], report: ChunkReport) -> None:
+    def _remember(self, chunk_ids: list[int], report: ChunkReport, ingest: IngestConfig) -> None:
         """Keep the chunk's most surprising spans (memory.py), then rehearse them with older ones and study
         questions about them while the chunk is still in the window (study.py)."""
         recall = self.config.recall
@@ -188,7 +188,7 @@ class Session:
         spans = select_spans(chunk_ids, report.surprise, sentence_ends(base.tokenizer), recall,
                              self.stats.tokens_ingested)
         kept = self.memory.add(spans)
-        if not recall.replay_steps:
+        if not recall.replay_steps or report.rolled_back:  # a chunk whose update was undone is not rehearsed on
             return
         batch = self.memory.replay_batch(kept, seed=self.config.fast.seed * 1_000_003 + self.stats.chunks)
         study = None
@@ -196,7 +196,7 @@ class Session:
             pairs = questions(base.tokenizer, [sp.tokens for sp in spans[: recall.study_spans]])
             study = teacher(base.model, self._context(), pairs, recall.study_top_k, base.device)
         if batch or study is not None:
-            rehearse(base.model, self.fast, self.optimizer, batch, study, self.config.ingest, recall)
+            rehearse(base.model, self.fast, self.optimizer, batch, study, ingest, recall)
 
     def _context(self) -> RollingContext | None:
         """The cached keys/values of the window before its last token; rebuilt from the window when absent."""
