@@ -254,7 +254,8 @@ def book_items(tokenizer, tokens: int | None = None) -> tuple[list[int], list[It
     items = []
     for q in json.loads(BOOK_QUESTIONS.read_text(encoding="utf-8")):
         at = text.index(q["evidence"])
-        first, last = bisect.bisect_left(starts, at), bisect.bisect_left(starts, at + len(q["evidence"]))
+        first = bisect.bisect_right(starts, at) - 1  # the token holding the evidence's first character
+        last = bisect.bisect_left(starts, at + len(q["evidence"]))
         if last <= len(ids):
             items.append(Item("book", [], q["question"] + " Answer briefly.", q["answer"], q["wrong"], q["cloze"],
                               [first]))

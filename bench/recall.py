@@ -136,13 +136,16 @@ def ask(lm: PrefixedLM, item: Item, answer_tokens: int = 16) -> dict:
 def memories(engine: ttt.Engine, doc: Sequence[int], names: Sequence[str], session: ttt.Session | None = None,
              context_tokens: int = 512) -> dict[str, PrefixedLM]:
     """The memories ``names`` after reading ``doc`` (``session``: the one that read it, for "ttt" and "weights");
-    "window" sees the last ``context_tokens`` tokens; "full" keeps what fits with a question."""
+    "window" sees the last ``context_tokens`` tokens; each keeps the last tokens of its prefix that fit with a
+    question (as ``Engine.prompt`` does)."""
+    room = engine.base.cfg.max_position_embeddings - QUESTION_ROOM
     makers = {
         "none": lambda: PrefixedLM(engine, []),
-        "window": lambda: PrefixedLM(engine, doc[max(0, len(doc) - context_tokens) :] if context_tokens else []),
-        "ttt": lambda: PrefixedLM(engine, session.answer_prefix(), session.fast),
+        "window": lambda: PrefixedLM(engine, doc[max(0, len(doc) - context_tokens) :] if context_tokens else [],
+                                     room=room),
+        "ttt": lambda: PrefixedLM(engine, session.answer_prefix(), session.fast, room=room),
         "weights": lambda: PrefixedLM(engine, [], session.fast),
-        "full": lambda: PrefixedLM(engine, doc, room=engine.base.cfg.max_position_embeddings - QUESTION_ROOM),
+        "full": lambda: PrefixedLM(engine, doc, room=room),
     }
     return {name: makers[name]() for name in names}
 
