@@ -75,6 +75,8 @@ def add_client_commands(sub) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files ('-': standard input); one stream each")
     p.add_argument("--session", "-s", required=True, metavar="ID", help="session id")
     p.add_argument("--chunk-tokens", type=_positive, metavar="N", help="tokens per training chunk (new sessions only)")
+    p.add_argument("--memory", metavar="PRESET", help="how hard a new session works to recall what it reads: off, fast, "
+                   "balanced (the default) or deep, trading ingest speed for recall (new sessions only)")
     p.add_argument("--piece-bytes", type=_positive, default=DEFAULT_PIECE_BYTES, metavar="N",
                    help=f"bytes per streamed message (default {DEFAULT_PIECE_BYTES})")
     p.add_argument("--keep-pending", action="store_true",
@@ -165,7 +167,8 @@ def _ingest_file(client, args, path: str, settings: dict | None) -> dict:
         info = client.get_session(args.session)
         baseline = info["tokens_ingested"] + info["pending_tokens"]
         if settings:
-            print(f"note: session {args.session} exists; --chunk-tokens applies only to new sessions", file=sys.stderr)
+            print(f"note: session {args.session} exists; --chunk-tokens and --memory apply only to new sessions",
+                  file=sys.stderr)
             settings = None
     except TTTError as e:
         if e.code_name != "NOT_FOUND":
@@ -232,7 +235,9 @@ def _ingest_file(client, args, path: str, settings: dict | None) -> dict:
 
 
 def run_ingest(args) -> int:
-    settings = {"ingest": {"chunk_tokens": args.chunk_tokens}} if args.chunk_tokens else None
+    settings = {"ingest": {"chunk_tokens": args.chunk_tokens}} if args.chunk_tokens else {}
+    if args.memory:
+        settings["memory"] = args.memory
     with _client(args) as client:
         for path in args.files:
             _ingest_file(client, args, path, settings)
@@ -270,6 +275,8 @@ def _print_info(s: dict) -> None:
         ("residency", s["residency"]),
         ("resident_bytes", _fmt_bytes(s["resident_bytes"])),
         ("disk_bytes", _fmt_bytes(s["disk_bytes"])),
+        ("memory", f"{s['memory']}: {s['memory_spans']} surprising spans kept, {s['exact_tokens']} of their tokens "
+                   "read by every answer"),
     ]
     if s["restored_from"]:  # the newest checkpoint was damaged: say which one was loaded, and why
         fields.append(("restored_from", s["restored_from"]))

@@ -302,10 +302,15 @@ def test_cli_chunk_tokens_and_stdin(capsys, tmp_path, address, tokenizer, monkey
     doc = tmp_path / "doc.txt"
     doc.write_text(TEXT, encoding="utf-8")
     expected = n_tokens(tokenizer, TEXT)
-    rc, out, err = run_cli(capsys, "ingest", doc, "-s", "chunky", "--server", address, "--chunk-tokens", 16, "-q")
+    rc, out, err = run_cli(capsys, "ingest", doc, "-s", "chunky", "--server", address, "--chunk-tokens", 16,
+                           "--memory", "fast", "-q")
     assert rc == 0, err
     assert f"{expected} tokens, {-(-expected // 16)} chunks" in out
+    rc, out, err = run_cli(capsys, "sessions", "show", "chunky", "--server", address)
+    assert rc == 0 and "memory:" in out and "fast:" in out and "surprising spans kept" in out
     TTTClient(address).delete_session("chunky")
+    rc, _, err = run_cli(capsys, "ingest", doc, "-s", "chunky", "--server", address, "--memory", "huge", "-q")
+    assert rc == 1 and "unknown memory preset 'huge'" in err
 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(TEXT.encode())))  # FILE '-'
     rc, out, err = run_cli(capsys, "ingest", "-", "-s", "stdin", "--server", address, "--piece-bytes", 5, "-q")

@@ -410,11 +410,29 @@ def test_invalid_settings(client):
         "target": (pb.SessionSettings(fast=pb.FastWeightSettings(targets=["lm_head"])), "unknown LoRA targets"),
         "opt": (pb.SessionSettings(ingest=pb.IngestSettings(optimizer="adam")), "choose 'adamw' or 'sgd'"),
         "lr": (pb.SessionSettings(ingest=pb.IngestSettings(lr=-1)), "lr and max_grad_norm must be positive"),
+        "preset": (pb.SessionSettings(memory="huge"), "unknown memory preset 'huge'"),
+        "exact": (pb.SessionSettings(recall=pb.RecallSettings(exact_tokens=1 << 20)), "recall.exact_tokens must be"),
+        "replay_lr": (pb.SessionSettings(recall=pb.RecallSettings(replay_lr=float("nan"))), "replay_lr must be"),
+        "alpha": (pb.SessionSettings(fast=pb.FastWeightSettings(alpha=float("nan"))), "alpha must be finite"),
     }
     for name, (settings, message) in bad.items():
         client.fails(Code.INVALID_ARGUMENT, client.create, f"bad-{name}", settings, match=re.escape(message))
         client.fails(Code.INVALID_ARGUMENT, client.ingest, start(f"bad-{name}", settings=settings), ["Hi"], match=re.escape(message))
         client.fails(Code.NOT_FOUND, client.get, f"bad-{name}")  # nothing was created
+
+
+def test_memory_settings_on_create_and_fixed_afterwards(client):
+    settings = pb.SessionSettings(memory="fast", recall=pb.RecallSettings(exact_tokens=64, study_spans=1))
+    info = client.create("recalls", settings)
+    assert info.memory == "fast" and info.memory_spans == 0 and info.exact_tokens == 0
+    _, summary = client.ingest(start("recalls", create=False), [book(20_000, 23_000)])
+    info = client.get("recalls")
+    assert summary.chunks_trained > 0 and info.memory_spans > 0 and 0 < info.exact_tokens <= 64
+    # a stream may not change what shapes the session (only lr, steps_per_chunk and max_grad_norm)
+    client.fails(Code.INVALID_ARGUMENT, client.ingest, start("recalls", create=False,
+                 settings=pb.SessionSettings(memory="deep")), ["Hi"], match="memory can only be set")
+    client.fails(Code.INVALID_ARGUMENT, client.ingest, start("recalls", create=False, settings=pb.SessionSettings(
+        recall=pb.RecallSettings(exact_tokens=8))), ["Hi"], match="recall.exact_tokens can only be set")
 
 
 def test_invalid_utf8_keeps_what_came_before(client, tokenizer):

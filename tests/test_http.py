@@ -27,10 +27,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.auth import hash_key
-from server.http_app import FastSettings, IngestSettings
+from server.http_app import FastSettings, IngestSettings, RecallSettings
 from server.main import Server
 from server.settings import Settings
-from ttt.config import FastWeightConfig, IngestConfig
+import ttt.config
+from ttt.config import FastWeightConfig, IngestConfig, RecallConfig
 from ttt.generate import TokenStream
 from ttt.tokenize import IncrementalTokenizer
 
@@ -293,17 +294,24 @@ def test_sessions_rest_lifecycle(api, tokenizer):
 
 
 def test_session_settings(api, open_server):
-    # The typed request body names exactly the engine's settings (a new setting must be added to both).
+    # The typed request body is derived from the engine's settings (ttt.config.SCHEMA): the same names and caps.
     assert set(FastSettings.model_fields) == {f.name for f in dataclasses.fields(FastWeightConfig)}
     assert set(IngestSettings.model_fields) == {f.name for f in dataclasses.fields(IngestConfig)}
+    assert set(RecallSettings.model_fields) == {f.name for f in dataclasses.fields(RecallConfig)}
+    schema = api.get("/openapi.json").json()["components"]["schemas"]
+    exact = schema["RecallSettings"]["properties"]["exact_tokens"]
+    assert exact["maximum"] == 1 << 16 and "verbatim" in exact["description"]
 
-    settings = {"fast": {"kind": "mlp", "mlp_hidden": 16, "layers": "last:2"},
-                "ingest": {"lr": 0.001, "betas": [0.8, 0.9], "steps_per_chunk": 2}}
+    settings = {"memory": "deep", "fast": {"kind": "mlp", "mlp_hidden": 16, "layers": "last:2"},
+                "ingest": {"lr": 0.001, "betas": [0.8, 0.9], "steps_per_chunk": 2}, "recall": {"exact_tokens": 64}}
     assert api.post("/v1/sessions", json={"id": "tuned", "settings": settings}).status_code == 201
     config = open_server.state.registry.get("local", "tuned").config
     assert (config.fast.kind, config.fast.mlp_hidden, config.fast.layers) == ("mlp", 16, "last:2")
     assert (config.ingest.lr, config.ingest.betas, config.ingest.steps_per_chunk) == (0.001, (0.8, 0.9), 2)
     assert config.ingest.chunk_tokens == CHUNK  # the server's defaults fill in the rest
+    deep = ttt.config.PRESETS["deep"]["recall"]
+    assert (config.memory, config.recall.exact_tokens, config.recall.replay_steps) == ("deep", 64, deep["replay_steps"])
+    assert api.get("/v1/sessions/tuned").json()["memory"] == "deep"
 
     bad = [
         {"id": 5}, {"id": ".hidden"}, {"unknown": 1},
@@ -314,6 +322,8 @@ def test_session_settings(api, open_server):
         {"settings": {"fast": {"targets": ["nope"]}}}, {"settings": {"fast": {"seed": 2**64}}},
         {"settings": {"ingest": {"lr": -1}}}, {"settings": {"ingest": {"chunk_tokens": 1}}},
         {"settings": {"ingest": {"betas": [0.9]}}}, {"settings": {"ingest": {"optimizer": "lion"}}},
+        {"settings": {"memory": "huge"}}, {"settings": {"recall": {"exact_tokens": 1 << 20}}},
+        {"settings": {"recall": {"nope": 1}}}, {"settings": {"recall": {"replay_lr": -1}}},
     ]
     before = {s["id"] for s in api.get("/v1/sessions").json()["data"]}
     for body in bad:
