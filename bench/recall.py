@@ -74,19 +74,25 @@ class PrefixedLM:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     @torch.no_grad()
-    def nll_after(self, context: list[int], target: list[int]) -> float:
-        """Total NLL (nats) of ``target`` tokens after the prefix and then ``context``."""
-        ids = self.prefix[-1:] + context + target
-        if not self.prefix:  # nothing predicts the very first token
-            ids, target = ids, target if context else target[1:]
-        logits = self._forward(ids[:-1], rewind=True)[-len(target) :]
-        return F.cross_entropy(logits, torch.tensor(target, device=self.device), reduction="sum").item()
+    def nll_after(self, context: list[int], targets: list[list[int]]) -> list[float]:
+        """Total NLL (nats) of each of ``targets`` after the prefix and then ``context`` (read once for all)."""
+        if not self.prefix and not context:
+            raise ValueError("nothing before the targets: give a context")
+        feed = self.prefix[-1:] + context
+        last = self._forward(feed, rewind=True)[-1]  # predicts each target's first token
+        middle = self.cache.length
+        out = []
+        for target in targets:
+            logits = torch.cat([last[None], self._forward(target[:-1], rewind=False)]) if len(target) > 1 else last[None]
+            self.cache.length = middle
+            out.append(F.cross_entropy(logits, torch.tensor(target, device=self.device), reduction="sum").item())
+        return out
 
     def nll(self, text: str) -> tuple[float, int]:
         """Total NLL (nats) of ``text``'s tokens after the prefix, and how many tokens were scored."""
         ids = self.encode(text)
         head, target = (ids[:1], ids[1:]) if not self.prefix else ([], ids)
-        return self.nll_after(head, target), len(target)
+        return self.nll_after(head, [target])[0], len(target)
 
     @torch.no_grad()
     def stream(self, messages: list[dict], max_tokens: int) -> Iterator[int]:
@@ -119,13 +125,13 @@ def ask(lm: PrefixedLM, item: Item, answer_tokens: int = 16) -> dict:
     out: dict = {}
     candidates = [item.answer, *item.wrong]
     if item.cloze is not None:
-        heads = [item.statement(c) for c in candidates]
-        nll = [lm.nll_after(lm.encode(head), lm.encode(tail)) for head, tail in heads]
+        head = item.statement(item.answer)[0]
+        nll = lm.nll_after(lm.encode(head), [lm.encode(item.statement(c)[1]) for c in candidates])
         out["statement"] = nll[0] < min(nll[1:])
         out["statement_nll"] = nll
     messages = [{"role": "user", "content": item.question}]
     prompt = chat_prompt(lm.tokenizer, messages)
-    nll = [lm.nll_after(prompt, lm.encode(c)) for c in candidates]
+    nll = lm.nll_after(prompt, [lm.encode(c) for c in candidates])
     out["qa"] = nll[0] < min(nll[1:])
     out["qa_nll"] = nll
     out["answer"] = lm.greedy(messages, answer_tokens)

@@ -73,3 +73,13 @@ def test_ttt_bench_cli_writes_json_and_plot(tiny_model_dir, tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
     printed = capsys.readouterr().out
     assert "ingest: TTT" in printed and "Llama-3-8B" in printed
+
+
+def test_passage_bench_runs_every_context_variant(tiny_model_dir, tmp_path):
+    from bench import passage
+
+    res = passage.main(["--model", str(tiny_model_dir), "--device", "cpu", "--out", str(tmp_path), "--tokens", "600",
+                        "--depth", "400", "--passages", "1"])
+    assert set(res["variants"]) == set(passage.VARIANTS)
+    assert all(len(v["gains"]) == 2 and v["tokens_per_s"] > 0 for v in res["variants"].values())
+    assert (tmp_path / "passage.json").is_file()

@@ -90,7 +90,9 @@ def test_prefixed_lm_equals_session_score_and_generate(engine, ids):
     assert pieces.nll(sentence)[0] == pytest.approx(total, abs=1e-3)
     # the statement probe is the same sentence cut at the answer
     head, tail = item.statement("48213")
-    assert lm.nll_after(lm.encode(head), lm.encode(tail)) == pytest.approx(total - lm.nll(head)[0], abs=1e-3)
+    both = lm.nll_after(lm.encode(head), [lm.encode(tail), lm.encode(" 11111.")])
+    assert both[0] == pytest.approx(total - lm.nll(head)[0], abs=1e-3)  # the head read once for both
+    assert both[1] == pytest.approx(lm.nll(head + " 11111.")[0] - lm.nll(head)[0], abs=1e-3)
 
 
 class StubLM:
@@ -102,8 +104,8 @@ class StubLM:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def nll_after(self, context: list[int], target: list[int]) -> float:
-        return 1.0 if self.value and self.value in self.tokenizer.decode(target) else 2.0
+    def nll_after(self, context: list[int], targets: list[list[int]]) -> list[float]:
+        return [1.0 if self.value and self.value in self.tokenizer.decode(t) else 2.0 for t in targets]
 
     def greedy(self, messages, max_tokens) -> str:
         return f"It is {self.value}." if self.value else "I do not know."
