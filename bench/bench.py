@@ -26,7 +26,7 @@ from pathlib import Path
 import ttt
 from ttt.model import ModelConfig
 
-from .common import DEFAULT_DOC, document_tokens, run_metadata, sync, write_json
+from .common import DEFAULT_DOC, document_tokens, run_metadata, settings_of, sync, write_json
 from .plots import bench_figure
 from .recall import QUESTION_ROOM, PrefixedLM
 
@@ -174,8 +174,7 @@ def main(argv=None) -> dict:
               "prefill_tokens_per_s": prefilled / t_prefill if prefilled else None}
     shapes = {name: {"kv_cache_bf16": {n: s.kv_bytes(n, 2) for n in LONG_CONTEXTS},
                      "ttt_session_bf16": s.session_bytes(cfg, 2)} for name, s in KNOWN_SHAPES.items()}
-    results = {"meta": run_metadata(engine), "settings": {k: str(v) if isinstance(v, Path) else v
-                                                          for k, v in vars(args).items()},
+    results = {"meta": run_metadata(engine), "settings": settings_of(args),
                "session_config": cfg.to_dict(), "question": QUESTION[0]["content"], "ingest": ingest,
                "chats": rows, "known_shapes": shapes}
     write_json(args.out / "bench.json", results)

@@ -35,7 +35,7 @@ def document_tokens(engine: ttt.Engine, path: Path, tokens: int | None = None, o
 
 def git_revision() -> str | None:
     """The commit of the checkout these scripts run from ("+dirty" with uncommitted changes); None if not a checkout."""
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if rev.returncode != 0:
@@ -62,6 +62,27 @@ def run_metadata(engine: ttt.Engine) -> dict:
         "git_revision": git_revision(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def portable(value):
+    """A path as results files record it: relative to the repository when inside it (no machine's absolute
+    paths in committed results), as given otherwise; lists of paths likewise, other values unchanged."""
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if not isinstance(value, Path):
+        return value
+    try:
+        return str(value.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(value)
+
+
+def settings_of(args) -> dict:
+    """A command's arguments as results files record them (``portable`` paths)."""
+    return {k: portable(v) for k, v in vars(args).items()}
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 import ttt
 from ttt.config import PRESETS
 
-from .common import DEFAULT_DOC, document_tokens, run_metadata, write_json
+from .common import DEFAULT_DOC, document_tokens, run_metadata, settings_of, write_json
 from .nll import full_nll, ttt_nll, window_nll
 from .plots import nll_figures, recall_heatmap
 from .recall import PROBES, accuracy
@@ -184,8 +184,7 @@ def summarize(args, engine, runs, methods, records, seconds) -> dict:
         gap = summary["window"] - summary["full"]
         summary |= {f"gap_recovered{m.removeprefix('ttt')}": (summary["window"] - summary[m]) / gap
                     for m in methods if m.startswith("ttt")}
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("docs", "out")}
-    settings["docs"] = [str(d) for d in args.docs]
+    settings = settings_of(args)
     results = {
         "meta": run_metadata(engine),
         "settings": settings,

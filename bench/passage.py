@@ -22,7 +22,7 @@ from pathlib import Path
 
 import ttt
 
-from .common import run_metadata, write_json
+from .common import run_metadata, settings_of, write_json
 from .items import plant
 from .recall_cli import FILLER
 
@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     filler = tok(FILLER.read_text(encoding="utf-8")[50000:], add_special_tokens=False).input_ids[: args.tokens]
     rng = random.Random(0)
     pairs = [(passage(rng), passage(rng)) for _ in range(args.passages)]
-    results = {"meta": run_metadata(engine), "settings": {k: str(v) for k, v in vars(args).items()}, "variants": {}}
+    results = {"meta": run_metadata(engine), "settings": settings_of(args), "variants": {}}
     for name in args.variants:
         sink, recompute = VARIANTS[name]
         config = {"memory": args.memory, "ingest": {"sink_tokens": sink, "measure_loss_after": False}}

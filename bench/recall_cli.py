@@ -34,7 +34,7 @@ from tqdm import tqdm
 import ttt
 from ttt.config import PRESETS
 
-from .common import run_metadata, sync, write_json
+from .common import run_metadata, settings_of, sync, write_json
 from .items import BOOK, book_items, needle_document
 from .plots import recall_heatmap
 from .recall import PROBES, PrefixedLM, accuracy, ask, memories
@@ -201,7 +201,7 @@ def summarize(args, engine, configs, records, timing) -> dict:
         cost[setting] = {"tokens_per_s": tokens / seconds, "vs_prefill": tokens / seconds / prefill_tps}
     return {
         "meta": run_metadata(engine),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": settings_of(args),
         "session_configs": {name: ttt.SessionConfig.from_dict(c).to_dict() for name, c in configs.items()},
         "chance": 1 / 6,
         "accuracy": by_task,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +85,13 @@ def test_passage_bench_runs_every_context_variant(tiny_model_dir, tmp_path):
     assert set(res["variants"]) == set(passage.VARIANTS)
     assert all(len(v["gains"]) == 2 and v["tokens_per_s"] > 0 for v in res["variants"].values())
     assert (tmp_path / "passage.json").is_file()
+
+
+def test_results_files_record_repo_relative_paths():
+    from bench.common import ROOT, portable
+
+    assert portable(ROOT / "bench" / "data" / "persuasion.txt") == "bench/data/persuasion.txt"
+    assert portable([Path("runs/x")]) == ["runs/x"] and portable(3) == 3
+    for path in (ROOT / "docs" / "results").rglob("*.json"):  # committed results hold no machine's paths
+        strings = re.findall(r'"((?:[^"\\]|\\.)*)"', path.read_text())
+        assert not [s for s in strings if s.startswith("/")], path
