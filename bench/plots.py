@@ -17,6 +17,10 @@ def label(method: str) -> str:
     return LABELS[name] + (f", {preset}" if preset else "")
 
 
+def tokens_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -80,8 +84,8 @@ def recall_heatmap(path: Path, grids: dict[str, list[list[float | None]]], lengt
             for c, v in enumerate(row):
                 ax.text(c, r, "-" if v != v else f"{v:.2f}", ha="center", va="center",
                         color="white" if v != v or v < 0.6 else "black")
-        ax.set_xticks(range(len(lengths)), [f"{n / 1024:g}K" for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d / 1024:g}K" for d in depths])
+        ax.set_xticks(range(len(lengths)), [tokens_label(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [tokens_label(d) for d in depths])
         ax.set(xlabel="document tokens", ylabel="tokens after the needle", title=memory)
     fig.suptitle(title)
     fig.tight_layout()
@@ -100,7 +104,7 @@ def bench_figure(path: Path, tokens: list[int], series: dict[str, dict[str, list
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=label)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(tokens, [f"{n / 1024:g}K" if n % 1024 == 0 else str(n) for n in tokens])
+        ax.set_xticks(tokens, [tokens_label(n) for n in tokens])
         ax.minorticks_off()
         ax.set(xlabel="tokens read (N)", ylabel=panel)
         if panel.startswith("bytes"):

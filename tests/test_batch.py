@@ -37,8 +37,10 @@ def rand_ids(n: int, seed: int) -> list[int]:
     return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def config(seed: int = 0, fast: dict | None = None, **ingest) -> dict:
-    return {"fast": {**FAST, "seed": seed, **(fast or {})}, "ingest": {**INGEST, **ingest}}
+def config(seed: int = 0, fast: dict | None = None, memory: str = "off", **ingest) -> dict:
+    """The bare batched step by default: without the recall memory's rehearsal, which runs per session after it
+    (``test_recall_memory_batched_as_sequential`` checks it too)."""
+    return {"fast": {**FAST, "seed": seed, **(fast or {})}, "ingest": {**INGEST, **ingest}, "memory": memory}
 
 
 def twins(engine, configs: list[dict], lengths: list[int]):
@@ -119,6 +121,19 @@ def test_batch_matches_sequential(engine, batch_sizes, monkeypatch, triton, roun
     assert_same_sessions(batched, sequential, 1e-5)
     # every round in one batch of 3: the first chunk without context, then with, then the equal last partial ones
     assert batch_sizes == [3] * rounds
+
+
+def test_recall_memory_batched_as_sequential(engine, batch_sizes):
+    # the default memory: two steps per chunk, spans kept and rehearsed after each chunk, per session. Each
+    # AdamW step moves a weight whose gradient is ~0 by up to lr in the direction of its rounding noise, so four
+    # steps a chunk give 1e-4 rather than 1e-5 (at lr 3e-2 the rounding grows to 1e-3 within three chunks).
+    configs = [config(0, memory="balanced"), config(1, memory="deep")]
+    sequential, batched = twins(engine, configs, [50, 50])
+    run_rounds(sequential, batched, 3, 1e-4)
+    assert_same_sessions(batched, sequential, 1e-4)
+    for b, s in zip(batched, sequential, strict=True):
+        assert b.memory.spans and [sp.tokens for sp in b.memory.spans] == [sp.tokens for sp in s.memory.spans]
+    assert batch_sizes == [2] * 3
 
 
 def test_incompatible_sessions_fall_back(engine, batch_sizes):

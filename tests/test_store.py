@@ -161,8 +161,9 @@ def test_round_trip_mid_stream(engine, tmp_path, kind, optimizer):
     if optimizer == "adamw":  # AdamW keeps moments and a step count; plain SGD keeps no state
         assert len(session.optimizer.state) == len(list(session.fast.parameters()))
         step = next(iter(session.optimizer.state.values()))["step"]
-        # one step per chunk, and one rehearsal step (ttt/memory.py) after each chunk that kept a span
-        assert session.stats.chunks < float(step) <= 2 * session.stats.chunks
+        # steps_per_chunk per chunk, and the rehearsal's steps (ttt/memory.py) after each chunk that kept a span
+        per_chunk, rehearsal = session.config.ingest.steps_per_chunk, session.config.recall.replay_steps
+        assert session.stats.chunks * per_chunk < float(step) <= session.stats.chunks * (per_chunk + rehearsal)
         assert session.memory.spans
     else:
         assert not any(session.optimizer.state.values())

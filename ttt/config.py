@@ -95,7 +95,7 @@ class IngestConfig:
                                   ge=0, le=1 << 16)
     sink_tokens: int = setting(4, "the document's first tokens kept in the context as attention sinks "
                                   "(StreamingLLM; model.RollingContext)", ge=0, le=1 << 16)
-    steps_per_chunk: int = setting(1, "gradient steps per chunk", ge=1, le=100, per_chunk=True)
+    steps_per_chunk: int = setting(2, "gradient steps per chunk", ge=1, le=100, per_chunk=True)
     optimizer: str = setting("adamw", '"adamw" or "sgd"', max_length=64)
     lr: float = setting(3e-3, "learning rate", per_chunk=True)
     weight_decay: float = setting(0.0, "optimizer weight decay")
@@ -138,8 +138,8 @@ class RecallConfig:
     pool_tokens: int = setting(2048, "tokens of surprising spans kept in all, the exact ones and those "
                                      "rehearsed (at least exact_tokens)", ge=0, le=1 << 20)
     spans_per_chunk: int = setting(4, "candidate spans (sentences) taken from each chunk", ge=1, le=1024)
-    span_tokens: int = setting(32, "a span's longest length in tokens", ge=2, le=4096)
-    peak_tokens: int = setting(3, "a span's score: the summed NLL of its this-many most surprising tokens",
+    span_tokens: int = setting(24, "a span's longest length in tokens", ge=2, le=4096)
+    peak_tokens: int = setting(5, "a span's score: the summed NLL of its this-many most surprising tokens",
                                ge=1, le=4096)
     replay_spans: int = setting(8, "older spans rehearsed with each chunk's new ones", ge=0, le=1024)
     replay_steps: int = setting(1, "gradient steps on the rehearsal batch after each chunk's step (0: none)",
@@ -164,8 +164,10 @@ class RecallConfig:
 # and any other setting given overrides them. No settings at all means "balanced" (the dataclass defaults).
 # Chosen by measurement: README.md, "Memory that answers" (``ttt recall``).
 PRESETS: dict[str, dict[str, dict]] = {
-    "off": {"recall": {"exact_tokens": 0, "pool_tokens": 0, "replay_steps": 0}},  # next-token prediction alone
-    "fast": {"recall": {"exact_tokens": 256, "pool_tokens": 256, "replay_steps": 0}},
+    # one step of next-token prediction per chunk, nothing else (the defaults before recall was measured)
+    "off": {"ingest": {"steps_per_chunk": 1}, "recall": {"exact_tokens": 0, "pool_tokens": 0, "replay_steps": 0}},
+    # as "off", plus the exact memory: span selection costs next to nothing
+    "fast": {"ingest": {"steps_per_chunk": 1}, "recall": {"exact_tokens": 256, "pool_tokens": 256, "replay_steps": 0}},
     "balanced": {},
     "deep": {"recall": {"exact_tokens": 1024, "pool_tokens": 4096, "replay_spans": 16, "replay_steps": 2}},
 }
