@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
@@ -194,6 +195,10 @@ def summarize(args, engine, configs, records, timing) -> dict:
     depths = sorted({r["depth"] for r in records if r["task"] == "needle"})
     needles = {p: {m: [[accuracy(records, m, p, task="needle", depth=d, length=n) for n in args.lengths]
                        for d in depths] for m in names} for p in PROBES}
+    counts = {t: sum(r["task"] == t for r in records) for t in TASKS}
+    # the target range: needles 2K-16K tokens before the end
+    far = [r for r in records if r["task"] == "needle" and 2048 <= r["depth"] <= 16384]
+    seeds = sorted({r["seed"] for r in records})
     prefill_tps = timing["prefill"][0] / max(timing["prefill"][1], 1e-9)
     cost = {}
     for setting in configs:
@@ -205,10 +210,16 @@ def summarize(args, engine, configs, records, timing) -> dict:
         "session_configs": {name: ttt.SessionConfig.from_dict(c).to_dict() for name, c in configs.items()},
         "chance": 1 / 6,
         "accuracy": by_task,
+        # standard error of each accuracy (binomial, over its items), and the accuracy of each seed's documents
+        "stderr": {m: {p: {t: None if a is None else math.sqrt(a * (1 - a) / counts[t]) for t, a in row.items()}
+                       for p, row in by_probe.items()} for m, by_probe in by_task.items()},
+        "by_seed": {m: {p: {t: [accuracy(records, m, p, task=t, seed=seed) for seed in seeds] for t in TASKS}
+                        for p in PROBES} for m in names},
+        "needles_2k_16k": {m: {p: accuracy(far, m, p) for p in PROBES} for m in names},
         "needle_depths": depths,
         "needles": needles,
         "cost": {"prefill_tokens_per_s": prefill_tps, **cost},
-        "counts": {t: sum(r["task"] == t for r in records) for t in TASKS},
+        "counts": counts,
         "records": records,
     }
 
@@ -223,6 +234,10 @@ def print_summary(results: dict) -> None:
         for memory, row in acc.items():
             print(f"{memory:>22s}" + "".join("       -" if row[probe][t] is None else f"{row[probe][t]:8.2f}"
                                              for t in TASKS))
+    far = results["needles_2k_16k"]
+    print("\nneedles 2K-16K tokens back: " + "; ".join(
+        f"{m} " + "/".join("-" if far[m][p] is None else f"{far[m][p]:.2f}" for p in PROBES) for m in far)
+        + f" ({'/'.join(PROBES)})")
     cost = results["cost"]
     print(f"\ningest cost: plain prefill {cost['prefill_tokens_per_s']:.1f} tokens/s; "
           + "; ".join(f"{k} {v['tokens_per_s']:.1f} tokens/s ({v['vs_prefill']:.2f}x)"
