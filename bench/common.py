@@ -12,6 +12,7 @@ import torch
 
 import ttt
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository (results record paths relative to it)
 # Public-domain default document, shipped as package data so `ttt eval` works from an installed wheel.
 DEFAULT_DOC = Path(__file__).resolve().parent / "data" / "kjv_genesis_exodus.txt"
 
@@ -35,12 +36,11 @@ def document_tokens(engine: ttt.Engine, path: Path, tokens: int | None = None, o
 
 def git_revision() -> str | None:
     """The commit of the checkout these scripts run from ("+dirty" with uncommitted changes); None if not a checkout."""
-    root = ROOT
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         if rev.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -62,9 +62,6 @@ def run_metadata(engine: ttt.Engine) -> dict:
         "git_revision": git_revision(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def portable(value):

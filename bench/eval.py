@@ -88,7 +88,8 @@ def parse_args(argv):
     ap.add_argument("--session-config", default="{}", metavar="JSON",
                     help='partial session config for (b), e.g. \'{"ingest": {"lr": 1e-3}}\'')
     ap.add_argument("--presets", nargs="*", default=[], choices=list(PRESETS),
-                    help="(b) once per memory preset (over --session-config), e.g. --presets off fast balanced deep")
+                    help="the NLL curves' (b) once per memory preset (over --session-config), e.g. --presets off "
+                         "balanced deep; the recall probe uses --session-config alone (ttt recall compares presets)")
     ap.add_argument("--recall-lengths", type=int, nargs="+", default=[1024, 2048], metavar="N")
     ap.add_argument("--recall-depths", type=float, nargs="+", default=[0.9, 0.5, 0.1], metavar="F",
                     help="needle depths: the share of the document after the needle (0.9: near its start)")

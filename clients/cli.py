@@ -275,7 +275,7 @@ def _print_info(s: dict) -> None:
         ("residency", s["residency"]),
         ("resident_bytes", _fmt_bytes(s["resident_bytes"])),
         ("disk_bytes", _fmt_bytes(s["disk_bytes"])),
-        ("memory", f"{s['memory']}: {s['memory_spans']} surprising spans kept, {s['exact_tokens']} of their tokens "
+        ("memory", f"{s['memory']}: {s['memory_spans']} surprising spans kept, {s['exact_tokens_read']} of their tokens "
                    "read by every answer"),
     ]
     if s["restored_from"]:  # the newest checkpoint was damaged: say which one was loaded, and why

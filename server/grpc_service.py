@@ -88,12 +88,10 @@ def rpc(method):
 
 def settings_dict(msg: pb.SessionSettings) -> dict:
     """The fields the client set, as a partial SessionConfig dict."""
-    out: dict = {"memory": msg.memory} if msg.HasField("memory") else {}
+    out: dict = {"memory": msg.memory} if msg.memory else {}  # "" (or unset): the server's default preset
     for section in SECTIONS:
         sub = getattr(msg, section)
-        values = {f.name: v for f, v in sub.ListFields()}
-        if "targets" in values:
-            values["targets"] = list(values["targets"])
+        values = {f.name: list(v) if f.is_repeated else v for f, v in sub.ListFields()}
         if values:
             out[section] = values
     return check_caps(out)
@@ -135,7 +133,7 @@ def info_message(info: dict) -> pb.SessionInfo:
         warnings=info["warnings"],
         memory=info["memory"],
         memory_spans=info["memory_spans"],
-        exact_tokens=info["exact_tokens"],
+        exact_tokens_read=info["exact_tokens_read"],
     )
 
 

@@ -24,7 +24,7 @@ import torch
 
 from server.errors import AlreadyExists, NotFound, QuotaExceeded
 from ttt import Engine, Session, SessionConfig
-from ttt.config import check_caps
+from ttt.config import PRESETS, check_caps
 from ttt.engine import check_session_id
 from ttt.store import (
     KEEP_CHECKPOINTS,
@@ -78,8 +78,18 @@ class Entry:
 
 
 def merge(base: dict, override: dict) -> dict:
-    """A partial SessionConfig dict over another (sections merge field by field; the preset name is replaced)."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    """A partial SessionConfig dict (a request's settings) over another (the server's defaults), field by field.
+
+    A preset the request names wins over the defaults' fields it sets (``{"memory": "off"}`` is off whatever
+    the defaults say); the request's own fields win over both.
+    """
+    preset = PRESETS.get(override.get("memory")) if isinstance(override.get("memory"), str) else None
+    out = {}
+    for key, values in base.items():
+        if isinstance(values, dict):
+            out[key] = {f: v for f, v in values.items() if not preset or f not in preset.get(key, {})}
+        else:
+            out[key] = values
     for key, values in override.items():
         if isinstance(values, dict):
             out[key] = {**(out.get(key) or {}), **values}
@@ -143,12 +153,13 @@ class SessionRegistry:
 
     def import_adapter(self, user: str, session_id: str | None, files: dict[str, bytes],
                        settings: dict | None = None) -> Session:
-        """A new session from a peft LoRA adapter's files, saved at once. ``settings``: ingest settings only."""
+        """A new session from a peft LoRA adapter's files, saved at once. ``settings``: all but the fast weights
+        (the adapter's)."""
         settings = check_caps(settings or {})
         if settings.get("fast"):
-            raise ValueError("fast-weight settings come from the adapter: send only ingest settings")
-        ingest = merge(self.defaults, settings).get("ingest", {})
-        session = self._add(user, session_id, lambda: import_peft(self.engine, files, session_id, ingest))
+            raise ValueError("fast-weight settings come from the adapter: send only memory, ingest and recall settings")
+        merged = {k: v for k, v in merge(self.defaults, settings).items() if k != "fast"}
+        session = self._add(user, session_id, lambda: import_peft(self.engine, files, session_id, merged))
         self.save(user, session.id)
         return session
 

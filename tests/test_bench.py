@@ -31,7 +31,7 @@ def test_session_bytes_formula_matches_a_real_session(engine):
     session.generate([{"role": "user", "content": "Hi"}], max_tokens=1)  # answers keep the prefix's K/V
     shape = Shape.of(engine.base.cfg)
     predicted = shape.session_bytes(session.config, 4)  # with the exact memory full
-    unused = shape.kv_bytes(session.config.recall.exact_tokens - len(session.memory.exact_tokens()), 4)
+    unused = shape.kv_bytes(session.config.recall.exact_tokens - len(session.exact_tokens()), 4)
     # AdamW also keeps a 4-byte step counter per parameter tensor.
     assert 0 <= session.resident_bytes() - (predicted - unused) <= 4 * len(list(session.fast.parameters()))
 

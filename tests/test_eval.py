@@ -72,9 +72,9 @@ def test_prefixed_lm_equals_session_score_and_generate(engine, ids):
     session.end_document()
     while session.train_next_chunk() is not None:
         pass
-    assert session.memory.exact_tokens()  # something kept beside the window
+    assert session.exact_tokens()  # something kept beside the window
     lm = memories(engine, ids, ["ttt"], session)["ttt"]
-    assert lm.prefix == session.answer_prefix() == session.memory.exact_tokens() + session.recent_tokens()
+    assert lm.prefix == session.answer_prefix() == session.exact_tokens() + session.recent_tokens()
     item = Item("needle/code", ["The secret code of the amber heron is 48213."], "What is the code?", "48213",
                 ["11111"], "The secret code of the amber heron is {}.")
     sentence = item.facts[0]

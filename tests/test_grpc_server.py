@@ -422,12 +422,14 @@ def test_invalid_settings(client):
 
 
 def test_memory_settings_on_create_and_fixed_afterwards(client):
-    settings = pb.SessionSettings(memory="fast", recall=pb.RecallSettings(exact_tokens=64, study_spans=1))
+    settings = pb.SessionSettings(memory="fast", recall=pb.RecallSettings(exact_tokens=64))
+    client.fails(Code.INVALID_ARGUMENT, client.create, "studies", pb.SessionSettings(  # "fast" does not rehearse
+        memory="fast", recall=pb.RecallSettings(study_spans=1)), match="study_spans needs replay_steps")
     info = client.create("recalls", settings)
-    assert info.memory == "fast" and info.memory_spans == 0 and info.exact_tokens == 0
+    assert info.memory == "fast" and info.memory_spans == 0 and info.exact_tokens_read == 0
     _, summary = client.ingest(start("recalls", create=False), [book(20_000, 23_000)])
     info = client.get("recalls")
-    assert summary.chunks_trained > 0 and info.memory_spans > 0 and 0 < info.exact_tokens <= 64
+    assert summary.chunks_trained > 0 and info.memory_spans > 0 and 0 < info.exact_tokens_read <= 64
     # a stream may not change what shapes the session (only lr, steps_per_chunk and max_grad_norm)
     client.fails(Code.INVALID_ARGUMENT, client.ingest, start("recalls", create=False,
                  settings=pb.SessionSettings(memory="deep")), ["Hi"], match="memory can only be set")

@@ -13,7 +13,7 @@ from ttt.config import RecallConfig
 from ttt.ingest import forward_hidden
 from ttt.memory import Span, SpanMemory, rehearse, select_spans, span_batch
 from ttt.model import RollingContext
-from ttt.study import ContextView, StudyBatch, questions, student_loss, teacher
+from ttt.study import StudyBatch, questions, student_loss, teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,17 +30,18 @@ def encode(engine, text: str) -> list[int]:
 
 
 def test_spans_are_the_most_surprising_sentences_cut_around_their_peak():
-    # sentences end at tokens 3 and 9 (ends[t] marks a sentence end)
-    tokens = list(range(16))
+    # sentences [0, 4), [4, 10), [10, 22), [22, 24) (ends[t] marks a sentence end; the last one is too short)
+    tokens = list(range(24))
     ends = torch.zeros(32, dtype=torch.bool)
-    ends[[3, 9]] = True
-    surprise = torch.zeros(16)
-    surprise[6], surprise[14] = 5.0, 9.0  # the third sentence is the most surprising, then the second
-    cfg = RecallConfig(spans_per_chunk=2, span_tokens=4, peak_tokens=1)
+    ends[[3, 9, 21]] = True
+    surprise = torch.zeros(24)
+    surprise[6], surprise[14], surprise[20], surprise[23] = 5.0, 9.0, 4.0, 50.0
+    cfg = RecallConfig(spans_per_chunk=3, span_tokens=5, peak_tokens=2)
     spans = select_spans(tokens, surprise, ends, cfg, position=100)
-    assert [sp.score for sp in spans] == [9.0, 5.0]
-    # cut to 4 tokens ending up to 4 after the peak, within the sentence: [10, 16) -> [12, 16); [4, 10) -> [6, 10)
-    assert [(sp.position, sp.tokens) for sp in spans] == [(112, [12, 13, 14, 15]), (106, [6, 7, 8, 9])]
+    # [10, 22): peak 14, 5 tokens ending AFTER_PEAK = 3 after it: [13, 18), scored by its own 2 best tokens only
+    # (the 4.0 at 20 is cut off); [4, 10): peak 6 -> [5, 10) cut by the sentence end; [0, 4) scores 0: not kept
+    assert [(sp.position, sp.tokens, sp.score) for sp in spans] == [(113, [13, 14, 15, 16, 17], 9.0),
+                                                                     (105, [5, 6, 7, 8, 9], 5.0)]
 
 
 def test_the_memory_keeps_the_best_within_its_budget_and_reads_them_in_document_order():
@@ -48,8 +49,8 @@ def test_the_memory_keeps_the_best_within_its_budget_and_reads_them_in_document_
     a, b, c = Span([1, 2, 3], 3.0, 50), Span([4, 5], 9.0, 10), Span([6, 7, 8], 5.0, 30)
     assert memory.add([a, b]) == [a, b]
     assert memory.add([c]) == [c] and memory.spans == [b, c]  # a (lowest score) is out: 7 tokens at most
-    assert memory.tokens_held == 5
-    assert memory.exact_tokens() == [4, 5, 6, 7, 8]  # b at 10 before c at 30
+    assert memory.exact_tokens(before=100) == [4, 5, 6, 7, 8]  # b at 10 before c at 30
+    assert memory.exact_tokens(before=32) == [4, 5]  # c (30-33) reaches into the window, which starts at 32
     assert memory.add([Span([9, 9, 9], 1.0, 60)]) == []  # ranks last and does not fit any more
     batch = memory.replay_batch([c], seed=0)
     assert batch[0] is c and batch[1:] == [b]  # the new span, then older ones
@@ -120,30 +121,37 @@ def test_the_student_loss_is_least_when_it_matches_the_teacher(engine):
     shifted = StudyBatch(no_context.inputs, no_context.positions, no_context.top_ids.roll(1, dims=1),
                          no_context.top_logp)
     assert student_loss(model, h, shifted).item() > outside.item() + 0.01
-    view = ContextView(RollingContext(model.cfg.num_layers, 8, 0), rows=1)
-    assert view.length == 0
 
 
-def test_sessions_keep_spans_study_and_save_them(engine, tmp_path):
+def test_sessions_keep_spans_study_and_save_them(engine, tmp_path, monkeypatch):
     ids = encode(engine, "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who, for his own "
                          "amusement, never took up any book but the Baronetage. " * 6)
+    studied = []
+    real_teacher = ttt.session.teacher
+    monkeypatch.setattr(ttt.session, "teacher", lambda *a, **k: studied.append(1) or real_teacher(*a, **k))
     for memory in ("off", "fast", "balanced", "deep"):
-        session = engine.create_session({**SMALL, "memory": memory, "recall": {"study_spans": 2}})
+        study = {"study_spans": 2} if memory in ("balanced", "deep") else {}  # study learns in the rehearsal
+        session = engine.create_session({**SMALL, "memory": memory, "recall": study})
         session.append_tokens(ids)
         session.end_document()
-        while session.train_next_chunk() is not None:
-            pass
-        info = session.info()
-        assert info["memory"] == memory
+        reports = []
+        while (report := session.train_next_chunk()) is not None:
+            reports.append(report)
         recall = session.config.recall
-        assert info["memory_spans"] == len(session.memory.spans) and (memory == "off") == (not session.memory.spans)
-        assert session.memory.tokens_held <= recall.pool_tokens
-        assert info["exact_tokens"] == len(session.memory.exact_tokens()) <= recall.exact_tokens
-        assert session.answer_prefix()[-len(session.recent_tokens()) :] == session.recent_tokens()
+        assert (memory == "off") == (not session.memory.spans)
+        assert sum(len(sp.tokens) for sp in session.memory.spans) <= recall.pool_tokens
+        exact = session.exact_tokens()
+        assert len(exact) <= recall.exact_tokens and session.answer_prefix() == exact + session.recent_tokens()
+        assert session.info()["exact_tokens_read"] == len(exact) and session.info()["memory"] == memory
+        assert session.stats.rehearsals_rolled_back == 0 and all(r.seconds > 0 for r in reports)
         session.save(tmp_path / memory)
+        on_disk = ttt.store.saved_info(tmp_path / memory)  # what a server says of it without loading it
+        assert (on_disk["memory"], on_disk["memory_spans"], on_disk["exact_tokens_read"]) == (
+            memory, len(session.memory.spans), len(exact))
         loaded = engine.load_session(tmp_path / memory)
         assert loaded.memory.spans == session.memory.spans and loaded.config == session.config
         assert loaded.score("Anne Elliot") == pytest.approx(session.score("Anne Elliot"), abs=1e-5)
+    assert len(studied) == 2 * len(reports)  # balanced and deep: a teacher per chunk
 
 
 def test_presets_and_their_overrides():

@@ -20,3 +20,14 @@ def test_stubs_are_current(tmp_path):
         fresh = (tmp_path / PROTO.parent / name).read_text()
         committed = (ROOT / PROTO.parent / name).read_text()
         assert fresh == committed, f"{name} is stale: regenerate the stubs (server/proto/README.md)"
+
+
+def test_every_setting_has_its_proto_field():
+    """ttt.config.SCHEMA is the one schema: each session setting is one field there plus one proto field."""
+    from server.proto.ttt.v1 import ttt_pb2 as pb
+    from ttt.config import SCHEMA
+
+    messages = {"fast": pb.FastWeightSettings, "ingest": pb.IngestSettings, "recall": pb.RecallSettings}
+    for section, message in messages.items():
+        assert set(message.DESCRIPTOR.fields_by_name) == {s.name for s in SCHEMA if s.section == section}, section
+    assert "memory" in pb.SessionSettings.DESCRIPTOR.fields_by_name

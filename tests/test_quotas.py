@@ -64,7 +64,7 @@ def too_many(response: httpx.Response, match: str) -> None:
 
 @pytest.fixture(scope="module")
 def limited(tiny_model_dir, tmp_path_factory):
-    with running(tiny_model_dir, tmp_path_factory.mktemp("quota-data"), max_bytes_per_user=300_000,
+    with running(tiny_model_dir, tmp_path_factory.mktemp("quota-data"), max_bytes_per_user=400_000,
                  max_document_tokens=40, max_pieces_per_stream=3, max_streams_per_user=1) as server:
         yield server
 

@@ -31,7 +31,7 @@ import torch
 
 import ttt
 from ttt import store
-from ttt.config import FastWeightConfig, IngestConfig, SessionConfig
+from ttt.config import FastWeightConfig, SessionConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,14 +51,13 @@ def engine(tiny_model_dir):
     return ttt.load_engine(tiny_model_dir, device="cpu")
 
 
-def make_config(kind: str = "lora", optimizer: str = "adamw", **fast) -> SessionConfig:
+def make_config(kind: str = "lora", optimizer: str = "adamw", memory: str = "balanced", **fast) -> SessionConfig:
     # Every layer of the 3-layer model is fast (the default, the last quarter, would be one layer), so
     # fast weights also change the keys/values of later layers, which some tests rely on.
     fast.setdefault("layers", "all")
-    return SessionConfig(
-        fast=FastWeightConfig(kind=kind, **fast),
-        ingest=IngestConfig(chunk_tokens=16, context_tokens=24, lr=1e-2, optimizer=optimizer),
-    )
+    preset = SessionConfig.from_dict({"memory": memory})
+    return dataclasses.replace(preset, fast=FastWeightConfig(kind=kind, **fast), ingest=dataclasses.replace(
+        preset.ingest, chunk_tokens=16, context_tokens=24, lr=1e-2, optimizer=optimizer))
 
 
 def drain(session) -> tuple[list, list[int]]:
@@ -686,6 +685,39 @@ def test_export_then_import_gives_the_same_logits(engine, tmp_path):
     torch.testing.assert_close(_logits(engine, imported, tokens), _logits(engine, session, tokens), atol=0, rtol=0)
     imported.ingest(DOC1[:100])  # it trains on from there
     assert imported.stats.chunks > 0
+    # the settings besides the fast weights (memory preset, ingest, recall) are the importer's
+    files = store.peft_files(session)
+    off = store.import_peft(engine, files, "off", {"memory": "off", "ingest": {"lr": 1e-3}})
+    assert (off.config.memory, off.config.recall.exact_tokens, off.config.ingest.lr) == ("off", 0, 1e-3)
+    assert off.config.fast == imported.config.fast
+    with pytest.raises(ValueError, match="come from the adapter"):
+        store.import_peft(engine, files, None, {"fast": {"rank": 2}})
+
+
+def test_a_checkpoint_from_before_recall_loads_as_next_token_prediction_alone(engine, tmp_path):
+    """Saved by the previous version: no recall settings, no preset, no span tensors. It loads with the "off"
+    preset (one step per chunk, nothing kept), as it trained, and answers exactly as before the upgrade."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    session = trained_session(engine, memory="off")
+    ckpt = store.save_session(session, tmp_path / "old")
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    config = {k: v for k, v in manifest["config"].items() if k not in ("recall", "memory")}
+    config["ingest"] = {k: v for k, v in config["ingest"].items() if k != "surprise_power"}
+    tokens = st_load((ckpt / "tokens.safetensors").read_bytes())
+    old_tokens = st_save({k: v for k, v in tokens.items() if not k.startswith("span_")})
+    (ckpt / "tokens.safetensors").write_bytes(old_tokens)
+    manifest["config"] = config
+    manifest["files"]["tokens.safetensors"] = {"sha256": hashlib.sha256(old_tokens).hexdigest(),
+                                               "bytes": len(old_tokens)}
+    data = json.dumps(manifest).encode()
+    (ckpt / "manifest.json").write_bytes(data)
+    (tmp_path / "old" / "LATEST").write_text(f"{ckpt.name} {hashlib.sha256(data).hexdigest()}\n")
+    loaded = engine.load_session(tmp_path / "old")
+    assert loaded.config == session.config and loaded.config.memory == "off" and not loaded.memory.spans
+    assert loaded.score(PROBE) == session.score(PROBE)
+    assert store.saved_info(tmp_path / "old")["memory"] == "off"
 
 
 def test_adapter_made_by_peft_imports(engine, tiny_model_dir, tmp_path):

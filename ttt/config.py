@@ -157,6 +157,8 @@ class RecallConfig:
             raise ValueError("spans_per_chunk, peak_tokens and study_top_k must be >= 1, span_tokens >= 2")
         if self.replay_lr is not None and not 0 < self.replay_lr < float("inf"):
             raise ValueError("replay_lr must be a positive finite number (or null)")
+        if self.study_spans and not self.replay_steps:
+            raise ValueError("study_spans needs replay_steps >= 1 (study questions are learned in the rehearsal steps)")
         self.pool_tokens = max(self.pool_tokens, self.exact_tokens)
 
 
@@ -201,7 +203,29 @@ def _specs() -> list[SettingSpec]:
 
 
 SCHEMA: list[SettingSpec] = _specs()
-PER_CHUNK = {s.name for s in SCHEMA if s.per_chunk}  # ingest settings a stream may change for its own chunks
+PER_CHUNK = {s.name for s in SCHEMA if s.per_chunk and s.section == "ingest"}  # a stream may change them per chunk
+
+
+def _check_types(section: str, values: dict) -> None:
+    """A ValueError naming the field when a value has the wrong type (a float for an int, a list for a string)."""
+    specs = {s.name: s for s in SCHEMA if s.section == section}
+    for name, value in values.items():
+        spec = specs.get(name)
+        if spec is None:
+            continue  # an unknown field: the dataclass names it
+        allowed = typing.get_args(spec.type) or (spec.type,)
+        if typing.get_origin(spec.type) is tuple:
+            ok = isinstance(value, (list, tuple))
+        elif value is None:
+            ok = type(None) in allowed
+        elif isinstance(value, bool):
+            ok = bool in allowed
+        elif isinstance(value, int):
+            ok = int in allowed or float in allowed
+        else:
+            ok = isinstance(value, tuple(t for t in allowed if isinstance(t, type)))
+        if not ok:
+            raise ValueError(f"{section}.{name} must be of type {spec.type}, not {type(value).__name__}")
 
 
 def check_caps(settings: dict) -> dict:
@@ -238,13 +262,20 @@ class SessionConfig:
         """From a (possibly partial) dict such as ``{"memory": "fast", "ingest": {"lr": 1e-3}}``: the preset
         ``memory`` (default "balanced"), then the given fields over it. Unknown keys are errors."""
         d = d or {}
+        if not isinstance(d, dict):
+            raise ValueError("session settings must be a mapping of sections")
         unknown = set(d) - {*SECTIONS, "memory"}
         if unknown:
             raise ValueError(f"unknown session config sections {sorted(unknown)}")
         memory = d.get("memory") or "balanced"
-        if memory not in PRESETS:
+        if not isinstance(memory, str) or memory not in PRESETS:
             raise ValueError(f"unknown memory preset {memory!r}; choose from {sorted(PRESETS)}")
-        given = {s: {**PRESETS[memory].get(s, {}), **(d.get(s) or {})} for s in SECTIONS}
+        given = {}
+        for s in SECTIONS:
+            if not isinstance(d.get(s) or {}, dict):
+                raise ValueError(f"settings section {s!r} must be a mapping of fields")
+            _check_types(s, d.get(s) or {})
+            given[s] = {**PRESETS[memory].get(s, {}), **(d.get(s) or {})}
         try:
             return cls(*(SECTIONS[s](**given[s]) for s in SECTIONS), memory)
         except TypeError as e:  # an unknown field name

@@ -25,8 +25,12 @@ from dataclasses import dataclass
 import torch
 
 from .config import RecallConfig
+from .ingest import forward_hidden, restore, snapshot, token_nll, update
+from .study import student_loss
 
 SENTENCE_END = (".", "!", "?", ";", ":")
+AFTER_PEAK = 3  # tokens kept after a span's most surprising one (a value's last digits, its full stop)
+MIN_SPAN_TOKENS = 4  # shorter "sentences" (a lone line break, a chunk's cut first token) are not kept
 
 
 @dataclass
@@ -39,10 +43,10 @@ class Span:
 
 
 @functools.lru_cache(maxsize=4)
-def sentence_ends(tokenizer) -> torch.Tensor:
+def sentence_ends(tokenizer, vocab_size: int) -> torch.Tensor:
     """[V] bool: the token ends a sentence or a line (its text, without closing quotes, ends in . ! ? ; : or has
-    a newline). Computed once per tokenizer."""
-    ends = torch.zeros(len(tokenizer), dtype=torch.bool)
+    a newline). V covers the tokenizer and the model's (possibly padded) vocabulary. Computed once."""
+    ends = torch.zeros(max(len(tokenizer), vocab_size), dtype=torch.bool)
     for i in range(len(tokenizer)):
         text = tokenizer.decode([i])
         ends[i] = "\n" in text or text.rstrip(" \"')").endswith(SENTENCE_END)
@@ -51,8 +55,10 @@ def sentence_ends(tokenizer) -> torch.Tensor:
 
 def select_spans(tokens: Sequence[int], surprise: torch.Tensor, ends: torch.Tensor, cfg: RecallConfig,
                  position: int) -> list[Span]:
-    """The chunk's ``cfg.spans_per_chunk`` most surprising sentences (each cut to ``cfg.span_tokens`` around its
-    most surprising token, keeping what comes before it: a fact's key usually precedes its value).
+    """The chunk's ``cfg.spans_per_chunk`` most surprising sentences, each cut to ``cfg.span_tokens`` around its
+    most surprising token, keeping what comes before it (a fact's key usually precedes its value) and
+    ``AFTER_PEAK`` tokens after it; a span's score is the summed surprise of its ``cfg.peak_tokens`` most
+    surprising tokens.
 
     ``tokens`` [T] and ``surprise`` [T] (NLL of each token before the update; 0 where unscored); ``position`` is
     the stream index of ``tokens[0]``.
@@ -62,26 +68,26 @@ def select_spans(tokens: Sequence[int], surprise: torch.Tensor, ends: torch.Tens
     stops = starts[1:] + [len(tokens)]
     candidates = []
     for a, b in zip(starts, stops, strict=True):
-        s = surprise[a:b]
-        top = torch.topk(s, min(cfg.peak_tokens, b - a)).values.sum().item()
-        peak = a + int(s.argmax())
-        lo = max(a, min(peak + 4, b) - cfg.span_tokens)
+        if b - a < MIN_SPAN_TOKENS:
+            continue
+        peak = a + int(surprise[a:b].argmax())
+        hi = min(b, peak + 1 + AFTER_PEAK)
+        lo = max(a, hi - cfg.span_tokens)
         hi = min(b, lo + cfg.span_tokens)
-        candidates.append(Span(list(tokens[lo:hi]), top, position + lo))
+        score = torch.topk(surprise[lo:hi], min(cfg.peak_tokens, hi - lo)).values.sum().item()
+        if score > 0:
+            candidates.append(Span(list(tokens[lo:hi]), score, position + lo))
     candidates.sort(key=lambda sp: -sp.score)
     return candidates[: cfg.spans_per_chunk]
 
 
 class SpanMemory:
-    """The most surprising spans read so far, at most ``cfg.pool_tokens`` tokens in all (lowest score out first)."""
+    """The most surprising spans read so far, at most ``cfg.pool_tokens`` tokens in all: by descending score,
+    each span that still fits is kept."""
 
     def __init__(self, cfg: RecallConfig):
         self.cfg = cfg
         self.spans: list[Span] = []  # by descending score
-
-    @property
-    def tokens_held(self) -> int:
-        return sum(len(s.tokens) for s in self.spans)
 
     def add(self, spans: Sequence[Span]) -> list[Span]:
         """Keep ``spans`` if they rank within the budget; returns those kept."""
@@ -94,11 +100,12 @@ class SpanMemory:
         self.spans = kept
         return [sp for sp in spans if any(sp is k for k in kept)]
 
-    def exact_tokens(self) -> list[int]:
-        """The most surprising spans within ``cfg.exact_tokens``, in document order, as one token list."""
+    def exact_tokens(self, before: int) -> list[int]:
+        """The most surprising spans that end before stream index ``before`` (where the window starts: what the
+        window holds is read there already) within ``cfg.exact_tokens``, in document order, as one token list."""
         chosen, total = [], 0
         for sp in self.spans:
-            if total + len(sp.tokens) <= self.cfg.exact_tokens:
+            if sp.position + len(sp.tokens) <= before and total + len(sp.tokens) <= self.cfg.exact_tokens:
                 chosen.append(sp)
                 total += len(sp.tokens)
         return [t for sp in sorted(chosen, key=lambda sp: sp.position) for t in sp.tokens]
@@ -143,8 +150,6 @@ def rehearse(model, fast, optimizer, spans: Sequence[Span], study, ingest_cfg, r
     (a ``study.StudyBatch``) is given, its distillation loss. Returns the loss after the steps (measured when
     ``ingest_cfg.measure_loss_after``, else the last step's), or None when anything went non-finite: then every
     step of this call is undone, as a chunk's are."""
-    from .ingest import restore, snapshot, update
-
     params = [p for p in fast.parameters() if p.requires_grad]
     for group in optimizer.param_groups:
         group["lr"] = recall_cfg.replay_lr or ingest_cfg.lr
@@ -163,21 +168,21 @@ def rehearse(model, fast, optimizer, spans: Sequence[Span], study, ingest_cfg, r
                 loss = _rehearsal_loss(model, fast, spans, study, ingest_cfg)
             if not torch.isfinite(loss):
                 raise FloatingPointError("non-finite loss after the rehearsal")
-        result = loss.item()
+        return loss.item()
     except FloatingPointError:
-        optimizer.zero_grad(set_to_none=True)
         restore(params, optimizer, saved)
-        result = None
-    for group in optimizer.param_groups:
-        group["lr"] = ingest_cfg.lr
-    return result
+        return None
+    except BaseException:  # out of memory, interrupted, ...: nothing half done stays
+        restore(params, optimizer, saved)
+        raise
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        for group in optimizer.param_groups:
+            group["lr"] = ingest_cfg.lr
 
 
 def _rehearsal_loss(model, fast, spans: Sequence[Span], study, ingest_cfg) -> torch.Tensor:
     """Mean NLL over the spans' tokens (each span alone) plus the study batch's distillation loss."""
-    from .ingest import forward_hidden, token_nll
-    from .study import student_loss
-
     device = next(fast.parameters()).device
     loss = torch.zeros((), device=device)
     if spans:

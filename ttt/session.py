@@ -8,6 +8,7 @@ fixed size, the window holds at most ``context_tokens`` tokens, and untrained to
 from __future__ import annotations
 
 import copy
+import logging
 import dataclasses
 import threading
 import time
@@ -30,12 +31,15 @@ from .tokenize import IncrementalTokenizer
 if TYPE_CHECKING:
     from .engine import Engine
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class SessionStats:
     tokens_ingested: int = 0  # tokens trained on (scored, then stepped on)
     chunks: int = 0
     rolled_back_chunks: int = 0  # chunks whose update was not applied (non-finite)
+    rehearsals_rolled_back: int = 0  # chunks whose spans' rehearsal was undone (memory.py)
     last_loss_before: float | None = None
     last_loss_after: float | None = None
     created_at: float = field(default_factory=time.time)
@@ -163,40 +167,49 @@ class Session:
             )
 
     def record_chunk(self, item: ChunkItem, report: ChunkReport) -> ChunkReport:
-        """After ``item`` (from ``take_chunk``) trained: its tokens join the window, the stats count it."""
+        """After ``item`` (from ``take_chunk``) trained: its tokens join the window, the stats count it, and its
+        surprising spans are kept and rehearsed (``_remember``; its time counts in ``report.seconds``)."""
         with self.lock:
             chunk_ids = self.pending[: item.chunk.numel()]
+            position = self.stats.tokens_ingested  # the stream index of the chunk's first token
             del self.pending[: len(chunk_ids)]
-            self._remember(chunk_ids, report, item.cfg)
             self.window = (self.window + chunk_ids)[-max(item.cfg.context_tokens, 1) :]
             s = self.stats
             s.tokens_ingested += len(chunk_ids)
             s.chunks += 1
             s.rolled_back_chunks += report.rolled_back
             s.last_loss_before, s.last_loss_after = report.loss_before, report.loss_after
-            s.updated_at = time.time()
             self.version += 1
+            t0 = time.perf_counter()
+            try:
+                s.rehearsals_rolled_back += not self._remember(chunk_ids, position, report, item.cfg)
+            except Exception:  # the chunk itself is learned and recorded; its spans are an extra
+                log.exception("session %s: keeping or rehearsing chunk %d's spans failed", self.id, report.index)
+                s.rehearsals_rolled_back += 1
+            report.seconds += time.perf_counter() - t0
+            s.updated_at = time.time()
             return report
 
-    def _remember(self, chunk_ids: list[int], report: ChunkReport, ingest: IngestConfig) -> None:
+    def _remember(self, chunk_ids: list[int], position: int, report: ChunkReport, ingest: IngestConfig) -> bool:
         """Keep the chunk's most surprising spans (memory.py), then rehearse them with older ones and study
-        questions about them while the chunk is still in the window (study.py)."""
+        questions about them while the chunk is still in the window (study.py). False: the rehearsal was undone."""
         recall = self.config.recall
         if not recall.pool_tokens or report.surprise is None or not torch.isfinite(report.surprise).all():
-            return
+            return True
         base = self.engine.base
-        spans = select_spans(chunk_ids, report.surprise, sentence_ends(base.tokenizer), recall,
-                             self.stats.tokens_ingested)
+        ends = sentence_ends(base.tokenizer, base.cfg.vocab_size)
+        spans = select_spans(chunk_ids, report.surprise, ends, recall, position)
         kept = self.memory.add(spans)
         if not recall.replay_steps or report.rolled_back:  # a chunk whose update was undone is not rehearsed on
-            return
+            return True
         batch = self.memory.replay_batch(kept, seed=self.config.fast.seed * 1_000_003 + self.stats.chunks)
         study = None
         if recall.study_spans and spans:
             pairs = questions(base.tokenizer, [sp.tokens for sp in spans[: recall.study_spans]])
             study = teacher(base.model, self._context(), pairs, recall.study_top_k, base.device)
-        if batch or study is not None:
-            rehearse(base.model, self.fast, self.optimizer, batch, study, ingest, recall)
+        if not batch and study is None:
+            return True
+        return rehearse(base.model, self.fast, self.optimizer, batch, study, ingest, recall) is not None
 
     def _context(self) -> RollingContext | None:
         """The cached keys/values of the window before its last token; rebuilt from the window when absent."""
@@ -218,14 +231,21 @@ class Session:
     # ---- query --------------------------------------------------------------------------------
 
     def recent_tokens(self) -> list[int]:
-        """The window a query sees: the last ``context_tokens`` tokens of the document, trained or not."""
+        """The window: the last ``context_tokens`` tokens of the document, trained or not (answers read it after
+        the exact spans: ``answer_prefix``)."""
         n = self.config.ingest.context_tokens
         return (self.window + self.pending)[-n:] if n else []
 
-    def answer_prefix(self) -> list[int]:
-        """What every answer reads before its prompt: the exact spans kept (memory.py), then the window."""
+    def exact_tokens(self) -> list[int]:
+        """The exact spans every answer reads (memory.py): the best kept spans that have left the window."""
         with self.lock:
-            return self.memory.exact_tokens() + self.recent_tokens()
+            window_start = self.stats.tokens_ingested + len(self.pending) - len(self.recent_tokens())
+            return self.memory.exact_tokens(before=window_start)
+
+    def answer_prefix(self) -> list[int]:
+        """What every answer reads before its prompt: the exact spans, then the window."""
+        with self.lock:
+            return self.exact_tokens() + self.recent_tokens()
 
     def generate(
         self,
@@ -247,17 +267,17 @@ class Session:
         with self.lock:
             # A snapshot (a few MB): the answer stays consistent even if an ingest runs meanwhile.
             fast = copy.deepcopy(self.fast).requires_grad_(False)
-            window = self.answer_prefix()
-            prefix = self._window_prefix(window)
-        return self.engine.answer(messages, params, fast, window, stream, prefix)
+            prefix = self.answer_prefix()
+            cache = self._prefix_cache(prefix)
+        return self.engine.answer(messages, params, fast, prefix, stream, cache)
 
-    def _window_prefix(self, window: list[int]) -> PrefixCache | None:
-        """The window's keys/values under the current weights: computed at the first answer after a change,
-        then reused by every answer until the next change (``version``). Call with the lock held."""
-        if not window:
+    def _prefix_cache(self, prefix: list[int]) -> PrefixCache | None:
+        """The answer prefix's keys/values under the current weights: computed at the first answer after a
+        change, then reused by every answer until the next change (``version``). Call with the lock held."""
+        if not prefix:
             return None
         if self._answer_prefix is None or self._answer_prefix[0] != self.version:
-            self._answer_prefix = self.version, PrefixCache.build(self.engine.base.model, self.fast, window)
+            self._answer_prefix = self.version, PrefixCache.build(self.engine.base.model, self.fast, prefix)
         return self._answer_prefix[1]
 
     @torch.no_grad()
@@ -267,7 +287,7 @@ class Session:
         base = self.engine.base
         ids = base.tokenizer(text, add_special_tokens=False).input_ids
         with self.lock:
-            exact, window = self.memory.exact_tokens(), self.recent_tokens()
+            exact, window = self.exact_tokens(), self.recent_tokens()
             cfg = self.config.ingest
             total, count = 0.0, 0
             # Long texts go in chunks, each after the exact spans and the preceding context_tokens (as in ingest).
@@ -346,7 +366,7 @@ class Session:
             "fast_weight_bytes": self.fast.num_bytes(),
             "memory": self.config.memory,
             "memory_spans": len(self.memory.spans),  # surprising spans kept (memory.py)
-            "exact_tokens": len(self.memory.exact_tokens()),  # of their tokens, those every answer reads
+            "exact_tokens_read": len(self.exact_tokens()),  # of their tokens, those every answer reads now
             "resident_bytes": self.resident_bytes(),
             # set when loading had to skip a damaged newest checkpoint (see store.load_session)
             "restored_from": self.restored_from,

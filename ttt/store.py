@@ -17,6 +17,7 @@ moment leaves ``LATEST`` naming a complete, verified checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,11 +31,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import FastWeightConfig, IngestConfig, SessionConfig
+from .config import FastWeightConfig, SessionConfig
+from .memory import MIN_SPAN_TOKENS
 from .session import SessionStats
 
 if TYPE_CHECKING:
@@ -270,10 +271,7 @@ def _load_checkpoint(engine: "Engine", ckpt: Path, manifest_sha256: str | None) 
     except Exception as e:  # safetensors rejects a malformed header
         raise SessionFormatError(f"{ckpt}: unreadable safetensors ({e})") from None
 
-    config = manifest["config"]
-    if "recall" not in config:  # saved before recall settings existed: it trained by next-token prediction alone
-        config = {**config, "memory": "off"}
-    session = Session(engine, SessionConfig.from_dict(config), manifest["session_id"])
+    session = Session(engine, SessionConfig.from_dict(saved_config(manifest)), manifest["session_id"])
     device = base.device
     try:
         session.fast.load_state_dict({k: v.to(device) for k, v in fast_state.items()})
@@ -388,12 +386,13 @@ def peft_session_config(adapter_config: dict, tensors: dict[str, torch.Tensor]) 
 
 
 def import_peft(engine: "Engine", files: dict[str, bytes], session_id: str | None = None,
-                ingest: dict | None = None) -> "Session":
+                settings: dict | None = None) -> "Session":
     """A new session whose fast weights are a peft LoRA adapter.
 
     ``files``: the bytes of ``adapter_config.json`` and ``adapter_model.safetensors`` (as
-    ``export_peft`` or peft's ``save_pretrained`` write them). The optimizer starts fresh; ``ingest``
-    is a partial IngestConfig dict for the session's later documents. Refuses non-LoRA adapters,
+    ``export_peft`` or peft's ``save_pretrained`` write them). The optimizer starts fresh; ``settings`` is a
+    partial SessionConfig dict without "fast" (memory preset, ingest and recall settings for the session's
+    later documents: the fast weights are the adapter's). Refuses non-LoRA adapters,
     shapes that do not fit the base model, and an adapter made for another base model.
     """
     from .session import Session
@@ -422,10 +421,9 @@ def import_peft(engine: "Engine", files: dict[str, bytes], session_id: str | Non
             f"the adapter was made for base model {made_for}, but this engine runs {base.name!r} ({base.fingerprint})"
         )
     fast_cfg = peft_session_config(adapter_config, tensors)
-    try:
-        config = SessionConfig(fast_cfg, IngestConfig(**(ingest or {})))
-    except TypeError as e:
-        raise ValueError(f"bad ingest settings: {e}") from None
+    if (settings or {}).get("fast"):
+        raise ValueError("fast-weight settings come from the adapter: send only memory, ingest and recall settings")
+    config = dataclasses.replace(SessionConfig.from_dict(settings), fast=fast_cfg)
     try:
         fast_cfg.layer_indices(base.cfg.num_layers)
     except ValueError:
@@ -455,30 +453,46 @@ def estimate_checkpoint_bytes(session: "Session") -> int:
     weights = session.fast.num_bytes()
     moments = 2 if session.config.ingest.optimizer == "adamw" else 0
     adapter = weights if session.fast.kind == "lora" else 0
-    tokens = 8 * (session.config.ingest.context_tokens + len(session.pending) + session.config.ingest.chunk_tokens)
+    cfg = session.config
+    # token ids (8 bytes each): window, pending and a chunk's worth more; the span pool's ids and, per span of
+    # at least MIN_SPAN_TOKENS tokens, its length, position and score (8 bytes each)
+    tokens = 8 * (cfg.ingest.context_tokens + len(session.pending) + cfg.ingest.chunk_tokens + cfg.recall.pool_tokens)
+    tokens += 24 * (cfg.recall.pool_tokens // MIN_SPAN_TOKENS)
     return weights * (1 + moments) + adapter + tokens + 16 * 1024  # + manifest and headers
+
+
+def saved_config(manifest: dict) -> dict:
+    """A checkpoint's session config; one saved before recall settings existed trained by next-token prediction
+    alone, with one step per chunk (the "off" preset)."""
+    config = manifest["config"]
+    return config if "recall" in config else {**config, "memory": "off"}
 
 
 def saved_info(root: Path) -> dict:
     """What ``Session.info`` says of the session saved under ``root`` (its newest checkpoint), without loading its
-    tensors: only the manifest and the safetensors headers of ``tokens.safetensors`` are read."""
+    weights: the manifest and ``tokens.safetensors`` (token ids only) are read."""
+    from .memory import SpanMemory
+
     name, digest = (root / "LATEST").read_text().split()
     manifest = read_manifest(root / name, digest)
-    config = manifest["config"]
-    shapes = {}
+    config = SessionConfig.from_dict(saved_config(manifest))
+    stats = manifest["stats"]
     try:
-        with safe_open(root / name / "tokens.safetensors", framework="pt") as f:
-            shapes = {key: f.get_slice(key).get_shape()[0] for key in f.keys()}
-    except (OSError, SafetensorError):  # unreadable: loading says why (or falls back to the previous checkpoint)
-        pass
+        tokens = st_load((root / name / "tokens.safetensors").read_bytes())
+    except Exception:  # unreadable: loading says why (or falls back to the previous checkpoint)
+        tokens = {}
+    memory = SpanMemory(config.recall)
+    memory.load_tensors(tokens)
+    pending = len(tokens.get("pending", ()))
+    window = min(config.ingest.context_tokens, len(tokens.get("window", ())) + pending)
     return {
-        "pending_tokens": shapes.get("pending", 0),
+        "pending_tokens": pending,
         "document_bytes": manifest["tokenizer_state"].get("bytes_received", 0),
         "fast_weight_bytes": 0,
-        "memory": config.get("memory", "off" if "recall" not in config else "balanced"),
-        "memory_spans": shapes.get("span_lengths", 0),
-        "exact_tokens": 0,  # known once loaded (the spans' scores decide which are read)
-        **manifest["stats"],
+        "memory": config.memory,
+        "memory_spans": len(memory.spans),
+        "exact_tokens_read": len(memory.exact_tokens(before=stats["tokens_ingested"] + pending - window)),
+        **stats,
     }
 
 

@@ -25,7 +25,7 @@ class FastWeightSettings(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., layers: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., mlp_hidden: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class IngestSettings(_message.Message):
-    __slots__ = ("chunk_tokens", "context_tokens", "steps_per_chunk", "lr", "optimizer", "max_grad_norm", "sink_tokens", "weight_decay", "measure_loss_after", "activation_checkpointing", "surprise_power")
+    __slots__ = ("chunk_tokens", "context_tokens", "steps_per_chunk", "lr", "optimizer", "max_grad_norm", "sink_tokens", "weight_decay", "measure_loss_after", "activation_checkpointing", "surprise_power", "betas")
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class IngestSettings(_message.Message):
     MEASURE_LOSS_AFTER_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     SURPRISE_POWER_FIELD_NUMBER: _ClassVar[int]
+    BETAS_FIELD_NUMBER: _ClassVar[int]
     chunk_tokens: int
     context_tokens: int
     steps_per_chunk: int
@@ -48,7 +49,8 @@ class IngestSettings(_message.Message):
     measure_loss_after: bool
     activation_checkpointing: str
     surprise_power: float
-    def __init__(self, chunk_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., steps_per_chunk: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., max_grad_norm: _Optional[float] = ..., sink_tokens: _Optional[int] = ..., weight_decay: _Optional[float] = ..., measure_loss_after: _Optional[bool] = ..., activation_checkpointing: _Optional[str] = ..., surprise_power: _Optional[float] = ...) -> None: ...
+    betas: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, chunk_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., steps_per_chunk: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., max_grad_norm: _Optional[float] = ..., sink_tokens: _Optional[int] = ..., weight_decay: _Optional[float] = ..., measure_loss_after: _Optional[bool] = ..., activation_checkpointing: _Optional[str] = ..., surprise_power: _Optional[float] = ..., betas: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RecallSettings(_message.Message):
     __slots__ = ("exact_tokens", "pool_tokens", "spans_per_chunk", "span_tokens", "peak_tokens", "replay_spans", "replay_steps", "replay_lr", "study_spans", "study_top_k")
@@ -111,7 +113,7 @@ class SessionRef(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "tokens_ingested", "pending_tokens", "chunks", "rolled_back_chunks", "last_loss_before", "last_loss_after", "bytes", "created_at", "updated_at", "residency", "document_bytes", "resident_bytes", "disk_bytes", "restored_from", "warnings", "memory", "memory_spans", "exact_tokens")
+    __slots__ = ("session_id", "tokens_ingested", "pending_tokens", "chunks", "rolled_back_chunks", "last_loss_before", "last_loss_after", "bytes", "created_at", "updated_at", "residency", "document_bytes", "resident_bytes", "disk_bytes", "restored_from", "warnings", "memory", "memory_spans", "exact_tokens_read")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_INGESTED_FIELD_NUMBER: _ClassVar[int]
     PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -130,7 +132,7 @@ class SessionInfo(_message.Message):
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     MEMORY_SPANS_FIELD_NUMBER: _ClassVar[int]
-    EXACT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXACT_TOKENS_READ_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tokens_ingested: int
     pending_tokens: int
@@ -149,8 +151,8 @@ class SessionInfo(_message.Message):
     warnings: _containers.RepeatedScalarFieldContainer[str]
     memory: str
     memory_spans: int
-    exact_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., tokens_ingested: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., rolled_back_chunks: _Optional[int] = ..., last_loss_before: _Optional[float] = ..., last_loss_after: _Optional[float] = ..., bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., residency: _Optional[str] = ..., document_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., restored_from: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., memory: _Optional[str] = ..., memory_spans: _Optional[int] = ..., exact_tokens: _Optional[int] = ...) -> None: ...
+    exact_tokens_read: int
+    def __init__(self, session_id: _Optional[str] = ..., tokens_ingested: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., rolled_back_chunks: _Optional[int] = ..., last_loss_before: _Optional[float] = ..., last_loss_after: _Optional[float] = ..., bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., residency: _Optional[str] = ..., document_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., restored_from: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., memory: _Optional[str] = ..., memory_spans: _Optional[int] = ..., exact_tokens_read: _Optional[int] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
     __slots__ = ()
