@@ -137,17 +137,17 @@ class RecallConfig:
                                      "every answer (0: none)", ge=0, le=1 << 16)
     pool_tokens: int = setting(2048, "tokens of surprising spans kept in all, the exact ones and those "
                                      "rehearsed (at least exact_tokens)", ge=0, le=1 << 20)
-    spans_per_chunk: int = setting(4, "candidate spans (sentences) taken from each chunk", ge=1, le=1024)
-    span_tokens: int = setting(24, "a span's longest length in tokens", ge=2, le=4096)
+    spans_per_chunk: int = setting(4, "candidate spans (sentences) taken from each chunk", ge=1, le=64)
+    span_tokens: int = setting(24, "a span's longest length in tokens", ge=2, le=512)
     peak_tokens: int = setting(5, "a span's score: the summed NLL of its this-many most surprising tokens",
-                               ge=1, le=4096)
-    replay_spans: int = setting(8, "older spans rehearsed with each chunk's new ones", ge=0, le=1024)
+                               ge=1, le=512)
+    replay_spans: int = setting(8, "older spans rehearsed with each chunk's new ones", ge=0, le=256)
     replay_steps: int = setting(1, "gradient steps on the rehearsal batch after each chunk's step (0: none)",
                                 ge=0, le=100)
     replay_lr: float | None = setting(None, "the rehearsal's learning rate (null: the ingest lr)")
     study_spans: int = setting(0, "study: the chunk's this-many most surprising spans become templated "
                                   "questions answered by the model with the window in context, which the fast "
-                                  "weights learn to answer without it (0: off)", ge=0, le=64)
+                                  "weights learn to answer without it (0: off)", ge=0, le=16)
     study_top_k: int = setting(16, "study: teacher logits kept per answer token", ge=1, le=1024)
 
     def __post_init__(self):

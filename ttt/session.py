@@ -243,9 +243,10 @@ class Session:
             return self.memory.exact_tokens(before=window_start)
 
     def answer_prefix(self) -> list[int]:
-        """What every answer reads before its prompt: the exact spans, then the window."""
+        """What every answer reads before its prompt: the exact spans, then the window (its last tokens that fit
+        the model's context; ``Engine.prompt`` cuts further to leave room for the prompt and the answer)."""
         with self.lock:
-            return self.exact_tokens() + self.recent_tokens()
+            return (self.exact_tokens() + self.recent_tokens())[-(self.engine.base.cfg.max_position_embeddings - 1) :]
 
     def generate(
         self,
