@@ -1,6 +1,6 @@
 """`ttt recall`: does a session answer about what it read, long after it left its window?
 
-    ttt recall                                          # default model, CPU: presets fast, balanced, deep
+    ttt recall                                          # default model, CPU: presets off, fast, balanced, deep
     ttt recall --lengths 2048 8192 32768 --seeds 3 --book-tokens 0 --device cuda --out runs/recall
     ttt recall --config mine='{"recall": {"exact_tokens": 256}}' --presets balanced
 
