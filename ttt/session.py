@@ -8,8 +8,8 @@ fixed size, the window holds at most ``context_tokens`` tokens, and untrained to
 from __future__ import annotations
 
 import copy
-import logging
 import dataclasses
+import logging
 import threading
 import time
 import uuid
