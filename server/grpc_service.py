@@ -37,7 +37,7 @@ STATUS = [
     ((QuotaExceeded, QueueFull), grpc.StatusCode.RESOURCE_EXHAUSTED),
     ((SessionFormatError, BaseModelMismatch), grpc.StatusCode.FAILED_PRECONDITION),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # includes UnicodeDecodeError
+    ((ValueError, OverflowError), grpc.StatusCode.INVALID_ARGUMENT),  # includes UnicodeDecodeError
 ]
 
 

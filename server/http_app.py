@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -29,7 +29,7 @@ from server.errors import AlreadyExists, NotFound, QuotaExceeded
 from server.scheduler import QueueFull, ShuttingDown
 from ttt.config import PRESETS, SCHEMA, SECTIONS
 from ttt.engine import check_session_id
-from ttt.generate import SamplingParams
+from ttt.generate import MAX_STOP_CHARS, MAX_STOPS, SamplingParams
 from ttt.store import BaseModelMismatch, SessionFormatError
 
 log = logging.getLogger("ttt.server.http")
@@ -95,18 +95,11 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description=f"at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters")
     seed: int | None = Field(None, **INT64)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _at_most_four_stops(cls, v):
-        if isinstance(v, list) and len(v) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return v
 
 
 # Session settings, typed so that a wrong type or an absurd size is a 400 here, not a failure deep in the engine.
@@ -239,10 +232,8 @@ def create_app(state) -> FastAPI:
     app.add_middleware(CountRequests, metrics=state.metrics)
 
     def ready():
-        if state.engine is None:
-            raise ShuttingDown("the model is loading")
-        if state.closing:
-            raise ShuttingDown("the server is shutting down")
+        if state.phase != "serving":
+            raise ShuttingDown("the server is starting" if state.phase == "loading" else "the server is shutting down")
 
     def user_of(request: Request) -> str:
         return state.keyring.user_for(request.headers.get("authorization"))

@@ -39,7 +39,8 @@ class ServerState:
     engine: ttt.Engine | None = None
     registry: SessionRegistry | None = None
     streams: StreamSlots | None = None  # open ingest streams per user
-    closing: bool = False
+    # "loading" until both doors accept connections (the readiness probes say so), then "serving", "closing"
+    phase: str = "loading"
 
 
 class Server:
@@ -80,6 +81,7 @@ class Server:
 
         self._autosave = threading.Thread(target=self._autosave_loop, name="ttt-autosave", daemon=True)
         self._autosave.start()
+        self.state.phase = "serving"
         mode = "open (no API keys, loopback only)" if self.keyring.open else f"API keys from {s.api_keys_file}"
         log.info("serving %s on %s: gRPC %d, HTTP %d; %s; data in %s",
                  engine.base.name, engine.base.device, self.grpc_port, self.http_port, mode, s.data_dir)
@@ -112,7 +114,7 @@ class Server:
         """Stop accepting, let in-flight chunks finish, save every changed session, exit."""
         if self.stopped.is_set():
             return
-        self.state.closing = True
+        self.state.phase = "closing"
         self.stopped.set()
         self.health.enter_graceful_shutdown()
         self.grpc.stop(grace).wait()

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,17 +36,15 @@ READY_TIMEOUT = 60.0
 CALL_TIMEOUT = 60.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SERVING_LINE = re.compile(rb"serving .* gRPC (\d+), HTTP (\d+);")
 
 
 class ServerProcess:
-    """``ttt serve`` in a subprocess on free loopback ports; ``kill()`` is SIGKILL."""
+    """``ttt serve`` in a subprocess on loopback ports it picks itself (port 0: no race for a port chosen
+    here and bound there), read from its "serving" log line; ``kill()`` is SIGKILL."""
 
     def __init__(self, model_dir: Path, data_dir: Path):
-        self.grpc_port, self.http_port = free_port(), free_port()
+        self.grpc_port = self.http_port = 0
         env = dict(os.environ)
         env.update(
             TTT_SESSION_DEFAULTS=json.dumps({"ingest": {"chunk_tokens": CHUNK, "context_tokens": CHUNK}}),
@@ -54,7 +52,7 @@ class ServerProcess:
             OMP_NUM_THREADS="1",
             PYTHONUNBUFFERED="1",
         )
-        self.log = open(data_dir.parent / f"server-{self.grpc_port}.log", "wb")
+        self.log = open(data_dir.parent / f"server-{time.monotonic_ns()}.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "clients.cli", "serve", "--model", str(model_dir), "--device", "cpu",
              "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), "--data-dir", str(data_dir)],
@@ -70,15 +68,16 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
     def wait_ready(self) -> None:
+        """Until the server logs its ports (both doors accept connections then) and ``/readyz`` agrees."""
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited with {self.proc.returncode}: {self.output()}")
-            try:
-                if httpx.get(f"{self.http}/readyz", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if not self.grpc_port and (m := SERVING_LINE.search(Path(self.log.name).read_bytes())):
+                self.grpc_port, self.http_port = int(m[1]), int(m[2])
+            if self.grpc_port:
+                assert httpx.get(f"{self.http}/readyz", timeout=CALL_TIMEOUT).status_code == 200
+                return
             time.sleep(0.1)
         raise AssertionError(f"server not ready after {READY_TIMEOUT} s: {self.output()}")
 

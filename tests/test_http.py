@@ -616,7 +616,7 @@ def test_unavailable_is_503(open_server, api):
     client = oai(open_server)
     base = base_name(client)
     state = open_server.state
-    state.closing = True  # shutting down
+    state.phase = "closing"
     try:
         check_error(api.get("/readyz"), 503, match="shutting down")
         with api_error(503, "shutting down"):
@@ -624,16 +624,16 @@ def test_unavailable_is_503(open_server, api):
         check_error(api.post("/v1/sessions", json={}), 503)
         assert api.get("/healthz").status_code == 200
     finally:
-        state.closing = False
-    engine, state.engine = state.engine, None  # as while the model loads
+        state.phase = "serving"
+    state.phase = "loading"  # as until both doors accept connections
     try:
-        check_error(api.get("/readyz"), 503, match="loading")
+        check_error(api.get("/readyz"), 503, match="starting")
         check_error(api.get("/v1/models"), 503)
-        with api_error(503, "loading"):
+        with api_error(503, "starting"):
             chat(client, base, stream=True)
         assert api.get("/healthz").status_code == 200
     finally:
-        state.engine = engine
+        state.phase = "serving"
     assert api.get("/readyz").status_code == 200
 
 

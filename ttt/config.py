@@ -72,7 +72,10 @@ class FastWeightConfig:
             n = int(spec.removeprefix("last:"))
             idx = list(range(max(0, num_layers - n), num_layers))
         elif spec.startswith("last_fraction:"):
-            n = max(1, round(num_layers * float(spec.removeprefix("last_fraction:"))))
+            fraction = float(spec.removeprefix("last_fraction:"))
+            if not 0 < fraction <= 1:  # also NaN; and 1e308 would overflow round()
+                raise ValueError(f"layers {spec!r}: the fraction must be in (0, 1]")
+            n = max(1, round(num_layers * fraction))
             idx = list(range(num_layers - n, num_layers))
         else:
             try:

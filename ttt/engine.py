@@ -11,12 +11,12 @@ from .generate import PrefixCache, SamplingParams, TokenStream, chat_prompt, sto
 from .model import BaseModel, load_base_model
 from .session import Generation, Session
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def check_session_id(session_id: str) -> str:
     """Session ids name folders on disk: a plain name, never a path."""
-    if not isinstance(session_id, str) or not SESSION_ID.match(session_id) or ".." in session_id:
+    if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id) or ".." in session_id:
         raise ValueError("session id must be 1-128 characters of letters, digits, '_', '-', '.', starting with a letter or digit")
     return session_id
 

@@ -38,6 +38,9 @@ class PrefixCache:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
 
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's count; the length bounds the per-token stop search
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -50,6 +53,8 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]
+        if len(self.stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"stop: at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each")
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -144,7 +149,8 @@ class TokenStream:
             out.append(tok)
             self.completion_tokens = len(out)
             text = self.tokenizer.decode(out, skip_special_tokens=True)
-            hit = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            # text[:shown] held no stop string: only a stop that ends after it can be new
+            hit = min((i for i in (text.find(s, max(0, shown - len(s) + 1)) for s in p.stop) if i >= 0), default=-1)
             if hit >= 0:
                 self.text = text[:hit]
                 if hit > shown:

@@ -372,10 +372,16 @@ def peft_session_config(adapter_config: dict, tensors: dict[str, torch.Tensor]) 
     missing = [f"{layer}.{name}" for layer in layers for name in targets if len(weights.get((layer, name), {})) != 2]
     if missing:  # our LoRA puts the same projections on every fast layer
         raise _adapter_error(f"every layer needs A and B of the same projections ({targets}); missing {missing[:5]}")
-    rank = int(c.get("r", 0))
-    if rank < 1 or any(w["A"].shape[0] != rank or w["B"].shape[1] != rank for w in weights.values()):
-        raise _adapter_error(f"tensor ranks do not match r={c.get('r')}")
-    alpha = float(c.get("lora_alpha", rank))
+    rank, alpha = c.get("r"), c.get("lora_alpha", c.get("r"))
+    if type(rank) is not int or rank < 1:  # bool is an int too
+        raise _adapter_error(f"r must be a positive integer, not {rank!r}")
+    if type(alpha) not in (int, float):
+        raise _adapter_error(f"lora_alpha must be a number, not {alpha!r}")
+    if any(t.dim() != 2 for w in weights.values() for t in w.values()):
+        raise _adapter_error("LoRA A and B weights must be matrices")
+    if any(w["A"].shape[0] != rank or w["B"].shape[1] != rank for w in weights.values()):
+        raise _adapter_error(f"tensor ranks do not match r={rank}")
+    alpha = float(alpha)
     if c.get("use_rslora"):  # peft scales by alpha / sqrt(r); ours is alpha / r
         alpha *= math.sqrt(rank)
     try:
