@@ -11,3 +11,11 @@ class AlreadyExists(ValueError):
 
 class QuotaExceeded(Exception):
     """Over a per-user quota or limit: refused before anything changed."""
+
+
+class TooLarge(QuotaExceeded):
+    """A request body over the server's limit (HTTP 413): refused while it streams in, before it is parsed."""
+
+
+class Forbidden(Exception):
+    """A request the server will not take from where it came (open mode: another web page, a foreign Host)."""

@@ -25,7 +25,8 @@ from starlette.requests import ClientDisconnect
 
 from server.auth import AuthError
 from server.documents import DocumentFeed
-from server.errors import AlreadyExists, NotFound, QuotaExceeded
+from server.errors import AlreadyExists, Forbidden, NotFound, QuotaExceeded, TooLarge
+from server.guard import Guard
 from server.scheduler import QueueFull, ShuttingDown
 from ttt.config import PRESETS, SCHEMA, SECTIONS
 from ttt.engine import check_session_id
@@ -37,6 +38,8 @@ log = logging.getLogger("ttt.server.http")
 # exception type -> (HTTP status, OpenAI error type)
 ERRORS = [
     (AuthError, 401, "authentication_error"),
+    (Forbidden, 403, "permission_error"),
+    (TooLarge, 413, "invalid_request_error"),  # before QuotaExceeded, its base
     (NotFound, 404, "not_found_error"),
     (AlreadyExists, 409, "conflict_error"),
     ((QuotaExceeded, QueueFull), 429, "rate_limit_error"),
@@ -48,6 +51,18 @@ ERRORS = [
 
 def error_response(status: int, kind: str, message: str, code: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
+
+
+def status_of(e: Exception) -> tuple[int, str]:
+    """(HTTP status, OpenAI error type) of an exception; (500, "server_error") for one we did not expect."""
+    return next(((s, k) for types, s, k in ERRORS if isinstance(e, types)), (500, "server_error"))
+
+
+def refusal(e: Exception) -> JSONResponse:
+    """The error response of a known exception (its message names no path or other user)."""
+    status, kind = status_of(e)
+    message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return error_response(status, kind, message)
 
 
 def finite(value):
@@ -186,7 +201,9 @@ class CountRequests:
             await error_response(500, "server_error", "internal error")(scope, receive, send)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.request("http", f"{scope['method']} {route}", str(status[0]))
+            # a stream that failed after its 200 counts as what it failed with
+            final = scope.get("state", {}).get("status_after_start", status[0])
+            self.metrics.request("http", f"{scope['method']} {route}", str(final))
 
 
 MAX_TOKENS_DEFAULT = 512
@@ -211,9 +228,7 @@ def create_app(state) -> FastAPI:
     app.openapi = openapi
 
     async def _known_error(request: Request, e: Exception):
-        status, kind = next((s, k) for types, s, k in ERRORS if isinstance(e, types))
-        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        return error_response(status, kind, message)
+        return refusal(e)
 
     for types, _, _ in ERRORS:
         for t in types if isinstance(types, tuple) else (types,):
@@ -229,14 +244,17 @@ def create_app(state) -> FastAPI:
     async def _http_errors(request: Request, e: StarletteHTTPException):
         return error_response(e.status_code, "invalid_request_error", str(e.detail))
 
-    app.add_middleware(CountRequests, metrics=state.metrics)
+    s = state.settings
+    app.add_middleware(Guard, keyring=state.keyring, max_body=s.max_request_bytes, private_pages=s.private_pages,
+                       refuse=refusal)
+    app.add_middleware(CountRequests, metrics=state.metrics)  # the outermost: refusals are counted too
 
     def ready():
         if state.phase != "serving":
             raise ShuttingDown("the server is starting" if state.phase == "loading" else "the server is shutting down")
 
     def user_of(request: Request) -> str:
-        return state.keyring.user_for(request.headers.get("authorization"))
+        return request.state.user  # the Guard checked the key before the body was read
 
     def caller(request: Request, session_id: str) -> tuple[str, str]:
         """(user, session id) of a request on one session, once the server is ready and the key is known."""
@@ -246,6 +264,18 @@ def create_app(state) -> FastAPI:
     async def on_device(key, fn, *args):
         """Run ``fn`` as one scheduler unit without blocking the event loop."""
         return await asyncio.wrap_future(state.scheduler.submit(key, fn, *args))
+
+    async def unless_gone(request: Request, future, gone: threading.Event):
+        """The unit's result; a client that disconnects first stops it (``gone``) or keeps it from starting."""
+        result = asyncio.wrap_future(future)
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(result), 0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    gone.set()
+                    future.cancel()
+                    raise ClientDisconnect() from None
 
     def info(user: str, sid: str) -> dict:
         return finite(state.registry.info(user, sid))
@@ -287,9 +317,8 @@ def create_app(state) -> FastAPI:
     async def chat_completions(body: ChatRequest, request: Request):
         ready()
         user = user_of(request)
-        base_name = state.engine.base.name
-        sid = None if body.model == base_name else check_session_id(body.model)
-        key = (user, sid) if sid else (user, f"base:{uuid.uuid4().hex}")
+        sid = None if body.model == state.engine.base.name else check_session_id(body.model)
+        key = (user, sid)  # sid None: the user's one line for base-model answers (one turn per user, not per chat)
         if sid:
             await on_device(key, state.registry.get, user, sid)  # an unknown session is a 404 before anything starts
 
@@ -302,28 +331,12 @@ def create_app(state) -> FastAPI:
             max_tokens=body.max_completion_tokens or body.max_tokens or MAX_TOKENS_DEFAULT,
             temperature=body.temperature, top_p=body.top_p, stop=body.stop or [], seed=body.seed,
         )
+        # Bad messages, sampling settings or a prompt too long: a 400 before anything is queued. The chat
+        # template and the tokenizer run off the event loop: a long prompt must not stall other requests.
+        await asyncio.to_thread(state.engine.prompt, messages, SamplingParams(**kwargs))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def usage(stream) -> dict:
-            return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens,
-                    "total_tokens": stream.prompt_tokens + stream.completion_tokens}
-
-        if not body.stream:
-            def answer():
-                t = time.perf_counter()
-                stream = answerer(messages, stream=True, **kwargs)
-                text = "".join(stream)
-                state.metrics.answer(stream.completion_tokens, time.perf_counter() - t)
-                return text, stream
-
-            text, stream = await on_device(key, answer)
-            return {
-                "id": cid, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": stream.finish_reason}],
-                "usage": usage(stream),
-            }
-
-        # Streaming: the answer is decoded on the device thread as one unit; deltas reach us through a queue.
+        # The answer is decoded on the device thread as one unit; deltas reach us through a queue.
         deltas: queue.Queue = queue.Queue()
         gone = threading.Event()  # the client disconnected: stop decoding
 
@@ -337,9 +350,20 @@ def create_app(state) -> FastAPI:
             state.metrics.answer(stream.completion_tokens, time.perf_counter() - t)
             return stream
 
-        # Bad messages, sampling settings or a prompt too long: a 400 before the 200 goes out.
-        state.engine.prompt(messages, SamplingParams(**kwargs))
         future = state.scheduler.submit(key, decode)
+
+        def usage(stream) -> dict:
+            return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens,
+                    "total_tokens": stream.prompt_tokens + stream.completion_tokens}
+
+        if not body.stream:
+            stream = await unless_gone(request, future, gone)
+            return {
+                "id": cid, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": stream.text},
+                             "finish_reason": stream.finish_reason}],
+                "usage": usage(stream),
+            }
 
         def chunk(delta: dict, finish: str | None = None, **extra) -> str:
             payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
@@ -359,8 +383,11 @@ def create_app(state) -> FastAPI:
                     yield chunk({"content": delta})
                 try:
                     stream = future.result()
-                except Exception as e:  # a failure after the 200: say so in the stream
-                    status, kind = next(((s, k) for t, s, k in ERRORS if isinstance(e, t)), (500, "server_error"))
+                except Exception as e:  # a failure after the 200: say so in the stream, the log and the metrics
+                    status, kind = status_of(e)
+                    log.log(logging.ERROR if status == 500 else logging.WARNING, "streamed chat failed after its 200",
+                            exc_info=e)
+                    request.state.status_after_start = status
                     message = str(e) if status != 500 else "internal error"
                     yield f"data: {json.dumps({'error': {'message': message, 'type': kind, 'code': status}})}\n\n"
                     return
@@ -372,6 +399,7 @@ def create_app(state) -> FastAPI:
                 yield "data: [DONE]\n\n"
             finally:
                 gone.set()
+                future.cancel()  # not started yet: never starts
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -52,7 +52,8 @@ class Server:
         self.settings = settings
         metrics = Metrics(lambda: scheduler.depth,
                           lambda: self.state.registry.residency() if self.state.registry else {})
-        scheduler = Scheduler(settings.max_queue, settings.max_batch_sessions, metrics.batch_sessions.observe)
+        scheduler = Scheduler(settings.max_queue, settings.max_batch_sessions, metrics.batch_sessions.observe,
+                              settings.max_queue_per_user)
         self.state = ServerState(settings, KeyRing(settings.api_keys_file), scheduler, metrics,
                                  streams=StreamSlots(settings.max_streams_per_user))
         self.keyring = self.state.keyring

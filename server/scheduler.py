@@ -13,7 +13,7 @@ same kind join it; each of those sessions then goes to the back of the line as i
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -38,11 +38,19 @@ class Unit:
     batchable: bool = False
 
 
+def owner(key: Hashable) -> Hashable:
+    """Whose work a key is: keys are (user, session) pairs; another key is its own owner."""
+    return key[0] if isinstance(key, tuple) and key else key
+
+
 class Scheduler:
-    def __init__(self, max_queue: int = 1024, max_batch: int = 1, on_batch: Callable[[int], None] = lambda n: None):
+    def __init__(self, max_queue: int = 1024, max_batch: int = 1, on_batch: Callable[[int], None] = lambda n: None,
+                 max_queue_per_user: int | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.max_queue, self.max_batch = max_queue, max_batch
+        self.max_queue_per_user = max_queue_per_user or max_queue  # one user cannot fill the whole queue
+        self._per_owner: Counter[Hashable] = Counter()
         self.on_batch = on_batch  # told the number of units in each batchable call (metrics)
         self._queues: OrderedDict[Hashable, deque[Unit]] = OrderedDict()
         self._waiting = 0
@@ -82,8 +90,11 @@ class Scheduler:
                 raise ShuttingDown("the server is shutting down")
             if self._waiting >= self.max_queue:
                 raise QueueFull(f"{self._waiting} units are waiting for the device")
+            if self._per_owner[owner(key)] >= self.max_queue_per_user:
+                raise QueueFull(f"{self.max_queue_per_user} units of this user are already waiting for the device")
             self._queues.setdefault(key, deque()).append(unit)
             self._waiting += 1
+            self._per_owner[owner(key)] += 1
             self._cond.notify()
         return unit.future
 
@@ -94,6 +105,9 @@ class Scheduler:
         if queue:
             self._queues[key] = queue
         self._waiting -= 1
+        self._per_owner[owner(key)] -= 1
+        if not self._per_owner[owner(key)]:
+            del self._per_owner[owner(key)]
         return unit
 
     def _next(self) -> list[Unit] | None:

@@ -32,12 +32,19 @@ class Settings(BaseSettings):
 
     # Limits
     max_message_bytes: int = Field(4 << 20, gt=0, description="largest gRPC message")
+    max_request_bytes: int = Field(
+        8 << 20, gt=0, description="largest HTTP request body (413), but document uploads: those are read piece by "
+        "piece and bounded by max_document_tokens")
+    private_pages: bool = Field(False, description="/metrics and the API pages (/docs, /redoc, /openapi.json) need "
+                                "a key too; the probes /healthz and /readyz stay open")
     max_document_tokens: int = Field(20_000_000, gt=0, description="tokens one ingest stream may add")
     max_sessions_per_user: int = Field(256, gt=0)
     max_bytes_per_user: int = Field(16 << 30, gt=0, description="checkpoints on disk per user (estimated before writing)")
     max_pieces_per_stream: int = Field(1_000_000, gt=0, description="messages (or HTTP body pieces) in one ingest stream")
     max_streams_per_user: int = Field(8, gt=0, description="ingest streams one user may have open at once")
     max_queue: int = Field(1024, gt=0, description="units of work waiting for the device before requests are refused")
+    max_queue_per_user: int = Field(64, gt=0, description="units of one user's work waiting for the device (429 / "
+                                    "RESOURCE_EXHAUSTED beyond): one user cannot fill the queue")
     max_batch_sessions: int = Field(
         8, ge=1, description="sessions whose ready chunks may train in one batched step (1: one at a time)"
     )

@@ -7,7 +7,10 @@ Each test here failed before its fix (issue 13's findings). The servers run the 
 from __future__ import annotations
 
 import json
+import threading
+import time
 
+import httpx
 import pytest
 import torch
 
@@ -16,6 +19,11 @@ from ttt.config import FastWeightConfig
 from ttt.engine import check_session_id
 from ttt.generate import MAX_STOP_CHARS, MAX_STOPS, SamplingParams
 from ttt.store import AdapterError, peft_session_config
+
+from test_http import QUESTION, check_error, http, log_records, metric, metric_samples, running, tokenizer, upload  # noqa: F401
+from texts import book
+
+KEY_A, KEY_B = "ttt-alice-hardening-key-0123456789", "ttt-bob-hardening-key-9876543210"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,3 +73,154 @@ def test_stop_strings_are_bounded():
         SamplingParams(stop=["x"] * (MAX_STOPS + 1))
     with pytest.raises(ValueError, match="stop"):
         SamplingParams(stop=["x" * (MAX_STOP_CHARS + 1)])
+
+
+# ---- the HTTP door: key, size and origin before the body -----------------------------------------
+
+LIMIT = 16 << 10  # max_request_bytes of these servers
+
+
+@pytest.fixture(scope="module")
+def open_http(tiny_model_dir, tmp_path_factory):
+    with running(tiny_model_dir, tmp_path_factory.mktemp("hardening-open") / "data", max_request_bytes=LIMIT) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def keyed_http(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hardening-keyed")
+    keys = folder / "keys.json"
+    keys.write_text(json.dumps({"alice": [hash_key(KEY_A)], "bob": [hash_key(KEY_B)]}))
+    with running(tiny_model_dir, folder / "data", api_keys_file=keys, max_request_bytes=LIMIT,
+                 private_pages=True) as server:
+        yield server
+
+
+def _streamed(pieces: int):
+    """A body sent in 64 KB pieces without a Content-Length."""
+    for _ in range(pieces):
+        yield b" " * (64 << 10)
+
+
+def test_the_key_is_checked_before_the_body_is_read(keyed_http):
+    with http(keyed_http) as anonymous:
+        # not JSON at all: without a key that is a 401 (the body was never parsed), not a 400
+        check_error(anonymous.post("/v1/sessions", content=b"x" * (LIMIT + 1)), 401)
+        check_error(anonymous.post("/v1/sessions", content=_streamed(4)), 401)
+    with http(keyed_http, KEY_A) as alice:
+        check_error(alice.post("/v1/sessions", content=b"{" + b" " * LIMIT + b"}",
+                               headers={"content-type": "application/json"}), 413, match="limit")
+        r = alice.post("/v1/sessions", content=_streamed(4), headers={"content-type": "application/json"})
+        check_error(r, 413, match="limit")  # no Content-Length: cut while it streams in
+        assert alice.post("/v1/sessions", json={"id": "fits"}).status_code == 201
+
+
+def test_documents_are_bounded_by_tokens_not_by_the_body_limit(open_http, tokenizer):
+    text = book(0, 2 * LIMIT)
+    with http(open_http) as api:
+        settings = {"ingest": {"chunk_tokens": 1024, "context_tokens": 32}}
+        assert api.post("/v1/sessions", json={"id": "big-doc", "settings": settings}).status_code == 201
+        summary = upload(api, "big-doc", text.encode()).json()
+    assert summary["tokens_ingested"] == len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+@pytest.mark.parametrize("headers", [
+    {"origin": "https://evil.example"},
+    {"origin": "null"},
+    {"host": "evil.example"},  # a DNS name rebound to 127.0.0.1
+    {"host": "evil.example:8000", "origin": "http://evil.example:8000"},
+])
+def test_open_mode_refuses_other_web_pages(open_http, headers):
+    with http(open_http) as api:
+        check_error(api.post("/v1/sessions", json={"id": "csrf"}, headers=headers), 403)
+        check_error(api.post("/v1/sessions/csrf/documents", content=b"text", headers={
+            **headers, "content-type": "text/plain"}), 403)
+        assert api.get("/v1/sessions/csrf").status_code == 404  # nothing was made
+        ok = api.get("/v1/models", headers={"origin": "http://localhost:3000"})
+        assert ok.status_code == 200
+
+
+def test_private_pages_need_a_key(keyed_http):
+    with http(keyed_http) as anonymous, http(keyed_http, KEY_B) as bob:
+        for path in ("/metrics", "/openapi.json", "/docs"):
+            check_error(anonymous.get(path), 401)
+            assert bob.get(path).status_code == 200
+        assert anonymous.get("/healthz").status_code == 200 and anonymous.get("/readyz").status_code == 200
+
+
+# ---- answers: off the event loop, stopped when the client leaves, failures counted ----------------
+
+
+class Paced:
+    """A token stream that yields a delta every 10 ms (for ``steps`` deltas) and counts them."""
+
+    def __init__(self, steps: int = 3000, fail_after: int | None = None):
+        self.steps, self.fail_after, self.produced = steps, fail_after, 0
+        self.prompt_tokens, self.completion_tokens, self.finish_reason, self.text = 1, 0, "length", ""
+
+    def __iter__(self):
+        for i in range(self.steps):
+            if i == self.fail_after:
+                raise RuntimeError("secret internal detail")
+            time.sleep(0.01)
+            self.produced = self.completion_tokens = i + 1
+            self.text += "a"
+            yield "a"
+
+
+def test_a_non_streaming_answer_stops_when_its_client_leaves(open_http, monkeypatch):
+    engine, paced = open_http.state.engine, Paced()
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: paced)
+    body = {"model": engine.base.name, "messages": QUESTION, "max_tokens": 5}
+    with http(open_http) as api:
+        with pytest.raises(httpx.ReadTimeout):
+            api.post("/v1/chat/completions", json=body, timeout=1.0)
+        # the server polls its client every 0.5 s: within seconds the count stops
+        counts = []
+        for _ in range(10):
+            counts.append(paced.produced)
+            if len(counts) > 2 and counts[-1] == counts[-3]:
+                break
+            time.sleep(1.0)
+        assert counts[-1] == counts[-3] < paced.steps, f"still decoding for a client that left: {counts}"
+        assert api.get("/healthz").status_code == 200
+
+
+def test_a_streamed_chat_that_fails_after_its_200_is_logged_and_counted(open_http, monkeypatch):
+    engine = open_http.state.engine
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: Paced(fail_after=2))
+    body = {"model": engine.base.name, "messages": QUESTION, "max_tokens": 5, "stream": True}
+    with http(open_http) as api, log_records("ttt.server.http") as logged:
+        before = metric_samples(api)
+        with api.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[-1][6:])["error"]["message"] == "internal error"
+        after = metric_samples(api)
+    assert len(logged) == 1 and "secret internal detail" in str(logged[0].exc_info[1])
+    labels = dict(api="http", method="POST /v1/chat/completions")
+    assert metric(after, "ttt_requests_total", status="500", **labels) == \
+        metric(before, "ttt_requests_total", status="500", **labels) + 1
+
+
+def test_a_huge_prompt_does_not_stall_the_event_loop(open_http, monkeypatch):
+    """The chat template and tokenizer of a prompt run in a worker thread: probes answer meanwhile."""
+    engine, entered, release = open_http.state.engine, threading.Event(), threading.Event()
+    real_prompt = engine.prompt
+
+    def slow_prompt(*args, **kwargs):  # a stand-in for tokenizing megabytes
+        entered.set()
+        release.wait(30)
+        return real_prompt(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "prompt", slow_prompt)
+    body = {"model": engine.base.name, "messages": QUESTION, "max_tokens": 1, "stream": True}
+    with http(open_http) as api, http(open_http) as probe:
+        done = threading.Thread(target=lambda: api.post("/v1/chat/completions", json=body))
+        done.start()
+        assert entered.wait(30)
+        try:
+            assert probe.get("/healthz", timeout=5).status_code == 200
+        finally:
+            release.set()
+            done.join(60)

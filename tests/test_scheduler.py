@@ -117,6 +117,26 @@ def test_queue_full():
         s.shutdown(TIMEOUT)
 
 
+def test_one_user_cannot_fill_the_queue():
+    """Keys are (user, session): a user's units on all their sessions (and base-model answers) share one limit."""
+    s = Scheduler(max_queue=10, max_queue_per_user=2)
+    started, release = threading.Event(), threading.Event()
+    try:
+        running = s.submit(("alice", "s1"), blocker(started, release, "done"))
+        assert started.wait(TIMEOUT)
+        queued = [s.submit(("alice", "s1"), lambda: 1), s.submit(("alice", None), lambda: 2)]
+        with pytest.raises(QueueFull, match="this user"):
+            s.submit(("alice", "s2"), lambda: 3)
+        queued += [s.submit(("bob", "s1"), lambda: 4), s.submit(("bob", "s2"), lambda: 5)]  # others still get in
+        release.set()
+        assert running.result(TIMEOUT) == "done"
+        assert [f.result(TIMEOUT) for f in queued] == [1, 2, 4, 5]
+        assert s.run(("alice", "s2"), lambda: 3) == 3  # room again
+    finally:
+        release.set()
+        s.shutdown(TIMEOUT)
+
+
 def test_shutting_down_refuses_new_units():
     s = Scheduler()
     assert s.run("a", lambda: 1) == 1
