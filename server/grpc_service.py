@@ -13,6 +13,9 @@ import functools
 import inspect
 import logging
 import math
+import threading
+import time
+from collections.abc import Iterator
 
 import grpc
 
@@ -29,6 +32,10 @@ from ttt.store import BaseModelMismatch, SessionFormatError
 
 log = logging.getLogger(__name__)
 
+class StreamIdle(Exception):
+    """A stream whose client sent nothing within the allowed time (cancelled; the client sees CANCELLED)."""
+
+
 # Exception -> status code; the message is the exception's own text (it names no path or other user).
 STATUS = [
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
@@ -37,6 +44,7 @@ STATUS = [
     ((QuotaExceeded, QueueFull), grpc.StatusCode.RESOURCE_EXHAUSTED),
     ((SessionFormatError, BaseModelMismatch), grpc.StatusCode.FAILED_PRECONDITION),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (StreamIdle, grpc.StatusCode.DEADLINE_EXCEEDED),
     ((ValueError, OverflowError), grpc.StatusCode.INVALID_ARGUMENT),  # includes UnicodeDecodeError
 ]
 
@@ -137,6 +145,46 @@ def info_message(info: dict) -> pb.SessionInfo:
     )
 
 
+class Watchdog:
+    """Cancels an RPC whose client keeps it waiting for its next message too long.
+
+    A blocked read of a gRPC request iterator cannot time out by itself, and while it waits it holds one of the
+    server's threads. Time spent on the server (training a chunk) is not counted: only the reads are watched.
+    """
+
+    def __init__(self, context):
+        self.context = context
+        self.deadline = math.inf  # monotonic time when the read in progress is too late
+        self._done = threading.Event()
+
+    def __enter__(self) -> Watchdog:
+        threading.Thread(target=self._run, name="ttt-ingest-watchdog", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        while not self._done.wait(min(1.0, max(0.0, self.deadline - time.monotonic()))):
+            if time.monotonic() >= self.deadline:
+                self.context.cancel()  # the blocked read returns
+                return
+
+    def watch(self, requests: Iterator, first_seconds: float, seconds: float) -> Iterator:
+        """``requests``, each read allowed ``seconds`` (the first ``first_seconds``); StreamIdle when one is late."""
+        allowed = first_seconds
+        while True:
+            self.deadline = time.monotonic() + allowed
+            message = next(requests, None)
+            late, self.deadline = time.monotonic() >= self.deadline, math.inf
+            if late:
+                raise StreamIdle(f"no message within {allowed:g} s: the stream was cancelled")
+            if message is None:
+                return
+            yield message
+            allowed = seconds
+
+
 class SessionsService(pb_grpc.SessionsServicer):
     def __init__(self, state):
         """``state``: the running ``server.main.ServerState``."""
@@ -193,13 +241,17 @@ class SessionsService(pb_grpc.SessionsServicer):
     @rpc
     def Ingest(self, request_iterator, context):
         user = self._user(context)
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("message") != "start":
-            raise ValueError("the first message of an Ingest stream must be `start`")
-        start = first.start
-        sid = check_session_id(start.session_id)
-        with self.streams.hold(user), self.registry.pinned(user, sid):
-            yield from self._ingest(user, sid, start, request_iterator, context)
+        s = self.settings
+        # The slot is taken before the first read: idle streams count against their user from the start.
+        with self.streams.hold(user), Watchdog(context) as watchdog:
+            requests = watchdog.watch(request_iterator, s.ingest_start_seconds, s.ingest_idle_seconds)
+            first = next(requests, None)
+            if first is None or first.WhichOneof("message") != "start":
+                raise ValueError("the first message of an Ingest stream must be `start`")
+            start = first.start
+            sid = check_session_id(start.session_id)
+            with self.registry.pinned(user, sid):
+                yield from self._ingest(user, sid, start, requests, context)
 
     def _ingest(self, user: str, sid: str, start: pb.IngestStart, request_iterator, context):
         key = (user, sid)
@@ -228,6 +280,8 @@ class SessionsService(pb_grpc.SessionsServicer):
                 yield pb.IngestResponse(chunk=progress_message(report, session))
             if not context.is_active():
                 return  # cancelled: trained chunks stay, the rest stays pending for the next stream
+        if not context.is_active():
+            return  # cancelled while the client was silent (Watchdog): the document is not ended
         if start.end_of_document:
             for report in feed.end():
                 yield pb.IngestResponse(chunk=progress_message(report, session))

@@ -55,7 +55,7 @@ class Server:
         scheduler = Scheduler(settings.max_queue, settings.max_batch_sessions, metrics.batch_sessions.observe,
                               settings.max_queue_per_user)
         self.state = ServerState(settings, KeyRing(settings.api_keys_file), scheduler, metrics,
-                                 streams=StreamSlots(settings.max_streams_per_user))
+                                 streams=StreamSlots(settings.max_streams_per_user, settings.max_streams))
         self.keyring = self.state.keyring
         self.stopped = threading.Event()
 
@@ -69,8 +69,13 @@ class Server:
         self.state.engine, self.state.registry = engine, registry
 
         options = [("grpc.max_receive_message_length", s.max_message_bytes),
-                   ("grpc.max_send_message_length", s.max_message_bytes)]
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
+                   ("grpc.max_send_message_length", s.max_message_bytes),
+                   # pings find clients that vanished without closing (their streams then end and free a thread)
+                   ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
+                   ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+        # Beyond the threads, calls wait in a bounded line; past it they get RESOURCE_EXHAUSTED at once.
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=s.grpc_threads), options=options,
+                                maximum_concurrent_rpcs=2 * s.grpc_threads)
         ttt_pb2_grpc.add_SessionsServicer_to_server(SessionsService(self.state), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

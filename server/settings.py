@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     max_bytes_per_user: int = Field(16 << 30, gt=0, description="checkpoints on disk per user (estimated before writing)")
     max_pieces_per_stream: int = Field(1_000_000, gt=0, description="messages (or HTTP body pieces) in one ingest stream")
     max_streams_per_user: int = Field(8, gt=0, description="ingest streams one user may have open at once")
+    max_streams: int = Field(24, gt=0, description="ingest streams open at once in all (each gRPC one holds a thread)")
+    grpc_threads: int = Field(32, gt=0, description="gRPC handler threads; keep it above max_streams so that unary "
+                              "calls always find one")
+    ingest_start_seconds: float = Field(10.0, gt=0, description="an Ingest stream must send its start within this")
+    ingest_idle_seconds: float = Field(300.0, gt=0, description="an Ingest stream that sends nothing for this long "
+                                       "is cancelled (what it sent stays)")
     max_queue: int = Field(1024, gt=0, description="units of work waiting for the device before requests are refused")
     max_queue_per_user: int = Field(64, gt=0, description="units of one user's work waiting for the device (429 / "
                                     "RESOURCE_EXHAUSTED beyond): one user cannot fill the queue")

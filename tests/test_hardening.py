@@ -10,6 +10,7 @@ import json
 import threading
 import time
 
+import grpc
 import httpx
 import pytest
 import torch
@@ -21,6 +22,10 @@ from ttt.generate import MAX_STOP_CHARS, MAX_STOPS, SamplingParams
 from ttt.store import AdapterError, peft_session_config
 
 from test_http import QUESTION, check_error, http, log_records, metric, metric_samples, running, tokenizer, upload  # noqa: F401
+from test_grpc_server import Client, Code
+from test_grpc_server import running as grpc_running
+from test_grpc_server import start as grpc_start
+from server.proto.ttt.v1 import ttt_pb2 as pb
 from texts import book
 
 KEY_A, KEY_B = "ttt-alice-hardening-key-0123456789", "ttt-bob-hardening-key-9876543210"
@@ -224,3 +229,70 @@ def test_a_huge_prompt_does_not_stall_the_event_loop(open_http, monkeypatch):
         finally:
             release.set()
             done.join(60)
+
+
+# ---- the gRPC door: idle streams cannot take the server's threads ---------------------------------
+
+
+class Held:
+    """An Ingest stream whose client sends ``first`` messages, then nothing until ``release`` (or the server)."""
+
+    def __init__(self, channel, key: str, first=()):
+        self.release = threading.Event()
+        self.error: grpc.RpcError | None = None
+        self.ended = threading.Event()
+
+        def requests():
+            yield from first
+            self.release.wait(60)
+
+        def run():
+            try:
+                for _ in Client(channel, key).stub.Ingest(requests(), timeout=60,
+                                                          metadata=[("authorization", f"Bearer {key}")]):
+                    pass
+            except grpc.RpcError as e:
+                self.error = e
+            self.ended.set()
+
+        threading.Thread(target=run, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def keyed_grpc(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hardening-grpc")
+    keys = folder / "keys.json"
+    keys.write_text(json.dumps({"alice": [hash_key(KEY_A)], "bob": [hash_key(KEY_B)]}))
+    with grpc_running(tiny_model_dir, folder / "data", api_keys_file=keys, grpc_threads=4, max_streams=3,
+                      max_streams_per_user=2, ingest_start_seconds=2.0, ingest_idle_seconds=2.0) as (server, channel):
+        yield server, channel
+
+
+def test_idle_streams_cannot_stall_other_users(keyed_grpc):
+    server, channel = keyed_grpc
+    alice, bob = Client(channel, KEY_A), Client(channel, KEY_B)
+    held = [Held(channel, KEY_A), Held(channel, KEY_A)]  # alice's two streams never send their start
+    time.sleep(0.5)
+    refused = Held(channel, KEY_A)  # a third is over her limit at once, before any message
+    assert refused.ended.wait(10) and refused.error.code() == Code.RESOURCE_EXHAUSTED
+    held.append(Held(channel, KEY_B))  # three open streams: the server's total
+    time.sleep(0.5)
+    bob.list()  # unary calls still find a thread
+    alice.create("still-served")
+    for h in held:  # the server cancels streams that never started
+        assert h.ended.wait(10) and h.error.code() == Code.CANCELLED
+    assert alice.list() == ["still-served"]
+
+
+def test_a_stream_silent_mid_document_is_cancelled_and_keeps_what_came(keyed_grpc, tokenizer):
+    _, channel = keyed_grpc
+    alice = Client(channel, KEY_A)
+    text = "In the beginning God created the heaven and the earth."
+    held = Held(channel, KEY_A, [grpc_start("silent"), pb.IngestRequest(text=text)])
+    assert held.ended.wait(15) and held.error.code() == Code.CANCELLED
+    info = alice.get("silent")
+    assert info.document_bytes == len(text.encode()) and info.pending_tokens > 0  # kept, not ended or dropped
+    # the document was not ended: a resumed stream goes on from here
+    more = " And the earth was without form."
+    alice.ingest(grpc_start("silent", create=False), [more])  # and ends it
+    assert alice.get("silent").tokens_ingested == len(tokenizer(text + more, add_special_tokens=False).input_ids)
