@@ -63,7 +63,8 @@ class Server:
         s = self.settings
         self._start_http()  # first, so that probes answer (503) while the model loads
         engine = ttt.load_engine(s.model, s.device)
-        limits = Limits(s.max_sessions_per_user, s.max_bytes_per_user, s.device_budget_bytes, s.host_budget_bytes)
+        limits = Limits(s.max_sessions_per_user, s.max_bytes_per_user, s.device_budget_bytes, s.host_budget_bytes,
+                        s.max_session_bytes, s.max_memory_bytes_per_user)
         registry = SessionRegistry(engine, s.data_dir, s.session_defaults, limits, self.state.metrics,
                                    busy=self.state.scheduler.waiting)
         self.state.engine, self.state.registry = engine, registry

@@ -26,6 +26,7 @@ from server.errors import AlreadyExists, NotFound, QuotaExceeded
 from ttt import Engine, Session, SessionConfig
 from ttt.config import PRESETS, check_caps
 from ttt.engine import check_session_id
+from ttt.session import priced_bytes
 from ttt.store import (
     KEEP_CHECKPOINTS,
     BaseModelMismatch,
@@ -48,6 +49,8 @@ class Limits:
     max_bytes_per_user: int = 16 << 30  # checkpoints on disk
     device_budget_bytes: int = 8 << 30
     host_budget_bytes: int = 32 << 30
+    max_session_bytes: int = 2 << 30  # a session's priced memory (ttt.session.priced_bytes)
+    max_memory_bytes_per_user: int = 8 << 30  # the priced memory of a user's sessions in memory, summed
 
 
 class Events:
@@ -149,7 +152,22 @@ class SessionRegistry:
 
     def create(self, user: str, session_id: str | None, settings: dict | None = None) -> Session:
         config = SessionConfig.from_dict(merge(self.defaults, check_caps(settings or {})))
+        self._check_price(user, config)  # before anything is allocated
         return self._add(user, session_id, lambda: self.engine.create_session(config, session_id))
+
+    def _check_price(self, user: str, config: SessionConfig) -> None:
+        """QuotaExceeded if a session of ``config`` would hold more memory than one session, or than the user's
+        sessions in memory together, may."""
+        model, limits = self.engine.base.model, self.limits
+        price = priced_bytes(config, model)
+        if price > limits.max_session_bytes:
+            raise QuotaExceeded(f"these settings need about {price} bytes of memory on this model; one session may "
+                                f"hold {limits.max_session_bytes}: choose a smaller rank, fewer layers or targets")
+        with self._lock:
+            held = [e.session.config for (u, _), e in self._live.items() if u == user]
+        if price + sum(priced_bytes(c, model) for c in held) > limits.max_memory_bytes_per_user:
+            raise QuotaExceeded(f"a user's sessions in memory may hold {limits.max_memory_bytes_per_user} bytes; "
+                                "this one would pass it (sessions idle long enough move to disk and free theirs)")
 
     def import_adapter(self, user: str, session_id: str | None, files: dict[str, bytes],
                        settings: dict | None = None) -> Session:
@@ -159,7 +177,13 @@ class SessionRegistry:
         if settings.get("fast"):
             raise ValueError("fast-weight settings come from the adapter: send only memory, ingest and recall settings")
         merged = {k: v for k, v in merge(self.defaults, settings).items() if k != "fast"}
-        session = self._add(user, session_id, lambda: import_peft(self.engine, files, session_id, merged))
+
+        def build() -> Session:  # the adapter's tensors are in memory already (the request): priced once read
+            session = import_peft(self.engine, files, session_id, merged)
+            self._check_price(user, session.config)
+            return session
+
+        session = self._add(user, session_id, build)
         self.save(user, session.id)
         return session
 

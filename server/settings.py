@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     max_document_tokens: int = Field(20_000_000, gt=0, description="tokens one ingest stream may add")
     max_sessions_per_user: int = Field(256, gt=0)
     max_bytes_per_user: int = Field(16 << 30, gt=0, description="checkpoints on disk per user (estimated before writing)")
+    max_session_bytes: int = Field(2 << 30, gt=0, description="memory one session may hold, priced from its "
+                                   "settings and the model before anything is allocated (429 / RESOURCE_EXHAUSTED)")
+    max_memory_bytes_per_user: int = Field(8 << 30, gt=0, description="priced memory of one user's sessions in "
+                                           "memory, summed")
     max_pieces_per_stream: int = Field(1_000_000, gt=0, description="messages (or HTTP body pieces) in one ingest stream")
     max_streams_per_user: int = Field(8, gt=0, description="ingest streams one user may have open at once")
     max_streams: int = Field(24, gt=0, description="ingest streams open at once in all (each gRPC one holds a thread)")

@@ -15,13 +15,15 @@ import httpx
 import pytest
 import torch
 
+import ttt
 from server.auth import KeyRing, hash_key
-from ttt.config import FastWeightConfig
+from ttt.config import FastWeightConfig, SessionConfig
 from ttt.engine import check_session_id
 from ttt.generate import MAX_STOP_CHARS, MAX_STOPS, SamplingParams
+from ttt.session import priced_bytes
 from ttt.store import AdapterError, peft_session_config
 
-from test_http import QUESTION, check_error, http, log_records, metric, metric_samples, running, tokenizer, upload  # noqa: F401
+from test_http import QUESTION, TINY, check_error, http, log_records, metric, metric_samples, running, tokenizer, upload  # noqa: F401
 from test_grpc_server import Client, Code
 from test_grpc_server import running as grpc_running
 from test_grpc_server import start as grpc_start
@@ -296,3 +298,45 @@ def test_a_stream_silent_mid_document_is_cancelled_and_keeps_what_came(keyed_grp
     more = " And the earth was without form."
     alice.ingest(grpc_start("silent", create=False), [more])  # and ends it
     assert alice.get("silent").tokens_ingested == len(tokenizer(text + more, add_special_tokens=False).input_ids)
+
+
+# ---- session settings priced before anything is allocated -----------------------------------------
+
+HUGE = {"fast": {"rank": 1024, "layers": "all", "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"]}}
+
+
+@pytest.mark.parametrize("settings", [{}, {"memory": "off"}, {"fast": {"kind": "mlp"}}, HUGE,
+                                      {"ingest": {"context_tokens": 64, "sink_tokens": 8}, "recall": {"exact_tokens": 96}}])
+def test_the_price_bounds_what_a_session_holds(tiny_model_dir, settings):
+    engine = ttt.load_engine(tiny_model_dir, "cpu")
+    config = SessionConfig.from_dict({"ingest": {"chunk_tokens": 32, "context_tokens": 32}} | settings)
+    session = engine.create_session(config)
+    session.append_text(book(0, 3000))
+    session.end_document()
+    while session.train_next_chunk() is not None:
+        pass
+    session.generate(QUESTION, max_tokens=2)
+    held, price = session.resident_bytes(), priced_bytes(config, engine.base.model)
+    assert held <= price <= 2 * held + 4096, (held, price)
+
+
+def test_settings_over_the_price_limits_are_refused_before_allocation(tiny_model_dir, tmp_path, monkeypatch):
+    engine = ttt.load_engine(tiny_model_dir, "cpu")
+    one = priced_bytes(SessionConfig.from_dict(TINY), engine.base.model)
+    with running(tiny_model_dir, tmp_path / "data", max_session_bytes=4 * one,
+                 max_memory_bytes_per_user=int(2.5 * one)) as server:
+        registry = server.state.registry
+        real_create = registry.engine.create_session
+        monkeypatch.setattr(registry.engine, "create_session", lambda *a, **k: pytest.fail("allocated"))
+        with http(server) as api:
+            check_error(api.post("/v1/sessions", json={"id": "huge", "settings": HUGE}), 429, match="memory")
+            channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+            settings = pb.SessionSettings(fast=pb.FastWeightSettings(rank=1024, layers="all"))
+            Client(channel).fails(Code.RESOURCE_EXHAUSTED, Client(channel).create, "huge", settings, match="memory")
+            channel.close()
+            monkeypatch.setattr(registry.engine, "create_session", real_create)
+            for sid in ("one", "two"):
+                assert api.post("/v1/sessions", json={"id": sid}).status_code == 201
+            check_error(api.post("/v1/sessions", json={"id": "three"}), 429, match="user")  # 3 x one > 2.5 x one
+            assert sorted(s["id"] for s in api.get("/v1/sessions").json()["data"]) == ["one", "two"]

@@ -102,6 +102,15 @@ class FastWeights(nn.Module):
     def num_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
+    @classmethod
+    def count_parameters(cls, cfg: FastWeightConfig, model: Transformer) -> int:
+        """How many parameters ``cls(cfg, model)`` would hold, without allocating them."""
+        return len(cfg.layer_indices(model.cfg.num_layers)) * cls.layer_parameters(cfg, model)
+
+    @classmethod
+    def layer_parameters(cls, cfg: FastWeightConfig, model: Transformer) -> int:
+        raise NotImplementedError
+
 
 class LoRAFastWeights(FastWeights):
     kind = "lora"
@@ -110,6 +119,11 @@ class LoRAFastWeights(FastWeights):
         shapes = {n: tuple(projection(model, layer, n).weight.shape) for n in self.cfg.targets}
         return LoRALayer(shapes, self.cfg.rank, self.cfg.scale, gen)
 
+    @classmethod
+    def layer_parameters(cls, cfg, model):
+        # every layer of a Llama has the same projection shapes: layer 0's stand for all
+        return sum(cfg.rank * sum(projection(model, 0, n).weight.shape) for n in cfg.targets)
+
 
 class ExtraMLPFastWeights(FastWeights):
     kind = "mlp"
@@ -117,13 +131,22 @@ class ExtraMLPFastWeights(FastWeights):
     def make_layer(self, model, layer, gen):
         return ExtraMLPLayer(model.cfg.hidden_size, self.cfg.mlp_hidden, model.cfg.rms_norm_eps, gen)
 
+    @classmethod
+    def layer_parameters(cls, cfg, model):
+        d = model.cfg.hidden_size
+        return 3 * cfg.mlp_hidden * d + d  # gate, up, down and the norm's weight
+
 
 FAST_WEIGHT_KINDS: dict[str, type[FastWeights]] = {k.kind: k for k in (LoRAFastWeights, ExtraMLPFastWeights)}
 
 
-def build_fast_weights(cfg: FastWeightConfig, model: Transformer) -> FastWeights:
-    """Fresh fast weights of ``cfg.kind`` for ``model``, on the model's device, in fp32."""
+def fast_weight_kind(cfg: FastWeightConfig) -> type[FastWeights]:
     if cfg.kind not in FAST_WEIGHT_KINDS:
         raise ValueError(f"unknown fast-weight kind {cfg.kind!r}; choose from {sorted(FAST_WEIGHT_KINDS)}")
-    fast = FAST_WEIGHT_KINDS[cfg.kind](cfg, model)
+    return FAST_WEIGHT_KINDS[cfg.kind]
+
+
+def build_fast_weights(cfg: FastWeightConfig, model: Transformer) -> FastWeights:
+    """Fresh fast weights of ``cfg.kind`` for ``model``, on the model's device, in fp32."""
+    fast = fast_weight_kind(cfg)(cfg, model)
     return fast.to(model.embed_tokens.weight.device)

@@ -20,7 +20,7 @@ import torch
 
 from .batch import ChunkItem, train_chunks
 from .config import PER_CHUNK, IngestConfig, SessionConfig
-from .fast_weights import build_fast_weights
+from .fast_weights import build_fast_weights, fast_weight_kind
 from .generate import PrefixCache, SamplingParams, TokenStream
 from .ingest import ChunkReport, forward_hidden, make_optimizer, next_token_nll
 from .memory import SpanMemory, rehearse, select_spans, sentence_ends
@@ -54,6 +54,17 @@ class Generation:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+
+
+def priced_bytes(config: SessionConfig, model) -> int:
+    """The most a session of ``config`` on ``model`` holds, computed before anything is allocated: fp32 fast
+    weights with their gradients and two optimizer moments, and the keys/values of every layer for the rolling
+    context (sinks + window) and for the answers' prefix (exact memory + window)."""
+    weights = 4 * 4 * fast_weight_kind(config.fast).count_parameters(config.fast, model)
+    m, ingest = model.cfg, config.ingest
+    per_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * model.embed_tokens.weight.element_size()
+    tokens = ingest.sink_tokens + 2 * ingest.context_tokens + config.recall.exact_tokens
+    return weights + per_token * tokens
 
 
 class Session:
