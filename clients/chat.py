@@ -8,6 +8,8 @@ A failed request raises :class:`ChatError`, printed as ``error: <status or kind>
 from __future__ import annotations
 
 import json
+import os
+import ssl
 import sys
 from collections.abc import Iterator
 
@@ -58,10 +60,13 @@ def iter_sse_data(response: httpx.Response) -> Iterator[str]:
 class ChatClient:
     """``ChatClient("http://127.0.0.1:8000", api_key)``: streamed chat completions and the model list."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: httpx.Timeout = TIMEOUT):
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: httpx.Timeout = TIMEOUT,
+                 tls_ca: str | os.PathLike | None = None):
+        """``tls_ca``: a PEM file to trust for an ``https://`` server with its own authority (see ``TTTClient``)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        verify = ssl.create_default_context(cafile=os.fspath(tls_ca)) if tls_ca is not None else True
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, verify=verify)
 
     def close(self) -> None:
         self.http.close()
@@ -246,7 +251,8 @@ def run_chat(args, environ) -> int:
         base_url = "http://" + base_url
     api_key = args.api_key or environ.get("TTT_API_KEY") or None
     params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
-    with ChatClient(base_url, api_key) as client:
+    tls_ca = args.tls_ca or environ.get("TTT_TLS_CA") or None
+    with ChatClient(base_url, api_key, tls_ca=tls_ca) as client:
         chat = Chat(client, args.session, args.system, params)
         try:
             if args.message is not None:

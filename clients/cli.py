@@ -29,6 +29,8 @@ def add_serve(sub) -> None:
     p.add_argument("--http-port", type=int, help="default 8000")
     p.add_argument("--data-dir", help="where sessions are saved (default ~/.local/share/ttt)")
     p.add_argument("--api-keys-file", help="JSON {user: [sha256 of key, ...]}; without it the server is open, loopback only")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve TLS on both doors with this certificate (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
 
 
 def run_serve(args) -> None:
@@ -57,6 +59,7 @@ def _connection_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--server", metavar="HOST:PORT", help="gRPC address (default: $TTT_SERVER or 127.0.0.1:50051)")
     p.add_argument("--api-key", metavar="KEY", help="bearer key (default: $TTT_API_KEY; an open loopback server needs none)")
+    p.add_argument("--tls-ca", metavar="PEM", help="PEM file of the authority (or self-signed certificate) of a TLS server (default: $TTT_TLS_CA)")
     return p
 
 
@@ -65,7 +68,7 @@ def _client(args):
 
     server = args.server or os.environ.get("TTT_SERVER") or DEFAULT_SERVER
     api_key = args.api_key or os.environ.get("TTT_API_KEY") or None
-    return TTTClient(server, api_key)
+    return TTTClient(server, api_key, tls_ca=args.tls_ca or os.environ.get("TTT_TLS_CA") or None)
 
 
 def add_client_commands(sub) -> None:
@@ -113,6 +116,7 @@ def add_client_commands(sub) -> None:
     p.add_argument("--session", "-s", metavar="ID", help="session id (default: the base model, no session)")
     p.add_argument("--http", metavar="URL", help="HTTP address (default: $TTT_HTTP or http://127.0.0.1:8000)")
     p.add_argument("--api-key", metavar="KEY", help="bearer key (default: $TTT_API_KEY; an open loopback server needs none)")
+    p.add_argument("--tls-ca", metavar="PEM", help="PEM file of the authority (or self-signed certificate) of a TLS server (default: $TTT_TLS_CA)")
     p.add_argument("--system", metavar="TEXT", help="a system message at the start of the conversation")
     p.add_argument("--message", "-m", metavar="TEXT", help="send this one message, print the answer, exit")
     p.add_argument("--max-tokens", type=_positive, metavar="N", help="most tokens per answer (server default 512)")

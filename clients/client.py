@@ -105,15 +105,21 @@ class TTTClient:
     """A connection to a TTT server. Close it with :meth:`close` or use it as a context manager.
 
     ``server`` is ``host:port``; ``api_key`` (optional: an open loopback server needs none) is sent as
-    ``authorization: Bearer <key>`` on every call; ``timeout`` (seconds, optional) bounds each unary call.
+    ``authorization: Bearer <key>`` on every call; ``timeout`` (seconds, optional) bounds each unary call;
+    ``tls_ca``: a PEM file of the certificate authority (or the self-signed certificate) of a server that serves
+    TLS (``ttt serve --tls-cert``); ``tls=True`` without it trusts the system's authorities.
     """
 
     def __init__(self, server: str = DEFAULT_SERVER, api_key: str | None = None, *, timeout: float | None = None,
-                 options: Sequence[tuple[str, Any]] = ()):
+                 options: Sequence[tuple[str, Any]] = (), tls_ca: str | os.PathLike | None = None, tls: bool = False):
         self.server = server
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._channel = grpc.insecure_channel(server, options=list(options))
+        if tls or tls_ca is not None:
+            roots = Path(tls_ca).read_bytes() if tls_ca is not None else None
+            self._channel = grpc.secure_channel(server, grpc.ssl_channel_credentials(roots), options=list(options))
+        else:
+            self._channel = grpc.insecure_channel(server, options=list(options))
         self._stub = pb_grpc.SessionsStub(self._channel)
 
     # ---- lifecycle -------------------------------------------------------------------------------

@@ -81,7 +81,12 @@ class Server:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
-        self.grpc_port = self.grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        address = f"{s.host}:{s.grpc_port}"
+        if s.tls_cert is not None:
+            credentials = grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())])
+            self.grpc_port = self.grpc.add_secure_port(address, credentials)
+        else:
+            self.grpc_port = self.grpc.add_insecure_port(address)
         self.grpc.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -90,12 +95,14 @@ class Server:
         self._autosave.start()
         self.state.phase = "serving"
         mode = "open (no API keys, loopback only)" if self.keyring.open else f"API keys from {s.api_keys_file}"
+        mode += ", TLS" if s.tls_cert is not None else ", no TLS"
         log.info("serving %s on %s: gRPC %d, HTTP %d; %s; data in %s",
                  engine.base.name, engine.base.device, self.grpc_port, self.http_port, mode, s.data_dir)
 
     def _start_http(self) -> None:
         s = self.settings
-        config = uvicorn.Config(create_app(self.state), host=s.host, port=s.http_port, log_level="warning")
+        config = uvicorn.Config(create_app(self.state), host=s.host, port=s.http_port, log_level="warning",
+                                ssl_certfile=s.tls_cert, ssl_keyfile=s.tls_key)
         self.http = uvicorn.Server(config)
         self.http.install_signal_handlers = lambda: None  # signals are ours (see serve())
         self._http_thread = threading.Thread(target=self.http.run, name="ttt-http", daemon=True)

@@ -6,7 +6,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     http_port: int = Field(8000, ge=0, le=65535, description="0 picks a free port")
     data_dir: Path = Field(default_factory=_default_data_dir, description="where sessions are saved")
     api_keys_file: Path | None = Field(None, description="JSON {user: [sha256 of key, ...]}; none: open, loopback only")
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain): both doors serve TLS (with tls_key)")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
 
     # Fast-weight defaults for new sessions, as a partial SessionConfig dict, e.g. {"ingest": {"lr": 0.001}}.
     session_defaults: dict = Field(default_factory=dict)
@@ -68,6 +70,12 @@ class Settings(BaseSettings):
     # Autosave of sessions changed since their last checkpoint
     autosave_every_chunks: int = Field(32, gt=0)
     autosave_idle_seconds: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+        return self
 
     @property
     def loopback_only(self) -> bool:

@@ -7,8 +7,11 @@ Each test here failed before its fix (issue 13's findings). The servers run the 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -16,7 +19,10 @@ import pytest
 import torch
 
 import ttt
+from clients.chat import ChatClient
+from clients.client import TTTClient, TTTError
 from server.auth import KeyRing, hash_key
+from server.settings import Settings
 from ttt.config import FastWeightConfig, SessionConfig
 from ttt.engine import check_session_id
 from ttt.generate import MAX_STOP_CHARS, MAX_STOPS, SamplingParams
@@ -34,6 +40,7 @@ KEY_A, KEY_B = "ttt-alice-hardening-key-0123456789", "ttt-bob-hardening-key-9876
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+ROOT = Path(__file__).resolve().parent.parent
 LORA_KEY = "base_model.model.model.layers.0.mlp.up_proj.lora_{}.weight"
 
 
@@ -340,3 +347,66 @@ def test_settings_over_the_price_limits_are_refused_before_allocation(tiny_model
                 assert api.post("/v1/sessions", json={"id": sid}).status_code == 201
             check_error(api.post("/v1/sessions", json={"id": "three"}), 429, match="user")  # 3 x one > 2.5 x one
             assert sorted(s["id"] for s in api.get("/v1/sessions").json()["data"]) == ["one", "two"]
+
+
+# ---- TLS on both doors -----------------------------------------------------------------------------
+
+
+def self_signed(folder) -> tuple:
+    """A certificate for 127.0.0.1 and localhost, made here (no files from elsewhere): (cert.pem, key.pem)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ttt test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem, key_pem = folder / "cert.pem", folder / "key.pem"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return cert_pem, key_pem
+
+
+def test_tls_on_both_doors(tiny_model_dir, tmp_path):
+    cert, key = self_signed(tmp_path)
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"alice": [hash_key(KEY_A)]}))
+    with running(tiny_model_dir, tmp_path / "data", api_keys_file=keys, tls_cert=cert, tls_key=key) as server:
+        grpc_address, https = f"127.0.0.1:{server.grpc_port}", f"https://127.0.0.1:{server.http_port}"
+        with TTTClient(grpc_address, KEY_A, tls_ca=cert, timeout=60) as client:
+            client.create_session("secret")
+            events = list(client.ingest("secret", ["In the beginning God created the heaven and the earth."]))
+            assert events[-1]["tokens_ingested"] > 0
+        with TTTClient(grpc_address, KEY_A, timeout=10) as plain:  # no TLS: no answer, and no key sent in clear
+            with pytest.raises(TTTError) as info:
+                plain.list_sessions()
+            assert info.value.code == Code.UNAVAILABLE
+        with ChatClient(https, KEY_A, tls_ca=cert) as chat:
+            assert chat.base_model() and "".join(chat.stream("secret", QUESTION, max_tokens=2))
+        with pytest.raises(httpx.ConnectError):  # a certificate nobody vouched for
+            httpx.get(f"{https}/healthz")
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{server.http_port}/healthz")
+        cli = [sys.executable, "-m", "clients.cli", "sessions", "list", "--server", grpc_address, "--api-key", KEY_A,
+               "--tls-ca", str(cert)]
+        done = subprocess.run(cli, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 0 and "secret" in done.stdout, done.stderr
+
+
+def test_tls_needs_both_files(tmp_path):
+    with pytest.raises(ValueError, match="both"):
+        Settings(tls_cert=tmp_path / "cert.pem")
