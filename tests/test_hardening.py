@@ -27,7 +27,7 @@ from ttt.config import FastWeightConfig, SessionConfig
 from ttt.engine import check_session_id
 from ttt.generate import MAX_STOP_CHARS, MAX_STOPS, SamplingParams
 from ttt.session import priced_bytes
-from ttt.store import AdapterError, peft_session_config
+from ttt.store import AdapterError, disk_bytes, load_session, peft_session_config
 
 from test_http import QUESTION, TINY, check_error, http, log_records, metric, metric_samples, running, tokenizer, upload  # noqa: F401
 from test_grpc_server import Client, Code
@@ -410,3 +410,47 @@ def test_tls_on_both_doors(tiny_model_dir, tmp_path):
 def test_tls_needs_both_files(tmp_path):
     with pytest.raises(ValueError, match="both"):
         Settings(tls_cert=tmp_path / "cert.pem")
+
+
+# ---- checkpoints after a crash ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir):
+    return ttt.load_engine(tiny_model_dir, "cpu")
+
+
+def _trained(engine, text: str):
+    session = engine.create_session(SessionConfig.from_dict(TINY), "crashy")
+    session.append_text(text)
+    while session.train_next_chunk() is not None:
+        pass
+    return session
+
+
+def test_a_crashed_saves_leftovers_are_not_counted_and_go_at_the_next_save(tiny_engine, tmp_path):
+    session = _trained(tiny_engine, book(0, 400))
+    session.save(tmp_path)
+    before = disk_bytes(tmp_path)
+    stale = tmp_path / ".tmp-ckpt-crashed"
+    stale.mkdir()
+    (stale / "fast_weights.safetensors").write_bytes(b"\0" * 100_000)
+    assert disk_bytes(tmp_path) == before  # not held against the user's quota
+    session.save(tmp_path)
+    assert not stale.exists()
+
+
+def test_after_a_fallback_the_next_save_keeps_the_good_checkpoint(tiny_engine, tmp_path):
+    session = _trained(tiny_engine, book(0, 400))
+    session.save(tmp_path)  # ckpt-000001: good
+    session.append_text(book(400, 800))
+    while session.train_next_chunk() is not None:
+        pass
+    session.save(tmp_path)  # ckpt-000002: damaged below
+    (tmp_path / "ckpt-000002" / "fast_weights.safetensors").write_bytes(b"garbage")
+    loaded = load_session(tiny_engine, tmp_path)
+    assert loaded.restored_from == "ckpt-000001"
+    loaded.save(tmp_path)  # ckpt-000003
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000001", "ckpt-000003"]
+    (tmp_path / "ckpt-000003" / "fast_weights.safetensors").write_bytes(b"garbage")
+    assert load_session(tiny_engine, tmp_path).restored_from == "ckpt-000001"  # the good one is still there

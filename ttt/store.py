@@ -164,6 +164,8 @@ def save_session(session: "Session", path: str | os.PathLike) -> Path:
     """Write a new checkpoint of ``session`` under folder ``path`` atomically; returns the checkpoint folder."""
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-ckpt-*"):  # left by a save that crashed: saves of a session never overlap
+        shutil.rmtree(stale, ignore_errors=True)
     existing = _checkpoints(root)
     number = int(existing[0].name.removeprefix("ckpt-")) + 1 if existing else 1
     final = root / f"ckpt-{number:06d}"
@@ -209,7 +211,10 @@ def save_session(session: "Session", path: str | os.PathLike) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in _checkpoints(root)[KEEP_CHECKPOINTS:]:
+    # Checkpoints newer than the one the session was loaded from are damaged (the load skipped them): they go
+    # first, so that pruning keeps the good fallback rather than them.
+    damaged = [c for c in existing if session.restored_from and c.name > session.restored_from]
+    for old in damaged + [c for c in _checkpoints(root) if c not in damaged][KEEP_CHECKPOINTS:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -503,5 +508,8 @@ def saved_info(root: Path) -> dict:
 
 
 def disk_bytes(path: Path) -> int:
-    """Bytes of the files under ``path`` (0 when absent)."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else 0
+    """Bytes of the files under ``path`` (0 when absent), but those of crashed saves (removed by the next save)."""
+    if not Path(path).is_dir():
+        return 0
+    return sum(f.stat().st_size for f in Path(path).rglob("*")
+               if f.is_file() and not any(part.startswith(".tmp-ckpt-") for part in f.parts))
