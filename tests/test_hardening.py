@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import pydantic
 import pytest
 import torch
 
@@ -22,6 +23,8 @@ import ttt
 from clients.chat import ChatClient
 from clients.client import TTTClient, TTTError
 from server.auth import KeyRing, hash_key
+from server.grpc_service import settings_dict
+from server.http_app import FastSettings
 from server.settings import Settings
 from ttt.config import FastWeightConfig, SessionConfig
 from ttt.engine import check_session_id
@@ -61,6 +64,16 @@ def test_ids_and_user_names_refuse_a_trailing_newline(name, tmp_path):
 def test_layer_fractions_outside_0_1_are_refused(spec):
     with pytest.raises(ValueError, match="fraction"):
         FastWeightConfig(layers=spec).layer_indices(30)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_alpha_is_refused_on_both_doors(value):
+    with pytest.raises(ValueError, match="alpha"):
+        SessionConfig.from_dict({"fast": {"alpha": value}})
+    with pytest.raises(ValueError, match="alpha"):
+        settings_dict(pb.SessionSettings(fast=pb.FastWeightSettings(alpha=value)))
+    with pytest.raises(pydantic.ValidationError):
+        FastSettings(alpha=value)
 
 
 def _adapter(config: dict, b_shape=(4, 1)) -> tuple[dict, dict]:

@@ -247,6 +247,8 @@ def check_caps(settings: dict) -> dict:
             spec = specs.get((section, name))
             if spec is None:
                 continue  # an unknown field: SessionConfig.from_dict names it
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{section}.{name} must be a finite number")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if (spec.ge is not None and value < spec.ge) or (spec.le is not None and value > spec.le):
                     raise ValueError(f"{section}.{name} must be between {spec.ge} and {spec.le}")
