@@ -413,7 +413,7 @@ def test_invalid_settings(client):
         "preset": (pb.SessionSettings(memory="huge"), "unknown memory preset 'huge'"),
         "exact": (pb.SessionSettings(recall=pb.RecallSettings(exact_tokens=1 << 20)), "recall.exact_tokens must be"),
         "replay_lr": (pb.SessionSettings(recall=pb.RecallSettings(replay_lr=float("nan"))), "replay_lr must be"),
-        "alpha": (pb.SessionSettings(fast=pb.FastWeightSettings(alpha=float("nan"))), "alpha must be finite"),
+        "alpha": (pb.SessionSettings(fast=pb.FastWeightSettings(alpha=float("nan"))), "alpha must be a finite number"),
     }
     for name, (settings, message) in bad.items():
         client.fails(Code.INVALID_ARGUMENT, client.create, f"bad-{name}", settings, match=re.escape(message))
