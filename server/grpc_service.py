@@ -32,6 +32,7 @@ from ttt.store import BaseModelMismatch, SessionFormatError
 
 log = logging.getLogger(__name__)
 
+
 class StreamIdle(Exception):
     """A stream whose client sent nothing within the allowed time (cancelled; the client sees CANCELLED)."""
 

@@ -72,9 +72,11 @@ class Settings(BaseSettings):
     autosave_idle_seconds: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> Settings:
+    def _consistent(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both tls_cert and tls_key")
+        if self.max_streams >= self.grpc_threads:
+            raise ValueError("max_streams must be below grpc_threads: unary calls need a thread while streams are open")
         return self
 
     @property

@@ -420,9 +420,11 @@ def test_tls_on_both_doors(tiny_model_dir, tmp_path):
         assert done.returncode == 0 and "secret" in done.stdout, done.stderr
 
 
-def test_tls_needs_both_files(tmp_path):
+def test_inconsistent_server_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="both"):
         Settings(tls_cert=tmp_path / "cert.pem")
+    with pytest.raises(ValueError, match="grpc_threads"):
+        Settings(max_streams=32, grpc_threads=32)
 
 
 # ---- checkpoints after a crash ------------------------------------------------------------------
