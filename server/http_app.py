@@ -13,6 +13,8 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -27,10 +29,11 @@ from server.auth import AuthError
 from server.documents import DocumentFeed
 from server.errors import AlreadyExists, Forbidden, NotFound, QuotaExceeded, TooLarge
 from server.guard import Guard
+from server.openai_protocol import ChatRequest, CompletionRequest, TokenText, UnsupportedParameter
 from server.scheduler import QueueFull, ShuttingDown
 from ttt.config import PRESETS, SCHEMA, SECTIONS
 from ttt.engine import check_session_id
-from ttt.generate import MAX_STOP_CHARS, MAX_STOPS, SamplingParams
+from ttt.generate import SamplingParams, TokenStream
 from ttt.store import BaseModelMismatch, SessionFormatError
 
 log = logging.getLogger("ttt.server.http")
@@ -49,8 +52,10 @@ ERRORS = [
 ]
 
 
-def error_response(status: int, kind: str, message: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
+def error_response(status: int, kind: str, message: str, code: str | None = None,
+                   param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
 
 
 def status_of(e: Exception) -> tuple[int, str]:
@@ -62,7 +67,7 @@ def refusal(e: Exception) -> JSONResponse:
     """The error response of a known exception (its message names no path or other user)."""
     status, kind = status_of(e)
     message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    return error_response(status, kind, message)
+    return error_response(status, kind, message, param=getattr(e, "param", None))
 
 
 def finite(value):
@@ -76,45 +81,7 @@ def finite(value):
     return value
 
 
-INT64 = {"ge": -(2**63), "le": 2**63 - 1}  # torch seeds are 64-bit
-
-
 # ---- request bodies ------------------------------------------------------------------------------
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    """The subset of OpenAI's chat request we honour; other fields clients send are accepted and ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = Field(description="a session id, or the base model's name for no session")
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = Field(None, description=f"at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters")
-    seed: int | None = Field(None, **INT64)
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
 
 
 # Session settings, typed so that a wrong type or an absurd size is a 400 here, not a failure deep in the engine.
@@ -209,6 +176,31 @@ class CountRequests:
 MAX_TOKENS_DEFAULT = 512
 
 
+@dataclass
+class Event:
+    """One step of an answer, for the event loop: a text delta (and its tokens' logprobs), the echoed prompt
+    (``echo``: its logprobs), or the end (``done``: the finished stream; the logprobs not sent yet)."""
+
+    index: int
+    text: str | None = None
+    logprobs: list = None
+    done: TokenStream | None = None
+    echo: bool = False
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def usage(streams: list[TokenStream]) -> dict:
+    prompt, completion = sum(s.prompt_tokens for s in streams), sum(s.completion_tokens for s in streams)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def include_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
 def create_app(state) -> FastAPI:
     """``state``: the running ``server.main.ServerState`` (engine, registry, scheduler, settings, keyring, metrics)."""
     app = FastAPI(title="ttt", version="0.1.0", description="Test-time-training inference server")
@@ -237,8 +229,11 @@ def create_app(state) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
+        if isinstance(cause := first.get("ctx", {}).get("error"), UnsupportedParameter):
+            return refusal(cause)
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error_response(400, "invalid_request_error", f"{where}: {first.get('msg', 'invalid request')}".strip(": "))
+        message = f"{where}: {first.get('msg', 'invalid request')}".strip(": ")
+        return error_response(400, "invalid_request_error", message, param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_errors(request: Request, e: StarletteHTTPException):
@@ -265,17 +260,96 @@ def create_app(state) -> FastAPI:
         """Run ``fn`` as one scheduler unit without blocking the event loop."""
         return await asyncio.wrap_future(state.scheduler.submit(key, fn, *args))
 
-    async def unless_gone(request: Request, future, gone: threading.Event):
-        """The unit's result; a client that disconnects first stops it (``gone``) or keeps it from starting."""
-        result = asyncio.wrap_future(future)
-        while True:
-            try:
-                return await asyncio.wait_for(asyncio.shield(result), 0.5)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    gone.set()
-                    future.cancel()
-                    raise ClientDisconnect() from None
+    def model_session(model: str) -> str | None:
+        """The session a request's ``model`` names; None for the base model."""
+        return None if model == state.engine.base.name else check_session_id(model)
+
+    async def answerer(user: str, sid: str | None, method: str) -> Callable[..., TokenStream]:
+        """``Session.generate``/``complete`` of the user's session (404 now if unknown), or the engine's."""
+        if sid is None:
+            return getattr(state.engine, method)
+        await on_device((user, sid), state.registry.get, user, sid)
+
+        def on_worker(*args, **kwargs):  # the session, brought back if it was moved meanwhile
+            return getattr(state.registry.get(user, sid), method)(*args, **kwargs)
+
+        return on_worker
+
+    class Answers:
+        """Answers decoded one after another as ONE scheduler unit (one view of the session's weights), their
+        deltas and logprobs passed to the event loop as Events; a client that leaves stops the decoding."""
+
+        def __init__(self, request: Request, key, makers: list[Callable[[], TokenStream]]):
+            self.request, self.events, self.gone = request, queue.Queue(), threading.Event()
+            # key (user, None): the user's one line for base-model answers (one turn per user, not per request)
+            self.future = state.scheduler.submit(key, self._decode, makers)
+
+        def _decode(self, makers) -> list[TokenStream]:
+            t, streams = time.perf_counter(), []
+            for index, make in enumerate(makers):
+                stream, sent, started = make(), 0, False
+                for delta in stream:
+                    if not started and stream.echo:
+                        self.events.put(Event(index, echo=True, logprobs=stream.echo_logprobs))
+                    started = True
+                    if self.gone.is_set():
+                        break
+                    self.events.put(Event(index, delta, stream.logprobs[sent:]))
+                    sent = len(stream.logprobs)
+                if not started and stream.echo:  # nothing decoded (max_tokens 0 or an immediate stop)
+                    self.events.put(Event(index, echo=True, logprobs=stream.echo_logprobs))
+                streams.append(stream)
+                if self.gone.is_set():
+                    break
+                self.events.put(Event(index, logprobs=stream.logprobs[sent:], done=stream))
+            state.metrics.answer(sum(s.completion_tokens for s in streams), time.perf_counter() - t)
+            return streams
+
+        async def result(self) -> list[TokenStream]:
+            """Every answer, finished; a client that disconnects first stops them (or keeps them from starting)."""
+            result = asyncio.wrap_future(self.future)
+            while True:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(result), 0.5)
+                except TimeoutError:
+                    if await self.request.is_disconnected():
+                        self.gone.set()
+                        self.future.cancel()
+                        raise ClientDisconnect() from None
+
+        def stream(self, events: Callable[[Event], list[dict]], first: list[dict], usage_chunk: dict | None):
+            """A server-sent events response: ``first``, ``events(event)`` for each Event, then (when asked) the
+            usage, then [DONE]. A failure after the 200 is said in the stream, logged and counted."""
+
+            async def body():
+                try:
+                    for payload in first:
+                        yield sse(payload)
+                    while not (self.future.done() and self.events.empty()):
+                        try:
+                            event = await asyncio.to_thread(self.events.get, True, 0.1)
+                        except queue.Empty:
+                            continue
+                        for payload in events(event):
+                            yield sse(payload)
+                    try:
+                        streams = self.future.result()
+                    except Exception as e:  # a failure after the 200: say so in the stream, the log and the metrics
+                        status, kind = status_of(e)
+                        log.log(logging.ERROR if status == 500 else logging.WARNING,
+                                "streamed answer failed after its 200", exc_info=e)
+                        self.request.state.status_after_start = status
+                        message = str(e) if status != 500 else "internal error"
+                        yield sse({"error": {"message": message, "type": kind, "code": status}})
+                        return
+                    if usage_chunk is not None:
+                        yield sse({**usage_chunk, "usage": usage(streams)})
+                    yield "data: [DONE]\n\n"
+                finally:
+                    self.gone.set()
+                    self.future.cancel()  # not started yet: never starts
+
+            return StreamingResponse(body(), media_type="text/event-stream")
 
     def info(user: str, sid: str) -> dict:
         return finite(state.registry.info(user, sid))
@@ -316,92 +390,107 @@ def create_app(state) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         ready()
-        user = user_of(request)
-        sid = None if body.model == state.engine.base.name else check_session_id(body.model)
-        key = (user, sid)  # sid None: the user's one line for base-model answers (one turn per user, not per chat)
-        if sid:
-            await on_device(key, state.registry.get, user, sid)  # an unknown session is a 404 before anything starts
-
-            def answerer(messages, **kwargs):  # on the worker: the session, brought back if it was moved meanwhile
-                return state.registry.get(user, sid).generate(messages, **kwargs)
-        else:
-            answerer = state.engine.generate
+        user, sid = user_of(request), model_session(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        kwargs = dict(
-            max_tokens=body.max_completion_tokens or body.max_tokens or MAX_TOKENS_DEFAULT,
-            temperature=body.temperature, top_p=body.top_p, stop=body.stop or [], seed=body.seed,
-        )
+        sampling = dict(body.sampling(), max_tokens=body.max_completion_tokens or body.max_tokens or MAX_TOKENS_DEFAULT,
+                        top_logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         # Bad messages, sampling settings or a prompt too long: a 400 before anything is queued. The chat
         # template and the tokenizer run off the event loop: a long prompt must not stall other requests.
-        await asyncio.to_thread(state.engine.prompt, messages, SamplingParams(**kwargs))
+        await asyncio.to_thread(state.engine.prompt, messages, SamplingParams(**sampling))
+        answer = await answerer(user, sid, "generate")
+        run = Answers(request, (user, sid), [lambda: answer(messages, stream=True, **sampling)])
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        text = TokenText(state.engine.base.tokenizer)
 
-        # The answer is decoded on the device thread as one unit; deltas reach us through a queue.
-        deltas: queue.Queue = queue.Queue()
-        gone = threading.Event()  # the client disconnected: stop decoding
-
-        def decode():
-            t = time.perf_counter()
-            stream = answerer(messages, stream=True, **kwargs)
-            for delta in stream:
-                if gone.is_set():
-                    break
-                deltas.put(delta)
-            state.metrics.answer(stream.completion_tokens, time.perf_counter() - t)
-            return stream
-
-        future = state.scheduler.submit(key, decode)
-
-        def usage(stream) -> dict:
-            return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens,
-                    "total_tokens": stream.prompt_tokens + stream.completion_tokens}
+        def logprobs(entries) -> dict | None:
+            return {"content": [text.chat_entry(e) for e in entries], "refusal": None} if body.logprobs else None
 
         if not body.stream:
-            stream = await unless_gone(request, future, gone)
+            (stream,) = await run.result()
             return {
                 "id": cid, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": stream.text},
-                             "finish_reason": stream.finish_reason}],
-                "usage": usage(stream),
+                             "logprobs": logprobs(stream.logprobs), "finish_reason": stream.finish_reason}],
+                "usage": usage([stream]),
             }
 
-        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-            payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-            return f"data: {json.dumps(payload)}\n\n"
+        def chunk(choice: dict, **extra) -> dict:
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "choices": [choice] if choice else [], **extra}
 
-        async def events():
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    if future.done() and deltas.empty():
-                        break
-                    try:
-                        delta = await asyncio.to_thread(deltas.get, True, 0.1)
-                    except queue.Empty:
-                        continue
-                    yield chunk({"content": delta})
-                try:
-                    stream = future.result()
-                except Exception as e:  # a failure after the 200: say so in the stream, the log and the metrics
-                    status, kind = status_of(e)
-                    log.log(logging.ERROR if status == 500 else logging.WARNING, "streamed chat failed after its 200",
-                            exc_info=e)
-                    request.state.status_after_start = status
-                    message = str(e) if status != 500 else "internal error"
-                    yield f"data: {json.dumps({'error': {'message': message, 'type': kind, 'code': status}})}\n\n"
-                    return
-                yield chunk({}, stream.finish_reason)
-                if body.stream_options and body.stream_options.include_usage:
-                    payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                               "choices": [], "usage": usage(stream)}
-                    yield f"data: {json.dumps(payload)}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                gone.set()
-                future.cancel()  # not started yet: never starts
+        def events(event: Event) -> list[dict]:
+            if event.done is not None:
+                return [chunk({"index": 0, "delta": {}, "logprobs": logprobs(event.logprobs),
+                               "finish_reason": event.done.finish_reason})]
+            return [chunk({"index": 0, "delta": {"content": event.text}, "logprobs": logprobs(event.logprobs),
+                           "finish_reason": None})]
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        first = chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                       "finish_reason": None})
+        return run.stream(events, [first], chunk({}, usage=None) if include_usage(body) else None)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        """Text completion without a chat template (lm-evaluation-harness's ``local-completions``): each prompt
+        after the session's window, as in chat; ``echo`` with ``logprobs`` scores the prompt itself."""
+        ready()
+        user, sid = user_of(request), model_session(body.model)
+        sampling = dict(body.sampling(), max_tokens=body.max_tokens, top_logprobs=body.logprobs)
+        params = SamplingParams(**sampling)
+        engine = state.engine
+
+        def check() -> list[list[int]]:
+            ids = [engine.text_ids(p) for p in body.prompts()]
+            for one in ids:
+                engine.prompt(one, params)  # too long for the context: 400 now
+            if body.max_tokens == 0 and not body.echo:
+                raise UnsupportedParameter("max_tokens", "max_tokens 0 needs echo: true")
+            return ids
+
+        prompts = await asyncio.to_thread(check)
+        answer = await answerer(user, sid, "complete")
+        run = Answers(request, (user, sid), [
+            (lambda ids=ids: answer(ids, echo=body.echo, stream=True, **sampling)) for ids in prompts])
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        text = TokenText(engine.base.tokenizer)
+        originals = [p if isinstance(p, str) else engine.base.tokenizer.decode(p) for p in body.prompts()]
+
+        def choice(index: int, piece: str, entries, offset: int, finish: str | None) -> dict:
+            logprobs = text.completion_logprobs(entries, offset) if body.logprobs is not None else None
+            return {"index": index, "text": piece, "logprobs": logprobs, "finish_reason": finish}
+
+        if not body.stream:
+            streams = await run.result()
+            choices = []
+            for i, st in enumerate(streams):
+                echoed = originals[i] if body.echo else ""
+                offset = 0 if body.echo else len(originals[i])
+                c = choice(i, echoed + st.text, st.echo_logprobs + st.logprobs, offset, st.finish_reason)
+                choices.append(c)
+            return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": choices, "usage": usage(streams)}
+
+        def chunk(choices: list[dict], **extra) -> dict:
+            return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": choices, **extra}
+
+        shown = [0] * len(prompts)  # characters of each choice's text sent so far (for text_offset)
+
+        def events(event: Event) -> list[dict]:
+            i = event.index
+            if event.echo:
+                piece, shown[i] = originals[i], 0
+            elif event.done is not None:
+                piece = ""
+            else:
+                piece = event.text
+            if not event.echo and not body.echo and shown[i] == 0 and event.text is not None:
+                shown[i] = len(originals[i])  # offsets count from the prompt's start, as OpenAI's
+            out = chunk([choice(i, piece, event.logprobs, shown[i], event.done.finish_reason if event.done else None)])
+            shown[i] += len(piece)
+            return [out]
+
+        return run.stream(events, [], chunk([], usage=None) if include_usage(body) else None)
 
     # ---- sessions REST ----
 

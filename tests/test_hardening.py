@@ -184,6 +184,7 @@ class Paced:
     def __init__(self, steps: int = 3000, fail_after: int | None = None):
         self.steps, self.fail_after, self.produced = steps, fail_after, 0
         self.prompt_tokens, self.completion_tokens, self.finish_reason, self.text = 1, 0, "length", ""
+        self.echo, self.logprobs, self.echo_logprobs = 0, [], []
 
     def __iter__(self):
         for i in range(self.steps):

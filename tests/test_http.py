@@ -735,7 +735,7 @@ def test_metrics(api, open_server, tokenizer):
 # ---- fuzzing from the OpenAPI document (schemathesis) -------------------------------------------------------------------
 
 OPERATIONS = [
-    ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/v1/sessions"), ("POST", "/v1/sessions"),
+    ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/sessions"), ("POST", "/v1/sessions"),
     ("GET", "/v1/sessions/{session_id}"), ("DELETE", "/v1/sessions/{session_id}"),
     ("POST", "/v1/sessions/{session_id}/save"), ("POST", "/v1/sessions/{session_id}/reset"),
     ("POST", "/v1/sessions/{session_id}/documents"),

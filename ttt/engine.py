@@ -57,32 +57,60 @@ class Engine:
     def generate(self, messages: list[dict], **kwargs) -> Generation | TokenStream:
         """Answer from the base model alone (no fast weights, no window); arguments as ``Session.generate``."""
         stream = kwargs.pop("stream", False)
-        return self.answer(messages, SamplingParams(**kwargs), None, [], stream)
+        return self.answer(self.chat_ids(messages), SamplingParams(**kwargs), None, [], stream)
 
-    def prompt(self, messages: list[dict], params: SamplingParams, window: list[int] = ()) -> list[int]:
-        """Token ids to decode from: as much of ``window`` as fits, then the chat prompt.
+    def complete(self, prompt: str | list[int], *, echo: bool = False, stream: bool = False,
+                 **kwargs) -> Generation | TokenStream:
+        """Continue ``prompt`` (text or token ids, no chat template) from the base model alone; arguments as
+        ``Session.complete``."""
+        ids = self.text_ids(prompt)
+        return self.answer(ids, SamplingParams(**kwargs), None, [], stream, echo=len(ids) if echo else 0)
 
-        Raises ValueError for bad messages or when the chat prompt and max_tokens exceed the context.
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of chat ``messages`` through the chat template (ValueError for bad messages)."""
+        return chat_prompt(self.base.tokenizer, messages)
+
+    def text_ids(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a completion prompt: text (no special tokens added) or ids, checked against the vocabulary."""
+        if isinstance(prompt, str):
+            ids = self.base.tokenizer(prompt, add_special_tokens=False).input_ids
+        else:
+            ids = list(prompt)
+            vocab = self.base.cfg.vocab_size
+            if any(not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+                raise ValueError(f"token ids must be integers in [0, {vocab})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def prompt(self, prompt: list[dict] | list[int], params: SamplingParams, window: list[int] = ()) -> list[int]:
+        """Token ids to decode from: as much of ``window`` as fits, then the prompt (chat messages go through the
+        chat template; a list of ints is used as it is).
+
+        Raises ValueError for bad messages or when the prompt and max_tokens exceed the context.
         """
-        prompt = chat_prompt(self.base.tokenizer, messages)
-        room = self.base.cfg.max_position_embeddings - params.max_tokens - len(prompt)
+        ids = list(prompt) if prompt and isinstance(prompt[0], int) else self.chat_ids(prompt)
+        room = self.base.cfg.max_position_embeddings - params.max_tokens - len(ids)
         if room < 0:
             raise ValueError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceed the model's "
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceed the model's "
                 f"{self.base.cfg.max_position_embeddings}-token context"
             )
-        return (list(window[-room:]) if room else []) + prompt
+        return (list(window[-room:]) if room else []) + ids
 
-    def answer(self, messages, params: SamplingParams, fast, window: list[int], stream: bool,
-               prefix: PrefixCache | None = None):
+    def answer(self, prompt: list[int], params: SamplingParams, fast, window: list[int], stream: bool,
+               prefix: PrefixCache | None = None, echo: int = 0):
         """The shared decoding path: ``window`` tokens (their keys/values from ``prefix`` when it holds
-        them), then the chat prompt, then sampled tokens."""
-        prompt = self.prompt(messages, params, window)
-        ts = TokenStream(self.base.model, fast, self.base.tokenizer, prompt, params, self._stop_ids, prefix)
+        them), then the ``prompt`` ids, then sampled tokens; ``echo``: score the prompt's last ``echo`` tokens."""
+        if params.max_tokens == 0 and not echo:
+            raise ValueError("max_tokens must be >= 1 (0 only with echo: a completion that scores its prompt)")
+        ids = self.prompt(prompt, params, window)
+        ts = TokenStream(self.base.model, fast, self.base.tokenizer, ids, params, self._stop_ids, prefix, echo)
         if stream:
             return ts
         text = "".join(ts)
-        return Generation(text, ts.finish_reason, ts.prompt_tokens, ts.completion_tokens)
+        return Generation(text, ts.finish_reason, ts.prompt_tokens, ts.completion_tokens, ts.logprobs,
+                          ts.echo_logprobs)
 
 
 def load_engine(model_path: str | os.PathLike | None = None, device: str | None = None) -> Engine:

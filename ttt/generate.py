@@ -39,15 +39,26 @@ class PrefixCache:
 
 
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's count; the length bounds the per-token stop search
+MAX_TOP_LOGPROBS = 20  # OpenAI's cap
 
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 256
+    """How to pick each token. ``logit_bias`` (token id -> added to its logit, -100 to 100) and the penalties
+    (OpenAI's: subtract ``presence_penalty`` once and ``frequency_penalty`` per earlier occurrence of a token in
+    the answer) change what is sampled; ``top_logprobs`` (None: none recorded; 0 to 20) records each token's
+    log-probability under the model (before temperature, top_p, bias and penalties) and its k most likely
+    alternatives."""
+
+    max_tokens: int = 256  # 0: decode nothing (a completion that only echoes and scores its prompt)
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -55,10 +66,49 @@ class SamplingParams:
         self.stop = [s for s in self.stop if s]
         if len(self.stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise ValueError(f"stop: at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each")
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
+        if self.max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+        if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be between -100 and 100")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError("presence_penalty and frequency_penalty must be between -2 and 2")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability under the model and its ``k`` most likely alternatives (id, logprob)."""
+
+    token: int
+    logprob: float | None  # None: nothing came before the token (the first of a prompt with no window)
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """``logits`` [T, V] are the predictions for ``tokens`` [T]: each one's logprob and the top ``k``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    top_p, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    return [TokenLogprob(t, lp, list(zip(ids, ps, strict=True)))
+            for t, lp, ids, ps in zip(tokens, chosen, top_i.tolist(), top_p.tolist(), strict=True)]
+
+
+def adjust_logits(logits: torch.Tensor, p: SamplingParams, counts: dict[int, int]) -> torch.Tensor:
+    """``logits`` [V] with ``p``'s logit bias and presence/frequency penalties for the tokens in ``counts``."""
+    logits = logits.clone()
+    for tok, bias in p.logit_bias.items():
+        if 0 <= tok < logits.shape[-1]:
+            logits[tok] += bias
+    for tok, n in counts.items():
+        logits[tok] -= p.presence_penalty + p.frequency_penalty * n
+    return logits
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
@@ -94,19 +144,26 @@ class TokenStream:
     """Iterator over text deltas of one answer; ``finish_reason`` and token counts are set once it ends.
 
     finish_reason: "stop" (end-of-turn token or a stop string) or "length" (max_tokens reached).
+    ``logprobs``: one TokenLogprob per answer token when ``params.top_logprobs`` is set, appended as the tokens
+    are sampled; ``echo_logprobs``: the same for the prompt's last ``echo`` tokens (scored in its prefill).
     """
 
     def __init__(self, model: Transformer, fast: FastWeights | None, tokenizer, prompt: list[int],
-                 params: SamplingParams, stop_ids: set[int], prefix: PrefixCache | None = None):
+                 params: SamplingParams, stop_ids: set[int], prefix: PrefixCache | None = None, echo: int = 0):
         self.model, self.fast, self.tokenizer = model, fast, tokenizer
         self.prompt, self.params, self.stop_ids = prompt, params, stop_ids
-        # Reused only when the prompt really starts with its tokens (the window may have been cut to fit).
-        fits = prefix is not None and len(prefix.tokens) < len(prompt) and prompt[: len(prefix.tokens)] == prefix.tokens
-        self.prefix = prefix if fits else None
+        # Reused only when the prompt really starts with its tokens (the window may have been cut to fit), and
+        # short of the echoed tokens and the one before them, whose logits the echo needs.
+        keep = min(len(prefix.tokens), len(prompt) - echo - 1) if prefix is not None else 0
+        fits = prefix is not None and keep > 0 and prompt[:keep] == prefix.tokens[:keep]
+        self.prefix, self._reuse = (prefix, keep) if fits else (None, 0)
+        self.echo = echo
         self.prompt_tokens = len(prompt)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.text = ""
+        self.logprobs: list[TokenLogprob] = []
+        self.echo_logprobs: list[TokenLogprob] = []
         self._it = self._run()
 
     def __iter__(self) -> Iterator[str]:
@@ -133,19 +190,30 @@ class TokenStream:
         gen = torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
         cache = KVCache(model.cfg, 1, len(self.prompt) + p.max_tokens, device, model.embed_tokens.weight.dtype)
         if self.prefix is not None:
-            cache.length = len(self.prefix.tokens)
+            cache.length = self._reuse
             for layer, (k, v) in enumerate(zip(self.prefix.k, self.prefix.v, strict=True)):
-                cache.k[layer][:, :, : cache.length] = k
-                cache.v[layer][:, :, : cache.length] = v
+                cache.k[layer][:, :, : cache.length] = k[:, :, : cache.length]
+                cache.v[layer][:, :, : cache.length] = v[:, :, : cache.length]
         adapters = self.fast.adapters() if self.fast is not None else None
-        logits = model(torch.tensor([self.prompt[cache.length :]], device=device), adapters, cache)[0, -1]
+        start = cache.length
+        all_logits = model(torch.tensor([self.prompt[start:]], device=device), adapters, cache)[0]
+        if self.echo:
+            self._score_echo(all_logits, start)
+        if p.max_tokens == 0:
+            self.finish_reason = "length"
+            return
+        logits = all_logits[-1]
         out: list[int] = []
+        counts: dict[int, int] = {}
         shown = 0
         while True:
-            tok = sample_next(logits, p, gen)
+            tok = sample_next(adjust_logits(logits, p, counts) if p.adjusts_logits else logits, p, gen)
             if tok in self.stop_ids:
                 self.finish_reason = "stop"
                 break
+            if p.top_logprobs is not None:
+                self.logprobs += token_logprobs(logits[None], [tok], p.top_logprobs)
+            counts[tok] = counts.get(tok, 0) + 1
             out.append(tok)
             self.completion_tokens = len(out)
             text = self.tokenizer.decode(out, skip_special_tokens=True)
@@ -168,6 +236,17 @@ class TokenStream:
             logits = model(torch.tensor([[tok]], device=device), adapters, cache)[0, -1]
         if len(self.text) > shown:
             yield self.text[shown:]
+
+    def _score_echo(self, logits: torch.Tensor, start: int) -> None:
+        """Logprobs of the prompt's last ``echo`` tokens; ``logits`` [T, V] are the prefill's, from ``start``."""
+        first = len(self.prompt) - self.echo  # the first echoed token's position
+        k = self.params.top_logprobs or 0
+        if first == 0:  # nothing before it: no logprob (as OpenAI's first prompt token)
+            self.echo_logprobs.append(TokenLogprob(self.prompt[0], None, []))
+            first = 1
+        # position i is predicted by the logits at i - 1, which are row i - 1 - start
+        self.echo_logprobs += token_logprobs(logits[first - 1 - start : len(self.prompt) - 1 - start],
+                                             self.prompt[first:], k)
 
 
 def stop_token_ids(tokenizer, model_path) -> set[int]:

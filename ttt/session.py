@@ -21,7 +21,7 @@ import torch
 from .batch import ChunkItem, train_chunks
 from .config import PER_CHUNK, IngestConfig, SessionConfig
 from .fast_weights import build_fast_weights, fast_weight_kind
-from .generate import PrefixCache, SamplingParams, TokenStream
+from .generate import PrefixCache, SamplingParams, TokenLogprob, TokenStream
 from .ingest import ChunkReport, forward_hidden, make_optimizer, next_token_nll
 from .memory import SpanMemory, rehearse, select_spans, sentence_ends
 from .study import questions, teacher
@@ -54,6 +54,8 @@ class Generation:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per answer token, when asked (top_logprobs)
+    echo_logprobs: list[TokenLogprob] = field(default_factory=list)  # per prompt token, for an echoed completion
 
 
 def priced_bytes(config: SessionConfig, model) -> int:
@@ -269,19 +271,36 @@ class Session:
         stop: list[str] | str | None = None,
         seed: int | None = None,
         stream: bool = False,
+        **sampling,
     ) -> Generation | TokenStream:
         """Answer chat ``messages`` ([{"role": ..., "content": ...}]) from the fast weights and recent window.
 
         Greedy when ``temperature`` is 0. With ``stream=True`` returns a ``TokenStream``: iterate it for
         text deltas; its ``finish_reason`` and token counts are set at the end. Never changes the weights.
+        ``sampling``: the other ``SamplingParams`` (``top_logprobs``, ``logit_bias``, penalties).
         """
-        params = SamplingParams(max_tokens, temperature, top_p, stop or [], seed)
+        params = SamplingParams(max_tokens, temperature, top_p, stop or [], seed, **sampling)
+        return self._answer(self.engine.chat_ids(messages), params, stream)
+
+    def complete(self, prompt: str | list[int], *, max_tokens: int = 16, temperature: float = 0.0,
+                 top_p: float = 1.0, stop: list[str] | str | None = None, seed: int | None = None,
+                 echo: bool = False, stream: bool = False, **sampling) -> Generation | TokenStream:
+        """Continue ``prompt`` (text or token ids; no chat template) after the answer prefix, as ``generate``.
+
+        ``echo``: also score the prompt, with ``top_logprobs`` set (``echo_logprobs``: the prompt's own tokens,
+        each given the prefix and the tokens before it, as ``score``); ``max_tokens=0`` decodes nothing.
+        """
+        ids = self.engine.text_ids(prompt)
+        params = SamplingParams(max_tokens, temperature, top_p, stop or [], seed, **sampling)
+        return self._answer(ids, params, stream, echo=len(ids) if echo else 0)
+
+    def _answer(self, ids: list[int], params: SamplingParams, stream: bool, echo: int = 0):
         with self.lock:
             # A snapshot (a few MB): the answer stays consistent even if an ingest runs meanwhile.
             fast = copy.deepcopy(self.fast).requires_grad_(False)
             prefix = self.answer_prefix()
             cache = self._prefix_cache(prefix)
-        return self.engine.answer(messages, params, fast, prefix, stream, cache)
+        return self.engine.answer(ids, params, fast, prefix, stream, cache, echo)
 
     def _prefix_cache(self, prefix: list[int]) -> PrefixCache | None:
         """The answer prefix's keys/values under the current weights: computed at the first answer after a
