@@ -394,10 +394,10 @@ def create_app(state) -> FastAPI:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         sampling = dict(body.sampling(), max_tokens=body.max_completion_tokens or body.max_tokens or MAX_TOKENS_DEFAULT,
                         top_logprobs=(body.top_logprobs or 0) if body.logprobs else None)
-        # Bad messages, sampling settings or a prompt too long: a 400 before anything is queued. The chat
+        answer = await answerer(user, sid, "generate")  # an unknown session: 404 first
+        # Bad messages, sampling settings or a prompt too long: a 400 before the answer is queued. The chat
         # template and the tokenizer run off the event loop: a long prompt must not stall other requests.
         await asyncio.to_thread(state.engine.prompt, messages, SamplingParams(**sampling))
-        answer = await answerer(user, sid, "generate")
         run = Answers(request, (user, sid), [lambda: answer(messages, stream=True, **sampling)])
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         text = TokenText(state.engine.base.tokenizer)
@@ -447,8 +447,8 @@ def create_app(state) -> FastAPI:
                 raise UnsupportedParameter("max_tokens", "max_tokens 0 needs echo: true")
             return ids
 
-        prompts = await asyncio.to_thread(check)
         answer = await answerer(user, sid, "complete")
+        prompts = await asyncio.to_thread(check)
         run = Answers(request, (user, sid), [
             (lambda ids=ids: answer(ids, echo=body.echo, stream=True, **sampling)) for ids in prompts])
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())

@@ -684,9 +684,10 @@ def test_stream_disconnect_stops_the_decode(open_server, api, monkeypatch):
     with log_records("ttt") as errors, log_records("uvicorn.error") as uvicorn_errors:
         with api.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-            first = next(line for line in r.iter_lines() if line.startswith("data: "))
-            assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
-        # leaving the block closed the connection mid-answer
+            lines = (json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: "))
+            assert next(lines)["choices"][0]["delta"]["role"] == "assistant"
+            next(e for e in lines if e["choices"][0]["delta"].get("content"))  # the decode has started
+        # leaving the block closed the connection mid-answer (a unit not started yet would never start)
         assert ended.wait(TIMEOUT)
         assert api.get("/healthz").status_code == 200
         monkeypatch.setattr(engine, "answer", real_answer)
