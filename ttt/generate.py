@@ -208,11 +208,13 @@ class TokenStream:
         shown = 0
         while True:
             tok = sample_next(adjust_logits(logits, p, counts) if p.adjusts_logits else logits, p, gen)
+            if p.top_logprobs is not None and (tok not in self.stop_ids or self.echo):
+                # an echoed completion also reports the end-of-turn token it sampled (as the legacy API does:
+                # a scorer reading "the prompt's logprobs, then one sampled token" must find that token)
+                self.logprobs += token_logprobs(logits[None], [tok], p.top_logprobs)
             if tok in self.stop_ids:
                 self.finish_reason = "stop"
                 break
-            if p.top_logprobs is not None:
-                self.logprobs += token_logprobs(logits[None], [tok], p.top_logprobs)
             counts[tok] = counts.get(tok, 0) + 1
             out.append(tok)
             self.completion_tokens = len(out)
