@@ -63,6 +63,9 @@ def parse_args(argv):
     ap.add_argument("--book-tokens", type=int, default=32768, help="how much of the book to read (0: all of it)")
     ap.add_argument("--no-book", action="store_true", help="skip the book questions")
     ap.add_argument("--answer-tokens", type=int, default=24, help="greedy tokens per chat answer")
+    ap.add_argument("--export-lm-eval", type=Path, metavar="DIR",
+                    help="write each needle document (.txt, to ingest) and its needles as an lm-evaluation-harness "
+                         "multiple-choice task (.jsonl + .yaml) into DIR, then exit")
     ap.add_argument("--memories", nargs="*", default=["none", "window", "full", "ttt", "weights"],
                     choices=["none", "window", "full", "ttt", "weights"])
     args = ap.parse_args(argv)
@@ -165,6 +168,12 @@ def main(argv=None) -> dict:
     configs = settings(args)
     args.out.mkdir(parents=True, exist_ok=True)
     docs = needle_documents(engine, args.lengths, args.depths, args.needles_per_depth, args.stories, args.seeds)
+    if args.export_lm_eval is not None:
+        for info, tokens, items in docs:
+            export_lm_eval(args.export_lm_eval, f"{info['seed']}_{info['length']}", engine.base.tokenizer.decode(tokens),
+                           [it for it in items if it.cloze])
+        print(f"wrote {len(docs)} documents and lm-eval tasks to {args.export_lm_eval}")
+        return {}
     if not args.no_book:
         ids, questions = book_items(engine.base.tokenizer, args.book_tokens or None)
         docs.append(({"doc": "book", "seed": 0, "length": len(ids)}, ids, questions))
@@ -182,6 +191,24 @@ def main(argv=None) -> dict:
     print_summary(results)
     print(f"wrote {args.out / 'results.json'}, {', '.join(p.name for p in pngs)}")
     return results
+
+
+def export_lm_eval(folder: Path, name: str, document: str, items: list) -> None:
+    """``folder``/recall_``name``.txt (the document) and an lm-eval multiple-choice task over its needles: the
+    statement up to the value is the context; the true value and the wrong ones, with the rest of the sentence,
+    are the choices (as the benchmark's likelihood probe). Ingest the text into a session, then evaluate it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"recall_{name}.txt").write_text(document, encoding="utf-8")
+    with open(folder / f"recall_{name}.jsonl", "w", encoding="utf-8") as f:
+        for it in items:
+            head = it.statement(it.answer)[0]
+            choices = [it.statement(value)[1] for value in [it.answer, *it.wrong]]
+            f.write(json.dumps({"context": head, "choices": choices, "answer": 0, "task": it.task}) + "\n")
+    (folder / f"recall_{name}.yaml").write_text(
+        f"task: recall_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {(folder / f'recall_{name}.jsonl').resolve()}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: \"{{context}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
+        "target_delimiter: \"\"\nmetric_list:\n  - metric: acc\n", encoding="utf-8")
 
 
 def memory_names(records: list[dict]) -> list[str]:

@@ -74,16 +74,18 @@ def session_view(server):
 
 def reference_loglikelihood(server, tokenizer, prefix, fast, context: str, continuation: str) -> float:
     """log p(continuation | prefix, context), tokens split as lm-eval does (trailing spaces move to the
-    continuation; the continuation is what the whole string adds to the context's tokens)."""
+    continuation; the continuation is what the whole string adds to the context's tokens); of the prefix, what
+    fits the model's context before the prompt and one answer token (``Engine.prompt``)."""
     n = len(context) - len(context.rstrip())
     context, continuation = context[: len(context) - n], context[len(context) - n :] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
     ctx = tokenizer(context, add_special_tokens=False).input_ids
-    ids = prefix + whole
     model = server.state.engine.base.model
+    room = model.cfg.max_position_embeddings - 1 - len(whole)  # as much of the prefix as fits (max_tokens 1)
+    ids = prefix[-room:] + whole
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids]), fast.adapters())[0].float(), -1)
-    start = len(prefix) + len(ctx)
+    start = len(ids) - len(whole) + len(ctx)
     return sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
 
 
@@ -118,3 +120,36 @@ def test_lm_eval_generations_equal_the_python_api(served, offline, tiny_model_di
 
         expected = served.state.scheduler.run(("local", SESSION), lambda: direct(registry.get("local", SESSION)))
         assert sample["resps"][0][0] == expected, (context, sample["resps"])
+
+
+def test_recall_needles_exported_as_an_lm_eval_task(served, offline, tiny_model_dir, tmp_path):
+    """``ttt recall --export-lm-eval``: ingest the exported document into a session, then lm-eval scores its
+    needles as the Python API does."""
+    from clients import cli
+    from test_http import http
+
+    out = tmp_path / "exported"
+    argv = ["recall", "--model", str(tiny_model_dir), "--device", "cpu", "--lengths", "384", "--depths", "200",
+            "--needles-per-depth", "2", "--stories", "0", "--no-book", "--export-lm-eval", str(out)]
+    assert cli.main(argv) == 0
+    document = (out / "recall_0_384.txt").read_text(encoding="utf-8")
+    with http(served) as api:
+        r = api.post(f"/v1/sessions/{SESSION}/documents", content=document.encode(),
+                     headers={"content-type": "text/plain"})
+        assert r.status_code == 200
+    tokenizer = served.state.engine.base.tokenizer
+    prefix, fast = session_view(served)
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    args = dict(model=SESSION, base_url=f"http://127.0.0.1:{served.http_port}/v1/completions", num_concurrent=1,
+                max_retries=1, tokenizer=str(tiny_model_dir), tokenizer_backend="huggingface")
+    results = simple_evaluate(model="local-completions", model_args=args, tasks=["recall_0_384"],
+                              task_manager=TaskManager(include_path=str(out)), log_samples=True, batch_size=1)
+    samples = results["samples"]["recall_0_384"]
+    assert len(samples) == 2
+    for sample in samples:
+        assert len(sample["arguments"]) == 6  # the true value and five wrong ones
+        for (context, continuation), response in zip(sample["arguments"], sample["resps"], strict=True):
+            expected = reference_loglikelihood(served, tokenizer, prefix, fast, context, continuation)
+            assert response[0][0] == pytest.approx(expected, abs=TOLERANCE)
