@@ -252,3 +252,15 @@ def test_what_clients_send_by_default_is_accepted(served):
         check_error(api.post("/v1/completions", json={"model": "reader", "prompt": TEXT, "suffix": "x"}), 400)
         check_error(api.post("/v1/completions", json={"model": "reader", "prompt": TEXT, "max_tokens": 0}), 400)
         check_error(api.post("/v1/completions", json={"model": "reader", "prompt": [1, 10**9]}), 400)
+
+
+def test_base_model_completions_equal_the_engines(served):
+    engine = served.state.engine
+    with http(served) as api:
+        r = api.post("/v1/completions", json={"model": engine.base.name, "prompt": TEXT, "max_tokens": 4,
+                                              "temperature": 0, "logprobs": 0})
+    choice = r.json()["choices"][0]
+    direct = served.state.scheduler.run(("local", None), lambda: engine.complete(TEXT, max_tokens=4, top_logprobs=0))
+    assert choice["text"] == direct.text
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx([e.logprob for e in direct.logprobs], abs=1e-5)
+    assert choice["logprobs"]["text_offset"][0] == len(TEXT)  # offsets count from the prompt's start
