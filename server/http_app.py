@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -183,7 +183,7 @@ class Event:
 
     index: int
     text: str | None = None
-    logprobs: list = None
+    logprobs: list = field(default_factory=list)
     done: TokenStream | None = None
     echo: bool = False
 
@@ -474,21 +474,15 @@ def create_app(state) -> FastAPI:
             return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
                     "choices": choices, **extra}
 
-        shown = [0] * len(prompts)  # characters of each choice's text sent so far (for text_offset)
+        # where each choice's next token starts in its text (OpenAI's offsets count from the prompt's start)
+        offsets = [0 if body.echo else len(o) for o in originals]
 
         def events(event: Event) -> list[dict]:
             i = event.index
-            if event.echo:
-                piece, shown[i] = originals[i], 0
-            elif event.done is not None:
-                piece = ""
-            else:
-                piece = event.text
-            if not event.echo and not body.echo and shown[i] == 0 and event.text is not None:
-                shown[i] = len(originals[i])  # offsets count from the prompt's start, as OpenAI's
-            out = chunk([choice(i, piece, event.logprobs, shown[i], event.done.finish_reason if event.done else None)])
-            shown[i] += len(piece)
-            return [out]
+            piece = originals[i] if event.echo else event.text or ""
+            out = choice(i, piece, event.logprobs, offsets[i], event.done.finish_reason if event.done else None)
+            offsets[i] += sum(len(text.text(e.token)) for e in event.logprobs)
+            return [chunk([out])]
 
         return run.stream(events, [], chunk([], usage=None) if include_usage(body) else None)
 
