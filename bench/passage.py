@@ -6,9 +6,10 @@
 Two sessions read the same novel excerpt, one with a random 120-word passage planted ``--depth`` tokens before
 the end and one with another; the gain is how much lower (nats/token) the passage scores in the session that
 read it. Context variants for each chunk: ``rolling`` (the cached keys/values of the previous context_tokens,
-the document's first tokens kept as attention sinks: what sessions do), ``rolling-no-sinks``, ``recompute``
-(the window re-run under the current weights before every chunk, its first tokens as sinks) and
-``recompute-no-sinks`` (a plain re-implementation: each chunk after its 512 preceding tokens, nothing else).
+the document's first tokens kept as attention sinks: what sessions do), ``rolling-no-sinks``, and ``recompute``
+(the window re-run under the current weights before every chunk: a plain re-implementation, each chunk after
+its preceding context_tokens). A window rebuilt from its tokens holds no sinks, so ``recompute-no-sinks``
+measures the same as ``recompute`` (docs/results/passage): it is kept for the record of that run.
 Prints the mean gain per variant and ingest tokens/s; writes DIR/passage.json.
 """
 
