@@ -176,7 +176,12 @@ class Watchdog:
         allowed = first_seconds
         while True:
             self.deadline = time.monotonic() + allowed
-            message = next(requests, None)
+            try:
+                message = next(requests, None)
+            except grpc.RpcError:  # after a cancel the iterator may raise instead of ending
+                if time.monotonic() < self.deadline:
+                    raise
+                message = None
             late, self.deadline = time.monotonic() >= self.deadline, math.inf
             if late:
                 raise StreamIdle(f"no message within {allowed:g} s: the stream was cancelled")

@@ -78,7 +78,7 @@ class Guard:
                 scope.setdefault("state", {})["user"] = self.keyring.user_for(headers.get("authorization"))
             if not path.endswith("/documents"):
                 length = headers.get("content-length")
-                if length is None:
+                if length is None or "transfer-encoding" in headers:  # chunked decides the length: count it
                     receive = await read_limited(receive, self.max_body)
                 elif int(length) > self.max_body:  # the HTTP parser let through digits only
                     raise TooLarge(f"the request body is over the limit of {self.max_body} bytes")

@@ -311,7 +311,7 @@ def create_app(state) -> FastAPI:
             while True:
                 try:
                     return await asyncio.wait_for(asyncio.shield(result), 0.5)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
                     if await self.request.is_disconnected():
                         self.gone.set()
                         self.future.cancel()

@@ -99,7 +99,9 @@ def test_logit_bias_forces_and_forbids_tokens(engine):
 def test_penalties_follow_openais_formula():
     logits = torch.zeros(10)
     p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={3: 2.0})
-    out = adjust_logits(logits, p, {1: 1, 2: 4})
+    counts = torch.zeros(10)
+    counts[1], counts[2] = 1, 4
+    out = adjust_logits(logits, p, p.bias_vector(10, "cpu"), counts)
     expected = torch.zeros(10)
     expected[1], expected[2], expected[3] = -0.75, -1.5, 2.0
     assert torch.equal(out, expected) and torch.equal(logits, torch.zeros(10))  # the input is untouched
@@ -114,6 +116,7 @@ def test_a_repetition_penalty_changes_a_repeating_answer(engine):
 
 
 @pytest.mark.parametrize("kwargs", [{"top_logprobs": 21}, {"top_logprobs": -1}, {"logit_bias": {1: 101.0}},
+                                    {"logit_bias": {i: 1.0 for i in range(301)}}, {"logit_bias": {10**9: 1.0}},
                                     {"presence_penalty": 2.5}, {"frequency_penalty": -3.0}])
 def test_bad_sampling_options(engine, kwargs):
     with pytest.raises(ValueError):
@@ -264,3 +267,13 @@ def test_base_model_completions_equal_the_engines(served):
     assert choice["text"] == direct.text
     assert choice["logprobs"]["token_logprobs"] == pytest.approx([e.logprob for e in direct.logprobs], abs=1e-5)
     assert choice["logprobs"]["text_offset"][0] == len(TEXT)  # offsets count from the prompt's start
+
+
+def test_logprobs_end_where_a_stop_string_cuts_the_answer(engine):
+    whole = engine.complete(TEXT, max_tokens=16, top_logprobs=0)
+    assert len(whole.text) > 6
+    stop = whole.text[len(whole.text) // 2 : len(whole.text) // 2 + 3]
+    cut = engine.complete(TEXT, max_tokens=16, top_logprobs=0, stop=[stop])
+    shown = "".join(engine.base.tokenizer.decode([e.token]) for e in cut.logprobs)
+    assert cut.text == whole.text[: whole.text.index(stop)]
+    assert shown.startswith(cut.text) and len(cut.logprobs) < len(whole.logprobs)

@@ -142,6 +142,20 @@ def test_the_key_is_checked_before_the_body_is_read(keyed_http):
         assert alice.post("/v1/sessions", json={"id": "fits"}).status_code == 201
 
 
+def test_a_chunked_body_that_also_declares_a_small_length_is_still_limited(keyed_http):
+    """HTTP/1.1 lets Transfer-Encoding: chunked override Content-Length: the bytes are counted, not the header."""
+    import socket
+
+    piece = b"x" * 4096
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(2 * LIMIT // len(piece))) + b"0\r\n\r\n"
+    head = (f"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY_A}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", keyed_http.http_port), timeout=30) as sock:
+        sock.sendall(head + chunks)
+        reply = sock.recv(4096)
+    assert reply.split(b"\r\n", 1)[0].split()[1] in (b"413", b"400"), reply[:200]  # never parsed as JSON
+
+
 def test_documents_are_bounded_by_tokens_not_by_the_body_limit(open_http, tokenizer):
     text = book(0, 2 * LIMIT)
     with http(open_http) as api:
@@ -468,5 +482,7 @@ def test_after_a_fallback_the_next_save_keeps_the_good_checkpoint(tiny_engine, t
     assert loaded.restored_from == "ckpt-000001"
     loaded.save(tmp_path)  # ckpt-000003
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000001", "ckpt-000003"]
-    (tmp_path / "ckpt-000003" / "fast_weights.safetensors").write_bytes(b"garbage")
-    assert load_session(tiny_engine, tmp_path).restored_from == "ckpt-000001"  # the good one is still there
+    loaded.save(tmp_path)  # ckpt-000004: a later save prunes as usual, it takes no good checkpoint for damaged
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000003", "ckpt-000004"]
+    (tmp_path / "ckpt-000004" / "fast_weights.safetensors").write_bytes(b"garbage")
+    assert load_session(tiny_engine, tmp_path).restored_from == "ckpt-000003"  # the good one is still there

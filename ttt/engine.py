@@ -89,6 +89,9 @@ class Engine:
 
         Raises ValueError for bad messages or when the prompt and max_tokens exceed the context.
         """
+        vocab = self.base.cfg.vocab_size
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids below {vocab}")
         ids = list(prompt) if prompt and isinstance(prompt[0], int) else self.chat_ids(prompt)
         room = self.base.cfg.max_position_embeddings - params.max_tokens - len(ids)
         if room < 0:

@@ -39,7 +39,7 @@ class PrefixCache:
 
 
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's count; the length bounds the per-token stop search
-MAX_TOP_LOGPROBS = 20  # OpenAI's cap
+MAX_TOP_LOGPROBS, MAX_LOGIT_BIAS = 20, 300  # OpenAI's caps
 
 
 @dataclass
@@ -72,14 +72,24 @@ class SamplingParams:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
-        if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
-            raise ValueError("logit_bias values must be between -100 and 100")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS or any(not -100 <= b <= 100 for b in self.logit_bias.values()):
+            raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens, each biased by -100 to 100")
+        if any(t < 0 for t in self.logit_bias):
+            raise ValueError("logit_bias keys must be token ids >= 0")
         if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
             raise ValueError("presence_penalty and frequency_penalty must be between -2 and 2")
 
     @property
     def adjusts_logits(self) -> bool:
         return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    def bias_vector(self, vocab: int, device) -> torch.Tensor:
+        """``logit_bias`` as a dense [V] tensor (fp32)."""
+        bias = torch.zeros(vocab, device=device)
+        if self.logit_bias:
+            ids = list(self.logit_bias)
+            bias[torch.tensor(ids, device=device)] = torch.tensor([self.logit_bias[i] for i in ids], device=device)
+        return bias
 
 
 @dataclass
@@ -91,24 +101,24 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
-def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
-    """``logits`` [T, V] are the predictions for ``tokens`` [T]: each one's logprob and the top ``k``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
-    top_p, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
-    return [TokenLogprob(t, lp, list(zip(ids, ps, strict=True)))
-            for t, lp, ids, ps in zip(tokens, chosen, top_i.tolist(), top_p.tolist(), strict=True)]
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int, rows: int = 256) -> list[TokenLogprob]:
+    """``logits`` [T, V] are the predictions for ``tokens`` [T]: each one's logprob and the top ``k`` (in blocks
+    of ``rows``, so that a long prompt never holds a [T, V] fp32 copy)."""
+    out = []
+    for start in range(0, len(tokens), rows):
+        logp = torch.log_softmax(logits[start : start + rows].float(), dim=-1)
+        block = tokens[start : start + rows]
+        chosen = logp.gather(1, torch.tensor(block, device=logp.device)[:, None])[:, 0].tolist()
+        top_p, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+        out += [TokenLogprob(t, lp, list(zip(ids, ps, strict=True)))
+                for t, lp, ids, ps in zip(block, chosen, top_i.tolist(), top_p.tolist(), strict=True)]
+    return out
 
 
-def adjust_logits(logits: torch.Tensor, p: SamplingParams, counts: dict[int, int]) -> torch.Tensor:
-    """``logits`` [V] with ``p``'s logit bias and presence/frequency penalties for the tokens in ``counts``."""
-    logits = logits.clone()
-    for tok, bias in p.logit_bias.items():
-        if 0 <= tok < logits.shape[-1]:
-            logits[tok] += bias
-    for tok, n in counts.items():
-        logits[tok] -= p.presence_penalty + p.frequency_penalty * n
-    return logits
+def adjust_logits(logits: torch.Tensor, p: SamplingParams, bias: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``logits`` [V] plus ``bias`` [V] (``p.bias_vector``) minus OpenAI's presence and frequency penalties for
+    ``counts`` [V] (how often each token is in the answer so far)."""
+    return logits + bias - (p.presence_penalty * (counts > 0) + p.frequency_penalty * counts)
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
@@ -197,17 +207,18 @@ class TokenStream:
         adapters = self.fast.adapters() if self.fast is not None else None
         start = cache.length
         all_logits = model(torch.tensor([self.prompt[start:]], device=device), adapters, cache)[0]
-        if self.echo:
+        if self.echo and p.top_logprobs is not None:
             self._score_echo(all_logits, start)
         if p.max_tokens == 0:
             self.finish_reason = "length"
             return
         logits = all_logits[-1]
         out: list[int] = []
-        counts: dict[int, int] = {}
+        vocab = logits.shape[-1]
+        bias, counts = p.bias_vector(vocab, device), torch.zeros(vocab, device=device)
         shown = 0
         while True:
-            tok = sample_next(adjust_logits(logits, p, counts) if p.adjusts_logits else logits, p, gen)
+            tok = sample_next(adjust_logits(logits.float(), p, bias, counts) if p.adjusts_logits else logits, p, gen)
             if p.top_logprobs is not None and (tok not in self.stop_ids or self.echo):
                 # an echoed completion also reports the end-of-turn token it sampled (as the legacy API does:
                 # a scorer reading "the prompt's logprobs, then one sampled token" must find that token)
@@ -215,7 +226,7 @@ class TokenStream:
             if tok in self.stop_ids:
                 self.finish_reason = "stop"
                 break
-            counts[tok] = counts.get(tok, 0) + 1
+            counts[tok] += 1
             out.append(tok)
             self.completion_tokens = len(out)
             text = self.tokenizer.decode(out, skip_special_tokens=True)
@@ -223,6 +234,9 @@ class TokenStream:
             hit = min((i for i in (text.find(s, max(0, shown - len(s) + 1)) for s in p.stop) if i >= 0), default=-1)
             if hit >= 0:
                 self.text = text[:hit]
+                # logprobs of the tokens that begin at or after the stop string are not part of the answer
+                self.logprobs = [lp for j, lp in enumerate(self.logprobs)
+                                 if len(self.tokenizer.decode(out[:j], skip_special_tokens=True)) < hit]
                 if hit > shown:
                     yield text[shown:hit]
                 self.finish_reason = "stop"

@@ -80,6 +80,7 @@ class Session:
         self.text_stream = IncrementalTokenizer(engine.base.tokenizer)
         self.version = 0  # bumped by every change of state: a saver compares it with the saved one
         self.restored_from: str | None = None  # the checkpoint loaded, when it was not the newest
+        self.damaged_checkpoints: list[str] = []  # those the load skipped: the next save removes them
         self.warnings: list[str] = []  # why newer checkpoints were skipped at load
         self.reset()
 

@@ -211,11 +211,11 @@ def save_session(session: "Session", path: str | os.PathLike) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # Checkpoints newer than the one the session was loaded from are damaged (the load skipped them): they go
-    # first, so that pruning keeps the good fallback rather than them.
-    damaged = [c for c in existing if session.restored_from and c.name > session.restored_from]
+    # The checkpoints the load skipped as damaged go first, so that pruning keeps the good fallback, not them.
+    damaged = [c for c in existing if c.name in session.damaged_checkpoints]
     for old in damaged + [c for c in _checkpoints(root) if c not in damaged][KEEP_CHECKPOINTS:]:
         shutil.rmtree(old, ignore_errors=True)
+    session.damaged_checkpoints = []
     return final
 
 
@@ -330,6 +330,7 @@ def load_session(engine: "Engine", path: str | os.PathLike, fallback: bool = Tru
             log.warning("%s: loaded %s after: %s", root, ckpt.name, "; ".join(map(str, errors)))
             # Reported with the session, relative to its folder: a client never sees server paths.
             session.restored_from = ckpt.name
+            session.damaged_checkpoints = [c.name for c, _ in candidates[: candidates.index((ckpt, manifest_sum))]]
             session.warnings = [str(e).replace(f"{root}{os.sep}", "") for e in errors]
         return session
     raise errors[0]
