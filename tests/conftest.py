@@ -9,6 +9,7 @@ model folder (config.json + model.safetensors) plus the default model's tokenize
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 from pathlib import Path
@@ -139,6 +140,15 @@ def default_model_dir() -> Path:
         return _default_model_dir()
     except FileNotFoundError as e:
         pytest.skip(f"default model unavailable: {e}")
+
+
+def write_keys(folder: Path, keys: dict[str, str]) -> Path:
+    """A server keys file in ``folder`` for ``{user: bearer key}`` (stored as sha256 digests); its path."""
+    from server.auth import hash_key
+
+    path = Path(folder) / "keys.json"
+    path.write_text(json.dumps({user: [hash_key(key)] for user, key in keys.items()}))
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ Derandomized (the same cases every run): a fuzz test must not be flaky. The tiny
 
 from __future__ import annotations
 
-import json
 import threading
 
 import grpc
@@ -16,9 +15,9 @@ from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.auth import hash_key
 from server.proto.ttt.v1 import ttt_pb2 as pb
 
+from conftest import write_keys
 from test_grpc_server import Client, Code, running
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,8 +99,7 @@ def streams(draw) -> tuple[list[pb.IngestRequest], int | None]:
 @pytest.fixture(scope="module")
 def fuzzed(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("grpc-fuzz")
-    keys = folder / "keys.json"
-    keys.write_text(json.dumps({"fuzzer": [hash_key(KEY_FUZZ)], "bystander": [hash_key(KEY_OTHER)]}))
+    keys = write_keys(folder, {"fuzzer": KEY_FUZZ, "bystander": KEY_OTHER})
     with running(tiny_model_dir, folder / "data", api_keys_file=keys, max_session_bytes=64 << 20,
                  max_document_tokens=2000) as (server, channel):
         bystander = Client(channel, KEY_OTHER)

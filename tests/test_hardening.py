@@ -22,7 +22,7 @@ import torch
 import ttt
 from clients.chat import ChatClient
 from clients.client import TTTClient, TTTError
-from server.auth import KeyRing, hash_key
+from server.auth import KeyRing
 from server.grpc_service import settings_dict
 from server.http_app import FastSettings
 from server.settings import Settings
@@ -37,6 +37,7 @@ from test_grpc_server import Client, Code
 from test_grpc_server import running as grpc_running
 from test_grpc_server import start as grpc_start
 from server.proto.ttt.v1 import ttt_pb2 as pb
+from conftest import write_keys
 from texts import book
 
 KEY_A, KEY_B = "ttt-alice-hardening-key-0123456789", "ttt-bob-hardening-key-9876543210"
@@ -54,10 +55,8 @@ LORA_KEY = "base_model.model.model.layers.0.mlp.up_proj.lora_{}.weight"
 def test_ids_and_user_names_refuse_a_trailing_newline(name, tmp_path):
     with pytest.raises(ValueError):
         check_session_id(name)
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({name: [hash_key("k")]}))
     with pytest.raises(ValueError):
-        KeyRing(keys)
+        KeyRing(write_keys(tmp_path, {name: "k"}))
 
 
 @pytest.mark.parametrize("spec", ["last_fraction:1e308", "last_fraction:nan", "last_fraction:0", "last_fraction:-1"])
@@ -116,8 +115,7 @@ def open_http(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def keyed_http(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hardening-keyed")
-    keys = folder / "keys.json"
-    keys.write_text(json.dumps({"alice": [hash_key(KEY_A)], "bob": [hash_key(KEY_B)]}))
+    keys = write_keys(folder, {"alice": KEY_A, "bob": KEY_B})
     with running(tiny_model_dir, folder / "data", api_keys_file=keys, max_request_bytes=LIMIT,
                  private_pages=True) as server:
         yield server
@@ -298,8 +296,7 @@ class Held:
 @pytest.fixture(scope="module")
 def keyed_grpc(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hardening-grpc")
-    keys = folder / "keys.json"
-    keys.write_text(json.dumps({"alice": [hash_key(KEY_A)], "bob": [hash_key(KEY_B)]}))
+    keys = write_keys(folder, {"alice": KEY_A, "bob": KEY_B})
     with grpc_running(tiny_model_dir, folder / "data", api_keys_file=keys, grpc_threads=4, max_streams=3,
                       max_streams_per_user=2, ingest_start_seconds=2.0, ingest_idle_seconds=2.0) as (server, channel):
         yield server, channel
@@ -411,8 +408,7 @@ def self_signed(folder) -> tuple:
 
 def test_tls_on_both_doors(tiny_model_dir, tmp_path):
     cert, key = self_signed(tmp_path)
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"alice": [hash_key(KEY_A)]}))
+    keys = write_keys(tmp_path, {"alice": KEY_A})
     with running(tiny_model_dir, tmp_path / "data", api_keys_file=keys, tls_cert=cert, tls_key=key) as server:
         grpc_address, https = f"127.0.0.1:{server.grpc_port}", f"https://127.0.0.1:{server.http_port}"
         with TTTClient(grpc_address, KEY_A, tls_ca=cert, timeout=60) as client:

@@ -26,7 +26,6 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.auth import hash_key
 from server.http_app import FastSettings, IngestSettings, RecallSettings
 from server.main import Server
 from server.settings import Settings
@@ -35,6 +34,7 @@ from ttt.config import FastWeightConfig, IngestConfig, RecallConfig
 from ttt.generate import TokenStream
 from ttt.tokenize import IncrementalTokenizer
 
+from conftest import write_keys
 from texts import book
 from texts import byte_pieces as _byte_pieces
 
@@ -104,8 +104,7 @@ def api(open_server):
 def keyed_server(tiny_model_dir, tmp_path_factory):
     """API keys for alice and bob."""
     folder = tmp_path_factory.mktemp("http-keyed")
-    keys = folder / "keys.json"
-    keys.write_text(json.dumps({"alice": [hash_key(KEY_A)], "bob": [hash_key(KEY_B)]}))
+    keys = write_keys(folder, {"alice": KEY_A, "bob": KEY_B})
     with running(tiny_model_dir, folder / "data", api_keys_file=keys) as server:
         yield server
 
