@@ -178,9 +178,13 @@ class MultiLoRALinear(torch.autograd.Function):
 
 def multi_lora_linear_reference(x, weight, bias, lora_a, lora_b, seg_offsets, scale: float) -> torch.Tensor:
     """Plain torch, a loop over segments (autograd does the backward); same arguments as ``multi_lora_linear``."""
-    segments = enumerate(itertools.pairwise(seg_offsets.tolist()))
-    # [N, O]: the segments cover the rows in order
-    delta = torch.cat([F.linear(F.linear(x[lo:hi], lora_a[s]), lora_b[s]) for s, (lo, hi) in segments])
+    if x.shape[0] <= lora_a.shape[0]:  # at most a row per segment (decoding): gather each row's A and B, one bmm
+        seg = torch.repeat_interleave(torch.arange(lora_a.shape[0], device=x.device), seg_offsets.diff())  # [N]
+        delta = torch.bmm(torch.bmm(x[:, None], lora_a[seg].transpose(1, 2)), lora_b[seg].transpose(1, 2))[:, 0]
+    else:
+        segments = enumerate(itertools.pairwise(seg_offsets.tolist()))
+        # [N, O]: the segments cover the rows in order
+        delta = torch.cat([F.linear(F.linear(x[lo:hi], lora_a[s]), lora_b[s]) for s, (lo, hi) in segments])
     return F.linear(x, weight, bias) + scale * delta
 
 

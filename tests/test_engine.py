@@ -507,10 +507,10 @@ def test_answers_reuse_the_windows_keys_and_values_until_the_session_changes(eng
     prefilled = []  # tokens each answer's first forward runs over
     forward = type(engine.base.model).forward
 
-    def spy(model, tokens, adapters=None, cache=None):
+    def spy(model, tokens, adapters=None, cache=None, **kwargs):
         if cache is not None and tokens.shape[1] > 1:
             prefilled.append(tokens.shape[1])
-        return forward(model, tokens, adapters, cache)
+        return forward(model, tokens, adapters, cache, **kwargs)
 
     monkeypatch.setattr(type(engine.base.model), "forward", spy)
     params = ttt.SamplingParams(max_tokens=6)

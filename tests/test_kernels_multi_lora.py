@@ -48,6 +48,7 @@ def grads(fn, inputs, scale, gy):
         ([0, 37], 48, 40, 16, False),  # one session over two row blocks
         ([0, 0, 37, 37], 100, 80, 3, True),  # empty first and last, K and O over several tiles
         ([0, 1, 2, 3, 37], 33, 17, 8, True),  # one-row segments
+        ([0, 1, 1, 2, 3], 33, 17, 8, True),  # at most a row per segment (decoding): the reference gathers
     ],
 )
 def test_triton_matches_reference_forward_and_backward(monkeypatch, offsets, k, o, r, bias):
@@ -70,11 +71,12 @@ def test_empty_segment_gets_zero_gradient(monkeypatch):
     assert ga[0].abs().max() > 0 and gb[2].abs().max() > 0
 
 
-def test_reference_is_per_row_lora():
-    """The reference equals gathering each row's own A and B (independent of its segment loop)."""
-    inputs = make_inputs([0, 5, 5, 37], 48, 40, 5)
+@pytest.mark.parametrize("offsets", [[0, 5, 5, 37], [0, 1, 1, 2]])  # its segment loop; its gather
+def test_reference_is_per_row_lora(offsets):
+    """The reference equals gathering each row's own A and B (written out here with einsum)."""
+    inputs = make_inputs(offsets, 48, 40, 5)
     x, w, b, a, bb, offsets = inputs.values()
-    owner = torch.repeat_interleave(torch.arange(3), offsets.diff())  # [N]: each row's session
+    owner = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())  # [N]: each row's session
     u = torch.einsum("nk,nrk->nr", x, a[owner])
     want = x @ w.T + b + 0.5 * torch.einsum("nr,nor->no", u, bb[owner])
     torch.testing.assert_close(multi_lora_linear_reference(**inputs, scale=0.5), want, **TOL)

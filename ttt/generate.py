@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from .decode import DecodeBatch
 from .fast_weights import FastWeights
 from .model import KVCache, Transformer
 
@@ -151,11 +152,14 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
 
 
 class TokenStream:
-    """Iterator over text deltas of one answer; ``finish_reason`` and token counts are set once it ends.
+    """One answer: iterate it for text deltas; ``finish_reason`` and token counts are set once it ends.
 
     finish_reason: "stop" (end-of-turn token or a stop string) or "length" (max_tokens reached).
     ``logprobs``: one TokenLogprob per answer token when ``params.top_logprobs`` is set, appended as the tokens
     are sampled; ``echo_logprobs``: the same for the prompt's last ``echo`` tokens (scored in its prefill).
+
+    It is also a row of ``decode.DecodeBatch``, which feeds it its prompt's logits (``prefilled``) and then
+    one next-token distribution per step (``accept``); iterating a stream on its own runs a batch of one.
     """
 
     def __init__(self, model: Transformer, fast: FastWeights | None, tokenizer, prompt: list[int],
@@ -166,7 +170,7 @@ class TokenStream:
         # short of the echoed tokens and the one before them, whose logits the echo needs.
         keep = min(len(prefix.tokens), len(prompt) - echo - 1) if prefix is not None else 0
         fits = prefix is not None and keep > 0 and prompt[:keep] == prefix.tokens[:keep]
-        self.prefix, self._reuse = (prefix, keep) if fits else (None, 0)
+        self.prefix, self.filled = (prefix, keep) if fits else (None, 0)  # filled: tokens with keys/values
         self.echo = echo
         self.prompt_tokens = len(prompt)
         self.completion_tokens = 0
@@ -174,13 +178,40 @@ class TokenStream:
         self.text = ""
         self.logprobs: list[TokenLogprob] = []
         self.echo_logprobs: list[TokenLogprob] = []
-        self._it = self._run()
+        self.next_input: int | None = None  # the sampled token the next decode step feeds
+        self._out: list[int] = []
+        self._shown = 0  # characters of text handed out as deltas
+        self._deltas: list[str] = []
+        device = model.embed_tokens.weight.device
+        self._gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+        self._bias = self._counts = None  # [V] each, made at the first token when the params adjust logits
+        self._it: Iterator[str] | None = None
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the prefill's logits of every prompt position are wanted (echo with logprobs)."""
+        return bool(self.echo) and self.params.top_logprobs is not None
+
+    def take(self) -> list[str]:
+        """The text deltas produced since the last call (non-empty strings)."""
+        deltas, self._deltas = self._deltas, []
+        return deltas
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
+        if self._it is None:
+            self._it = self._run()
         return next(self._it)
+
+    def _run(self) -> Iterator[str]:
+        batch = DecodeBatch(self.model, max_rows=1, prefill_chunk=max(1, len(self.prompt)))
+        batch.join(self)
+        while self.finish_reason is None:
+            batch.step()
+            yield from self.take()
+        yield from self.take()
 
     def _safe_len(self, text: str) -> int:
         """How much of ``text`` can be shown: not a trailing partial character, nor a possible stop-string start."""
@@ -193,76 +224,74 @@ class TokenStream:
                     break
         return n - held
 
-    @torch.no_grad()
-    def _run(self) -> Iterator[str]:
-        model, p = self.model, self.params
-        device = model.embed_tokens.weight.device
-        gen = torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
-        cache = KVCache(model.cfg, 1, len(self.prompt) + p.max_tokens, device, model.embed_tokens.weight.dtype)
-        if self.prefix is not None:
-            cache.length = self._reuse
-            for layer, (k, v) in enumerate(zip(self.prefix.k, self.prefix.v, strict=True)):
-                cache.k[layer][:, :, : cache.length] = k[:, :, : cache.length]
-                cache.v[layer][:, :, : cache.length] = v[:, :, : cache.length]
-        adapters = self.fast.adapters() if self.fast is not None else None
-        start = cache.length
-        all_logits = model(torch.tensor([self.prompt[start:]], device=device), adapters, cache)[0]
-        if self.echo and p.top_logprobs is not None:
-            self._score_echo(all_logits, start)
-        if p.max_tokens == 0:
-            self.finish_reason = "length"
+    def prefilled(self, piece: list[int], logits: torch.Tensor) -> None:
+        """The keys/values of ``piece`` (the next prompt tokens) are stored; ``logits`` [T, V] are its
+        predictions (only the last row's unless ``scores_prompt``). After the last piece: the first token."""
+        start = self.filled
+        self.filled += len(piece)
+        if self.scores_prompt:
+            self._score_echo(logits, start)
+        if self.filled < len(self.prompt):
             return
-        logits = all_logits[-1]
-        out: list[int] = []
-        vocab = logits.shape[-1]
-        bias, counts = p.bias_vector(vocab, device), torch.zeros(vocab, device=device)
-        shown = 0
-        while True:
-            tok = sample_next(adjust_logits(logits.float(), p, bias, counts) if p.adjusts_logits else logits, p, gen)
-            if p.top_logprobs is not None and (tok not in self.stop_ids or self.echo):
-                # an echoed completion also reports the end-of-turn token it sampled (as the legacy API does:
-                # a scorer reading "the prompt's logprobs, then one sampled token" must find that token)
-                self.logprobs += token_logprobs(logits[None], [tok], p.top_logprobs)
-            if tok in self.stop_ids:
-                self.finish_reason = "stop"
-                break
-            counts[tok] += 1
-            out.append(tok)
-            self.completion_tokens = len(out)
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
-            # text[:shown] held no stop string: only a stop that ends after it can be new
-            hit = min((i for i in (text.find(s, max(0, shown - len(s) + 1)) for s in p.stop) if i >= 0), default=-1)
-            if hit >= 0:
-                self.text = text[:hit]
-                # logprobs of the tokens that begin at or after the stop string are not part of the answer
-                self.logprobs = [lp for j, lp in enumerate(self.logprobs)
-                                 if len(self.tokenizer.decode(out[:j], skip_special_tokens=True)) < hit]
-                if hit > shown:
-                    yield text[shown:hit]
-                self.finish_reason = "stop"
-                return
-            self.text = text
-            safe = self._safe_len(text)
-            if safe > shown:
-                yield text[shown:safe]
-                shown = safe
-            if len(out) >= p.max_tokens:
-                self.finish_reason = "length"
-                break
-            logits = model(torch.tensor([[tok]], device=device), adapters, cache)[0, -1]
-        if len(self.text) > shown:
-            yield self.text[shown:]
+        if self.params.max_tokens == 0:
+            self._finish("length")
+        else:
+            self.accept(logits[-1])
+
+    def accept(self, logits: torch.Tensor) -> None:
+        """Sample the next token from ``logits`` [V] (the model's, fp32); end the answer or queue the token."""
+        p = self.params
+        if p.adjusts_logits and self._bias is None:
+            self._bias, self._counts = p.bias_vector(logits.shape[-1], logits.device), torch.zeros_like(logits)
+        adjusted = adjust_logits(logits.float(), p, self._bias, self._counts) if p.adjusts_logits else logits
+        tok = sample_next(adjusted, p, self._gen)
+        if p.top_logprobs is not None and (tok not in self.stop_ids or self.echo):
+            # an echoed completion also reports the end-of-turn token it sampled (as the legacy API does:
+            # a scorer reading "the prompt's logprobs, then one sampled token" must find that token)
+            self.logprobs += token_logprobs(logits[None], [tok], p.top_logprobs)
+        if tok in self.stop_ids:
+            return self._finish("stop")
+        if self._counts is not None:
+            self._counts[tok] += 1
+        out = self._out
+        out.append(tok)
+        self.completion_tokens = len(out)
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        shown = self._shown
+        # text[:shown] held no stop string: only a stop that ends after it can be new
+        hit = min((i for i in (text.find(s, max(0, shown - len(s) + 1)) for s in p.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            self.text = text[:hit]
+            # logprobs of the tokens that begin at or after the stop string are not part of the answer
+            self.logprobs = [lp for j, lp in enumerate(self.logprobs)
+                             if len(self.tokenizer.decode(out[:j], skip_special_tokens=True)) < hit]
+            return self._finish("stop")
+        self.text = text
+        safe = self._safe_len(text)
+        if safe > shown:
+            self._deltas.append(text[shown:safe])
+            self._shown = safe
+        if len(out) >= p.max_tokens:
+            return self._finish("length")
+        self.next_input = tok
+
+    def _finish(self, reason: str) -> None:
+        """End the answer: what the stop-string check held back is shown now."""
+        self.finish_reason, self.next_input = reason, None
+        if len(self.text) > self._shown:
+            self._deltas.append(self.text[self._shown :])
+            self._shown = len(self.text)
 
     def _score_echo(self, logits: torch.Tensor, start: int) -> None:
-        """Logprobs of the prompt's last ``echo`` tokens; ``logits`` [T, V] are the prefill's, from ``start``."""
+        """Logprobs of the echoed prompt tokens this piece predicts; ``logits`` [T, V] are its rows, from
+        position ``start`` (row j predicts position start + j + 1)."""
         first = len(self.prompt) - self.echo  # the first echoed token's position
         k = self.params.top_logprobs or 0
-        if first == 0:  # nothing before it: no logprob (as OpenAI's first prompt token)
+        if first == 0 and start == 0:  # nothing before it: no logprob (as OpenAI's first prompt token)
             self.echo_logprobs.append(TokenLogprob(self.prompt[0], None, []))
-            first = 1
-        # position i is predicted by the logits at i - 1, which are row i - 1 - start
-        self.echo_logprobs += token_logprobs(logits[first - 1 - start : len(self.prompt) - 1 - start],
-                                             self.prompt[first:], k)
+        lo, hi = max(first, start + 1), min(len(self.prompt), self.filled + 1)
+        if lo < hi:
+            self.echo_logprobs += token_logprobs(logits[lo - 1 - start : hi - 1 - start], self.prompt[lo:hi], k)
 
 
 def stop_token_ids(tokenizer, model_path) -> set[int]:

@@ -120,6 +120,9 @@ class KVCache:
         self.length = 0  # tokens already stored; advanced by Transformer.forward
         self.max_len = max_len
 
+    def advance(self, n: int) -> None:
+        self.length += n
+
     def extend(self, layer: int, k, v, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new tokens' keys (un-rotated, [B, kvh, T, hd]) and values; return all so far."""
         end = self.length + k.shape[2]
@@ -128,6 +131,41 @@ class KVCache:
         self.k[layer][:, :, self.length : end] = apply_rope(k, cos[self.length :], sin[self.length :])
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class RaggedCache:
+    """Keys and values of B answers of different lengths, decoded together (``ttt.decode``).
+
+    ``k``, ``v``: per layer [B, kv_heads, C, head_dim] (views of the answer pool); row b holds ``lengths[b]``
+    tokens, rotated at their own positions, and a forward's T new tokens of row b go at positions
+    lengths[b] .. lengths[b] + T - 1. Keys past a row's length are masked, whatever they hold.
+    """
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], lengths: list[int]):
+        self.k, self.v = k, v
+        self.lengths = torch.tensor(lengths, device=k[0].device)  # [B]
+        self.length = max(lengths)  # the longest row: rope tables and keys are cut at length + T
+
+    def advance(self, n: int) -> None:
+        self.lengths += n
+        self.length += n
+
+    def attend(self, layer: int, q, k, v, rope, window: int | None) -> torch.Tensor:
+        # q: [B, H, T, hd]; k, v: [B, kvh, T, hd] un-rotated; rope: (cos, sin) [length + T, hd] -> [B, H, T, hd]
+        B, T = q.shape[0], q.shape[2]
+        pos = self.lengths[:, None] + torch.arange(T, device=q.device)  # [B, T]
+        cos, sin = rope[0][pos][:, None], rope[1][pos][:, None]  # [B, 1, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rows = torch.arange(B, device=q.device)[:, None]
+        self.k[layer][rows, :, pos] = k.transpose(1, 2)  # advanced indices first: [B, T, kvh, hd]
+        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        n = self.length + T
+        keys = torch.arange(n, device=q.device)
+        visible = keys <= pos[:, :, None]  # [B, T, n]
+        if window is not None:
+            visible &= keys > pos[:, :, None] - window
+        return F.scaled_dot_product_attention(q, self.k[layer][:, :, :n], self.v[layer][:, :, :n],
+                                              attn_mask=visible[:, None], enable_gqa=True)
 
 
 class RollingContext:
@@ -189,7 +227,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, adapter: LayerAdapter | None, cache: KVCache | RollingContext | None, layer: int):
+    def forward(self, x, rope, adapter: LayerAdapter | None, cache: KVCache | RaggedCache | RollingContext | None,
+                layer: int):
         # x: [B, T, D]; rope: (cos, sin) each [past + T, head_dim], past = tokens already in the cache
         B, T, _ = x.shape
         cfg = self.cfg
@@ -200,6 +239,9 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
+        if isinstance(cache, RaggedCache):  # answers of different lengths in one batch
+            y = cache.attend(layer, q, k, v, rope, cfg.sliding_window)
+            return lin("o_proj", y.transpose(1, 2).reshape(B, T, -1), self.o_proj)
         cos, sin = rope
         past = cache.length if cache is not None else 0
         q = apply_rope(q, cos[past:], sin[past:])
@@ -278,7 +320,7 @@ class Transformer(nn.Module):
         start: int,
         end: int,
         adapters: dict[int, LayerAdapter] | None = None,
-        cache: KVCache | RollingContext | None = None,
+        cache: KVCache | RaggedCache | RollingContext | None = None,
     ) -> torch.Tensor:
         """Layers [start, end) on hidden states h: [B, T, D], after the cache's tokens if one is given."""
         past = cache.length if cache is not None else 0
@@ -292,12 +334,13 @@ class Transformer(nn.Module):
         """Final norm + LM head: [B, T, D] -> [B, T, V] (fp32)."""
         return self.lm_head(self.norm(h)).float()
 
-    def forward(self, tokens, adapters=None, cache: KVCache | None = None) -> torch.Tensor:
-        """tokens: [B, T] -> logits [B, T, V]."""
+    def forward(self, tokens, adapters=None, cache: KVCache | RaggedCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens: [B, T] -> logits [B, T, V] (``last_only``: [B, 1, V], the last position's)."""
         h = self.run_layers(self.embed(tokens), 0, self.cfg.num_layers, adapters, cache)
         if cache is not None:
-            cache.length += tokens.shape[1]
-        return self.logits(h)
+            cache.advance(tokens.shape[1])
+        return self.logits(h[:, -1:] if last_only else h)
 
 
 @dataclass

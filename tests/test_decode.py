@@ -1,0 +1,145 @@
+"""Continuous batching of answers (ttt/decode.py) on the tiny random Llama: rows of different sessions (LoRA of
+different ranks, targets and layers, extra-MLP, the base model) decoded in one forward per step give the same
+tokens as each answer decoded alone; rows join and leave at any step; the key/value pool keeps its budget.
+
+Greedy equality is exact token for token (fp32, one thread); the logits of a batched step match a row's own
+forward within 1e-5 (the same weights, different matmul shapes).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ttt
+from ttt.decode import AnswerPool, DecodeBatch
+from ttt.model import KVCache, RaggedCache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MSGS = [{"role": "user", "content": "What did you read?"}]
+PATTERN = [1000, 2000, 3000, 4000, 5000] * 12
+SESSIONS = [  # (fast weights, memory preset)
+    ({"kind": "lora", "rank": 4, "layers": "all", "targets": ["q_proj", "v_proj"]}, "off"),
+    ({"kind": "lora", "rank": 8, "layers": "last:2", "targets": ["gate_proj", "up_proj", "down_proj"]}, "off"),
+    ({"kind": "mlp", "mlp_hidden": 16, "layers": "all"}, "off"),
+    ({"kind": "lora", "rank": 2, "layers": "all"}, "balanced"),
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return ttt.load_engine(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sessions(engine):
+    out = []
+    for i, (fast, memory) in enumerate(SESSIONS):
+        s = engine.create_session({"fast": {**fast, "seed": i}, "memory": memory,
+                                   "ingest": {"chunk_tokens": 16, "context_tokens": 24, "sink_tokens": 4, "lr": 3e-2}})
+        s.append_tokens(PATTERN[i:] + PATTERN[:i])
+        s.end_document()
+        while s.train_next_chunk() is not None:
+            pass
+        out.append(s)
+    return out
+
+
+def streams(engine, sessions, **sampling):
+    """One fresh answer per session plus one from the base model, none started."""
+    made = [s.generate(MSGS, stream=True, **sampling) for s in sessions]
+    return made + [engine.generate(MSGS, stream=True, **sampling)]
+
+
+def run_batch(batch: DecodeBatch, rows, join_at: list[int]) -> None:
+    """Join row i before step ``join_at[i]``; step until every row has finished."""
+    step = 0
+    while any(r.finish_reason is None for r in rows):
+        for row, at in zip(rows, join_at, strict=True):
+            if at == step:
+                batch.join(row)
+        batch.step()
+        step += 1
+    assert len(batch) == 0 and batch.pool.num_bytes() == 0  # every row left; the pool was freed
+
+
+@pytest.mark.parametrize("sampling", [dict(max_tokens=12), dict(max_tokens=10, temperature=0.9, top_p=0.9, seed=3),
+                                      dict(max_tokens=10, top_logprobs=2, frequency_penalty=1.0)])
+def test_batched_answers_equal_answers_alone(engine, sessions, sampling):
+    alone = streams(engine, sessions, **sampling)
+    texts = ["".join(s) for s in alone]
+    rows = streams(engine, sessions, **sampling)
+    # joins at different steps: rows decode while others prefill; a small prefill piece splits prompts
+    run_batch(DecodeBatch(engine.base.model, prefill_chunk=7), rows, join_at=[0, 0, 2, 5, 9])
+    assert [r.text for r in rows] == texts
+    for a, b in zip(alone, rows, strict=True):
+        assert (a.finish_reason, a.completion_tokens, a.prompt_tokens) == (b.finish_reason, b.completion_tokens,
+                                                                           b.prompt_tokens)
+        assert [lp.token for lp in a.logprobs] == [lp.token for lp in b.logprobs]
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+    assert len({r.text for r in rows}) == len(rows)  # the sessions really answer differently
+
+
+def test_deltas_of_a_batched_row_are_its_text(engine, sessions):
+    row = sessions[0].generate(MSGS, stream=True, max_tokens=12, stop=["e"])
+    other = sessions[1].generate(MSGS, stream=True, max_tokens=12)
+    batch, pieces = DecodeBatch(engine.base.model), []
+    batch.join(row)
+    batch.join(other)
+    while row.finish_reason is None:
+        batch.step()
+        pieces += row.take()
+    alone = sessions[0].generate(MSGS, max_tokens=12, stop=["e"])
+    assert "".join(pieces) == row.text == alone.text and row.finish_reason == alone.finish_reason
+
+
+def test_a_dropped_row_leaves_at_once_and_the_others_go_on(engine, sessions):
+    alone = [sessions[i].generate(MSGS, max_tokens=10).text for i in (0, 2)]
+    rows = [sessions[i].generate(MSGS, stream=True, max_tokens=10) for i in range(3)]
+    batch = DecodeBatch(engine.base.model)
+    for r in rows:
+        batch.join(r)
+    for _ in range(4):
+        batch.step()
+    batch.drop(rows[1])  # its client has gone
+    assert rows[1] not in batch.rows and len(batch) == 2
+    while len(batch):
+        batch.step()
+    assert [rows[0].text, rows[2].text] == alone
+
+
+def test_the_pool_refuses_what_its_budget_cannot_hold(engine, sessions):
+    model = engine.base.model
+    one = sessions[0].generate(MSGS, stream=True, max_tokens=8)
+    need = (len(one.prompt) + 8) * AnswerPool(model.cfg, "cpu", torch.float32).token_bytes
+    batch = DecodeBatch(model, kv_budget=2 * need, max_rows=8)
+    rows = [sessions[0].generate(MSGS, stream=True, max_tokens=8) for _ in range(3)]
+    assert batch.fits(rows[:2]) and not batch.fits(rows) and batch.fits_alone(rows[:2])
+    batch.join(rows[0])
+    batch.join(rows[1])
+    assert not batch.fits(rows[2:]) and batch.pool.num_bytes() <= 2 * need
+    while len(batch):
+        batch.step()
+    assert batch.fits(rows[2:])
+    assert not DecodeBatch(model, kv_budget=need - 1).fits_alone([one])
+
+
+@torch.no_grad()
+def test_ragged_cache_equals_one_kv_cache_per_row(engine):
+    """Two rows of different lengths in one forward: each row's logits as its own cached forward."""
+    model, cfg = engine.base.model, engine.base.cfg
+    lengths, cap = [5, 11], 16
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, cfg.vocab_size, (n + 1,), generator=gen) for n in lengths]
+    pool = AnswerPool(cfg, "cpu", torch.float32)
+    pool.reserve(2, cap)
+    expect = []
+    for row, p in enumerate(prompts):
+        model(p[None, :-1], cache=pool.view(row, row + 1, [0]))
+        cache = KVCache(cfg, 1, cap, "cpu", torch.float32)
+        expect.append(model(p[None], cache=cache)[0, -1])
+    got = model(torch.stack([p[-1:] for p in prompts]), cache=pool.view(0, 2, lengths))[:, 0]
+    torch.testing.assert_close(got, torch.stack(expect), atol=1e-5, rtol=1e-5)
+    assert isinstance(pool.view(0, 2, lengths), RaggedCache)

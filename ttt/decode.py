@@ -1,0 +1,240 @@
+"""Continuous batching of answers: every answer being decoded advances one token per step, in ONE forward.
+
+Shape legend:
+    B  rows: answers in the batch, each with its own session's fast weights (or none: the base model)
+    T  new tokens per row in a forward (1 when decoding; a prefill piece is one row of up to ``prefill_chunk``)
+    C  tokens of keys/values a pool slot holds (the longest row's prompt + max_tokens)
+    R  LoRA rank, padded with zeros to the largest in the batch (zero rows add exactly nothing)
+
+A row is a ``generate.TokenStream``: it owns its prompt, sampling state and text, and a slot of the
+``AnswerPool`` holds its keys and values. ``DecodeBatch.step`` prefills new rows in pieces (so that a long
+prompt delays the others by at most one piece per step) and then runs one forward over every decoding row:
+its LoRA projections go through ``kernels.multi_lora`` with each row's own A and B, and its attention
+through ``model.RaggedCache``, which masks each row to its own keys. Rows join at any step and leave as
+soon as they finish or are dropped. Slots stay compact: rows [0, decoding) decode, at most one row after
+them is part way through its prefill.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kernels.multi_lora import multi_lora_linear
+
+from .fast_weights import ExtraMLPLayer, FastWeights, LoRALayer, projection
+from .model import ModelConfig, RaggedCache, Transformer
+
+if TYPE_CHECKING:
+    from .generate import TokenStream
+
+
+class AnswerPool:
+    """Keys and values of the rows being decoded: per layer one [slots, kv_heads, C, head_dim] tensor, grown
+    as rows need (never past ``budget`` bytes) and freed when the last row leaves."""
+
+    def __init__(self, cfg: ModelConfig, device, dtype, budget: int | None = None):
+        self.cfg, self.device, self.dtype, self.budget = cfg, device, dtype, budget
+        self.token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[0] if self.k else 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
+
+    def num_bytes(self) -> int:
+        return self.slots * self.capacity * self.token_bytes
+
+    def fits(self, rows: int, tokens: int) -> bool:
+        """Whether ``rows`` rows of up to ``tokens`` tokens each (and the longest row now) fit the budget."""
+        return self.budget is None or rows * max(tokens, self.capacity) * self.token_bytes <= self.budget
+
+    def reserve(self, rows: int, tokens: int) -> None:
+        """Make room for ``rows`` rows of ``tokens`` tokens, keeping the rows held (slots may double, within
+        the budget, so that joins rarely copy)."""
+        capacity = max(tokens, self.capacity)
+        if rows <= self.slots and capacity == self.capacity:
+            return
+        slots = max(rows, min(2 * self.slots, self._most_slots(capacity)))
+        shape = (slots, self.cfg.num_kv_heads, capacity, self.cfg.head_dim)
+        old_k, old_v = self.k, self.v
+        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
+        for new, old in zip(self.k + self.v, old_k + old_v, strict=False):
+            new[: old.shape[0], :, : old.shape[2]] = old
+
+    def _most_slots(self, capacity: int) -> int:
+        return self.budget // (capacity * self.token_bytes) if self.budget is not None else 1 << 30
+
+    def move(self, src: int, dst: int) -> None:
+        """Slot ``src``'s keys and values into slot ``dst``."""
+        for t in self.k + self.v:
+            t[dst] = t[src]
+
+    def release(self) -> None:
+        self.k, self.v = [], []
+
+    def view(self, start: int, stop: int, lengths: list[int]) -> RaggedCache:
+        """Slots [start, stop) as the cache of one forward; ``lengths``: the tokens each holds."""
+        return RaggedCache([t[start:stop] for t in self.k], [t[start:stop] for t in self.v], lengths)
+
+
+class RowsLayer:
+    """One layer's fast weights for B rows (a ``model.LayerAdapter``): row b's LoRA A and B in row b of a
+    stacked tensor (zeros where its session has none), and the extra-MLP layers of the rows that have them."""
+
+    def __init__(self, lora: dict[str, tuple[torch.Tensor, torch.Tensor]], mlp: list[tuple[int, ExtraMLPLayer]],
+                 rows: int):
+        self.lora = lora  # name -> (A [B, R, in], B [B, out, R] with the row's scale folded in)
+        self.mlp = mlp
+        self.seg_offsets = torch.arange(rows + 1, device=next(iter(lora.values()))[0].device) if lora else None
+
+    def linear(self, name: str, x: torch.Tensor, base) -> torch.Tensor:
+        # x: [B, 1, in] -> [B, 1, out]
+        if name not in self.lora:
+            return base(x)
+        a, b = self.lora[name]
+        return multi_lora_linear(x.flatten(0, 1), base.weight, base.bias, a, b, self.seg_offsets, 1.0)[:, None]
+
+    def after_block(self, h: torch.Tensor) -> torch.Tensor:
+        # h: [B, 1, D]
+        if self.mlp:
+            h = h.clone()
+            for row, layer in self.mlp:
+                h[row : row + 1] = layer.after_block(h[row : row + 1])
+        return h
+
+
+def stack_rows(model: Transformer, fasts: list[FastWeights | None], dtype) -> dict[int, RowsLayer]:
+    """The fast weights of B rows (None: the base model) as one adapter per layer any of them has."""
+    layers = sorted({i for f in fasts if f is not None for i in f.layer_ids})
+    out = {}
+    for i in layers:
+        mine = [f.per_layer[str(i)] if f is not None and i in f.layer_ids else None for f in fasts]
+        loras = [m if isinstance(m, LoRALayer) else None for m in mine]
+        names = sorted({n for m in loras if m is not None for n in m.lora_A})
+        rank = max((m.lora_A[n].shape[0] for m in loras if m is not None for n in m.lora_A), default=0)
+        lora = {}
+        for n in names:
+            out_f, in_f = projection(model, i, n).weight.shape
+            a = torch.zeros(len(fasts), rank, in_f, device=model.embed_tokens.weight.device, dtype=dtype)
+            b = torch.zeros(len(fasts), out_f, rank, device=a.device, dtype=dtype)
+            for row, m in enumerate(loras):
+                if m is not None and n in m.lora_A:
+                    r = m.lora_A[n].shape[0]
+                    a[row, :r] = m.lora_A[n]
+                    b[row, :, :r] = m.lora_B[n] * m.scale
+            lora[n] = (a, b)
+        mlp = [(row, m) for row, m in enumerate(mine) if isinstance(m, ExtraMLPLayer)]
+        out[i] = RowsLayer(lora, mlp, len(fasts))
+    return out
+
+
+class DecodeBatch:
+    """The answers being decoded; ``step`` advances each by one token (and prefills new ones in pieces)."""
+
+    def __init__(self, model: Transformer, *, kv_budget: int | None = None, max_rows: int = 64,
+                 prefill_chunk: int = 256):
+        weight = model.embed_tokens.weight
+        self.model, self.max_rows, self.prefill_chunk = model, max_rows, prefill_chunk
+        self.pool = AnswerPool(model.cfg, weight.device, weight.dtype, kv_budget)
+        self.rows: list[TokenStream] = []  # slot order: [0, decoding) decode, the rest wait for their prefill
+        self.decoding = 0
+        self._adapters: dict[int, RowsLayer] | None = None  # of rows [0, decoding); rebuilt when they change
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def needs(self, row: TokenStream) -> int:
+        """Tokens of keys/values the row can reach: its prompt and every token it may sample."""
+        return len(row.prompt) + row.params.max_tokens
+
+    def fits(self, rows: list[TokenStream]) -> bool:
+        """Whether ``rows`` can join now (row count and key/value budget)."""
+        count = len(self.rows) + len(rows)
+        tokens = max(self.needs(r) for r in rows)
+        return count <= self.max_rows and self.pool.fits(count, tokens)
+
+    def fits_alone(self, rows: list[TokenStream]) -> bool:
+        """Whether ``rows`` could ever join (in an empty batch)."""
+        return len(rows) <= self.max_rows and self.pool.fits(len(rows), max(self.needs(r) for r in rows))
+
+    def join(self, row: TokenStream) -> None:
+        slot = len(self.rows)
+        self.pool.reserve(slot + 1, self.needs(row))
+        self.rows.append(row)
+        if row.prefix is not None:  # the window's keys/values, computed once per version of the session
+            for layer, (k, v) in enumerate(zip(row.prefix.k, row.prefix.v, strict=True)):
+                self.pool.k[layer][slot, :, : row.filled] = k[0, :, : row.filled]
+                self.pool.v[layer][slot, :, : row.filled] = v[0, :, : row.filled]
+
+    def drop(self, row: TokenStream) -> None:
+        """Take ``row`` out of the batch (finished, or its client has gone)."""
+        slot = self.rows.index(row)
+        last = len(self.rows) - 1
+        if slot < self.decoding:  # the last decoding row fills the hole, the prefilling one (if any) moves up
+            self._adapters = None
+            self.decoding -= 1
+            self._move(self.decoding, slot)
+            self._move(last, self.decoding)
+        else:
+            self._move(last, slot)
+        self.rows.pop()
+        if not self.rows:
+            self.pool.release()
+
+    def _move(self, src: int, dst: int) -> None:
+        if src != dst:
+            self.pool.move(src, dst)
+            self.rows[dst] = self.rows[src]
+
+    @torch.no_grad()
+    def step(self) -> list[TokenStream]:
+        """Prefill (pieces up to ``prefill_chunk`` tokens in all), then one token for every decoding row.
+
+        Returns the rows that changed (new text, logprobs or an end); finished rows have left."""
+        changed = self._leave(self._prefill())
+        if self.decoding:
+            changed += self._leave(self._decode())
+        return changed
+
+    def _leave(self, changed: list[TokenStream]) -> list[TokenStream]:
+        for row in changed:
+            if row.finish_reason is not None:
+                self.drop(row)
+        return changed
+
+    def _prefill(self) -> list[TokenStream]:
+        changed, budget = [], self.prefill_chunk
+        while budget > 0 and self.decoding < len(self.rows):
+            slot, row = self.decoding, self.rows[self.decoding]
+            piece = row.prompt[row.filled : row.filled + budget]
+            cache = self.pool.view(slot, slot + 1, [row.filled])
+            adapters = row.fast.adapters() if row.fast is not None else None
+            tokens = torch.tensor([piece], device=self.pool.device)
+            logits = self.model(tokens, adapters, cache, last_only=not row.scores_prompt)[0]
+            budget -= len(piece)
+            row.prefilled(piece, logits)
+            if row.filled == len(row.prompt):
+                self.decoding += 1
+                self._adapters = None
+                changed.append(row)
+        return changed
+
+    def _decode(self) -> list[TokenStream]:
+        rows = self.rows[: self.decoding]
+        if self._adapters is None:
+            self._adapters = stack_rows(self.model, [r.fast for r in rows], self.pool.dtype)
+        tokens = torch.tensor([[r.next_input] for r in rows], device=self.pool.device)  # [B, 1]
+        cache = self.pool.view(0, len(rows), [r.filled for r in rows])
+        logits = self.model(tokens, self._adapters, cache)[:, 0]  # [B, V]
+        for row, row_logits in zip(rows, logits, strict=True):
+            row.filled += 1
+            row.accept(row_logits)
+        return rows
