@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import queue
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -276,34 +275,36 @@ def create_app(state) -> FastAPI:
         return on_worker
 
     class Answers:
-        """Answers decoded one after another as ONE scheduler unit (one view of the session's weights), their
-        deltas and logprobs passed to the event loop as Events; a client that leaves stops the decoding."""
+        """A request's answers, decoded in the scheduler's batch (each row on one view of its session's weights);
+        their deltas and logprobs reach the event loop as Events; a client that leaves drops its rows."""
 
         def __init__(self, request: Request, key, makers: list[Callable[[], TokenStream]]):
-            self.request, self.events, self.gone = request, queue.Queue(), threading.Event()
-            # key (user, None): the user's one line for base-model answers (one turn per user, not per request)
-            self.future = state.scheduler.submit(key, self._decode, makers)
+            self.request, self.events = request, queue.Queue()
+            self.sent = [0] * len(makers)  # logprobs handed out, per row
+            self.seen: set[int] = set()  # rows that have reported (the first report ends the prompt's prefill)
+            self.started: float | None = None
+            # key (user, None): base-model answers count against the user's queue limit like the rest
+            self.run = state.scheduler.submit_answers(key, makers, self._on_step)
+            self.future = self.run.future
+            self.future.add_done_callback(self._measure)
 
-        def _decode(self, makers) -> list[TokenStream]:
-            t, streams = time.perf_counter(), []
-            for index, make in enumerate(makers):
-                stream, sent, started = make(), 0, False
-                for delta in stream:
-                    if not started and stream.echo:
-                        self.events.put(Event(index, echo=True, logprobs=stream.echo_logprobs))
-                    started = True
-                    if self.gone.is_set():
-                        break
-                    self.events.put(Event(index, delta, stream.logprobs[sent:]))
-                    sent = len(stream.logprobs)
-                if not started and stream.echo:  # nothing decoded (max_tokens 0 or an immediate stop)
-                    self.events.put(Event(index, echo=True, logprobs=stream.echo_logprobs))
-                streams.append(stream)
-                if self.gone.is_set():
-                    break
-                self.events.put(Event(index, logprobs=stream.logprobs[sent:], done=stream))
-            state.metrics.answer(sum(s.completion_tokens for s in streams), time.perf_counter() - t)
-            return streams
+        def _on_step(self, index: int, row: TokenStream) -> None:
+            """On the worker, after a step that changed ``row``: its news as Events."""
+            if self.started is None:
+                self.started = time.perf_counter()
+            if index not in self.seen and row.echo:
+                self.events.put(Event(index, echo=True, logprobs=row.echo_logprobs))
+            self.seen.add(index)
+            for delta in row.take():
+                self.events.put(Event(index, delta, row.logprobs[self.sent[index] :]))
+                self.sent[index] = len(row.logprobs)
+            if row.finish_reason is not None:
+                self.events.put(Event(index, logprobs=row.logprobs[self.sent[index] :], done=row))
+
+        def _measure(self, future) -> None:
+            if self.started is not None and not future.cancelled() and future.exception() is None:
+                tokens = sum(row.completion_tokens for row in future.result())
+                state.metrics.answer(tokens, time.perf_counter() - self.started)
 
         async def result(self) -> list[TokenStream]:
             """Every answer, finished; a client that disconnects first stops them (or keeps them from starting)."""
@@ -313,8 +314,7 @@ def create_app(state) -> FastAPI:
                     return await asyncio.wait_for(asyncio.shield(result), 0.5)
                 except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
                     if await self.request.is_disconnected():
-                        self.gone.set()
-                        self.future.cancel()
+                        self.run.cancel()
                         raise ClientDisconnect() from None
 
         def stream(self, events: Callable[[Event], list[dict]], first: list[dict], usage_chunk: dict | None):
@@ -346,8 +346,7 @@ def create_app(state) -> FastAPI:
                         yield sse({**usage_chunk, "usage": usage(streams)})
                     yield "data: [DONE]\n\n"
                 finally:
-                    self.gone.set()
-                    self.future.cancel()  # not started yet: never starts
+                    self.run.cancel()  # a client that left: its rows leave the batch (or never join it)
 
             return StreamingResponse(body(), media_type="text/event-stream")
 

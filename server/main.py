@@ -23,6 +23,7 @@ from server.proto.ttt.v1 import ttt_pb2, ttt_pb2_grpc
 from server.registry import Limits, SessionRegistry
 from server.scheduler import Scheduler
 from server.settings import Settings
+from ttt.decode import DecodeBatch
 
 log = logging.getLogger("ttt.server")
 SERVICE_NAME = ttt_pb2.DESCRIPTOR.services_by_name["Sessions"].full_name
@@ -53,7 +54,8 @@ class Server:
         metrics = Metrics(lambda: scheduler.depth,
                           lambda: self.state.registry.residency() if self.state.registry else {})
         scheduler = Scheduler(settings.max_queue, settings.max_batch_sessions, metrics.batch_sessions.observe,
-                              settings.max_queue_per_user)
+                              settings.max_queue_per_user, unit_share=settings.ingest_share,
+                              on_answer_step=metrics.answer_rows.observe)
         self.state = ServerState(settings, KeyRing(settings.api_keys_file), scheduler, metrics,
                                  streams=StreamSlots(settings.max_streams_per_user, settings.max_streams))
         self.keyring = self.state.keyring
@@ -63,6 +65,10 @@ class Server:
         s = self.settings
         self._start_http()  # first, so that probes answer (503) while the model loads
         engine = ttt.load_engine(s.model, s.device)
+        answers = DecodeBatch(engine.base.model, kv_budget=s.answer_kv_bytes, max_rows=s.max_answer_rows,
+                              prefill_chunk=s.prefill_chunk_tokens)
+        self.state.metrics.watch_answers(answers)
+        self.state.scheduler.answers = answers  # before the doors say ready: no answer is queued until then
         limits = Limits(s.max_sessions_per_user, s.max_bytes_per_user, s.device_budget_bytes, s.host_budget_bytes,
                         s.max_session_bytes, s.max_memory_bytes_per_user)
         registry = SessionRegistry(engine, s.data_dir, s.session_defaults, limits, self.state.metrics,

@@ -12,7 +12,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 
 TOKENS_PER_SECOND_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class ResidencyCollector:
@@ -45,6 +45,8 @@ class Metrics:
                                     buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
         self.decode_tps = Histogram("ttt_decode_tokens_per_second", "Decode speed per answer",
                                     buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
+        self.answer_rows = Histogram("ttt_answer_step_rows", "Answers advanced by one decode step",
+                                     buckets=BATCH_BUCKETS, registry=r)
         self.batch_sessions = Histogram("ttt_batch_sessions", "Sessions whose chunks trained in one device step",
                                         buckets=BATCH_BUCKETS, registry=r)
         Gauge("ttt_queue_depth", "Units of work waiting for the device", registry=r).set_function(queue_depth)
@@ -53,6 +55,15 @@ class Metrics:
         self.fallbacks = Counter("ttt_checkpoint_fallbacks", "Loads that skipped a damaged newest checkpoint",
                                  registry=r)
         r.register(ResidencyCollector(residency))
+
+    def watch_answers(self, batch) -> None:
+        """Gauges of the decode batch (``ttt.decode.DecodeBatch``), read at each scrape."""
+        r = self.registry
+        Gauge("ttt_answer_rows", "Answers being decoded", registry=r).set_function(lambda: len(batch))
+        Gauge("ttt_answer_pool_bytes", "Keys/values held for the answers being decoded",
+              registry=r).set_function(batch.pool.num_bytes)
+        Gauge("ttt_answer_pool_budget_bytes", "The answer pool's budget (TTT_ANSWER_KV_BYTES)",
+              registry=r).set(batch.pool.budget or 0)
 
     def move(self, source: str, target: str) -> None:
         self.moves.labels(source, target).inc()

@@ -1,8 +1,19 @@
-"""The scheduler owns the device: one worker thread runs every unit of model work.
+"""The scheduler owns the device: one worker thread runs every piece of model work, one step at a time.
 
-A unit is a short call (train one chunk, answer one chat). Units of one session run in the order they
-were submitted; sessions take turns unit by unit (round robin), so a long ingest yields the device at
-every chunk boundary and another user's chat waits at most one chunk.
+Two kinds of work:
+* A *unit* is a short call (train one chunk, load or save a session). Units of one session run in the
+  order they were submitted. Users take turns unit by unit (round robin), and so do each user's
+  sessions, so a long ingest yields the device at every chunk boundary and one user's many sessions
+  weigh no more than another user's one.
+* An *answer* is one chat or completion request: one or more rows (``ttt.generate.TokenStream``) made on the
+  worker when the request is admitted (so each sees one version of its session's weights) and decoded in
+  the ``ttt.decode.DecodeBatch``: every step advances every admitted row by one token in one forward.
+  Requests join at the next step while the batch has room (rows and key/value bytes), in round robin
+  between users; finished rows and those whose client has gone leave at once.
+
+Chat ahead of ingest: while answers are being decoded and units wait, units get the device only while
+their share of the device time (since both kinds last started to compete) is under ``unit_share``, so an
+answer waits at most about one unit between its tokens and ingest never starves.
 
 A *batchable* unit (``submit_batchable``) names a function that runs several sessions' units of its
 kind in one call (``ttt.batch.train_sessions``: one forward and backward for many sessions' chunks).
@@ -13,11 +24,12 @@ same kind join it; each of those sessions then goes to the back of the line as i
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]  # items -> one result per item, same order
 
@@ -38,6 +50,40 @@ class Unit:
     batchable: bool = False
 
 
+class Rows(Protocol):
+    """What the scheduler needs of ``ttt.decode.DecodeBatch`` (rows are ``TokenStream``s)."""
+
+    def __len__(self) -> int: ...
+
+    def fits(self, rows: list) -> bool: ...
+
+    def fits_alone(self, rows: list) -> bool: ...
+
+    def join(self, row) -> None: ...
+
+    def drop(self, row) -> None: ...
+
+    def step(self) -> list: ...
+
+
+@dataclass(eq=False)
+class AnswerRequest:
+    """One request's rows: ``makers`` build them on the worker; ``on_step(index, row)`` is called on the
+    worker after each step that changed row ``index``; ``future`` ends with the rows once all have finished."""
+
+    key: Hashable
+    makers: list[Callable[[], Any]]
+    on_step: Callable[[int, Any], None]
+    future: Future = field(default_factory=Future)
+    rows: list = field(default_factory=list)
+    gone: bool = False
+
+    def cancel(self) -> None:
+        """The client has gone: not started, it never starts; decoding, its rows leave at the next step."""
+        self.gone = True
+        self.future.cancel()
+
+
 def owner(key: Hashable) -> Hashable:
     """Whose work a key is: keys are (user, session) pairs; another key is its own owner."""
     return key[0] if isinstance(key, tuple) and key else key
@@ -45,14 +91,22 @@ def owner(key: Hashable) -> Hashable:
 
 class Scheduler:
     def __init__(self, max_queue: int = 1024, max_batch: int = 1, on_batch: Callable[[int], None] = lambda n: None,
-                 max_queue_per_user: int | None = None):
+                 max_queue_per_user: int | None = None, answers: Rows | None = None, unit_share: float = 0.25,
+                 on_answer_step: Callable[[int], None] = lambda rows: None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        self.max_queue, self.max_batch = max_queue, max_batch
+        if not 0 < unit_share <= 1:
+            raise ValueError("unit_share must be in (0, 1]")
+        self.max_queue, self.max_batch, self.unit_share = max_queue, max_batch, unit_share
         self.max_queue_per_user = max_queue_per_user or max_queue  # one user cannot fill the whole queue
         self._per_owner: Counter[Hashable] = Counter()
         self.on_batch = on_batch  # told the number of units in each batchable call (metrics)
-        self._queues: OrderedDict[Hashable, deque[Unit]] = OrderedDict()
+        self.on_answer_step = on_answer_step  # told the number of rows after each answer step (metrics)
+        self._users: OrderedDict[Hashable, OrderedDict[Hashable, deque[Unit]]] = OrderedDict()  # user -> key -> units
+        self.answers = answers  # the decode batch; None: answers are plain units
+        self._requests: OrderedDict[Hashable, deque[AnswerRequest]] = OrderedDict()  # user -> requests waiting
+        self._active: list[AnswerRequest] = []  # admitted: their rows are in the batch
+        self._spent = {"units": 0.0, "answers": 0.0}  # device seconds since both kinds started to compete
         self._waiting = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -61,13 +115,18 @@ class Scheduler:
 
     @property
     def depth(self) -> int:
-        """Units waiting (not counting the ones running)."""
+        """Units and answer requests waiting (not counting the ones running)."""
         return self._waiting
+
+    @property
+    def decoding(self) -> int:
+        """Answer requests admitted to the decode batch."""
+        return len(self._active)
 
     def waiting(self, key: Hashable) -> bool:
         """Units of session ``key`` are queued."""
         with self._cond:
-            return key in self._queues
+            return key in self._users.get(owner(key), ())
 
     def submit(self, key: Hashable, fn: Callable, *args) -> Future:
         """Queue ``fn(*args)`` behind the session ``key``'s earlier units; returns its Future."""
@@ -84,69 +143,193 @@ class Scheduler:
     def run_batchable(self, key: Hashable, batch: BatchFn, item: Any) -> Any:
         return self.submit_batchable(key, batch, item).result()
 
+    def submit_answers(self, key: Hashable, makers: list[Callable[[], Any]],
+                       on_step: Callable[[int, Any], None]) -> AnswerRequest:
+        """Queue one request's answers (see ``AnswerRequest``) for the decode batch."""
+        if self.answers is None:
+            raise RuntimeError("this scheduler has no decode batch")
+        request = AnswerRequest(key, makers, on_step)
+        with self._cond:
+            self._admit_check(key)
+            self._requests.setdefault(owner(key), deque()).append(request)
+            self._count(key, +1)
+            self._cond.notify()
+        return request
+
+    def _admit_check(self, key: Hashable) -> None:
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
+        if self._waiting >= self.max_queue:
+            raise QueueFull(f"{self._waiting} units are waiting for the device")
+        if self._per_owner[owner(key)] >= self.max_queue_per_user:
+            raise QueueFull(f"{self.max_queue_per_user} units of this user are already waiting for the device")
+
+    def _count(self, key: Hashable, n: int) -> None:
+        """One more (+1) or one fewer (-1) unit or request of ``key``'s user waiting. Call with the lock held."""
+        self._waiting += n
+        self._per_owner[owner(key)] += n
+        if not self._per_owner[owner(key)]:
+            del self._per_owner[owner(key)]
+
     def _queue(self, key: Hashable, unit: Unit) -> Future:
         with self._cond:
-            if self._closed:
-                raise ShuttingDown("the server is shutting down")
-            if self._waiting >= self.max_queue:
-                raise QueueFull(f"{self._waiting} units are waiting for the device")
-            if self._per_owner[owner(key)] >= self.max_queue_per_user:
-                raise QueueFull(f"{self.max_queue_per_user} units of this user are already waiting for the device")
-            self._queues.setdefault(key, deque()).append(unit)
-            self._waiting += 1
-            self._per_owner[owner(key)] += 1
+            self._admit_check(key)
+            self._users.setdefault(owner(key), OrderedDict()).setdefault(key, deque()).append(unit)
+            self._count(key, +1)
             self._cond.notify()
         return unit.future
 
     def _pop_front(self, key: Hashable) -> Unit:
-        """Take ``key``'s front unit and send ``key`` to the back of the line. Call with the lock held."""
-        queue = self._queues.pop(key)
+        """Take ``key``'s front unit; ``key`` goes to the back of its user's line and the user to the back of
+        the users'. Call with the lock held."""
+        user = owner(key)
+        keys = self._users.pop(user)
+        queue = keys.pop(key)
         unit = queue.popleft()
         if queue:
-            self._queues[key] = queue
-        self._waiting -= 1
-        self._per_owner[owner(key)] -= 1
-        if not self._per_owner[owner(key)]:
-            del self._per_owner[owner(key)]
+            keys[key] = queue
+        if keys:
+            self._users[user] = keys
+        self._count(key, -1)
         return unit
 
-    def _next(self) -> list[Unit] | None:
-        with self._cond:
-            while not self._queues:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            first = next(iter(self._queues))  # the session that waited longest
-            units = [self._pop_front(first)]
-            if units[0].batchable:
-                for key in list(self._queues):  # the others, in line order
-                    if len(units) == self.max_batch:
-                        break
-                    front = self._queues[key][0]
-                    if key != first and front.batchable and front.fn is units[0].fn:
-                        units.append(self._pop_front(key))
-            return units
+    def _line(self) -> list[Hashable]:
+        """Keys with units waiting, in turn order: users in turn, each user's sessions in turn."""
+        return [key for keys in self._users.values() for key in keys]
+
+    def _take_units(self) -> list[Unit]:
+        """The next unit (and the batchable units that join it). Call with the lock held."""
+        first = next(iter(next(iter(self._users.values()))))  # the user, then their session, that waited longest
+        units = [self._pop_front(first)]
+        if units[0].batchable:
+            for key in self._line():  # the others, in line order
+                if len(units) == self.max_batch:
+                    break
+                if key == first or key not in self._users.get(owner(key), ()):
+                    continue
+                front = self._users[owner(key)][key][0]
+                if front.batchable and front.fn is units[0].fn:
+                    units.append(self._pop_front(key))
+        return units
+
+    def _pick(self) -> str | None:
+        """What the worker does next: "units", "answers" or None (wait). Call with the lock held."""
+        answers, units = bool(self._active or self._requests), bool(self._users)
+        if not (answers and units):
+            self._spent = {"units": 0.0, "answers": 0.0}  # no contention: the shares start afresh
+            return "units" if units else "answers" if answers else None
+        spent = self._spent
+        return "units" if spent["units"] <= self.unit_share * (spent["units"] + spent["answers"]) else "answers"
 
     def _run(self) -> None:
-        while (units := self._next()) is not None:
-            units = [u for u in units if u.future.set_running_or_notify_cancel()]
-            if not units:
+        while True:
+            with self._cond:
+                while (kind := self._pick()) is None:
+                    if self._closed:
+                        return
+                    self._cond.wait()
+                units = self._take_units() if kind == "units" else []
+            started = time.perf_counter()
+            if kind == "units":
+                self._run_units(units)
+            else:
+                self._answer_step()
+            with self._cond:
+                self._spent[kind] += time.perf_counter() - started
+
+    def _run_units(self, units: list[Unit]) -> None:
+        units = [u for u in units if u.future.set_running_or_notify_cancel()]
+        if not units:
+            return
+        try:
+            if units[0].batchable:
+                self.on_batch(len(units))
+                results = units[0].fn([u.args[0] for u in units])
+            else:
+                results = [units[0].fn(*units[0].args)]
+        except BaseException as e:  # delivered to the waiting handlers
+            for u in units:
+                u.future.set_exception(e)
+            return
+        for u, result in zip(units, results, strict=True):
+            u.future.set_result(result)
+
+    # ---- answers ----
+
+    def _answer_step(self) -> None:
+        """Admit what fits, advance every row by one token, hand out what changed, end what finished."""
+        batch = self.answers
+        for request in [r for r in self._active if r.gone]:
+            self._end(request)
+        self._admit()
+        try:
+            changed = batch.step() if len(batch) else []
+        except Exception as e:  # a failed forward fails every request in it; the batch starts empty
+            for request in list(self._active):
+                self._end(request, e)
+            return
+        self.on_answer_step(len(batch))
+        rows = {id(row): (request, i) for request in self._active for i, row in enumerate(request.rows)}
+        for row in changed:
+            request, index = rows[id(row)]
+            request.on_step(index, row)
+        for request in [r for r in self._active if all(row.finish_reason is not None for row in r.rows)]:
+            self._end(request)
+
+    def _end(self, request: AnswerRequest, error: BaseException | None = None) -> None:
+        """Take a request's rows out of the batch and settle its future."""
+        self._active.remove(request)
+        for row in request.rows:
+            if row.finish_reason is None:
+                self.answers.drop(row)
+        if error is not None:
+            request.future.set_exception(error)
+        else:
+            request.future.set_result(request.rows)
+
+    def _admit(self) -> None:
+        """Requests join in turn between users while the batch has room. A request's rows are made once, when
+        it first reaches the front (each then sees one version of its session); one that does not fit yet
+        waits there, with every request behind it, so that a large request is not overtaken forever."""
+        while True:
+            with self._cond:
+                if not self._requests:
+                    return
+                user, line = next(iter(self._requests.items()))
+                request = line[0]
+            if request.future.cancelled():  # its client left while it waited
+                self._unqueue(user)
                 continue
-            try:
-                if units[0].batchable:
-                    self.on_batch(len(units))
-                    results = units[0].fn([u.args[0] for u in units])
-                else:
-                    results = [units[0].fn(*units[0].args)]
-            except BaseException as e:  # delivered to the waiting handlers
-                for u in units:
-                    u.future.set_exception(e)
-                continue
-            for u, result in zip(units, results, strict=True):
-                u.future.set_result(result)
+            if not request.rows:
+                try:
+                    request.rows = [make() for make in request.makers]
+                    if not self.answers.fits_alone(request.rows):
+                        raise ValueError("the answer needs more keys/values than the server's answer pool holds "
+                                         "(TTT_ANSWER_KV_BYTES, TTT_MAX_ANSWER_ROWS): ask for fewer max_tokens")
+                except Exception as e:
+                    self._unqueue(user)
+                    if request.future.set_running_or_notify_cancel():
+                        request.future.set_exception(e)
+                    continue
+            if not self.answers.fits(request.rows):
+                return
+            self._unqueue(user)
+            if request.future.set_running_or_notify_cancel():
+                for row in request.rows:
+                    self.answers.join(row)
+                self._active.append(request)
+
+    def _unqueue(self, user: Hashable) -> None:
+        """Remove ``user``'s front request; the user goes to the back of the line."""
+        with self._cond:
+            line = self._requests.pop(user)
+            request = line.popleft()
+            if line:
+                self._requests[user] = line
+            self._count(request.key, -1)
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Refuse new units, finish the queued ones, stop the worker."""
+        """Refuse new work, finish what was accepted, stop the worker."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()

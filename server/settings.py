@@ -61,6 +61,16 @@ class Settings(BaseSettings):
         8, ge=1, description="sessions whose ready chunks may train in one batched step (1: one at a time)"
     )
 
+    # Answers: every chat and completion being decoded advances one token per step in one batched forward
+    max_answer_rows: int = Field(32, ge=1, description="answers decoded together in one step (1: one at a time); "
+                                 "more wait for a row to leave")
+    answer_kv_bytes: int = Field(2 << 30, gt=0, description="keys/values of the answers being decoded (their "
+                                 "prompts and tokens); a request that does not fit waits, one that never can is a 400")
+    prefill_chunk_tokens: int = Field(256, gt=0, description="prompt tokens prefilled per step, between decode steps "
+                                      "(a long prompt delays the other answers by one piece at a time)")
+    ingest_share: float = Field(0.25, gt=0, le=1, description="share of the device time that ingest and other units "
+                                "get while answers are being decoded (answers come first; ingest never starves)")
+
     # Residency: the least recently used sessions move device -> host memory -> disk (saved first) over these
     # budgets; sessions with an open stream or queued work stay. On a CPU-only server the device is host memory:
     # a device -> host move is bookkeeping only, but it is still counted against each budget.

@@ -653,31 +653,17 @@ def test_a_bug_is_a_clean_500(open_server, api, monkeypatch):
 
 
 def test_stream_disconnect_stops_the_decode(open_server, api, monkeypatch):
-    """The client reads the first event and hangs up; the decode stops at the next token, the server stays healthy."""
-    engine = open_server.state.engine
-    real_answer, ended, produced = engine.answer, threading.Event(), []
+    """The client reads the first event and hangs up; its row leaves the batch at the next step, the server stays
+    healthy."""
+    engine, batch = open_server.state.engine, open_server.state.scheduler.answers
+    real_step, rows = batch.step, []
 
-    class Paced:  # a token every 20 ms, so that the whole answer would take seconds
-        def __init__(self, stream):
-            self.stream = stream
+    def paced_step():  # a token every 20 ms, so that the whole answer would take seconds
+        time.sleep(0.02)
+        rows.extend(r for r in batch.rows if r not in rows)
+        return real_step()
 
-        def __iter__(self):
-            try:
-                for delta in self.stream:
-                    time.sleep(0.02)
-                    yield delta
-            finally:
-                produced.append(self.stream.completion_tokens)
-                ended.set()
-
-        def __getattr__(self, name):
-            return getattr(self.stream, name)
-
-    def paced_answer(*args, **kwargs):
-        result = real_answer(*args, **kwargs)
-        return Paced(result) if isinstance(result, TokenStream) else result
-
-    monkeypatch.setattr(engine, "answer", paced_answer)
+    monkeypatch.setattr(batch, "step", paced_step)
     max_tokens = 300
     body = {"model": engine.base.name, "messages": QUESTION, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     with log_records("ttt") as errors, log_records("uvicorn.error") as uvicorn_errors:
@@ -686,12 +672,16 @@ def test_stream_disconnect_stops_the_decode(open_server, api, monkeypatch):
             lines = (json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: "))
             assert next(lines)["choices"][0]["delta"]["role"] == "assistant"
             next(e for e in lines if e["choices"][0]["delta"].get("content"))  # the decode has started
-        # leaving the block closed the connection mid-answer (a unit not started yet would never start)
-        assert ended.wait(TIMEOUT)
+        # leaving the block closed the connection mid-answer: the row is dropped, nothing left running
+        deadline = time.monotonic() + TIMEOUT
+        while len(batch) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(batch) == 0 and batch.pool.num_bytes() == 0
         assert api.get("/healthz").status_code == 200
-        monkeypatch.setattr(engine, "answer", real_answer)
+        monkeypatch.setattr(batch, "step", real_step)
         check_answer(chat(oai(open_server), engine.base.name), 6)
-    assert produced[0] < max_tokens / 2, produced  # stopped early, not at max_tokens
+    (row,) = rows
+    assert row.finish_reason is None and row.completion_tokens < max_tokens / 2  # stopped early, not at max_tokens
     assert not errors and not uvicorn_errors
 
 
