@@ -92,7 +92,8 @@ def owner(key: Hashable) -> Hashable:
 class Scheduler:
     def __init__(self, max_queue: int = 1024, max_batch: int = 1, on_batch: Callable[[int], None] = lambda n: None,
                  max_queue_per_user: int | None = None, answers: Rows | None = None, unit_share: float = 0.25,
-                 on_answer_step: Callable[[int], None] = lambda rows: None):
+                 on_answer_step: Callable[[int], None] = lambda rows: None,
+                 clock: Callable[[], float] = time.perf_counter):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if not 0 < unit_share <= 1:
@@ -107,6 +108,7 @@ class Scheduler:
         self._requests: OrderedDict[Hashable, deque[AnswerRequest]] = OrderedDict()  # user -> requests waiting
         self._active: list[AnswerRequest] = []  # admitted: their rows are in the batch
         self._spent = {"units": 0.0, "answers": 0.0}  # device seconds since both kinds started to compete
+        self.clock = clock
         self._waiting = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -229,13 +231,13 @@ class Scheduler:
                         return
                     self._cond.wait()
                 units = self._take_units() if kind == "units" else []
-            started = time.perf_counter()
+            started = self.clock()
             if kind == "units":
                 self._run_units(units)
             else:
                 self._answer_step()
             with self._cond:
-                self._spent[kind] += time.perf_counter() - started
+                self._spent[kind] += self.clock() - started
 
     def _run_units(self, units: list[Unit]) -> None:
         units = [u for u in units if u.future.set_running_or_notify_cancel()]

@@ -191,45 +191,43 @@ def test_private_pages_need_a_key(keyed_http):
 
 
 class Paced:
-    """A token stream that yields a delta every 10 ms (for ``steps`` deltas) and counts them."""
+    """Slows the server's decode batch to a step every 10 ms, keeps every row it saw and fails (with a secret
+    message) at step ``fail_after``."""
 
-    def __init__(self, steps: int = 3000, fail_after: int | None = None):
-        self.steps, self.fail_after, self.produced = steps, fail_after, 0
-        self.prompt_tokens, self.completion_tokens, self.finish_reason, self.text = 1, 0, "length", ""
-        self.echo, self.logprobs, self.echo_logprobs = 0, [], []
+    def __init__(self, server, monkeypatch, fail_after: int | None = None):
+        self.batch, self.fail_after, self.steps, self.rows = server.state.scheduler.answers, fail_after, 0, []
+        self.real_step = self.batch.step
+        monkeypatch.setattr(self.batch, "step", self.step)
 
-    def __iter__(self):
-        for i in range(self.steps):
-            if i == self.fail_after:
-                raise RuntimeError("secret internal detail")
-            time.sleep(0.01)
-            self.produced = self.completion_tokens = i + 1
-            self.text += "a"
-            yield "a"
+    def step(self):
+        if self.steps == self.fail_after:
+            raise RuntimeError("secret internal detail")
+        time.sleep(0.01)
+        self.steps += 1
+        self.rows += [r for r in self.batch.rows if r not in self.rows]
+        return self.real_step()
 
 
 def test_a_non_streaming_answer_stops_when_its_client_leaves(open_http, monkeypatch):
-    engine, paced = open_http.state.engine, Paced()
-    monkeypatch.setattr(engine, "generate", lambda *a, **k: paced)
-    body = {"model": engine.base.name, "messages": QUESTION, "max_tokens": 5}
+    paced = Paced(open_http, monkeypatch)
+    body = {"model": open_http.state.engine.base.name, "messages": QUESTION, "max_tokens": 400}
     with http(open_http) as api:
         with pytest.raises(httpx.ReadTimeout):
             api.post("/v1/chat/completions", json=body, timeout=1.0)
-        # the server polls its client every 0.5 s: within seconds the count stops
-        counts = []
-        for _ in range(10):
-            counts.append(paced.produced)
-            if len(counts) > 2 and counts[-1] == counts[-3]:
+        # the server polls its client every 0.5 s: within seconds the row leaves the batch
+        for _ in range(100):
+            if paced.rows and not len(paced.batch):
                 break
-            time.sleep(1.0)
-        assert counts[-1] == counts[-3] < paced.steps, f"still decoding for a client that left: {counts}"
+            time.sleep(0.1)
+        (row,) = paced.rows
+        assert not len(paced.batch) and row.finish_reason is None, "still decoding for a client that left"
+        assert row.completion_tokens < 400
         assert api.get("/healthz").status_code == 200
 
 
 def test_a_streamed_chat_that_fails_after_its_200_is_logged_and_counted(open_http, monkeypatch):
-    engine = open_http.state.engine
-    monkeypatch.setattr(engine, "generate", lambda *a, **k: Paced(fail_after=2))
-    body = {"model": engine.base.name, "messages": QUESTION, "max_tokens": 5, "stream": True}
+    Paced(open_http, monkeypatch, fail_after=2)
+    body = {"model": open_http.state.engine.base.name, "messages": QUESTION, "max_tokens": 5, "stream": True}
     with http(open_http) as api, log_records("ttt.server.http") as logged:
         before = metric_samples(api)
         with api.stream("POST", "/v1/chat/completions", json=body) as r:

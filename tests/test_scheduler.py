@@ -230,3 +230,178 @@ def test_a_failing_batch_fails_each_of_its_units_and_the_worker_survives():
     finally:
         release.set()
         s.shutdown(TIMEOUT)
+
+
+# ---- answers: iteration-level scheduling (a stand-in batch; tests/test_decode.py decodes for real) ----
+
+
+class Row:
+    """An answer that ends after ``steps`` tokens."""
+
+    def __init__(self, name: str, steps: int):
+        self.name, self.left, self.finish_reason = name, steps, None
+
+
+class FakeBatch:
+    """``ttt.decode.DecodeBatch``'s interface: rows advance one token per step, at most ``max_rows`` at once;
+    ``log`` records the rows of every step and ``clock`` advances one second per step."""
+
+    def __init__(self, max_rows: int, clock=None):
+        self.rows, self.max_rows, self.log, self.clock = [], max_rows, [], clock
+
+    def __len__(self):
+        return len(self.rows)
+
+    def fits(self, rows):
+        return len(self.rows) + len(rows) <= self.max_rows
+
+    def fits_alone(self, rows):
+        return len(rows) <= self.max_rows
+
+    def join(self, row):
+        self.rows.append(row)
+
+    def drop(self, row):
+        self.rows.remove(row)
+
+    def step(self):
+        self.log.append(sorted(r.name for r in self.rows))
+        if self.clock is not None:
+            self.clock.tick()
+        for r in self.rows:
+            r.left -= 1
+            if not r.left:
+                r.finish_reason = "length"
+        changed = list(self.rows)
+        self.rows = [r for r in self.rows if r.finish_reason is None]
+        return changed
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def tick(self):
+        self.now += 1.0
+
+    def __call__(self):
+        return self.now
+
+
+def gated(s: Scheduler):
+    """Hold the worker with a unit until the returned release() is called (to queue work deterministically)."""
+    started, release = threading.Event(), threading.Event()
+    s.submit("gate", blocker(started, release))
+    assert started.wait(TIMEOUT)
+    return release.set
+
+
+def test_answers_of_several_requests_advance_together_and_leave_when_done():
+    batch = FakeBatch(max_rows=8)
+    s = Scheduler(answers=batch)
+    try:
+        release = gated(s)
+        steps: dict[str, list[int]] = {}
+        requests = [s.submit_answers(("u", name), [lambda n=name, k=k: Row(n, k)],
+                                     lambda i, row: steps.setdefault(row.name, []).append(row.left))
+                    for name, k in (("a", 2), ("b", 4), ("c", 3))]
+        assert s.depth == 3
+        release()
+        rows = [r.future.result(TIMEOUT) for r in requests]
+    finally:
+        s.shutdown(TIMEOUT)
+    assert [r[0].finish_reason for r in rows] == ["length"] * 3
+    # one step per token of the longest answer, not per answer; finished rows leave at once
+    assert batch.log == [["a", "b", "c"], ["a", "b", "c"], ["b", "c"], ["b"]]
+    assert steps == {"a": [1, 0], "b": [3, 2, 1, 0], "c": [2, 1, 0]}
+    assert s.depth == 0 and len(batch) == 0
+
+
+def test_a_full_batch_admits_in_turn_between_users_as_rows_leave():
+    batch = FakeBatch(max_rows=2)
+    s = Scheduler(answers=batch)
+    try:
+        release = gated(s)
+        names = ["alice1", "alice2", "alice3", "bob1", "bob2"]
+        requests = [s.submit_answers((n[:-1], "s"), [lambda n=n: Row(n, 2)], lambda i, row: None) for n in names]
+        release()
+        for r in requests:
+            r.future.result(TIMEOUT)
+        too_big = s.submit_answers(("carol", "s"), [lambda: Row("x", 1)] * 3, lambda i, row: None)
+        with pytest.raises(ValueError, match="TTT_ANSWER_KV_BYTES"):
+            too_big.future.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    # users take turns for the free rows: alice, bob, alice, bob, alice
+    assert batch.log == [["alice1", "bob1"], ["alice1", "bob1"], ["alice2", "bob2"], ["alice2", "bob2"],
+                         ["alice3"], ["alice3"]]
+
+
+def test_a_cancelled_request_never_starts_and_an_active_one_leaves_at_the_next_step():
+    batch = FakeBatch(max_rows=4)
+    s = Scheduler(answers=batch)
+    made = []
+    try:
+        release = gated(s)
+        waiting = s.submit_answers(("u", "a"), [lambda: made.append("a") or Row("a", 5)], lambda i, row: None)
+        long = s.submit_answers(("u", "b"), [lambda: made.append("b") or Row("b", 1000)],
+                                lambda i, row: row.left == 990 and long.cancel())
+        waiting.cancel()
+        release()
+        rows = long.future.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    assert waiting.future.cancelled() and made == ["b"]  # never made: its session was never read
+    assert rows[0].finish_reason is None and rows[0].left == 990 and len(batch.log) == 10 and len(batch) == 0
+
+
+def test_ingest_gets_its_share_while_answers_decode():
+    """Units (1 s each) and answer steps (1 s each) alternate by the device time each kind used: with a share of
+    0.25, one unit per three steps while both wait; the rest of the units run once the answers are done."""
+    clock = Clock()
+    batch = FakeBatch(max_rows=4, clock=clock)
+    s = Scheduler(answers=batch, unit_share=0.25, clock=clock)
+    order = []
+    try:
+        release = gated(s)
+
+        def unit(i):
+            order.append(f"U{i}")
+            clock.tick()
+
+        units = [s.submit(("ingest", "doc"), unit, i) for i in range(6)]
+        answer = s.submit_answers(("chat", "s"), [lambda: Row("a", 9)], lambda i, row: order.append("A"))
+        release()
+        answer.future.result(TIMEOUT)
+        for u in units:
+            u.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    assert "".join(o[0] for o in order) == "UAAAUAAAUAAAUUU"
+
+
+def test_users_take_turns_before_their_sessions_do(scheduler):
+    order = []
+    release = gated(scheduler)
+    futures = [scheduler.submit(("alice", "s1"), order.append, "a1"), scheduler.submit(("alice", "s1"), order.append, "a1"),
+               scheduler.submit(("alice", "s2"), order.append, "a2"), scheduler.submit(("alice", "s2"), order.append, "a2"),
+               scheduler.submit(("bob", "s1"), order.append, "b1"), scheduler.submit(("bob", "s1"), order.append, "b1")]
+    release()
+    for f in futures:
+        f.result(TIMEOUT)
+    assert order == ["a1", "b1", "a2", "b1", "a1", "a2"]
+
+
+def test_answer_requests_count_against_the_users_queue_limit():
+    s = Scheduler(max_queue_per_user=2, answers=FakeBatch(max_rows=4))
+    try:
+        release = gated(s)
+        s.submit(("alice", "s"), lambda: None)
+        s.submit_answers(("alice", "s"), [lambda: Row("a", 1)], lambda i, row: None)
+        with pytest.raises(QueueFull, match="this user"):
+            s.submit_answers(("alice", "t"), [lambda: Row("b", 1)], lambda i, row: None)
+        bob = s.submit_answers(("bob", "s"), [lambda: Row("c", 1)], lambda i, row: None)
+        release()
+        assert bob.future.result(TIMEOUT)[0].finish_reason == "length"
+    finally:
+        s.shutdown(TIMEOUT)
