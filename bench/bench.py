@@ -10,7 +10,8 @@ For N growing, three memories read the first N tokens of the document and then a
   * full attention, reused KV cache: the N tokens were prefilled once (timed as plain prefill); each question
     runs on top of the cache.
 Printed ratios: ingest throughput (TTT vs plain prefill), time to first token and decode tokens/s of a chat,
-bytes held per session vs the KV cache (also computed for Llama-3-8B and 70B shapes at 128K and 1M tokens).
+bytes held per session vs the KV cache (also computed for Llama-3-8B and 70B shapes at 128K and 1M tokens),
+and the aggregate decode tokens/s of ``--together`` sessions' answers decoded in one batch vs one alone.
 Writes DIR/bench.json and DIR/bench.png (latency, decode speed and memory vs N).
 """
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ttt
+from ttt.decode import DecodeBatch
 from ttt.model import ModelConfig
 
 from .common import DEFAULT_DOC, document_tokens, run_metadata, settings_of, sync, write_json
@@ -33,6 +35,7 @@ from .recall import QUESTION_ROOM, PrefixedLM
 QUESTION = [{"role": "user", "content": "Retell, in detail, what happens in the text you have read."}]
 # ttt: the first chat after reading (the window is prefilled); ttt_again: the next one (its keys/values reused)
 MEMORIES = ("ttt", "ttt_again", "full_prefill", "full_reuse")
+TOGETHER_TOKENS = 64  # per answer when several sessions' answers are decoded together
 
 
 @dataclass
@@ -93,6 +96,31 @@ def token_ticks(stream: ttt.TokenStream) -> Iterator[int]:
     yield from range(seen + 1, stream.completion_tokens + 1)
 
 
+def answers_together(engine: ttt.Engine, sessions: list[ttt.Session], max_tokens: int) -> dict:
+    """The sessions' answers decoded together (ttt.decode.DecodeBatch: one forward per token for all) vs the first
+    session's alone: aggregate decode tokens/s, prompt prefill included in both."""
+    device = engine.base.device
+
+    def decode(group: list[ttt.Session]) -> tuple[int, float]:
+        rows = [s.generate(QUESTION, max_tokens=max_tokens, stream=True) for s in group]  # window K/V built here
+        batch = DecodeBatch(engine.base.model, max_rows=len(rows))
+        for row in rows:
+            batch.join(row)
+        sync(device)
+        t = time.perf_counter()
+        while len(batch):
+            batch.step()
+        sync(device)
+        return sum(r.completion_tokens for r in rows), time.perf_counter() - t
+
+    decode(sessions[:1])  # warm-up
+    alone_tokens, alone_s = decode(sessions[:1])
+    tokens, seconds = decode(sessions)
+    return {"answers": len(sessions), "max_tokens": max_tokens, "alone_tokens_per_s": alone_tokens / alone_s,
+            "together_tokens": tokens, "together_tokens_per_s": tokens / seconds,
+            "together_vs_alone": (tokens / seconds) / (alone_tokens / alone_s)}
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="ttt bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,13 +130,15 @@ def parse_args(argv):
     ap.add_argument("--text", type=Path, default=DEFAULT_DOC, help="the document (repeated if shorter than N)")
     ap.add_argument("--session-config", default="{}", metavar="JSON",
                     help='partial session config of the TTT session, e.g. \'{"ingest": {"chunk_tokens": 1024}}\'')
+    ap.add_argument("--together", type=int, default=16, metavar="S",
+                    help="sessions whose answers (64 tokens) are decoded in one batch, vs one alone")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"), metavar="DIR")
     ap.add_argument("--model", help="local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
     args = ap.parse_args(argv)
     args.tokens = sorted(set(args.tokens))
-    if args.tokens[0] < 2 or args.answer_tokens < 1:
-        ap.error("--tokens must be >= 2 and --answer-tokens >= 1")
+    if args.tokens[0] < 2 or args.answer_tokens < 1 or args.together < 1:
+        ap.error("--tokens must be >= 2, --answer-tokens and --together >= 1")
     return args
 
 
@@ -172,11 +202,18 @@ def main(argv=None) -> dict:
     prefilled = fits[-1] if fits else 0
     ingest = {"ttt_tokens_per_s": trained / t_ingest if trained else None,
               "prefill_tokens_per_s": prefilled / t_prefill if prefilled else None}
+    readers = [session] + [engine.create_session(cfg) for _ in range(args.together - 1)]
+    for i, reader in enumerate(readers[1:], 1):  # each reads its own first chunk of the document
+        reader.append_tokens(ids[i * chunk % len(ids) :][:chunk])
+        reader.end_document()
+        while reader.train_next_chunk() is not None:
+            pass
+    together = answers_together(engine, readers, TOGETHER_TOKENS)
     shapes = {name: {"kv_cache_bf16": {n: s.kv_bytes(n, 2) for n in LONG_CONTEXTS},
                      "ttt_session_bf16": s.session_bytes(cfg, 2)} for name, s in KNOWN_SHAPES.items()}
     results = {"meta": run_metadata(engine), "settings": settings_of(args),
                "session_config": cfg.to_dict(), "question": QUESTION[0]["content"], "ingest": ingest,
-               "chats": rows, "known_shapes": shapes}
+               "chats": rows, "answers_together": together, "known_shapes": shapes}
     write_json(args.out / "bench.json", results)
     png = plot(args.out / "bench.png", results)
     print_summary(results)
@@ -214,6 +251,10 @@ def print_summary(results: dict) -> None:
     print("ingest: TTT " + (f"{ttt_tps:.1f} tokens/s" if ttt_tps else "not measured (no full chunk)")
           + ", plain prefill " + (f"{prefill_tps:.1f} tokens/s" if prefill_tps else "not measured (no N fits)")
           + f" -> TTT at {_ratio(ttt_tps, prefill_tps)} of prefill")
+    t = results["answers_together"]
+    print(f"answers together: {t['answers']} sessions' {t['max_tokens']}-token answers in one batch "
+          f"{t['together_tokens_per_s']:.1f} tokens/s vs one alone {t['alone_tokens_per_s']:.1f} tokens/s "
+          f"-> {t['together_vs_alone']:.2f}x")
     head = (f"{'N':>7s} {'TTFT ttt':>9s} {'again':>9s} {'prefill':>9s} {'reuse':>9s} {'prefill/again':>14s}"
             f" {'reuse/again':>12s} {'tok/s ttt':>10s} {'prefill':>8s} {'reuse':>8s} {'session MB':>11s} {'KV MB':>9s}"
             f" {'KV/session':>11s}")

@@ -2,6 +2,7 @@
 
     python -m bench.load --server-grpc 127.0.0.1:50051 --server-http http://127.0.0.1:8000 --seconds 60
     python -m bench.load --start [--model DIR] [--device cpu] --seconds 20
+    python -m bench.load --start --answers 16          # concurrent answers only, vs one alone
 
 Each of ``--ingest-streams`` workers owns one new session and feeds it its own slice of
 tests/data/kjv_genesis_exodus.txt as a series of short Ingest streams (``--stream-bytes`` each, the
@@ -10,9 +11,16 @@ POST /v1/chat/completions (``--max-tokens`` small) on those sessions, one reques
 request has a timeout, each worker stops at the deadline (or after ``--max-requests``), and only
 loopback addresses are accepted.
 
-At the end it prints the error count, whether every token the streams sent is accounted for (sum of
-the streams' ``tokens_received`` == sum of the sessions' ``tokens_ingested + pending_tokens``), ingest
-throughput and chat latency p50/p99; the exit status is 1 on any error or unaccounted token.
+Chats are streamed: the time to the first token (TTFT) and to the end are both measured. Before the load
+starts, ``--idle-chats`` chats one at a time on the idle server give the TTFT baseline of the same run.
+
+At the end it prints the error count (client timeouts among them), whether every token the streams sent is
+accounted for (sum of the streams' ``tokens_received`` == sum of the sessions' ``tokens_ingested +
+pending_tokens``), ingest throughput, chat latency and TTFT p50/p99 next to the idle server's; the exit
+status is 1 on any error or unaccounted token.
+
+``--answers N``: instead, N sessions each read a short text, then one chat alone and N chats at once (one
+per session, ``--max-tokens`` each, nothing else running): aggregate decode tokens/s of the N vs the one.
 """
 
 from __future__ import annotations
@@ -72,6 +80,8 @@ class Tally:
         self.received: dict[str, int] = {}  # session -> tokens its streams' summaries report received
         self.streams = 0
         self.chat_latencies: list[float] = []
+        self.chat_ttfts: list[float] = []
+        self.timeouts = 0
 
     def error(self, what: str) -> None:
         with self.lock:
@@ -123,6 +133,31 @@ def ingest_worker(args, sid: str, data: bytes, deadline: float, tally: Tally) ->
                 tally.streams += 1
 
 
+def timed_chat(http, sid: str, content: str, max_tokens: int) -> tuple[float, float, int]:
+    """One streamed chat: (seconds to the first content, seconds to the end, completion tokens)."""
+    body = {"model": sid, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, tokens = None, None
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:200]!r}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"failed after the 200: {event['error']}")
+            if first is None and any((c.get("delta") or {}).get("content") for c in event["choices"]):
+                first = time.perf_counter() - t0
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    if tokens is None:
+        raise RuntimeError("the stream ended without its usage")
+    total = time.perf_counter() - t0
+    return (first if first is not None else total), total, tokens
+
+
 def chat_worker(args, index: int, sids: list[str], deadline: float, tally: Tally) -> None:
     import httpx
 
@@ -132,31 +167,34 @@ def chat_worker(args, index: int, sids: list[str], deadline: float, tally: Tally
         while time.monotonic() < deadline and count < args.max_requests:
             sid = sids[(index + count) % len(sids)]
             count += 1
-            body = {
-                "model": sid,
-                "messages": [{"role": "user", "content": f"Who went out of Egypt? ({index}.{count})"}],
-                "max_tokens": args.max_tokens,
-                "temperature": 0,
-            }
-            t0 = time.perf_counter()
             try:
-                r = http.post("/v1/chat/completions", json=body)
-            except httpx.HTTPError as e:
+                ttft, latency, _ = timed_chat(http, sid, f"Who went out of Egypt? ({index}.{count})", args.max_tokens)
+            except (httpx.HTTPError, RuntimeError, ValueError) as e:
+                if isinstance(e, httpx.TimeoutException):
+                    with tally.lock:
+                        tally.timeouts += 1
                 tally.error(f"chat {sid}: {type(e).__name__}: {e}")
                 time.sleep(ERROR_BACKOFF)
                 continue
-            latency = time.perf_counter() - t0
-            if r.status_code != 200:
-                tally.error(f"chat {sid}: HTTP {r.status_code}: {r.text[:200]}")
-                time.sleep(ERROR_BACKOFF)
-                continue
-            try:
-                r.json()["choices"][0]["message"]
-            except (ValueError, KeyError, IndexError):
-                tally.error(f"chat {sid}: malformed answer {r.text[:200]}")
-                continue
             with tally.lock:
                 tally.chat_latencies.append(latency)
+                tally.chat_ttfts.append(ttft)
+
+
+def idle_ttfts(args, sids: list[str]) -> list[float]:
+    """TTFTs of ``--idle-chats`` chats one at a time on the idle server (after one warm-up chat per session)."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    with httpx.Client(base_url=args.server_http, headers=headers, timeout=args.request_timeout) as http:
+        for sid in sids:
+            timed_chat(http, sid, "Who went out of Egypt?", args.max_tokens)
+        return [timed_chat(http, sids[i % len(sids)], f"Who went out of Egypt? ({i})", args.max_tokens)[0]
+                for i in range(args.idle_chats)]
+
+
+def _ms(values: list[float], q: float) -> float | None:
+    return round(_percentile(values, q) * 1000, 1) if values else None
 
 
 def run(args) -> dict:
@@ -174,6 +212,7 @@ def run(args) -> dict:
         for sid in sids:
             client.create_session(sid, settings)
         before = {sid: client.get_session(sid) for sid in sids}
+        idle = idle_ttfts(args, sids)
 
         started = time.monotonic()
         deadline = started + args.seconds
@@ -209,7 +248,7 @@ def run(args) -> dict:
     held_before = sum(b["tokens_ingested"] + b["pending_tokens"] for b in before.values())
     trained = sum(a["tokens_ingested"] for a in after.values()) - sum(b["tokens_ingested"] for b in before.values())
     received = sum(tally.received.values())
-    lat = tally.chat_latencies
+    lat, ttft = tally.chat_latencies, tally.chat_ttfts
     result = {
         "seconds": round(elapsed, 2),
         "errors": len(tally.errors),
@@ -223,11 +262,65 @@ def run(args) -> dict:
         "ingest_tokens_per_s": round(trained / elapsed, 1) if elapsed > 0 else 0.0,
         "chat_clients": args.chat_clients,
         "chat_count": len(lat),
-        "chat_p50_ms": round(_percentile(lat, 0.50) * 1000, 1) if lat else None,
-        "chat_p99_ms": round(_percentile(lat, 0.99) * 1000, 1) if lat else None,
+        "chat_timeouts": tally.timeouts,
+        "chat_p50_ms": _ms(lat, 0.50),
+        "chat_p99_ms": _ms(lat, 0.99),
         "chat_mean_ms": round(statistics.fmean(lat) * 1000, 1) if lat else None,
+        "ttft_p50_ms": _ms(ttft, 0.50),
+        "ttft_p99_ms": _ms(ttft, 0.99),
+        "idle_ttft_p50_ms": _ms(idle, 0.50),
+        "idle_ttft_p99_ms": _ms(idle, 0.99),
     }
+    if ttft and idle:
+        result["ttft_p50_vs_idle"] = round(_percentile(ttft, 0.5) / _percentile(idle, 0.5), 2)
+        result["ttft_p99_vs_idle"] = round(_percentile(ttft, 0.99) / _percentile(idle, 0.99), 2)
     return result
+
+
+def answers_run(args) -> dict:
+    """N sessions read a short text each; one chat alone, then N at once: aggregate decode tokens/s."""
+    import httpx
+
+    from clients.client import TTTClient
+
+    book = BOOK.read_bytes()
+    n, run_id = args.answers, uuid.uuid4().hex[:8]
+    sids = [f"answers-{run_id}-{i}" for i in range(n)]
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    question = "Retell what you have read."
+    with TTTClient(args.server_grpc, args.api_key, timeout=args.request_timeout) as client, \
+            httpx.Client(base_url=args.server_http, headers=headers, timeout=args.request_timeout) as http:
+        for i, sid in enumerate(sids):
+            for _ in client.ingest(sid, [book[i * 1500 : (i + 1) * 1500]]):
+                pass
+            timed_chat(http, sid, question, 4)  # warm: the window's keys/values are computed once per version
+        _, alone_s, alone_tokens = timed_chat(http, sids[0], question, args.max_tokens)
+        results: list[tuple[float, float, int]] = [None] * n  # type: ignore[list-item]
+
+        def one(i: int) -> None:
+            with httpx.Client(base_url=args.server_http, headers=headers, timeout=args.request_timeout) as h:
+                results[i] = timed_chat(h, sids[i], question, args.max_tokens)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - started
+        if args.cleanup:
+            for sid in sids:
+                client.delete_session(sid)
+    if any(r is None for r in results):
+        raise SystemExit("a concurrent chat failed")
+    tokens = sum(r[2] for r in results)
+    alone_tps = alone_tokens / alone_s
+    return {"answers": n, "max_tokens": args.max_tokens, "alone_tokens": alone_tokens,
+            "alone_tokens_per_s": round(alone_tps, 2), "together_tokens": tokens,
+            "together_seconds": round(wall, 2), "together_tokens_per_s": round(tokens / wall, 2),
+            "together_vs_alone": round(tokens / wall / alone_tps, 2),
+            "together_ttft_p50_ms": _ms([r[0] for r in results], 0.5),
+            "together_ttft_max_ms": round(max(r[0] for r in results) * 1000, 1)}
 
 
 def _print(result: dict) -> None:
@@ -241,7 +334,10 @@ def _print(result: dict) -> None:
     print(f"ingest:            {result['ingest_streams']} workers, {result['ingest_requests']} streams, "
           f"{result['tokens_trained']} tokens trained, {result['ingest_tokens_per_s']} tokens/s total")
     print(f"chat:              {result['chat_clients']} clients, {result['chat_count']} answers, "
-          f"p50 {result['chat_p50_ms']} ms, p99 {result['chat_p99_ms']} ms")
+          f"p50 {result['chat_p50_ms']} ms, p99 {result['chat_p99_ms']} ms, {result['chat_timeouts']} timeouts")
+    print(f"chat TTFT:         p50 {result['ttft_p50_ms']} ms, p99 {result['ttft_p99_ms']} ms; idle server "
+          f"p50 {result['idle_ttft_p50_ms']} ms, p99 {result['idle_ttft_p99_ms']} ms "
+          f"(x{result.get('ttft_p50_vs_idle')}, x{result.get('ttft_p99_vs_idle')})")
     print(json.dumps({k: v for k, v in result.items() if k != "error_samples"}), flush=True)
 
 
@@ -257,6 +353,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--chat-clients", type=int, default=16, metavar="K")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--max-tokens", type=int, default=8, help="per chat answer")
+    p.add_argument("--idle-chats", type=int, default=8, help="chats on the idle server before the load (TTFT baseline)")
+    p.add_argument("--answers", type=int, metavar="N", help="only N concurrent chats vs one alone (see above)")
+    p.add_argument("--max-answer-rows", type=int, help="with --start: answers decoded together (1: batching off)")
     p.add_argument("--chunk-tokens", type=int, help="chunk size of the sessions created (default: the server's)")
     p.add_argument("--stream-bytes", type=int, default=1024, help="bytes per Ingest stream")
     p.add_argument("--piece-bytes", type=int, default=256, help="bytes per streamed message")
@@ -281,8 +380,9 @@ def main(argv: list[str] | None = None) -> dict:
         from server.settings import Settings
 
         tmp = tempfile.TemporaryDirectory(prefix="ttt-load-")
+        rows = {"max_answer_rows": args.max_answer_rows} if args.max_answer_rows else {}
         server = Server(Settings(model=args.model, device=args.device, host="127.0.0.1", grpc_port=0,
-                                 http_port=0, data_dir=Path(tmp.name)))
+                                 http_port=0, data_dir=Path(tmp.name), **rows))
         server.start()
         args.server_grpc = f"127.0.0.1:{server.grpc_port}"
         args.server_http = f"http://127.0.0.1:{server.http_port}"
@@ -290,15 +390,18 @@ def main(argv: list[str] | None = None) -> dict:
     _check_grpc(args.server_grpc)
     args.server_http = _check_http(args.server_http)
     try:
-        result = run(args)
+        result = answers_run(args) if args.answers else run(args)
     finally:
         if server is not None:
             server.stop()
             tmp.cleanup()
-    _print(result)
+    if args.answers:
+        print(json.dumps(result), flush=True)
+    else:
+        _print(result)
     return result
 
 
 if __name__ == "__main__":
     res = main()
-    sys.exit(0 if res["errors"] == 0 and res["tokens_accounted"] else 1)
+    sys.exit(0 if res.get("errors", 0) == 0 and res.get("tokens_accounted", True) else 1)

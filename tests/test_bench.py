@@ -55,7 +55,7 @@ def test_ttt_bench_cli_writes_json_and_plot(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     # The tiny model's context is 512 tokens: full attention fits 128 and 256 with a question, not 448.
     assert cli.main(["bench", "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out),
-                     "--tokens", "256", "128", "448", "--answer-tokens", "3",
+                     "--tokens", "256", "128", "448", "--answer-tokens", "3", "--together", "3",
                      "--session-config", json.dumps(SMALL)]) == 0
     res = json.loads((out / "bench.json").read_text())
     rows = res["chats"]
@@ -73,8 +73,10 @@ def test_ttt_bench_cli_writes_json_and_plot(tiny_model_dir, tmp_path, capsys):
     assert "git_revision" in res["meta"] and res["session_config"]["ingest"]["chunk_tokens"] == 32
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    together = res["answers_together"]
+    assert together["answers"] == 3 and together["together_tokens"] > 0 and together["together_vs_alone"] > 0
     printed = capsys.readouterr().out
-    assert "ingest: TTT" in printed and "Llama-3-8B" in printed
+    assert "ingest: TTT" in printed and "Llama-3-8B" in printed and "answers together: 3 sessions" in printed
 
 
 def test_passage_bench_runs_every_context_variant(tiny_model_dir, tmp_path):

@@ -292,10 +292,16 @@ def test_load_bench_short(tiny_model_dir, tmp_path, one_thread):
     try:
         result = load_main([
             "--server-grpc", f"127.0.0.1:{server.grpc_port}", "--server-http", f"http://127.0.0.1:{server.http_port}",
-            "--ingest-streams", "2", "--chat-clients", "3", "--seconds", "4", "--max-tokens", "4",
+            "--ingest-streams", "2", "--chat-clients", "3", "--seconds", "4", "--max-tokens", "4", "--idle-chats", "2",
+        ])
+        together = load_main([
+            "--server-grpc", f"127.0.0.1:{server.grpc_port}", "--server-http", f"http://127.0.0.1:{server.http_port}",
+            "--answers", "3", "--max-tokens", "6",
         ])
     finally:
         server.stop()
-    assert result["errors"] == 0, result
+    assert result["errors"] == 0 and result["chat_timeouts"] == 0, result
     assert result["tokens_received"] == result["tokens_held"] > 0
-    assert result["chat_count"] > 0
+    assert result["chat_count"] > 0 and result["ttft_p50_ms"] > 0 and result["idle_ttft_p50_ms"] > 0
+    assert result["ttft_p50_vs_idle"] > 0
+    assert together["answers"] == 3 and together["together_tokens"] > 0 and together["together_vs_alone"] > 0
