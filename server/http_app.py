@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import math
-import queue
 import time
 import uuid
 from collections.abc import Callable
@@ -279,7 +278,9 @@ def create_app(state) -> FastAPI:
         their deltas and logprobs reach the event loop as Events; a client that leaves drops its rows."""
 
         def __init__(self, request: Request, key, makers: list[Callable[[], TokenStream]]):
-            self.request, self.events = request, queue.Queue()
+            # Events pass from the device thread to the event loop without a thread of their own waiting on them
+            # (a waiting thread per stream would cap the concurrent streams at the thread pool's size).
+            self.request, self.loop, self.events = request, asyncio.get_running_loop(), asyncio.Queue()
             self.sent = [0] * len(makers)  # logprobs handed out, per row
             self.seen: set[int] = set()  # rows that have reported (the first report ends the prompt's prefill)
             self.started: float | None = None
@@ -287,19 +288,27 @@ def create_app(state) -> FastAPI:
             self.run = state.scheduler.submit_answers(key, makers, self._on_step)
             self.future = self.run.future
             self.future.add_done_callback(self._measure)
+            self.future.add_done_callback(lambda future: self._put(None))  # after every Event of the request
+
+        def _put(self, event: Event | None) -> None:
+            """From the device thread: ``event`` into the loop's queue (None: the end)."""
+            try:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            except RuntimeError:  # the loop has closed (shutdown): nobody is listening
+                pass
 
         def _on_step(self, index: int, row: TokenStream) -> None:
             """On the worker, after a step that changed ``row``: its news as Events."""
             if self.started is None:
                 self.started = time.perf_counter()
             if index not in self.seen and row.echo:
-                self.events.put(Event(index, echo=True, logprobs=row.echo_logprobs))
+                self._put(Event(index, echo=True, logprobs=row.echo_logprobs))
             self.seen.add(index)
             for delta in row.take():
-                self.events.put(Event(index, delta, row.logprobs[self.sent[index] :]))
+                self._put(Event(index, delta, row.logprobs[self.sent[index] :]))
                 self.sent[index] = len(row.logprobs)
             if row.finish_reason is not None:
-                self.events.put(Event(index, logprobs=row.logprobs[self.sent[index] :], done=row))
+                self._put(Event(index, logprobs=row.logprobs[self.sent[index] :], done=row))
 
         def _measure(self, future) -> None:
             if self.started is not None and not future.cancelled() and future.exception() is None:
@@ -325,11 +334,7 @@ def create_app(state) -> FastAPI:
                 try:
                     for payload in first:
                         yield sse(payload)
-                    while not (self.future.done() and self.events.empty()):
-                        try:
-                            event = await asyncio.to_thread(self.events.get, True, 0.1)
-                        except queue.Empty:
-                            continue
+                    while (event := await self.events.get()) is not None:
                         for payload in events(event):
                             yield sse(payload)
                     try:

@@ -272,9 +272,15 @@ class Scheduler:
             return
         self.on_answer_step(len(batch))
         rows = {id(row): (request, i) for request in self._active for i, row in enumerate(request.rows)}
+        failed: dict[int, tuple[AnswerRequest, Exception]] = {}
         for row in changed:
             request, index = rows[id(row)]
-            request.on_step(index, row)
+            try:
+                request.on_step(index, row)
+            except Exception as e:  # the request's listener broke: that request ends, the others go on
+                failed[id(request)] = request, e
+        for request, error in failed.values():
+            self._end(request, error)
         for request in [r for r in self._active if all(row.finish_reason is not None for row in r.rows)]:
             self._end(request)
 
