@@ -294,6 +294,7 @@ def answers_run(args) -> dict:
             for _ in client.ingest(sid, [book[i * 1500 : (i + 1) * 1500]]):
                 pass
             timed_chat(http, sid, question, 4)  # warm: the window's keys/values are computed once per version
+            client.save_session(sid)  # saved now: no autosave of these sessions runs while the chats are timed
         _, alone_s, alone_tokens = timed_chat(http, sids[0], question, args.max_tokens)
         results: list[tuple[float, float, int]] = [None] * n  # type: ignore[list-item]
 
@@ -375,18 +376,15 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the load test; print and return the result dict (``errors``, ``tokens_accounted``, ...)."""
     args = parse_args(argv)
     server = tmp = None
-    if args.start:
-        from server.main import Server
-        from server.settings import Settings
+    if args.start:  # a subprocess: the clients here must not share the server's interpreter (its GIL)
+        from .server_process import ServerProcess
 
         tmp = tempfile.TemporaryDirectory(prefix="ttt-load-")
-        rows = {"max_answer_rows": args.max_answer_rows} if args.max_answer_rows else {}
-        server = Server(Settings(model=args.model, device=args.device, host="127.0.0.1", grpc_port=0,
-                                 http_port=0, data_dir=Path(tmp.name), **rows))
-        server.start()
-        args.server_grpc = f"127.0.0.1:{server.grpc_port}"
-        args.server_http = f"http://127.0.0.1:{server.http_port}"
-        args.api_key = None
+        flags = [f"--{name}={value}" for name, value in (("model", args.model), ("device", args.device)) if value]
+        env = {"TTT_MAX_ANSWER_ROWS": str(args.max_answer_rows)} if args.max_answer_rows else {}
+        server = ServerProcess([*flags, "--data-dir", tmp.name], env, Path(tmp.name) / "server.log")
+        server.wait_ready(300)
+        args.server_grpc, args.server_http, args.api_key = server.grpc, server.http, None
     _check_grpc(args.server_grpc)
     args.server_http = _check_http(args.server_http)
     try:

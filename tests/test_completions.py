@@ -6,16 +6,14 @@ random Llama: a plain forward's log-softmax, ``Session.score``, and the greedy p
 from __future__ import annotations
 
 import json
-import math
 
-import httpx
 import pytest
 import torch
 
 import ttt
 from ttt.generate import SamplingParams, adjust_logits
 
-from test_http import QUESTION, TINY, check_error, http, running
+from test_http import QUESTION, check_error, http, running
 from texts import book
 
 pytestmark = pytest.mark.usefixtures("one_thread")

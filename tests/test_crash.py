@@ -11,12 +11,7 @@ Also a short run of ``bench/load.py`` against an in-process server (0 errors, ev
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -25,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.server_process import ServerProcess
 from clients.client import TTTClient, TTTError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,67 +32,19 @@ READY_TIMEOUT = 60.0
 CALL_TIMEOUT = 60.0
 
 
-SERVING_LINE = re.compile(rb"serving .* gRPC (\d+), HTTP (\d+);")
-
-
-class ServerProcess:
-    """``ttt serve`` in a subprocess on loopback ports it picks itself (port 0: no race for a port chosen
-    here and bound there), read from its "serving" log line; ``kill()`` is SIGKILL."""
-
-    def __init__(self, model_dir: Path, data_dir: Path):
-        self.grpc_port = self.http_port = 0
-        env = dict(os.environ)
-        env.update(
-            TTT_SESSION_DEFAULTS=json.dumps({"ingest": {"chunk_tokens": CHUNK, "context_tokens": CHUNK}}),
-            TTT_AUTOSAVE_EVERY_CHUNKS=str(AUTOSAVE),
-            OMP_NUM_THREADS="1",
-            PYTHONUNBUFFERED="1",
-        )
-        self.log = open(data_dir.parent / f"server-{time.monotonic_ns()}.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "clients.cli", "serve", "--model", str(model_dir), "--device", "cpu",
-             "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), "--data-dir", str(data_dir)],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def grpc(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def wait_ready(self) -> None:
-        """Until the server logs its ports (both doors accept connections then) and ``/readyz`` agrees."""
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}: {self.output()}")
-            if not self.grpc_port and (m := SERVING_LINE.search(Path(self.log.name).read_bytes())):
-                self.grpc_port, self.http_port = int(m[1]), int(m[2])
-            if self.grpc_port:
-                assert httpx.get(f"{self.http}/readyz", timeout=CALL_TIMEOUT).status_code == 200
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"server not ready after {READY_TIMEOUT} s: {self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")[-4000:]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-        self.log.close()
+def server_process(model_dir: Path, data_dir: Path) -> ServerProcess:
+    """``ttt serve`` on the tiny model with small chunks and frequent autosaves."""
+    env = {"TTT_SESSION_DEFAULTS": json.dumps({"ingest": {"chunk_tokens": CHUNK, "context_tokens": CHUNK}}),
+           "TTT_AUTOSAVE_EVERY_CHUNKS": str(AUTOSAVE), "OMP_NUM_THREADS": "1"}
+    return ServerProcess(["--model", str(model_dir), "--device", "cpu", "--data-dir", str(data_dir)], env,
+                         data_dir.parent / f"server-{time.monotonic_ns()}.log")
 
 
 @contextmanager
 def serving(model_dir: Path, data_dir: Path):
-    server = ServerProcess(model_dir, data_dir)
+    server = server_process(model_dir, data_dir)
     try:
-        server.wait_ready()
+        server.wait_ready(READY_TIMEOUT)
         with TTTClient(server.grpc, timeout=CALL_TIMEOUT) as client:
             yield server, client
     finally:

@@ -31,7 +31,6 @@ from server.main import Server
 from server.settings import Settings
 import ttt.config
 from ttt.config import FastWeightConfig, IngestConfig, RecallConfig
-from ttt.generate import TokenStream
 from ttt.tokenize import IncrementalTokenizer
 
 from conftest import write_keys
