@@ -55,7 +55,8 @@ class Server:
                           lambda: self.state.registry.residency() if self.state.registry else {})
         scheduler = Scheduler(settings.max_queue, settings.max_batch_sessions, metrics.batch_sessions.observe,
                               settings.max_queue_per_user, unit_share=settings.ingest_share,
-                              on_answer_step=metrics.answer_rows.observe)
+                              on_answer_step=metrics.answer_rows.observe,
+                              max_batch_answering=settings.max_batch_sessions_answering)
         self.state = ServerState(settings, KeyRing(settings.api_keys_file), scheduler, metrics,
                                  streams=StreamSlots(settings.max_streams_per_user, settings.max_streams))
         self.keyring = self.state.keyring

@@ -13,7 +13,8 @@ Two kinds of work:
 
 Chat ahead of ingest: while answers are being decoded and units wait, units get the device only while
 their share of the device time (since both kinds last started to compete) is under ``unit_share``, so an
-answer waits at most about one unit between its tokens and ingest never starves.
+answer waits at most one unit between its tokens and ingest never starves; and batchable units then batch
+at most ``max_batch_answering`` sessions, so that the unit an answer waits for is one chunk, not eight.
 
 A *batchable* unit (``submit_batchable``) names a function that runs several sessions' units of its
 kind in one call (``ttt.batch.train_sessions``: one forward and backward for many sessions' chunks).
@@ -93,12 +94,13 @@ class Scheduler:
     def __init__(self, max_queue: int = 1024, max_batch: int = 1, on_batch: Callable[[int], None] = lambda n: None,
                  max_queue_per_user: int | None = None, answers: Rows | None = None, unit_share: float = 0.25,
                  on_answer_step: Callable[[int], None] = lambda rows: None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, max_batch_answering: int = 1):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if not 0 < unit_share <= 1:
             raise ValueError("unit_share must be in (0, 1]")
         self.max_queue, self.max_batch, self.unit_share = max_queue, max_batch, unit_share
+        self.max_batch_answering = max_batch_answering  # max_batch while answers wait or decode
         self.max_queue_per_user = max_queue_per_user or max_queue  # one user cannot fill the whole queue
         self._per_owner: Counter[Hashable] = Counter()
         self.on_batch = on_batch  # told the number of units in each batchable call (metrics)
@@ -203,9 +205,11 @@ class Scheduler:
         """The next unit (and the batchable units that join it). Call with the lock held."""
         first = next(iter(next(iter(self._users.values()))))  # the user, then their session, that waited longest
         units = [self._pop_front(first)]
+        # while answers wait or decode, a batch is as long as its slowest part times its size: keep it short
+        most = self.max_batch_answering if self._active or self._requests else self.max_batch
         if units[0].batchable:
             for key in self._line():  # the others, in line order
-                if len(units) == self.max_batch:
+                if len(units) >= most:
                     break
                 if key == first or key not in self._users.get(owner(key), ()):
                     continue

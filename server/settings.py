@@ -68,6 +68,8 @@ class Settings(BaseSettings):
                                  "prompts and tokens); a request that does not fit waits, one that never can is a 400")
     prefill_chunk_tokens: int = Field(256, gt=0, description="prompt tokens prefilled per step, between decode steps "
                                       "(a long prompt delays the other answers by one piece at a time)")
+    max_batch_sessions_answering: int = Field(1, ge=1, description="max_batch_sessions while answers wait or "
+                                              "decode: an answer waits for at most this many sessions' chunks")
     ingest_share: float = Field(0.25, gt=0, le=1, description="share of the device time that ingest and other units "
                                 "get while answers are being decoded (answers come first; ingest never starves)")
 

@@ -405,3 +405,31 @@ def test_answer_requests_count_against_the_users_queue_limit():
         assert bob.future.result(TIMEOUT)[0].finish_reason == "length"
     finally:
         s.shutdown(TIMEOUT)
+
+
+def test_ingest_batches_shrink_while_answers_decode():
+    """Batchable units take up to max_batch sessions, but max_batch_answering while answers wait or decode."""
+    clock = Clock()  # units take no time, steps one second: units run as soon as they are queued
+    s = Scheduler(max_batch=4, max_batch_answering=2, answers=FakeBatch(max_rows=4, clock=clock), clock=clock)
+    calls = []
+
+    def train(items):
+        calls.append(list(items))
+        return items
+
+    try:
+        release = gated(s)
+        first = [s.submit_batchable(key, train, key) for key in "ABCD"]
+        release()
+        for f in first:
+            f.result(TIMEOUT)
+        release = gated(s)
+        answer = s.submit_answers(("chat", "s"), [lambda: Row("a", 50)], lambda i, row: None)
+        second = [s.submit_batchable(key, train, key + "2") for key in "ABCD"]
+        release()
+        for f in second:
+            f.result(TIMEOUT)
+        answer.future.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    assert calls == [["A", "B", "C", "D"], ["A2", "B2"], ["C2", "D2"]]
