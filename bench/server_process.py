@@ -60,14 +60,18 @@ class ServerProcess:
         self.log.flush()
         return Path(self.log.name).read_text(errors="replace")[-4000:]
 
-    def kill(self) -> None:
-        self._end(signal.SIGKILL)
-
-    def stop(self) -> None:
-        self._end(signal.SIGTERM)
-
-    def _end(self, sig: int) -> None:
+    def stop(self, timeout: float = 300.0) -> None:
+        """SIGTERM (the server saves its sessions and finishes the work it accepted); SIGKILL after ``timeout``."""
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(60)
         self.log.close()

@@ -266,7 +266,9 @@ def create_app(state) -> FastAPI:
         """``Session.generate``/``complete`` of the user's session (404 now if unknown), or the engine's."""
         if sid is None:
             return getattr(state.engine, method)
-        await on_device((user, sid), state.registry.get, user, sid)
+        # not a device unit: it would wait behind the session's chunks, which the answer does not (chat ahead of
+        # ingest); the session is loaded, if it must be, when the answer is admitted
+        await asyncio.to_thread(state.registry.check_exists, user, sid)
 
         def on_worker(*args, **kwargs):  # the session, brought back if it was moved meanwhile
             return getattr(state.registry.get(user, sid), method)(*args, **kwargs)

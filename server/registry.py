@@ -217,6 +217,15 @@ class SessionRegistry:
             unsaved = [e.session for (u, _), e in self._live.items() if u == user and e.saved_version == -1]
         return disk_bytes(self.root / user) + KEEP_CHECKPOINTS * sum(map(estimate_checkpoint_bytes, unsaved))
 
+    def check_exists(self, user: str, session_id: str) -> None:
+        """NotFound unless the user has this session (in memory or on disk); no device work. Any thread."""
+        key = (user, check_session_id(session_id))
+        with self._lock:
+            if key in self._live:
+                return
+        if not (self.folder(user, session_id) / "LATEST").is_file():
+            raise NotFound(f"no session {session_id!r}")
+
     def get(self, user: str, session_id: str) -> Session:
         """The session on the device: promoted from host memory, or loaded from its last checkpoint."""
         key = (user, check_session_id(session_id))
