@@ -32,6 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+ANSWER_GRACE_SECONDS = 1.0  # answers count as active this long after their last step (the next question comes)
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]  # items -> one result per item, same order
 
 
@@ -111,6 +112,7 @@ class Scheduler:
         self._active: list[AnswerRequest] = []  # admitted: their rows are in the batch
         self._spent = {"units": 0.0, "answers": 0.0}  # device seconds since both kinds started to compete
         self.clock = clock
+        self._answered = -ANSWER_GRACE_SECONDS  # when the last answer step ran
         self._waiting = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -205,8 +207,10 @@ class Scheduler:
         """The next unit (and the batchable units that join it). Call with the lock held."""
         first = next(iter(next(iter(self._users.values()))))  # the user, then their session, that waited longest
         units = [self._pop_front(first)]
-        # while answers wait or decode, a batch is as long as its slowest part times its size: keep it short
-        most = self.max_batch_answering if self._active or self._requests else self.max_batch
+        # while answers wait or decode (or did a moment ago: their clients ask again), a batch is as long as its
+        # slowest part times its size: keep it short
+        answering = self._active or self._requests or self.clock() - self._answered < ANSWER_GRACE_SECONDS
+        most = self.max_batch_answering if answering else self.max_batch
         if units[0].batchable:
             for key in self._line():  # the others, in line order
                 if len(units) >= most:
@@ -275,6 +279,7 @@ class Scheduler:
                 self._end(request, e)
             return
         self.on_answer_step(len(batch))
+        self._answered = self.clock()
         rows = {id(row): (request, i) for request in self._active for i, row in enumerate(request.rows)}
         failed: dict[int, tuple[AnswerRequest, Exception]] = {}
         for row in changed:

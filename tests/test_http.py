@@ -610,6 +610,52 @@ def test_queue_full_is_429(tiny_model_dir, tmp_path):
         check_answer(chat(client, base), 6)  # and the server works again
 
 
+def test_concurrent_chats_of_different_sessions_decode_together_as_they_would_alone(open_server, api, monkeypatch):
+    """Three sessions (different ranks and kinds) and the base model asked at once: their rows share every decode
+    step, each answer is the one it gets alone (greedy), and /metrics shows the batch and its pool."""
+    client = oai(open_server)
+    base = base_name(client)
+    for sid, fast in (("rows-a", {"rank": 2}), ("rows-b", {"rank": 8, "targets": ["gate_proj", "down_proj"]}),
+                      ("rows-c", {"kind": "mlp", "mlp_hidden": 16})):
+        assert api.post("/v1/sessions", json={"id": sid, "settings": {**TINY, "fast": fast}}).status_code == 201
+        upload(api, sid, book(1000 * len(sid), 1000 * len(sid) + 900).encode())
+    models = ["rows-a", "rows-b", "rows-c", base]
+    alone = [chat(client, m, max_tokens=12).choices[0].message.content for m in models]
+
+    batch, sizes = open_server.state.scheduler.answers, []
+    real_step = batch.step
+    monkeypatch.setattr(batch, "step", lambda: (sizes.append(len(batch)), real_step())[1])
+    scheduler, started, release = open_server.state.scheduler, threading.Event(), threading.Event()
+    gate = scheduler.submit("test-gate", lambda: (started.set(), release.wait(TIMEOUT)))  # hold the device
+    assert started.wait(TIMEOUT)
+    together: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda m=m: together.__setitem__(
+        m, chat(oai(open_server), m, max_tokens=12).choices[0].message.content)) for m in models]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + TIMEOUT
+    while scheduler.depth < len(models) and time.monotonic() < deadline:  # every request queued
+        time.sleep(0.01)
+    release.set()
+    gate.result(TIMEOUT)
+    for t in threads:
+        t.join(TIMEOUT)
+    assert [together[m] for m in models] == alone
+    assert max(sizes) == len(models)  # one forward per token for all four, not one answer after another
+    samples = metric_samples(api)
+    assert metric(samples, "ttt_answer_step_rows_count") > 0 and metric(samples, "ttt_answer_rows") == 0
+    assert metric(samples, "ttt_answer_pool_bytes") == 0  # freed once the last row left
+    assert metric(samples, "ttt_answer_pool_budget_bytes") == open_server.state.settings.answer_kv_bytes
+
+
+def test_an_answer_the_pool_can_never_hold_is_400(open_server, api, monkeypatch):
+    monkeypatch.setattr(open_server.state.scheduler.answers.pool, "budget", 1000)  # bytes: not one token
+    with api_error(400, "TTT_ANSWER_KV_BYTES"):
+        chat(oai(open_server), base_name(oai(open_server)))
+    monkeypatch.undo()
+    check_answer(chat(oai(open_server), base_name(oai(open_server))), 6)
+
+
 def test_unavailable_is_503(open_server, api):
     client = oai(open_server)
     base = base_name(client)
