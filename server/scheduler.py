@@ -24,6 +24,7 @@ same kind join it; each of those sessions then goes to the back of the line as i
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -32,6 +33,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+log = logging.getLogger("ttt.server.scheduler")
 ANSWER_GRACE_SECONDS = 1.0  # answers count as active this long after their last step (the next question comes)
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]  # items -> one result per item, same order
 
@@ -64,6 +66,8 @@ class Rows(Protocol):
     def join(self, row) -> None: ...
 
     def drop(self, row) -> None: ...
+
+    def clear(self) -> None: ...
 
     def step(self) -> list: ...
 
@@ -243,7 +247,11 @@ class Scheduler:
             if kind == "units":
                 self._run_units(units)
             else:
-                self._answer_step()
+                try:
+                    self._answer_step()
+                except Exception as e:  # a failed step fails every answer in the batch; the batch starts empty
+                    log.exception("decode step failed")
+                    self._fail_answers(e)
             with self._cond:
                 self._spent[kind] += self.clock() - started
 
@@ -272,12 +280,7 @@ class Scheduler:
         for request in [r for r in self._active if r.gone]:
             self._end(request)
         self._admit()
-        try:
-            changed = batch.step() if len(batch) else []
-        except Exception as e:  # a failed forward fails every request in it; the batch starts empty
-            for request in list(self._active):
-                self._end(request, e)
-            return
+        changed = batch.step() if len(batch) else []
         self.on_answer_step(len(batch))
         self._answered = self.clock()
         rows = {id(row): (request, i) for request in self._active for i, row in enumerate(request.rows)}
@@ -292,6 +295,13 @@ class Scheduler:
             self._end(request, error)
         for request in [r for r in self._active if all(row.finish_reason is not None for row in r.rows)]:
             self._end(request)
+
+    def _fail_answers(self, error: Exception) -> None:
+        """Every admitted request ends with ``error``; the batch is emptied (its state is not trusted)."""
+        self.answers.clear()
+        for request in self._active:
+            request.future.set_exception(error)
+        self._active.clear()
 
     def _end(self, request: AnswerRequest, error: BaseException | None = None) -> None:
         """Take a request's rows out of the batch and settle its future."""

@@ -264,6 +264,9 @@ class FakeBatch:
     def drop(self, row):
         self.rows.remove(row)
 
+    def clear(self):
+        self.rows = []
+
     def step(self):
         self.log.append(sorted(r.name for r in self.rows))
         if self.clock is not None:
@@ -433,3 +436,25 @@ def test_ingest_batches_shrink_while_answers_decode():
     finally:
         s.shutdown(TIMEOUT)
     assert calls == [["A", "B", "C", "D"], ["A2", "B2"], ["C2", "D2"]]
+
+
+def test_a_failed_step_fails_the_answers_in_it_and_the_worker_survives():
+    batch = FakeBatch(max_rows=4)
+    s = Scheduler(answers=batch)
+    real_step = batch.step
+
+    def failing_step():
+        raise RuntimeError("device lost")
+
+    try:
+        batch.step = failing_step
+        doomed = s.submit_answers(("u", "s"), [lambda: Row("a", 5)], lambda i, row: None)
+        with pytest.raises(RuntimeError, match="device lost"):
+            doomed.future.result(TIMEOUT)
+        assert len(batch) == 0
+        batch.step = real_step
+        fine = s.submit_answers(("u", "s"), [lambda: Row("b", 2)], lambda i, row: None)
+        assert fine.future.result(TIMEOUT)[0].finish_reason == "length"
+        assert s.run("u", lambda: "units too") == "units too"
+    finally:
+        s.shutdown(TIMEOUT)

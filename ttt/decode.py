@@ -189,6 +189,11 @@ class DecodeBatch:
         if not self.rows:
             self.pool.release()
 
+    def clear(self) -> None:
+        """Every row leaves at once (after a failed step: their state is not trusted)."""
+        self.rows, self.decoding, self._adapters = [], 0, None
+        self.pool.release()
+
     def _move(self, src: int, dst: int) -> None:
         if src != dst:
             self.pool.move(src, dst)
