@@ -360,7 +360,8 @@ def test_a_cancelled_request_never_starts_and_an_active_one_leaves_at_the_next_s
 
 def test_ingest_gets_its_share_while_answers_decode():
     """Units (1 s each) and answer steps (1 s each) alternate by the device time each kind used: with a share of
-    0.25, one unit per three steps while both wait; the rest of the units run once the answers are done."""
+    0.25, about one unit per three steps while both wait (the older time weighs less, so the rhythm drifts a
+    little); the rest of the units run once the answers are done."""
     clock = Clock()
     batch = FakeBatch(max_rows=4, clock=clock)
     s = Scheduler(answers=batch, unit_share=0.25, clock=clock)
@@ -380,7 +381,7 @@ def test_ingest_gets_its_share_while_answers_decode():
             u.result(TIMEOUT)
     finally:
         s.shutdown(TIMEOUT)
-    assert "".join(o[0] for o in order) == "UAAAUAAAUAAAUUU"
+    assert "".join(o[0] for o in order) == "UAAAUAAAUAAUAUU"
 
 
 def test_users_take_turns_before_their_sessions_do(scheduler):
@@ -458,3 +459,27 @@ def test_a_failed_step_fails_the_answers_in_it_and_the_worker_survives():
         assert s.run("u", lambda: "units too") == "units too"
     finally:
         s.shutdown(TIMEOUT)
+
+
+def test_one_long_unit_keeps_units_out_for_a_while_not_for_three_times_its_length():
+    clock = Clock()
+    s = Scheduler(answers=FakeBatch(max_rows=4, clock=clock), unit_share=0.25, clock=clock)
+    order = []
+    try:
+        release = gated(s)
+
+        def unit(seconds):
+            order.append("U")
+            clock.now += seconds
+
+        units = [s.submit(("ingest", "doc"), unit, 30), s.submit(("ingest", "doc"), unit, 1)]
+        answer = s.submit_answers(("chat", "s"), [lambda: Row("a", 100)], lambda i, row: order.append("A"))
+        release()
+        for u in units:
+            u.result(TIMEOUT)
+        answer.future.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    steps_between = "".join(order).index("U", 1) - 1
+    # 90 steps if every second counted alike (3 x 30); with a 10 s memory: 10 * ln(1 + 90 / 10) = 23
+    assert 20 <= steps_between <= 25, "".join(order)
