@@ -143,3 +143,27 @@ def test_ragged_cache_equals_one_kv_cache_per_row(engine):
     got = model(torch.stack([p[-1:] for p in prompts]), cache=pool.view(0, 2, lengths))[:, 0]
     torch.testing.assert_close(got, torch.stack(expect), atol=1e-5, rtol=1e-5)
     assert isinstance(pool.view(0, 2, lengths), RaggedCache)
+
+
+def test_the_pool_grows_within_its_budget_as_rows_of_longer_answers_join(engine):
+    """Slots double as rows join, but never past max_rows; a longer row then leaves room for fewer slots, and the
+    rows held keep their keys/values (their answers are those they give alone)."""
+    model = engine.base.model
+    rows = [engine.generate(MSGS, stream=True, max_tokens=4) for _ in range(5)]
+    longer = engine.generate(MSGS, stream=True, max_tokens=14)
+    tb = AnswerPool(model.cfg, "cpu", torch.float32).token_bytes
+    short, long = len(rows[0].prompt) + 4, len(longer.prompt) + 14
+    budget = 6 * long * tb  # room for 7 short slots, then for only 6 long ones
+    assert 7 * short * tb <= budget < 7 * long * tb
+    batch = DecodeBatch(model, kv_budget=budget, max_rows=7)
+    for row in rows:
+        batch.join(row)
+    assert batch.pool.slots == 7 and batch.pool.capacity == short  # doubled 1, 2, 4, then capped at max_rows
+    batch.step()  # the five prefill and take their first token
+    assert batch.fits([longer])
+    batch.join(longer)
+    assert batch.pool.slots == 6 and batch.pool.capacity == long and batch.pool.num_bytes() <= budget
+    while len(batch):
+        batch.step()
+    alone = engine.generate(MSGS, max_tokens=4).text
+    assert [r.text for r in rows] == [alone] * 5 and longer.text == engine.generate(MSGS, max_tokens=14).text

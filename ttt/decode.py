@@ -34,8 +34,8 @@ class AnswerPool:
     """Keys and values of the rows being decoded: per layer one [slots, kv_heads, C, head_dim] tensor, grown
     as rows need (never past ``budget`` bytes) and freed when the last row leaves."""
 
-    def __init__(self, cfg: ModelConfig, device, dtype, budget: int | None = None):
-        self.cfg, self.device, self.dtype, self.budget = cfg, device, dtype, budget
+    def __init__(self, cfg: ModelConfig, device, dtype, budget: int | None = None, max_slots: int = 1 << 30):
+        self.cfg, self.device, self.dtype, self.budget, self.max_slots = cfg, device, dtype, budget, max_slots
         self.token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -61,13 +61,14 @@ class AnswerPool:
         capacity = max(tokens, self.capacity)
         if rows <= self.slots and capacity == self.capacity:
             return
-        slots = max(rows, min(2 * self.slots, self._most_slots(capacity)))
+        slots = max(rows, min(2 * self.slots, self._most_slots(capacity), self.max_slots))
         shape = (slots, self.cfg.num_kv_heads, capacity, self.cfg.head_dim)
         old_k, old_v = self.k, self.v
         self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
         self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
+        kept = min(slots, old_k[0].shape[0]) if old_k else 0  # a longer capacity may leave room for fewer slots
         for new, old in zip(self.k + self.v, old_k + old_v, strict=False):
-            new[: old.shape[0], :, : old.shape[2]] = old
+            new[:kept, :, : old.shape[2]] = old[:kept]
 
     def _most_slots(self, capacity: int) -> int:
         return self.budget // (capacity * self.token_bytes) if self.budget is not None else 1 << 30
@@ -143,7 +144,7 @@ class DecodeBatch:
                  prefill_chunk: int = 256):
         weight = model.embed_tokens.weight
         self.model, self.max_rows, self.prefill_chunk = model, max_rows, prefill_chunk
-        self.pool = AnswerPool(model.cfg, weight.device, weight.dtype, kv_budget)
+        self.pool = AnswerPool(model.cfg, weight.device, weight.dtype, kv_budget, max_rows)
         self.rows: list[TokenStream] = []  # slot order: [0, decoding) decode, the rest wait for their prefill
         self.decoding = 0
         self._adapters: dict[int, RowsLayer] | None = None  # of rows [0, decoding); rebuilt when they change
