@@ -12,8 +12,8 @@ Two kinds of work:
   between users; finished rows and those whose client has gone leave at once.
 
 Chat ahead of ingest: while answers are being decoded and units wait, units get the device only while
-their share of the device time (since both kinds last started to compete, the older the less) is under
-``unit_share``, so an
+their share of the device time (since both kinds last started to compete; what one long unit took beyond
+its share counts at most SHARE_DEBT_SECONDS) is under ``unit_share``, so an
 answer waits at most one unit between its tokens and ingest never starves; and batchable units then batch
 at most ``max_batch_answering`` sessions, so that the unit an answer waits for is one chunk, not eight.
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 log = logging.getLogger("ttt.server.scheduler")
-SHARE_MEMORY_SECONDS = 10.0  # the device time each kind used fades with this time constant
+SHARE_DEBT_SECONDS = 5.0  # units' device time past their share counts at most this much
 ANSWER_GRACE_SECONDS = 1.0  # answers count as active this long after their last step (the next question comes)
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]  # items -> one result per item, same order
 
@@ -117,9 +117,7 @@ class Scheduler:
         self.answers = answers  # the decode batch; None: answers are plain units
         self._requests: OrderedDict[Hashable, deque[AnswerRequest]] = OrderedDict()  # user -> requests waiting
         self._active: list[AnswerRequest] = []  # admitted: their rows are in the batch
-        # device seconds of each kind since both started to compete, fading with SHARE_MEMORY_SECONDS: one long
-        # unit keeps units out for a while, not for three times its length
-        self._spent = {"units": 0.0, "answers": 0.0}
+        self._spent = {"units": 0.0, "answers": 0.0}  # device seconds of each kind since both started to compete
         self.clock = clock
         self._answered = -ANSWER_GRACE_SECONDS  # when the last answer step ran
         self._waiting = 0
@@ -258,10 +256,12 @@ class Scheduler:
                     log.exception("decode step failed")
                     self._fail_answers(e)
             with self._cond:
-                now = self.clock()
-                fade = math.exp(-(now - started) / SHARE_MEMORY_SECONDS)
-                self._spent = {k: v * fade for k, v in self._spent.items()}
-                self._spent[kind] += now - started
+                spent = self._spent
+                spent[kind] += self.clock() - started
+                # units' time beyond their share, capped: one long unit keeps units out for a while, not for
+                # (1 - share) / share times its length
+                fair = spent["answers"] * self.unit_share / (1 - self.unit_share) if self.unit_share < 1 else math.inf
+                spent["units"] = min(spent["units"], fair + SHARE_DEBT_SECONDS)
 
     def _run_units(self, units: list[Unit]) -> None:
         units = [u for u in units if u.future.set_running_or_notify_cancel()]
