@@ -18,7 +18,13 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
     2>&1 | tee "$OUT/machine.txt"
 # bf16 / CUDA variants (skipped on CPU machines), then every kernel test with Triton compiled.
 python3 -m pytest -q -m gpu tests/test_kernels_cross_entropy.py tests/test_kernels_multi_lora.py tests/test_kernels_attention.py \
-    tests/test_store.py 2>&1 | tee "$OUT/pytest_gpu.log"
+    tests/test_store.py tests/test_decode.py 2>&1 | tee "$OUT/pytest_gpu.log"
 TTT_KERNELS=triton python3 -m pytest -q tests/test_kernels_cross_entropy.py tests/test_kernels_multi_lora.py \
     tests/test_kernels_attention.py tests/test_ingest_paths.py tests/test_batch.py 2>&1 | tee "$OUT/pytest_triton.log"
 python3 -m bench.kernels --device cuda --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+# Continuous batching on the GPU (needs the default model installed): 16 answers at once vs one alone, and as before.
+if python3 -c "from ttt.default_model import default_model_dir; default_model_dir()" 2>/dev/null; then
+    python3 -m bench.load --start --device cuda --answers 16 --max-tokens 64 2>&1 | tee "$OUT/answers_batched.log"
+    python3 -m bench.load --start --device cuda --answers 16 --max-tokens 64 --max-answer-rows 1 2>&1 \
+        | tee "$OUT/answers_one_at_a_time.log"
+fi

@@ -167,3 +167,25 @@ def test_the_pool_grows_within_its_budget_as_rows_of_longer_answers_join(engine)
         batch.step()
     alone = engine.generate(MSGS, max_tokens=4).text
     assert [r.text for r in rows] == [alone] * 5 and longer.text == engine.generate(MSGS, max_tokens=14).text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_answers_equal_answers_alone_on_cuda(tiny_model_dir):
+    """The same check on a GPU (fp32): LoRA rows through the compiled Triton multi-LoRA kernel, SDPA with a mask."""
+    from ttt.model import load_base_model
+
+    engine = ttt.Engine(load_base_model(tiny_model_dir, "cuda", torch.float32))
+    sessions = []
+    for i, (fast, memory) in enumerate(SESSIONS):
+        s = engine.create_session({"fast": {**fast, "seed": i}, "memory": memory,
+                                   "ingest": {"chunk_tokens": 16, "context_tokens": 24, "sink_tokens": 4, "lr": 3e-2}})
+        s.append_tokens(PATTERN)
+        s.end_document()
+        while s.train_next_chunk() is not None:
+            pass
+        sessions.append(s)
+    texts = ["".join(s) for s in streams(engine, sessions, max_tokens=12)]
+    rows = streams(engine, sessions, max_tokens=12)
+    run_batch(DecodeBatch(engine.base.model, prefill_chunk=7), rows, join_at=[0, 0, 2, 5, 9])
+    assert [r.text for r in rows] == texts
