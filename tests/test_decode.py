@@ -95,6 +95,19 @@ def test_deltas_of_a_batched_row_are_its_text(engine, sessions):
     assert "".join(pieces) == row.text == alone.text and row.finish_reason == alone.finish_reason
 
 
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_an_echoed_prompt_scored_in_small_prefill_pieces_equals_one_piece(engine, sessions, max_tokens):
+    prompt = "Once upon a time there was a"
+    alone = sessions[0].complete(prompt, echo=True, top_logprobs=2, max_tokens=max_tokens)
+    row = sessions[0].complete(prompt, echo=True, top_logprobs=2, max_tokens=max_tokens, stream=True)
+    run_batch(DecodeBatch(engine.base.model, prefill_chunk=3), [row], join_at=[0])
+    assert [lp.token for lp in row.echo_logprobs] == [lp.token for lp in alone.echo_logprobs]
+    assert len(row.echo_logprobs) == len(engine.text_ids(prompt))
+    for x, y in zip(alone.echo_logprobs, row.echo_logprobs, strict=True):
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-4) and [t for t, _ in x.top] == [t for t, _ in y.top]
+    assert row.text == alone.text and row.finish_reason == alone.finish_reason
+
+
 def test_a_dropped_row_leaves_at_once_and_the_others_go_on(engine, sessions):
     alone = [sessions[i].generate(MSGS, max_tokens=10).text for i in (0, 2)]
     rows = [sessions[i].generate(MSGS, stream=True, max_tokens=10) for i in range(3)]
