@@ -26,7 +26,6 @@ same kind join it; each of those sessions then goes to the back of the line as i
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -37,7 +36,7 @@ from typing import Any, Protocol
 
 log = logging.getLogger("ttt.server.scheduler")
 SHARE_DEBT_SECONDS = 5.0  # units' device time past their share counts at most this much
-ANSWER_GRACE_SECONDS = 1.0  # answers count as active this long after their last step (the next question comes)
+ANSWER_GRACE_SECONDS = 1.0  # each kind counts as present this long after it last ran (its next piece of work comes)
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]  # items -> one result per item, same order
 
 
@@ -105,8 +104,8 @@ class Scheduler:
                  clock: Callable[[], float] = time.perf_counter, max_batch_answering: int = 1):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        if not 0 < unit_share <= 1:
-            raise ValueError("unit_share must be in (0, 1]")
+        if not 0 < unit_share < 1:
+            raise ValueError("unit_share must be in (0, 1): 1 would keep answers out while any unit waits")
         self.max_queue, self.max_batch, self.unit_share = max_queue, max_batch, unit_share
         self.max_batch_answering = max_batch_answering  # max_batch while answers wait or decode
         self.max_queue_per_user = max_queue_per_user or max_queue  # one user cannot fill the whole queue
@@ -120,6 +119,7 @@ class Scheduler:
         self._spent = {"units": 0.0, "answers": 0.0}  # device seconds of each kind since both started to compete
         self.clock = clock
         self._answered = -ANSWER_GRACE_SECONDS  # when the last answer step ran
+        self._units_done = -ANSWER_GRACE_SECONDS  # when the last unit ended
         self._waiting = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -233,7 +233,10 @@ class Scheduler:
         """What the worker does next: "units", "answers" or None (wait). Call with the lock held."""
         answers, units = bool(self._active or self._requests), bool(self._users)
         if not (answers and units):
-            self._spent = {"units": 0.0, "answers": 0.0}  # no contention: the shares start afresh
+            # no contention: the shares start afresh, unless units were here a moment ago (a document feeder
+            # queues its next chunk only once the last one is done)
+            if not answers or self.clock() - self._units_done > ANSWER_GRACE_SECONDS:
+                self._spent = {"units": 0.0, "answers": 0.0}
             return "units" if units else "answers" if answers else None
         spent = self._spent
         return "units" if spent["units"] <= self.unit_share * (spent["units"] + spent["answers"]) else "answers"
@@ -258,9 +261,11 @@ class Scheduler:
             with self._cond:
                 spent = self._spent
                 spent[kind] += self.clock() - started
+                if kind == "units":
+                    self._units_done = self.clock()
                 # units' time beyond their share, capped: one long unit keeps units out for a while, not for
                 # (1 - share) / share times its length
-                fair = spent["answers"] * self.unit_share / (1 - self.unit_share) if self.unit_share < 1 else math.inf
+                fair = spent["answers"] * self.unit_share / (1 - self.unit_share)
                 spent["units"] = min(spent["units"], fair + SHARE_DEBT_SECONDS)
 
     def _run_units(self, units: list[Unit]) -> None:
@@ -326,6 +331,7 @@ class Scheduler:
         """Requests join in turn between users while the batch has room. A request's rows are made once, when
         it first reaches the front (each then sees one version of its session); one that does not fit yet
         waits there, with every request behind it, so that a large request is not overtaken forever."""
+        self._forget_cancelled()
         while True:
             with self._cond:
                 if not self._requests:
@@ -350,9 +356,20 @@ class Scheduler:
                 return
             self._unqueue(user)
             if request.future.set_running_or_notify_cancel():
+                self._active.append(request)  # first: a join that fails fails it with the batch, never strands it
                 for row in request.rows:
                     self.answers.join(row)
-                self._active.append(request)
+
+    def _forget_cancelled(self) -> None:
+        """Requests whose clients left while they waited stop counting against their users' limits."""
+        with self._cond:
+            for user in list(self._requests):
+                line = self._requests[user]
+                for request in [r for r in line if r.future.cancelled()]:
+                    line.remove(request)
+                    self._count(request.key, -1)
+                if not line:
+                    del self._requests[user]
 
     def _unqueue(self, user: Hashable) -> None:
         """Remove ``user``'s front request; the user goes to the back of the line."""

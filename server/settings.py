@@ -70,7 +70,7 @@ class Settings(BaseSettings):
                                       "(a long prompt delays the other answers by one piece at a time)")
     max_batch_sessions_answering: int = Field(1, ge=1, description="max_batch_sessions while answers wait or "
                                               "decode: an answer waits for at most this many sessions' chunks")
-    ingest_share: float = Field(0.25, gt=0, le=1, description="share of the device time that ingest and other units "
+    ingest_share: float = Field(0.25, gt=0, lt=1, description="share of the device time that ingest and other units "
                                 "get while answers are being decoded (answers come first; ingest never starves)")
 
     # Residency: the least recently used sessions move device -> host memory -> disk (saved first) over these

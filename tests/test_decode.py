@@ -202,3 +202,21 @@ def test_batched_answers_equal_answers_alone_on_cuda(tiny_model_dir):
     rows = streams(engine, sessions, max_tokens=12)
     run_batch(DecodeBatch(engine.base.model, prefill_chunk=7), rows, join_at=[0, 0, 2, 5, 9])
     assert [r.text for r in rows] == texts
+
+
+def test_a_tiny_temperature_is_greedy_not_a_crash(engine):
+    from ttt.generate import SamplingParams, sample_next
+
+    logits = torch.randn(engine.base.cfg.vocab_size, generator=torch.Generator().manual_seed(0))
+    assert sample_next(logits, SamplingParams(temperature=1e-40), torch.Generator().manual_seed(1)) == int(logits.argmax())
+
+
+def test_whether_rows_could_ever_fit_does_not_depend_on_the_rows_held(engine):
+    model = engine.base.model
+    short = [engine.generate(MSGS, stream=True, max_tokens=2) for _ in range(3)]
+    long = engine.generate(MSGS, stream=True, max_tokens=60)
+    tb = AnswerPool(model.cfg, "cpu", torch.float32).token_bytes
+    batch = DecodeBatch(model, kv_budget=3 * (len(short[0].prompt) + 2) * tb)
+    assert batch.fits([long])
+    batch.join(long)
+    assert not batch.fits(short) and batch.fits_alone(short)  # it waits for the long row, never a 400

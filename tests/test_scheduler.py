@@ -7,6 +7,7 @@ test has queued what it needs, then lets go.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -481,3 +482,70 @@ def test_one_long_unit_keeps_units_out_for_a_while_not_for_three_times_its_lengt
         s.shutdown(TIMEOUT)
     # 90 steps if all 30 s counted (3 x 30); counted at most 5 s past the share: 3 x 5
     assert "".join(order).index("U", 1) - 1 == 15, "".join(order)
+
+
+def test_a_feeder_that_queues_its_next_chunk_after_the_last_one_still_gets_only_its_share():
+    """A document feeder submits chunk i + 1 only once chunk i is done, so at that moment no unit waits; the
+    shares must not start afresh then (or every chunk would run at once: a half or more of the device)."""
+    clock = Clock()
+    s = Scheduler(answers=FakeBatch(max_rows=4, clock=clock), unit_share=0.25, clock=clock)
+    order, queued = [], []
+
+    def chunk():
+        order.append("U")
+        clock.tick()
+        queued.clear()
+
+    def feed(i, row):  # the feeder's next chunk arrives while the worker is already on an answer step
+        order.append("A")
+        if not queued and order.count("U") < 4:
+            queued.append(s.submit(("ingest", "doc"), chunk))
+
+    try:
+        release = gated(s)
+        first = s.submit(("ingest", "doc"), chunk)
+        answer = s.submit_answers(("chat", "s"), [lambda: Row("a", 14)], feed)
+        release()
+        first.result(TIMEOUT)
+        answer.future.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    assert "".join(order).startswith("UAAAUAAAUAAAU"), "".join(order)
+
+
+def test_cancelled_requests_stop_counting_while_a_large_one_waits_in_front():
+    s = Scheduler(max_queue_per_user=3, answers=FakeBatch(max_rows=2))
+    try:
+        release = gated(s)
+        long = s.submit_answers(("alice", "s"), [lambda: Row("a", 10**9)] * 2, lambda i, row: None)  # fills the batch
+        big = s.submit_answers(("bob", "s"), [lambda: Row("b", 1)] * 2, lambda i, row: None)  # waits in front
+        gone = [s.submit_answers(("carol", "s"), [lambda: Row("c", 1)], lambda i, row: None) for _ in range(3)]
+        for g in gone:
+            g.cancel()
+        release()
+        deadline = time.monotonic() + TIMEOUT
+        while s.depth > 1 and time.monotonic() < deadline:  # bob's request alone still waits
+            time.sleep(0.01)
+        assert s.depth == 1
+        carol = s.submit_answers(("carol", "s"), [lambda: Row("c", 1)], lambda i, row: None)  # not a 429
+        long.cancel()
+        assert big.future.result(TIMEOUT) and carol.future.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+
+
+def test_a_join_that_fails_fails_its_request_instead_of_stranding_it():
+    batch = FakeBatch(max_rows=4)
+
+    def broken_join(row):
+        raise RuntimeError("out of memory")
+
+    batch.join = broken_join
+    s = Scheduler(answers=batch)
+    try:
+        request = s.submit_answers(("u", "s"), [lambda: Row("a", 3)], lambda i, row: None)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            request.future.result(TIMEOUT)
+        assert s.depth == 0 and s.decoding == 0
+    finally:
+        s.shutdown(TIMEOUT)

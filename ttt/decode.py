@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 class AnswerPool:
     """Keys and values of the rows being decoded: per layer one [slots, kv_heads, C, head_dim] tensor, grown
-    as rows need (never past ``budget`` bytes) and freed when the last row leaves."""
+    as rows need (held within ``budget`` bytes; while it grows, the old and the new tensors briefly coexist)
+    and freed when the last row leaves. C only grows while rows are held: one long answer lowers how many rows
+    fit until the batch empties."""
 
     def __init__(self, cfg: ModelConfig, device, dtype, budget: int | None = None, max_slots: int = 1 << 30):
         self.cfg, self.device, self.dtype, self.budget, self.max_slots = cfg, device, dtype, budget, max_slots
@@ -42,18 +44,23 @@ class AnswerPool:
 
     @property
     def slots(self) -> int:
-        return self.k[0].shape[0] if self.k else 0
+        k = self.k  # one read: /metrics calls this from another thread
+        return k[0].shape[0] if k else 0
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[2] if self.k else 0
+        k = self.k
+        return k[0].shape[2] if k else 0
 
     def num_bytes(self) -> int:
-        return self.slots * self.capacity * self.token_bytes
+        k = self.k
+        return k[0].shape[0] * k[0].shape[2] * self.token_bytes if k else 0
 
-    def fits(self, rows: int, tokens: int) -> bool:
-        """Whether ``rows`` rows of up to ``tokens`` tokens each (and the longest row now) fit the budget."""
-        return self.budget is None or rows * max(tokens, self.capacity) * self.token_bytes <= self.budget
+    def fits(self, rows: int, tokens: int, alone: bool = False) -> bool:
+        """Whether ``rows`` rows of up to ``tokens`` tokens each fit the budget, next to the longest row held now
+        (``alone``: in an empty pool)."""
+        longest = tokens if alone else max(tokens, self.capacity)
+        return self.budget is None or rows * longest * self.token_bytes <= self.budget
 
     def reserve(self, rows: int, tokens: int) -> None:
         """Make room for ``rows`` rows of ``tokens`` tokens, keeping the rows held (slots may double, within
@@ -164,7 +171,7 @@ class DecodeBatch:
 
     def fits_alone(self, rows: list[TokenStream]) -> bool:
         """Whether ``rows`` could ever join (in an empty batch)."""
-        return len(rows) <= self.max_rows and self.pool.fits(len(rows), max(self.needs(r) for r in rows))
+        return len(rows) <= self.max_rows and self.pool.fits(len(rows), max(self.needs(r) for r in rows), alone=True)
 
     def join(self, row: TokenStream) -> None:
         slot = len(self.rows)

@@ -138,8 +138,8 @@ def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    """One token id from logits [V] (fp32)."""
-    if p.temperature == 0:
+    """One token id from logits [V] (fp32). Temperatures below 1e-5 are greedy: dividing by them overflows."""
+    if p.temperature < 1e-5:
         return int(logits.argmax())
     probs = torch.softmax(logits / p.temperature, dim=-1)
     if p.top_p < 1.0:
