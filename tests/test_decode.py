@@ -132,6 +132,7 @@ def test_the_pool_refuses_what_its_budget_cannot_hold(engine, sessions):
     assert batch.fits(rows[:2]) and not batch.fits(rows) and batch.fits_alone(rows[:2])
     batch.join(rows[0])
     batch.join(rows[1])
+    batch.step()
     assert not batch.fits(rows[2:]) and batch.pool.num_bytes() <= 2 * need
     while len(batch):
         batch.step()
@@ -171,10 +172,11 @@ def test_the_pool_grows_within_its_budget_as_rows_of_longer_answers_join(engine)
     batch = DecodeBatch(model, kv_budget=budget, max_rows=7)
     for row in rows:
         batch.join(row)
-    assert batch.pool.slots == 7 and batch.pool.capacity == short  # doubled 1, 2, 4, then capped at max_rows
     batch.step()  # the five prefill and take their first token
+    assert batch.pool.slots == 7 and batch.pool.capacity == short  # doubled 1, 2, 4, then capped at max_rows
     assert batch.fits([longer])
     batch.join(longer)
+    batch.step()  # its prefill takes a slot
     assert batch.pool.slots == 6 and batch.pool.capacity == long and batch.pool.num_bytes() <= budget
     while len(batch):
         batch.step()
@@ -219,4 +221,30 @@ def test_whether_rows_could_ever_fit_does_not_depend_on_the_rows_held(engine):
     batch = DecodeBatch(model, kv_budget=3 * (len(short[0].prompt) + 2) * tb)
     assert batch.fits([long])
     batch.join(long)
+    batch.step()
     assert not batch.fits(short) and batch.fits_alone(short)  # it waits for the long row, never a 400
+
+
+def test_rows_start_their_prefill_in_the_order_they_joined(engine, sessions):
+    """A row that leaves never lets the newest row jump the line: the rows that joined earlier prefill first."""
+    first = [sessions[i].generate(MSGS, stream=True, max_tokens=40) for i in (0, 1)]
+    batch = DecodeBatch(engine.base.model, prefill_chunk=8)
+    for row in first:
+        batch.join(row)
+    for _ in range(100):
+        if batch.decoding == 2:
+            break
+        batch.step()
+    assert batch.decoding == 2
+    late = [sessions[i].generate(MSGS, stream=True, max_tokens=2) for i in (2, 3, 0)]
+    for row in late:
+        batch.join(row)
+    batch.step()  # the first late row starts its prefill (8 tokens a step)
+    batch.drop(first[0])  # its client has gone
+    started = []
+    for _ in range(200):
+        if not len(batch):
+            break
+        batch.step()
+        started += [r for r in late if (r in batch.rows[: batch.decoding] or r.finish_reason) and r not in started]
+    assert started == late and not len(batch)

@@ -12,11 +12,12 @@ prompt delays the others by at most one piece per step) and then runs one forwar
 its LoRA projections go through ``kernels.multi_lora`` with each row's own A and B, and its attention
 through ``model.RaggedCache``, which masks each row to its own keys. Rows join at any step and leave as
 soon as they finish or are dropped. Slots stay compact: rows [0, decoding) decode, at most one row after
-them is part way through its prefill.
+them is part way through its prefill; rows that joined wait in line, without a slot, until theirs starts.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING
 
 import torch
@@ -152,12 +153,13 @@ class DecodeBatch:
         weight = model.embed_tokens.weight
         self.model, self.max_rows, self.prefill_chunk = model, max_rows, prefill_chunk
         self.pool = AnswerPool(model.cfg, weight.device, weight.dtype, kv_budget, max_rows)
-        self.rows: list[TokenStream] = []  # slot order: [0, decoding) decode, the rest wait for their prefill
+        self.rows: list[TokenStream] = []  # slot order: [0, decoding) decode, then at most one row prefilling
+        self.waiting: deque[TokenStream] = deque()  # joined, no slot yet: their prefill starts in this order
         self.decoding = 0
         self._adapters: dict[int, RowsLayer] | None = None  # of rows [0, decoding); rebuilt when they change
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.waiting)
 
     def needs(self, row: TokenStream) -> int:
         """Tokens of keys/values the row can reach: its prompt and every token it may sample."""
@@ -165,8 +167,8 @@ class DecodeBatch:
 
     def fits(self, rows: list[TokenStream]) -> bool:
         """Whether ``rows`` can join now (row count and key/value budget)."""
-        count = len(self.rows) + len(rows)
-        tokens = max(self.needs(r) for r in rows)
+        count = len(self) + len(rows)
+        tokens = max(self.needs(r) for r in [*rows, *self.waiting])  # the waiting rows hold no slot yet
         return count <= self.max_rows and self.pool.fits(count, tokens)
 
     def fits_alone(self, rows: list[TokenStream]) -> bool:
@@ -174,6 +176,11 @@ class DecodeBatch:
         return len(rows) <= self.max_rows and self.pool.fits(len(rows), max(self.needs(r) for r in rows), alone=True)
 
     def join(self, row: TokenStream) -> None:
+        """``row`` waits in line; its prefill starts when the rows before it have finished theirs."""
+        self.waiting.append(row)
+
+    def _start(self, row: TokenStream) -> None:
+        """Give ``row`` the next slot (with its window's keys/values, when it has them)."""
         slot = len(self.rows)
         self.pool.reserve(slot + 1, self.needs(row))
         self.rows.append(row)
@@ -184,22 +191,23 @@ class DecodeBatch:
 
     def drop(self, row: TokenStream) -> None:
         """Take ``row`` out of the batch (finished, or its client has gone)."""
-        slot = self.rows.index(row)
-        last = len(self.rows) - 1
-        if slot < self.decoding:  # the last decoding row fills the hole, the prefilling one (if any) moves up
-            self._adapters = None
-            self.decoding -= 1
-            self._move(self.decoding, slot)
-            self._move(last, self.decoding)
+        if row in self.waiting:
+            self.waiting.remove(row)
         else:
-            self._move(last, slot)
-        self.rows.pop()
-        if not self.rows:
+            slot, last = self.rows.index(row), len(self.rows) - 1
+            if slot < self.decoding:  # the last decoding row fills the hole, the prefilling one (if any) moves up
+                self._adapters = None
+                self.decoding -= 1
+                self._move(self.decoding, slot)
+                self._move(last, self.decoding)
+            self.rows.pop()
+        if not len(self):
             self.pool.release()
 
     def clear(self) -> None:
         """Every row leaves at once (after a failed step: their state is not trusted)."""
         self.rows, self.decoding, self._adapters = [], 0, None
+        self.waiting.clear()
         self.pool.release()
 
     def _move(self, src: int, dst: int) -> None:
@@ -225,7 +233,9 @@ class DecodeBatch:
 
     def _prefill(self) -> list[TokenStream]:
         changed, budget = [], self.prefill_chunk
-        while budget > 0 and self.decoding < len(self.rows):
+        while budget > 0 and (self.decoding < len(self.rows) or self.waiting):
+            if self.decoding == len(self.rows):
+                self._start(self.waiting.popleft())
             slot, row = self.decoding, self.rows[self.decoding]
             piece = row.prompt[row.filled : row.filled + budget]
             cache = self.pool.view(slot, slot + 1, [row.filled])
