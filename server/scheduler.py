@@ -132,6 +132,12 @@ class Scheduler:
         return self._waiting
 
     @property
+    def answers_waiting(self) -> int:
+        """Answer requests waiting to join the decode batch."""
+        with self._cond:
+            return sum(len(line) for line in self._requests.values())
+
+    @property
     def decoding(self) -> int:
         """Answer requests admitted to the decode batch."""
         return len(self._active)

@@ -634,7 +634,7 @@ def test_concurrent_chats_of_different_sessions_decode_together_as_they_would_al
     for t in threads:
         t.start()
     deadline = time.monotonic() + TIMEOUT
-    while scheduler.depth < len(models) and time.monotonic() < deadline:  # every request queued
+    while scheduler.answers_waiting < len(models) and time.monotonic() < deadline:  # every request queued
         time.sleep(0.01)
     release.set()
     gate.result(TIMEOUT)
