@@ -7,10 +7,11 @@ several sessions that reach the device together train in one batched step (``ttt
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 from server.errors import QuotaExceeded
 from server.registry import SessionRegistry
@@ -43,6 +44,22 @@ def stream_settings(config: SessionConfig, requested: dict) -> dict:
     step = {k: v for k, v in requested.get("ingest", {}).items() if k in PER_CHUNK}
     dataclasses.replace(config.ingest, **step)  # validates them now, not at the first chunk
     return step
+
+
+def chunk_progress(report: ChunkReport, session: Session) -> dict:
+    """What both doors say of one trained chunk (gRPC's ChunkProgress; NaN and None where nothing was measured)."""
+    return {
+        "index": report.index,
+        "tokens": report.tokens,
+        "loss_before": report.loss_before,
+        "loss_after": report.loss_after,
+        "seconds": report.seconds,
+        "tokens_per_second": report.tokens / report.seconds if report.seconds > 0 else 0.0,
+        "tokens_ingested": session.stats.tokens_ingested,
+        "pending_tokens": len(session.pending),
+        "rolled_back": report.rolled_back,
+        "error": report.error,
+    }
 
 
 def train_batch(items: Sequence[tuple[Session, dict]]) -> list[ChunkReport | None]:
@@ -135,3 +152,25 @@ class DocumentFeed:
             "mean_loss_before": self.loss_sum / self.trained if self.trained else math.nan,
             "seconds": time.perf_counter() - self.started,
         }
+
+    async def events(self, body: AsyncIterator[bytes], end_of_document: bool,
+                     gone: Callable[[], bool]) -> AsyncIterator[dict]:
+        """The HTTP upload: read ``body`` piece by piece and train what each piece completes, off the event loop;
+        one ``document.chunk`` event per trained chunk (with how much of the body was read), then the summary.
+        ``gone()`` is asked before each chunk: a client gone leaves the rest pending and the document not ended."""
+        read = 0
+
+        async def trained(reports: Iterator[ChunkReport]) -> AsyncIterator[dict]:
+            while not gone() and (report := await asyncio.to_thread(next, reports, None)) is not None:
+                yield {"object": "document.chunk", **chunk_progress(report, self.session),
+                       "tokens_received": self.received, "bytes_read": read}
+
+        async for piece in body:
+            if piece:
+                read += len(piece)
+                async for event in trained(self.add(piece)):
+                    yield event
+        if end_of_document:
+            async for event in trained(self.end()):
+                yield event
+        yield {"object": "document.summary", **self.summary(), "bytes_read": read}

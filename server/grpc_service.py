@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import grpc
 
 from server.auth import AuthError
-from server.documents import DocumentFeed, stream_settings
+from server.documents import DocumentFeed, chunk_progress, stream_settings
 from server.errors import AlreadyExists, NotFound, QuotaExceeded
 from server.proto.ttt.v1 import ttt_pb2 as pb
 from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
@@ -107,18 +107,9 @@ def settings_dict(msg: pb.SessionSettings) -> dict:
 
 
 def progress_message(report: ChunkReport, session) -> pb.ChunkProgress:
-    return pb.ChunkProgress(
-        index=report.index,
-        tokens=report.tokens,
-        loss_before=report.loss_before,
-        loss_after=report.loss_after if report.loss_after is not None else math.nan,
-        seconds=report.seconds,
-        tokens_per_second=report.tokens / report.seconds if report.seconds > 0 else 0.0,
-        tokens_ingested=session.stats.tokens_ingested,
-        pending_tokens=len(session.pending),
-        rolled_back=report.rolled_back,
-        error=report.error or "",
-    )
+    progress = chunk_progress(report, session)
+    return pb.ChunkProgress(**{**progress, "loss_after": math.nan if report.loss_after is None else report.loss_after,
+                               "error": report.error or ""})
 
 
 def info_message(info: dict) -> pb.SessionInfo:

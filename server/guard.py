@@ -3,8 +3,8 @@
 1. Open mode (no keys, loopback only): the request must come from this machine's own programs. A web page the
    local user opens can POST to ``127.0.0.1`` (CSRF) and a DNS name can be rebound to it; browsers then send a
    foreign ``Origin`` or ``Host``, which are refused (403).
-2. The bearer key (401), for every route but the probes (and ``/metrics`` and the API pages unless
-   ``private_pages``). The caller's user goes into ``request.state.user`` for the routes.
+2. The bearer key (401), for every route but the probes, the console's static files (the page asks for a key
+   itself) and ``/metrics`` and the API pages unless ``private_pages``. The caller's user goes into ``request.state.user`` for the routes.
 3. The body size (413): ``Content-Length`` over ``max_body`` is refused at once; a body sent without one is
    read in here up to ``max_body`` (and refused past it), then handed to the route. Document uploads are exempt: they are read piece by piece
    and bounded by the per-document token limit instead.
@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from starlette.datastructures import Headers
 
 from server.auth import AuthError, KeyRing
+from server.console import is_console_path
 from server.errors import Forbidden, TooLarge
 
 PROBES = frozenset({"/healthz", "/readyz"})
@@ -74,7 +75,8 @@ class Guard:
         try:
             if self.keyring.open:
                 check_local(headers)
-            if path not in PROBES and (path not in PAGES or self.private_pages):
+            public = path in PROBES or is_console_path(path) or (path in PAGES and not self.private_pages)
+            if not public:
                 scope.setdefault("state", {})["user"] = self.keyring.user_for(headers.get("authorization"))
             if not path.endswith("/documents"):
                 length = headers.get("content-length")

@@ -6,11 +6,13 @@ Model work goes through the scheduler like gRPC's; errors use OpenAI's JSON erro
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import math
 import time
 import uuid
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -24,15 +26,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from server.auth import AuthError
+from server.console import mount_console
 from server.documents import DocumentFeed
 from server.errors import AlreadyExists, Forbidden, NotFound, QuotaExceeded, TooLarge
 from server.guard import Guard
 from server.openai_protocol import ChatRequest, CompletionRequest, TokenText, UnsupportedParameter
+from server.registry import merge
 from server.scheduler import QueueFull, ShuttingDown
-from ttt.config import PRESETS, SCHEMA, SECTIONS
+from ttt.config import PRESETS, SCHEMA, SECTIONS, SessionConfig, describe
 from ttt.engine import check_session_id
 from ttt.generate import SamplingParams, TokenStream
-from ttt.store import BaseModelMismatch, SessionFormatError
+from ttt.store import BaseModelMismatch, SessionFormatError, peft_files
 
 log = logging.getLogger("ttt.server.http")
 
@@ -128,6 +132,84 @@ class SessionCreate(BaseModel):
     adapter: PeftAdapter | None = Field(None, description="start from this LoRA adapter (then only ingest settings)")
 
 
+# ---- response bodies ------------------------------------------------------------------------------
+
+
+class ChunkProgress(BaseModel):
+    """One trained chunk (gRPC's ChunkProgress)."""
+
+    index: int = Field(description="chunk number within the session")
+    tokens: int
+    loss_before: float | None = Field(description="mean NLL of the chunk before its update (honest)")
+    loss_after: float | None = Field(description="after the update (null when not measured)")
+    seconds: float
+    tokens_per_second: float
+    tokens_ingested: int = Field(description="the session's total so far")
+    pending_tokens: int
+    rolled_back: bool = Field(description="the update was not applied (non-finite)")
+    error: str | None
+
+
+class DocumentSummary(BaseModel):
+    """An upload, ingested (gRPC's IngestSummary, with every chunk's progress)."""
+
+    session_id: str
+    tokens_received: int = Field(description="tokens this upload added")
+    chunks_trained: int
+    tokens_ingested: int = Field(description="the session's total")
+    pending_tokens: int
+    mean_loss_before: float | None
+    seconds: float
+    bytes_read: int = Field(description="bytes of the body read")
+    chunks: list[ChunkProgress]
+
+
+# With ``Accept: text/event-stream`` the upload answers server-sent events instead, each a JSON object:
+DOCUMENT_STREAM = {200: {"content": {"text/event-stream": {"schema": {
+    "type": "string",
+    "description": '`data: {...}` events: one {"object": "document.started", "session_id", "tokens_ingested", '
+                   '"pending_tokens", "document_bytes"} once the upload is accepted; one {"object": "document.chunk", '
+                   '...ChunkProgress, "tokens_received", "bytes_read"} per chunk as it trains; one {"object": '
+                   '"document.summary", ...} at the end; then `data: [DONE]`. A failure after the 200 is one '
+                   '{"error": {...}} event.'}}}}}
+
+
+class SettingField(BaseModel):
+    section: str
+    name: str
+    type: str = Field(description='JSON Schema type name(s): "integer", "number", "string", "boolean", "array"; '
+                      '"number|null" when it may be null')
+    default: object = Field(description="what a new session gets under the server's default preset")
+    doc: str
+    minimum: float | None
+    maximum: float | None
+    max_length: int | None
+    per_chunk: bool = Field(description="an ingest stream may change it for its own chunks")
+
+
+class SettingsSchema(BaseModel):
+    memory: str = Field(description="the server's default preset")
+    presets: dict[str, dict] = Field(description="each preset's settings over the dataclass defaults")
+    defaults: dict[str, dict] = Field(description="the full settings a new session gets under each preset")
+    fields: list[SettingField]
+
+
+def settings_document(server_defaults: dict) -> dict:
+    """``SettingsSchema`` under the server's session defaults: what a form that creates sessions shows."""
+    configs = {p: SessionConfig.from_dict(merge(server_defaults, {"memory": p})).to_dict() for p in PRESETS}
+    memory = SessionConfig.from_dict(server_defaults).memory
+    return {"memory": memory, "presets": PRESETS, "defaults": configs,
+            "fields": [describe(s, configs[memory][s.section][s.name]) for s in SCHEMA]}
+
+
+def zip_folder(files: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return out.getvalue()
+
+
 # ---- the app -------------------------------------------------------------------------------------
 
 
@@ -190,6 +272,18 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+def failure_event(request: Request, e: Exception) -> dict:
+    """A failure after a stream's 200: said in the stream, logged and counted under its real status."""
+    status, kind = status_of(e)
+    log.log(logging.ERROR if status == 500 else logging.WARNING, "stream failed after its 200", exc_info=e)
+    request.state.status_after_start = status
+    return {"error": {"message": str(e) if status != 500 else "internal error", "type": kind, "code": status}}
+
+
+def wants_events(request: Request) -> bool:
+    return "text/event-stream" in request.headers.get("accept", "")
+
+
 def usage(streams: list[TokenStream]) -> dict:
     prompt, completion = sum(s.prompt_tokens for s in streams), sum(s.completion_tokens for s in streams)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -197,6 +291,48 @@ def usage(streams: list[TokenStream]) -> dict:
 
 def include_usage(body) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
+
+
+class UploadBody:
+    """A request body read by a task of its own while the response streams: its pieces (a few held at a time),
+    then ``gone`` once the client leaves. (Starlette's streaming response would read the body itself to watch for
+    the client leaving; one reader owns ``receive`` here instead.)"""
+
+    def __init__(self, request: Request):
+        self.gone = False
+        self._pieces: asyncio.Queue = asyncio.Queue(maxsize=4)
+        self._reader = asyncio.create_task(self._read(request.receive))
+
+    async def _read(self, receive) -> None:
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                await self._pieces.put(ClientDisconnect())
+                return
+            more = message.get("more_body", False)
+            await self._pieces.put(message.get("body", b""))
+        await self._pieces.put(None)
+        while (await receive())["type"] != "http.disconnect":  # also what the server says once the response ends
+            pass
+        self.gone = True
+
+    async def __aiter__(self):
+        while (piece := await self._pieces.get()) is not None:
+            if isinstance(piece, ClientDisconnect):
+                raise piece
+            yield piece
+
+    def close(self) -> None:
+        self._reader.cancel()
+
+
+class UploadEvents(StreamingResponse):
+    """Server-sent events that go out while the request body is still being read (by ``UploadBody``)."""
+
+    async def __call__(self, scope, receive, send):
+        await self.stream_response(send)
 
 
 def create_app(state) -> FastAPI:
@@ -341,13 +477,8 @@ def create_app(state) -> FastAPI:
                             yield sse(payload)
                     try:
                         streams = self.future.result()
-                    except Exception as e:  # a failure after the 200: say so in the stream, the log and the metrics
-                        status, kind = status_of(e)
-                        log.log(logging.ERROR if status == 500 else logging.WARNING,
-                                "streamed answer failed after its 200", exc_info=e)
-                        self.request.state.status_after_start = status
-                        message = str(e) if status != 500 else "internal error"
-                        yield sse({"error": {"message": message, "type": kind, "code": status}})
+                    except Exception as e:
+                        yield sse(failure_event(self.request, e))
                         return
                     if usage_chunk is not None:
                         yield sse({**usage_chunk, "usage": usage(streams)})
@@ -369,9 +500,9 @@ def create_app(state) -> FastAPI:
 
     @app.get("/readyz")
     def readyz():
-        """The model is loaded and the server accepts work (503 otherwise)."""
+        """The model is loaded and the server accepts work (503 otherwise); ``api_keys``: requests need a key."""
         ready()
-        return {"status": "ready", "model": state.engine.base.name}
+        return {"status": "ready", "model": state.engine.base.name, "api_keys": not state.keyring.open}
 
     @app.get("/metrics")
     def metrics():
@@ -536,32 +667,75 @@ def create_app(state) -> FastAPI:
         await on_device((user, sid), state.registry.reset, user, sid)
         return info(user, sid)
 
-    @app.post("/v1/sessions/{session_id}/documents")
-    async def add_document(session_id: str, request: Request, end_of_document: bool = True):
-        """A ``text/plain`` body, read as a stream and chunked as over gRPC; answers when it is ingested."""
-        user, sid = caller(request, session_id)
-        reports = []
-
-        def take(pieces):
-            reports.extend(pieces)
-
+    async def document_events(request: Request, user: str, sid: str, end_of_document: bool):
+        """``document.started`` (once the stream slot and the session are held: refusals come before it), a
+        ``document.chunk`` per trained chunk, then ``document.summary``."""
         with state.streams.hold(user), state.registry.pinned(user, sid):
             session = await on_device((user, sid), state.registry.get, user, sid)
             s = state.settings
             feed = DocumentFeed(session, user, state.scheduler, state.registry, max_tokens=s.max_document_tokens,
                                 max_pieces=s.max_pieces_per_stream, autosave_every=s.autosave_every_chunks,
                                 on_chunk=state.metrics.chunk)
-            async for piece in request.stream():
-                if piece:  # tokenizing and training happen off the event loop
-                    await asyncio.to_thread(take, feed.add(piece))
-            if end_of_document:
-                await asyncio.to_thread(take, feed.end())
-        summary = feed.summary()
-        summary["chunks"] = [
-            {"index": r.index, "tokens": r.tokens, "loss_before": r.loss_before, "loss_after": r.loss_after,
-             "seconds": r.seconds, "rolled_back": r.rolled_back, "error": r.error}
-            for r in reports
-        ]
-        return finite(summary)
+            yield {"object": "document.started", "session_id": sid, "tokens_ingested": session.stats.tokens_ingested,
+                   "pending_tokens": len(session.pending), "document_bytes": session.text_stream.bytes_received}
+            body = UploadBody(request)
+            try:
+                async for event in feed.events(body, end_of_document, gone=lambda: body.gone):
+                    yield finite(event)
+            finally:
+                body.close()
+
+    @app.post("/v1/sessions/{session_id}/documents", response_model=DocumentSummary, responses=DOCUMENT_STREAM)
+    async def add_document(session_id: str, request: Request, end_of_document: bool = True):
+        """A ``text/plain`` body, read as a stream and chunked as over gRPC. Answers when it is ingested, with
+        every chunk's progress; with ``Accept: text/event-stream``, one event per chunk as it trains."""
+        user, sid = caller(request, session_id)
+        events = document_events(request, user, sid, end_of_document)
+        started = await anext(events)  # an unknown session, a stream too many: refused before the 200
+        if wants_events(request):
+            async def stream():
+                try:
+                    yield sse(started)
+                    async for event in events:
+                        yield sse(event)
+                except ClientDisconnect:  # mid-upload: nobody reads the stream any more
+                    request.state.status_after_start = 499
+                    raise
+                except Exception as e:
+                    yield sse(failure_event(request, e))
+                    return
+                finally:
+                    await events.aclose()  # a client that left: no further chunk is pulled
+                yield "data: [DONE]\n\n"
+
+            return UploadEvents(stream(), media_type="text/event-stream")
+        chunks, summary = [], {}
+        async for event in events:  # to its end: the stream slot and the pin are released there
+            kind = event.pop("object")
+            if kind == "document.chunk":
+                chunks.append(event)
+            else:
+                summary = event
+        return {**summary, "chunks": chunks}
+
+    @app.get("/v1/sessions/{session_id}/adapter", response_class=Response,
+             responses={200: {"content": {"application/zip": {}}, "description": "a peft LoRA adapter folder"}})
+    async def download_adapter(session_id: str, request: Request):
+        """The session's fast weights as a zip of a peft adapter folder (``PeftModel.from_pretrained`` loads it
+        unzipped; ``POST /v1/sessions`` with ``adapter`` imports it). LoRA sessions only."""
+        user, sid = caller(request, session_id)
+        files = await on_device((user, sid), lambda: peft_files(state.registry.get(user, sid)))
+        return Response(zip_folder(files), media_type="application/zip",
+                        headers={"content-disposition": f'attachment; filename="{sid}-adapter.zip"'})
+
+    @app.get("/v1/settings", response_model=SettingsSchema)
+    def settings_schema(request: Request):
+        """Every session setting (type, default, documentation, bounds) and the memory presets: what a form
+        that creates sessions is built from."""
+        ready()
+        user_of(request)
+        return settings_document(state.registry.defaults)
+
+    mount_console(app)
 
     return app

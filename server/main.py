@@ -105,6 +105,14 @@ class Server:
         mode += ", TLS" if s.tls_cert is not None else ", no TLS"
         log.info("serving %s on %s: gRPC %d, HTTP %d; %s; data in %s",
                  engine.base.name, engine.base.device, self.grpc_port, self.http_port, mode, s.data_dir)
+        log.info("web console: %s", self.console_url)
+
+    @property
+    def console_url(self) -> str:
+        """The page at / of the HTTP door (a wildcard bind address is reached on loopback from this machine)."""
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "") else self.settings.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.settings.tls_cert is not None else 'http'}://{host}:{self.http_port}/"
 
     def _start_http(self) -> None:
         s = self.settings

@@ -214,6 +214,20 @@ SCHEMA: list[SettingSpec] = _specs()
 PER_CHUNK = {s.name for s in SCHEMA if s.per_chunk and s.section == "ingest"}  # a stream may change them per chunk
 
 
+def _type_name(annotation) -> str:
+    """A field's type as JSON Schema names it ("integer", "number", "array", ...; "|null" when it may be null)."""
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", tuple: "array", type(None): "null"}
+    kinds = typing.get_args(annotation) if typing.get_origin(annotation) is not tuple else ()
+    return "|".join(names[typing.get_origin(t) or t] for t in kinds or (annotation,))
+
+
+def describe(spec: SettingSpec, default) -> dict:
+    """One setting as plain data, for a form: ``default`` is the value a new session gets when it is not given."""
+    return {"section": spec.section, "name": spec.name, "type": _type_name(spec.type), "default": default,
+            "doc": spec.doc, "minimum": spec.ge, "maximum": spec.le, "max_length": spec.max_length,
+            "per_chunk": spec.per_chunk}
+
+
 def _check_types(section: str, values: dict) -> None:
     """A ValueError naming the field when a value has the wrong type (a float for an int, a list for a string)."""
     specs = {s.name: s for s in SCHEMA if s.section == section}

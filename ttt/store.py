@@ -136,6 +136,8 @@ def peft_files(session: "Session") -> dict[str, bytes]:
     The safetensors metadata also names the base model's fingerprint (peft ignores it; ``import_peft``
     checks it).
     """
+    if session.fast.kind != "lora":
+        raise ValueError(f"only LoRA sessions have a peft form (this one is {session.fast.kind!r})")
     tensors, adapter_config = peft_tensors(session)
     metadata = {FINGERPRINT_KEY: session.engine.base.fingerprint}  # one key: safetensors orders keys at random
     return {
@@ -146,11 +148,10 @@ def peft_files(session: "Session") -> dict[str, bytes]:
 
 def export_peft(session: "Session", folder: str | os.PathLike) -> Path:
     """Write a LoRA session as a peft adapter folder (``PeftModel.from_pretrained`` loads it)."""
-    if session.fast.kind != "lora":
-        raise ValueError(f"only LoRA sessions have a peft form (this one is {session.fast.kind!r})")
+    files = peft_files(session)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, data in peft_files(session).items():
+    for name, data in files.items():
         _write_file(folder / name, data)
     return folder
 
