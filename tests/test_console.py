@@ -220,6 +220,28 @@ def test_cancel_and_resume_an_upload_reads_every_token_once(tab, open_server, tm
     assert after["tokens_ingested"] == expected and after["pending_tokens"] == 0
 
 
+def test_paste_and_drop_text_into_a_session(tab, open_server, tokenizer):
+    page = tab.page
+    create_session(tab, "notes")
+    tab.view("Read")
+    page.get_by_label("Into session").select_option("notes")
+    pasted, dropped = book(50_000, 50_700), book(60_000, 60_900)
+    page.get_by_label("Or paste text").fill(pasted)
+    page.get_by_role("button", name="Read this text").click()
+    page.locator('.upload[data-phase="done"]').wait_for()
+    # a file dropped on the zone, as a desktop's file manager would
+    page.evaluate("""text => {
+        const files = new DataTransfer();
+        files.items.add(new File([text], 'dropped.txt', {type: 'text/plain'}));
+        document.querySelector('#drop-zone').dispatchEvent(new DragEvent('drop', {dataTransfer: files, bubbles: true}));
+    }""", dropped)
+    page.locator('.upload[data-phase="done"]').nth(1).wait_for()
+    assert page.locator(".upload .name").all_inner_texts() == ["pasted text → notes", "dropped.txt → notes"]
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    info = session_info(open_server, "notes").json()
+    assert info["tokens_ingested"] == count(pasted) + count(dropped) and info["pending_tokens"] == 0
+
+
 def test_create_with_settings_download_and_import_an_adapter(tab, open_server, tmp_path):
     page = tab.page
     tab.view("Sessions")

@@ -29,11 +29,16 @@ const formatLoss = (v) => (v === null || v === undefined || !Number.isFinite(v) 
 
 // ---- notices ----------------------------------------------------------------------------------------
 
+let noticeTimer = null;
+
+// An error stays until the next notice; news of a success fades after a few seconds.
 function notify(message, kind = "error") {
   const notice = $("#notice");
   notice.textContent = message;
   notice.className = kind;
   notice.hidden = !message;
+  clearTimeout(noticeTimer);
+  if (message && kind === "ok") noticeTimer = setTimeout(() => { notice.hidden = true; }, 4000);
 }
 
 function failed(error) {
@@ -447,6 +452,12 @@ function samplingSettings() {
     max_tokens: parseInt($("#chat-max-tokens").value || "128", 10),
   };
   if ($("#chat-seed").value !== "") settings.seed = parseInt($("#chat-seed").value, 10);
+  for (const [name, id] of [["presence_penalty", "#chat-presence"], ["frequency_penalty", "#chat-frequency"]]) {
+    const value = parseFloat($(id).value || "0");
+    if (value) settings[name] = value;
+  }
+  const stop = $("#chat-stop-texts").value.split("\n").filter((line) => line !== "");
+  if (stop.length) settings.stop = stop;
   return settings;
 }
 

@@ -1,7 +1,7 @@
 // The live loss curve: each trained chunk's loss before and after its update, drawn in an SVG as it arrives.
 
 const SVG = "http://www.w3.org/2000/svg";
-const WIDTH = 640, HEIGHT = 240, PAD = { left: 44, right: 12, top: 12, bottom: 26 };
+const HEIGHT = 240, PAD = { left: 44, right: 12, top: 12, bottom: 26 };
 
 function element(name, attributes, parent) {
   const node = document.createElementNS(SVG, name);
@@ -17,6 +17,7 @@ export class LossCurve {
     this.svg = svg;
     this.summary = summary;
     this.clear();
+    new ResizeObserver(() => this.draw()).observe(svg);
   }
 
   clear() {
@@ -38,6 +39,8 @@ export class LossCurve {
       this.summary.textContent = points.length ? `${points.length} chunks, none with a loss` : "No chunk trained yet.";
       return;
     }
+    const WIDTH = Math.max(200, Math.round(this.svg.clientWidth || 640)); // drawn at its size: text unstretched
+    this.svg.setAttribute("viewBox", `0 0 ${WIDTH} ${HEIGHT}`);
     let low = Math.min(...losses), high = Math.max(...losses);
     if (high - low < 1e-6) { low -= 0.5; high += 0.5; }
     const first = points[0].index, last = Math.max(points[points.length - 1].index, first + 1);
