@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser test test-fast serve bench clean
+.PHONY: install browser lint format test test-fast serve bench clean
 
 install: $(STAMP)
 
@@ -27,7 +27,16 @@ browser:
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
 	  echo "chromium could not be installed: the browser tests will be skipped"
 
-test: $(STAMP) browser
+# ruff: lint and format (settings in pyproject.toml); `make format` rewrites what `make lint` finds unformatted.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q
 
 # Unit tests only (tiny random models): seconds, not minutes.

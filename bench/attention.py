@@ -120,7 +120,7 @@ def measure(fn: Attn, shape: Shape, device: torch.device, dtype: torch.dtype, re
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        step = lambda: torch.autograd.grad(fn(q, k, v, shape.window), (q, k, v), dout)  # noqa: E731
+        step = lambda: torch.autograd.grad(fn(q, k, v, shape.window), (q, k, v), dout)
         row["fwd_bwd_ms"] = _time_ms(step, device, repeats)
         if device.type == "cuda":
             row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20

@@ -60,10 +60,15 @@ class Shape:
         fast weights + AdamW's two moments + the window's K/V (the rolling context ingest attends to) + the
         answers' prefix cache (the exact spans' and the window's K/V). The spans' token ids are not tensors."""
         fast = len(cfg.fast.layer_indices(self.layers))
-        io = {"q_proj": (self.hidden, self.hidden), "k_proj": (self.hidden, self.kv_heads * self.head_dim),
-              "v_proj": (self.hidden, self.kv_heads * self.head_dim), "o_proj": (self.hidden, self.hidden),
-              "gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
-              "down_proj": (self.intermediate, self.hidden)}
+        io = {
+            "q_proj": (self.hidden, self.hidden),
+            "k_proj": (self.hidden, self.kv_heads * self.head_dim),
+            "v_proj": (self.hidden, self.kv_heads * self.head_dim),
+            "o_proj": (self.hidden, self.hidden),
+            "gate_proj": (self.hidden, self.intermediate),
+            "up_proj": (self.hidden, self.intermediate),
+            "down_proj": (self.intermediate, self.hidden),
+        }
         params = fast * sum(cfg.fast.rank * sum(io[t]) for t in cfg.fast.targets)
         # The rolling context caches context_tokens - 1 tokens: the last one is fed with the next chunk.
         rolling = self.kv_bytes(max(cfg.ingest.context_tokens - 1, 0), bytes_per_value)
@@ -83,8 +88,11 @@ def timed_chat(start_answer: Callable[[], Iterator]) -> dict:
     t1 = time.perf_counter()
     rest = sum(1 for _ in tokens)
     t2 = time.perf_counter()
-    return {"ttft_s": t1 - t0, "decode_tokens_per_s": rest / (t2 - t1) if rest else None,
-            "answer_tokens": got_first + rest}
+    return {
+        "ttft_s": t1 - t0,
+        "decode_tokens_per_s": rest / (t2 - t1) if rest else None,
+        "answer_tokens": got_first + rest,
+    }
 
 
 def token_ticks(stream: ttt.TokenStream) -> Iterator[int]:
@@ -116,22 +124,43 @@ def answers_together(engine: ttt.Engine, sessions: list[ttt.Session], max_tokens
     decode(sessions[:1])  # warm-up
     alone_tokens, alone_s = decode(sessions[:1])
     tokens, seconds = decode(sessions)
-    return {"answers": len(sessions), "max_tokens": max_tokens, "alone_tokens_per_s": alone_tokens / alone_s,
-            "together_tokens": tokens, "together_tokens_per_s": tokens / seconds,
-            "together_vs_alone": (tokens / seconds) / (alone_tokens / alone_s)}
+    return {
+        "answers": len(sessions),
+        "max_tokens": max_tokens,
+        "alone_tokens_per_s": alone_tokens / alone_s,
+        "together_tokens": tokens,
+        "together_tokens_per_s": tokens / seconds,
+        "together_vs_alone": (tokens / seconds) / (alone_tokens / alone_s),
+    }
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="ttt bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096], metavar="N",
-                    help="document lengths at which a chat is timed (full attention only where N fits the context)")
+    ap = argparse.ArgumentParser(
+        prog="ttt bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=[1024, 2048, 4096],
+        metavar="N",
+        help="document lengths at which a chat is timed (full attention only where N fits the context)",
+    )
     ap.add_argument("--answer-tokens", type=int, default=16, help="greedy tokens per answer")
     ap.add_argument("--text", type=Path, default=DEFAULT_DOC, help="the document (repeated if shorter than N)")
-    ap.add_argument("--session-config", default="{}", metavar="JSON",
-                    help='partial session config of the TTT session, e.g. \'{"ingest": {"chunk_tokens": 1024}}\'')
-    ap.add_argument("--together", type=int, default=16, metavar="S",
-                    help="sessions whose answers (64 tokens) are decoded in one batch, vs one alone")
+    ap.add_argument(
+        "--session-config",
+        default="{}",
+        metavar="JSON",
+        help='partial session config of the TTT session, e.g. \'{"ingest": {"chunk_tokens": 1024}}\'',
+    )
+    ap.add_argument(
+        "--together",
+        type=int,
+        default=16,
+        metavar="S",
+        help="sessions whose answers (64 tokens) are decoded in one batch, vs one alone",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/bench"), metavar="DIR")
     ap.add_argument("--model", help="local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
@@ -186,8 +215,12 @@ def main(argv=None) -> dict:
             sync(device)
             t_prefill += time.perf_counter() - t
         read = n
-        row = {"tokens": n, "trained_tokens": session.stats.tokens_ingested, "ttt": timed_chat(ttt_answer),
-               "ttt_again": timed_chat(ttt_answer)}
+        row = {
+            "tokens": n,
+            "trained_tokens": session.stats.tokens_ingested,
+            "ttt": timed_chat(ttt_answer),
+            "ttt_again": timed_chat(ttt_answer),
+        }
         if n in fits:
             row["full_prefill"] = timed_chat(lambda n=n: full_answer(n))
             row["full_reuse"] = timed_chat(lambda: full.stream(QUESTION, args.answer_tokens))
@@ -200,8 +233,10 @@ def main(argv=None) -> dict:
 
     trained = session.stats.tokens_ingested
     prefilled = fits[-1] if fits else 0
-    ingest = {"ttt_tokens_per_s": trained / t_ingest if trained else None,
-              "prefill_tokens_per_s": prefilled / t_prefill if prefilled else None}
+    ingest = {
+        "ttt_tokens_per_s": trained / t_ingest if trained else None,
+        "prefill_tokens_per_s": prefilled / t_prefill if prefilled else None,
+    }
     readers = [session] + [engine.create_session(cfg) for _ in range(args.together - 1)]
     for i, reader in enumerate(readers[1:], 1):  # each reads its own first chunk of the document
         reader.append_tokens(ids[i * chunk % len(ids) :][:chunk])
@@ -209,11 +244,23 @@ def main(argv=None) -> dict:
         while reader.train_next_chunk() is not None:
             pass
     together = answers_together(engine, readers, TOGETHER_TOKENS)
-    shapes = {name: {"kv_cache_bf16": {n: s.kv_bytes(n, 2) for n in LONG_CONTEXTS},
-                     "ttt_session_bf16": s.session_bytes(cfg, 2)} for name, s in KNOWN_SHAPES.items()}
-    results = {"meta": run_metadata(engine), "settings": settings_of(args),
-               "session_config": cfg.to_dict(), "question": QUESTION[0]["content"], "ingest": ingest,
-               "chats": rows, "answers_together": together, "known_shapes": shapes}
+    shapes = {
+        name: {
+            "kv_cache_bf16": {n: s.kv_bytes(n, 2) for n in LONG_CONTEXTS},
+            "ttt_session_bf16": s.session_bytes(cfg, 2),
+        }
+        for name, s in KNOWN_SHAPES.items()
+    }
+    results = {
+        "meta": run_metadata(engine),
+        "settings": settings_of(args),
+        "session_config": cfg.to_dict(),
+        "question": QUESTION[0]["content"],
+        "ingest": ingest,
+        "chats": rows,
+        "answers_together": together,
+        "known_shapes": shapes,
+    }
     write_json(args.out / "bench.json", results)
     png = plot(args.out / "bench.png", results)
     print_summary(results)
@@ -224,19 +271,30 @@ def main(argv=None) -> dict:
 def plot(path: Path, results: dict) -> Path:
     rows = results["chats"]
     tokens = [r["tokens"] for r in rows]
-    labels = {"ttt": "TTT session, first chat", "ttt_again": "TTT session, next chat",
-              "full_prefill": "full attention, prefill each time",
-              "full_reuse": "full attention, reused KV cache"}
+    labels = {
+        "ttt": "TTT session, first chat",
+        "ttt_again": "TTT session, next chat",
+        "full_prefill": "full attention, prefill each time",
+        "full_reuse": "full attention, reused KV cache",
+    }
 
     def series(key):
         return {labels[m]: [r[m][key] if m in r else None for r in rows] for m in MEMORIES}
 
-    mb = {"TTT session (resident)": [r["bytes"]["ttt_session"] for r in rows],
-          "KV cache of full attention": [r["bytes"]["kv_cache"] for r in rows]}
-    return bench_figure(path, tokens, {"time to first token (s)": series("ttft_s"),
-                                       "decode tokens/s": series("decode_tokens_per_s"),
-                                       "bytes held": mb},
-                        f"{results['meta']['model']} on {results['meta']['device']}")
+    mb = {
+        "TTT session (resident)": [r["bytes"]["ttt_session"] for r in rows],
+        "KV cache of full attention": [r["bytes"]["kv_cache"] for r in rows],
+    }
+    return bench_figure(
+        path,
+        tokens,
+        {
+            "time to first token (s)": series("ttft_s"),
+            "decode tokens/s": series("decode_tokens_per_s"),
+            "bytes held": mb,
+        },
+        f"{results['meta']['model']} on {results['meta']['device']}",
+    )
 
 
 def _ratio(a, b) -> str:
@@ -245,19 +303,29 @@ def _ratio(a, b) -> str:
 
 def print_summary(results: dict) -> None:
     meta, ingest = results["meta"], results["ingest"]
-    print(f"\n{meta['model']} on {meta['device']} ({meta['dtype']}), {results['settings']['answer_tokens']}-token "
-          f"greedy answers")
+    print(
+        f"\n{meta['model']} on {meta['device']} ({meta['dtype']}), {results['settings']['answer_tokens']}-token "
+        f"greedy answers"
+    )
     ttt_tps, prefill_tps = ingest["ttt_tokens_per_s"], ingest["prefill_tokens_per_s"]
-    print("ingest: TTT " + (f"{ttt_tps:.1f} tokens/s" if ttt_tps else "not measured (no full chunk)")
-          + ", plain prefill " + (f"{prefill_tps:.1f} tokens/s" if prefill_tps else "not measured (no N fits)")
-          + f" -> TTT at {_ratio(ttt_tps, prefill_tps)} of prefill")
+    print(
+        "ingest: TTT "
+        + (f"{ttt_tps:.1f} tokens/s" if ttt_tps else "not measured (no full chunk)")
+        + ", plain prefill "
+        + (f"{prefill_tps:.1f} tokens/s" if prefill_tps else "not measured (no N fits)")
+        + f" -> TTT at {_ratio(ttt_tps, prefill_tps)} of prefill"
+    )
     t = results["answers_together"]
-    print(f"answers together: {t['answers']} sessions' {t['max_tokens']}-token answers in one batch "
-          f"{t['together_tokens_per_s']:.1f} tokens/s vs one alone {t['alone_tokens_per_s']:.1f} tokens/s "
-          f"-> {t['together_vs_alone']:.2f}x")
-    head = (f"{'N':>7s} {'TTFT ttt':>9s} {'again':>9s} {'prefill':>9s} {'reuse':>9s} {'prefill/again':>14s}"
-            f" {'reuse/again':>12s} {'tok/s ttt':>10s} {'prefill':>8s} {'reuse':>8s} {'session MB':>11s} {'KV MB':>9s}"
-            f" {'KV/session':>11s}")
+    print(
+        f"answers together: {t['answers']} sessions' {t['max_tokens']}-token answers in one batch "
+        f"{t['together_tokens_per_s']:.1f} tokens/s vs one alone {t['alone_tokens_per_s']:.1f} tokens/s "
+        f"-> {t['together_vs_alone']:.2f}x"
+    )
+    head = (
+        f"{'N':>7s} {'TTFT ttt':>9s} {'again':>9s} {'prefill':>9s} {'reuse':>9s} {'prefill/again':>14s}"
+        f" {'reuse/again':>12s} {'tok/s ttt':>10s} {'prefill':>8s} {'reuse':>8s} {'session MB':>11s} {'KV MB':>9s}"
+        f" {'KV/session':>11s}"
+    )
     print(head)
 
     def get(r, m, k):
@@ -270,16 +338,21 @@ def print_summary(results: dict) -> None:
         t = [get(r, m, "ttft_s") for m in MEMORIES]
         d = [get(r, m, "decode_tokens_per_s") for m in MEMORIES]
         b = r["bytes"]
-        print(f"{r['tokens']:7d} {fmt(t[0], 9, 3)} {fmt(t[1], 9, 3)} {fmt(t[2], 9, 3)} {fmt(t[3], 9, 3)} "
-              f"{_ratio(t[2], t[1]):>14s} {_ratio(t[3], t[1]):>12s} {fmt(d[1], 10, 1)} {fmt(d[2], 8, 1)} "
-              f"{fmt(d[3], 8, 1)} {b['ttt_session'] / 1e6:11.2f} {b['kv_cache'] / 1e6:9.2f} "
-              f"{_ratio(b['kv_cache'], b['ttt_session']):>11s}")
-    print("(TTFT in seconds; 'again' = the session's next chat, its window's keys/values reused; 'prefill/again' ="
-          " full attention's TTFT / TTT's; '-' = beyond the model's context)")
+        print(
+            f"{r['tokens']:7d} {fmt(t[0], 9, 3)} {fmt(t[1], 9, 3)} {fmt(t[2], 9, 3)} {fmt(t[3], 9, 3)} "
+            f"{_ratio(t[2], t[1]):>14s} {_ratio(t[3], t[1]):>12s} {fmt(d[1], 10, 1)} {fmt(d[2], 8, 1)} "
+            f"{fmt(d[3], 8, 1)} {b['ttt_session'] / 1e6:11.2f} {b['kv_cache'] / 1e6:9.2f} "
+            f"{_ratio(b['kv_cache'], b['ttt_session']):>11s}"
+        )
+    print(
+        "(TTFT in seconds; 'again' = the session's next chat, its window's keys/values reused; 'prefill/again' ="
+        " full attention's TTFT / TTT's; '-' = beyond the model's context)"
+    )
     for name, s in results["known_shapes"].items():
         sess = s["ttt_session_bf16"]
-        kv = ", ".join(f"{v / 1e9:.1f} GB at {n // 1024}K tokens ({v / sess:.0f}x)"
-                       for n, v in s["kv_cache_bf16"].items())
+        kv = ", ".join(
+            f"{v / 1e9:.1f} GB at {n // 1024}K tokens ({v / sess:.0f}x)" for n, v in s["kv_cache_bf16"].items()
+        )
         print(f"{name} (bf16): a default TTT session holds {sess / 1e6:.0f} MB whatever it read; KV cache {kv}")
 
 

@@ -71,10 +71,17 @@ def session_config(args, seed: int, preset: str | None = None) -> ttt.SessionCon
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="ttt eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("docs", nargs="*", type=Path, default=[DEFAULT_DOC], metavar="DOC",
-                    help="UTF-8 text files (default: the KJV Genesis and Exodus shipped in bench/data)")
+    ap = argparse.ArgumentParser(
+        prog="ttt eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "docs",
+        nargs="*",
+        type=Path,
+        default=[DEFAULT_DOC],
+        metavar="DOC",
+        help="UTF-8 text files (default: the KJV Genesis and Exodus shipped in bench/data)",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/eval"), metavar="DIR")
     ap.add_argument("--model", help="local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
@@ -85,14 +92,29 @@ def parse_args(argv):
     ap.add_argument("--full-context", type=int, help="most tokens (c) attends to (default: the model's context)")
     ap.add_argument("--no-full", action="store_true", help="skip (c) in the NLL curves")
     ap.add_argument("--skip", type=int, default=2, help="warm-up chunks left out of the summary means")
-    ap.add_argument("--session-config", default="{}", metavar="JSON",
-                    help='partial session config for (b), e.g. \'{"ingest": {"lr": 1e-3}}\'')
-    ap.add_argument("--presets", nargs="*", default=[], choices=list(PRESETS),
-                    help="the NLL curves' (b) once per memory preset (over --session-config), e.g. --presets off "
-                         "balanced deep; the recall probe uses --session-config alone (ttt recall compares presets)")
+    ap.add_argument(
+        "--session-config",
+        default="{}",
+        metavar="JSON",
+        help='partial session config for (b), e.g. \'{"ingest": {"lr": 1e-3}}\'',
+    )
+    ap.add_argument(
+        "--presets",
+        nargs="*",
+        default=[],
+        choices=list(PRESETS),
+        help="the NLL curves' (b) once per memory preset (over --session-config), e.g. --presets off "
+        "balanced deep; the recall probe uses --session-config alone (ttt recall compares presets)",
+    )
     ap.add_argument("--recall-lengths", type=int, nargs="+", default=[1024, 2048], metavar="N")
-    ap.add_argument("--recall-depths", type=float, nargs="+", default=[0.9, 0.5, 0.1], metavar="F",
-                    help="needle depths: the share of the document after the needle (0.9: near its start)")
+    ap.add_argument(
+        "--recall-depths",
+        type=float,
+        nargs="+",
+        default=[0.9, 0.5, 0.1],
+        metavar="F",
+        help="needle depths: the share of the document after the needle (0.9: near its start)",
+    )
     ap.add_argument("--facts-per-depth", type=int, default=2)
     ap.add_argument("--wrong-values", type=int, default=5, help="likelihood probe: wrong answers per needle")
     ap.add_argument("--answer-tokens", type=int, default=24, help="greedy tokens per chat answer")
@@ -120,18 +142,21 @@ def main(argv=None) -> dict:
     total += 0 if args.no_recall else args.seeds * n_facts * len(RECALL_MEMORIES)
     bar = tqdm(total=total, desc="eval", unit="step", file=sys.stderr, dynamic_ncols=True)
 
-    runs, seconds = [], dict.fromkeys(methods + ["recall"], 0.0)
+    runs, seconds = [], dict.fromkeys([*methods, "recall"], 0.0)
     texts = {doc: doc.read_text(encoding="utf-8") for doc in args.docs} if methods else {}
     for doc, text in texts.items():
         for seed in range(args.seeds):
             offset = line_offset(text, seed, 6 * n_tokens)  # ~4-5 characters per token in English prose
             ids = document_tokens(engine, doc, n_tokens, offset)
             scorers = {
-                "window": lambda ids=ids: window_nll(engine, ids, args.chunk_tokens, args.context_tokens,
-                                                     ttt.IngestConfig().sink_tokens),
+                "window": lambda ids=ids: window_nll(
+                    engine, ids, args.chunk_tokens, args.context_tokens, ttt.IngestConfig().sink_tokens
+                ),
                 "full": lambda ids=ids: full_nll(engine, ids, args.chunk_tokens, args.full_context),
-                **{m: lambda ids=ids, seed=seed, p=p: ttt_nll(engine, ids, session_config(args, seed, p))
-                   for m, p in sessions.items()},
+                **{
+                    m: lambda ids=ids, seed=seed, p=p: ttt_nll(engine, ids, session_config(args, seed, p))
+                    for m, p in sessions.items()
+                },
             }
             run = {"doc": doc.name, "seed": seed, "char_offset": offset, "nll": {}}
             for name in methods:
@@ -147,27 +172,44 @@ def main(argv=None) -> dict:
     records = []
     if not args.no_recall:
         t = time.perf_counter()
-        docs = needle_documents(engine, args.recall_lengths, args.recall_depths, args.facts_per_depth, 0,
-                                args.seeds, args.wrong_values)
+        docs = needle_documents(
+            engine, args.recall_lengths, args.recall_depths, args.facts_per_depth, 0, args.seeds, args.wrong_values
+        )
         for seed in range(args.seeds):
             bar.set_postfix_str(f"recall seed {seed}")
             mine = [d for d in docs if d[0]["seed"] == seed]
-            recs, _ = probe_documents(engine, mine, {"session": session_config(args, seed)}, RECALL_MEMORIES,
-                                      args.answer_tokens, bar.update)
+            recs, _ = probe_documents(
+                engine, mine, {"session": session_config(args, seed)}, RECALL_MEMORIES, args.answer_tokens, bar.update
+            )
             records += [{k.removesuffix("/session"): v for k, v in r.items()} for r in recs]
         seconds["recall"] = time.perf_counter() - t
     bar.close()
 
     results = summarize(args, engine, runs, methods, records, seconds)
     write_json(args.out / "results.json", results)
-    pngs = [] if not runs else nll_figures(args.out, results["positions"], results["nll"], results["gain"],
-                                           f"{engine.base.name}, {len(runs)} run(s) of {n_tokens} tokens")
+    pngs = (
+        []
+        if not runs
+        else nll_figures(
+            args.out,
+            results["positions"],
+            results["nll"],
+            results["gain"],
+            f"{engine.base.name}, {len(runs)} run(s) of {n_tokens} tokens",
+        )
+    )
     if records:
         r = results["recall"]
         grids = {f"{m}: {p}": r["accuracy"][m][p] for p in PROBES for m in RECALL_MEMORIES}
-        pngs.append(recall_heatmap(args.out / "recall.png", grids, args.recall_lengths, [
-            round(d * max(args.recall_lengths)) for d in args.recall_depths],
-            f"needles recalled (likelihood chance {r['chance_score']:.2f}); rows: share of the document after them"))
+        pngs.append(
+            recall_heatmap(
+                args.out / "recall.png",
+                grids,
+                args.recall_lengths,
+                [round(d * max(args.recall_lengths)) for d in args.recall_depths],
+                f"needles recalled (likelihood chance {r['chance_score']:.2f}); rows: share of the document after them",
+            )
+        )
     print_summary(results)
     print(f"wrote {args.out / 'results.json'}, {', '.join(p.name for p in pngs)}")
     return results
@@ -178,13 +220,19 @@ def summarize(args, engine, runs, methods, records, seconds) -> dict:
     chunk = args.chunk_tokens
     n_tokens = args.chunks * chunk
     per_method = {m: [r["nll"][m] for r in runs] for m in methods}
-    gains = {m: [[w - x for w, x in zip(r["nll"]["window"], r["nll"][m], strict=True)] for r in runs]
-             for m in methods if m != "window"}
+    gains = {
+        m: [[w - x for w, x in zip(r["nll"]["window"], r["nll"][m], strict=True)] for r in runs]
+        for m in methods
+        if m != "window"
+    }
     summary = {m: mean_sem([statistics.fmean(r[skip:]) for r in per_method[m]])[0] for m in methods}
     if "full" in summary and summary["window"] != summary["full"]:
         gap = summary["window"] - summary["full"]
-        summary |= {f"gap_recovered{m.removeprefix('ttt')}": (summary["window"] - summary[m]) / gap
-                    for m in methods if m.startswith("ttt")}
+        summary |= {
+            f"gap_recovered{m.removeprefix('ttt')}": (summary["window"] - summary[m]) / gap
+            for m in methods
+            if m.startswith("ttt")
+        }
     settings = settings_of(args)
     results = {
         "meta": run_metadata(engine),
@@ -203,8 +251,16 @@ def summarize(args, engine, runs, methods, records, seconds) -> dict:
             "depths": args.recall_depths,
             "chance_score": 1 / (args.wrong_values + 1),
             # accuracy[memory][probe][depth index][length index]; None where no needle was asked
-            "accuracy": {m: {p: [[accuracy(records, m, p, length=n, depth=round(d * n)) for n in args.recall_lengths]
-                                 for d in args.recall_depths] for p in PROBES} for m in RECALL_MEMORIES},
+            "accuracy": {
+                m: {
+                    p: [
+                        [accuracy(records, m, p, length=n, depth=round(d * n)) for n in args.recall_lengths]
+                        for d in args.recall_depths
+                    ]
+                    for p in PROBES
+                }
+                for m in RECALL_MEMORIES
+            },
             "records": records,
         }
     return results
@@ -224,31 +280,46 @@ def print_nll(results: dict) -> None:
     def cell(s, i):
         return f"{s['mean'][i]:.3f}" + (f"±{s['sem'][i]:.3f}" if s["sem"] is not None else "")
 
-    print(f"\n{results['meta']['model']} on {results['meta']['device']}: NLL (nats/token) of each chunk, "
-          f"scored before training on it")
+    print(
+        f"\n{results['meta']['model']} on {results['meta']['device']}: NLL (nats/token) of each chunk, "
+        f"scored before training on it"
+    )
     ttts = [m for m in methods if m.startswith("ttt")]
     print(f"{'tokens':>8s}" + "".join(f"{m:>16s}" for m in methods) + "".join(f"{'gain ' + m:>18s}" for m in ttts))
     for i, pos in enumerate(results["positions"]):
-        print(f"{pos:8d}" + "".join(f"{cell(nll[m], i):>16s}" for m in methods)
-              + "".join(f"{cell(gain[m], i):>18s}" for m in ttts))
+        print(
+            f"{pos:8d}"
+            + "".join(f"{cell(nll[m], i):>16s}" for m in methods)
+            + "".join(f"{cell(gain[m], i):>18s}" for m in ttts)
+        )
     s = results["summary"]
-    gaps = [f"{m} recovers {100 * s['gap_recovered' + m.removeprefix('ttt')]:.0f}%" for m in ttts
-            if "gap_recovered" + m.removeprefix("ttt") in s]
-    print(f"mean of chunks {s['chunks']}: " + ", ".join(f"{m} {s[m]:.4f}" for m in methods)
-          + (f"; of the window-to-full gap, {', '.join(gaps)}" if gaps else ""))
+    gaps = [
+        f"{m} recovers {100 * s['gap_recovered' + m.removeprefix('ttt')]:.0f}%"
+        for m in ttts
+        if "gap_recovered" + m.removeprefix("ttt") in s
+    ]
+    print(
+        f"mean of chunks {s['chunks']}: "
+        + ", ".join(f"{m} {s[m]:.4f}" for m in methods)
+        + (f"; of the window-to-full gap, {', '.join(gaps)}" if gaps else "")
+    )
 
 
 def print_recall(r: dict) -> None:
-    print(f"\nrecall accuracy by share of the document after the needle (rows) and document tokens (columns), "
-          f"{len(r['records'])} needles; likelihood chance {r['chance_score']:.2f}")
+    print(
+        f"\nrecall accuracy by share of the document after the needle (rows) and document tokens (columns), "
+        f"{len(r['records'])} needles; likelihood chance {r['chance_score']:.2f}"
+    )
     width = 7 * len(r["lengths"])
     for probe in PROBES:
         print(f"{probe + ' probe':>16s}" + "".join(f" | {m:<{width}s}" for m in RECALL_MEMORIES))
         print(f"{'depth':>16s}" + "".join(" | " + "".join(f"{n:>7d}" for n in r["lengths"]) for _ in RECALL_MEMORIES))
         for d, depth in enumerate(r["depths"]):
             rows = [r["accuracy"][m][probe][d] for m in RECALL_MEMORIES]
-            print(f"{depth:>16g}" + "".join(" | " + "".join("      -" if v is None else f"{v:7.2f}" for v in row)
-                                          for row in rows))
+            print(
+                f"{depth:>16g}"
+                + "".join(" | " + "".join("      -" if v is None else f"{v:7.2f}" for v in row) for row in rows)
+            )
 
 
 if __name__ == "__main__":

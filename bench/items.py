@@ -39,26 +39,168 @@ class Item:
         return head.rstrip(" "), (" " if head.endswith(" ") else "") + answer + tail
 
 
-FIRST = ("Oswin", "Tamsin", "Corvin", "Elspeth", "Piran", "Morwenna", "Jory", "Lowenna", "Ansel", "Isolde", "Bram",
-         "Wenna", "Caspian", "Delphine", "Ludo", "Sabine", "Ottilie", "Fenwick", "Rosalind", "Gideon")
-LAST = ("Tarrant", "Quiller", "Penhallow", "Vexley", "Marrack", "Trevose", "Ashdown", "Kestle", "Rundle", "Polwhele",
-        "Carbis", "Hocking", "Nancarrow", "Boscawen", "Trewin", "Lanyon", "Pascoe", "Jelbert", "Roskilly", "Vosper")
-TOWNS = ("Sandmouth", "Kirkby Lorne", "Eastwold", "Marrowdale", "Fennick", "Saltcombe", "Brightholm", "Ashwell Cross",
-         "Dunmere", "Penrock", "Willowmere", "Coldharbour", "Stavely", "Ravensholt", "Larkspur Bay", "Thornbury Vale")
-CITIES = ("Valparaiso", "Trieste", "Bergen", "Smyrna", "Cartagena", "Tangier", "Riga", "Zanzibar", "Odessa", "Halifax",
-          "Marseille", "Goa", "Manila", "Danzig", "Aleppo", "Quebec")
-ROLES = ("lighthouse keeper", "harbour master", "village schoolmaster", "ferryman", "night watchman", "bell-ringer",
-         "innkeeper", "toll collector", "postmistress", "clockmaker")
+FIRST = (
+    "Oswin",
+    "Tamsin",
+    "Corvin",
+    "Elspeth",
+    "Piran",
+    "Morwenna",
+    "Jory",
+    "Lowenna",
+    "Ansel",
+    "Isolde",
+    "Bram",
+    "Wenna",
+    "Caspian",
+    "Delphine",
+    "Ludo",
+    "Sabine",
+    "Ottilie",
+    "Fenwick",
+    "Rosalind",
+    "Gideon",
+)
+LAST = (
+    "Tarrant",
+    "Quiller",
+    "Penhallow",
+    "Vexley",
+    "Marrack",
+    "Trevose",
+    "Ashdown",
+    "Kestle",
+    "Rundle",
+    "Polwhele",
+    "Carbis",
+    "Hocking",
+    "Nancarrow",
+    "Boscawen",
+    "Trewin",
+    "Lanyon",
+    "Pascoe",
+    "Jelbert",
+    "Roskilly",
+    "Vosper",
+)
+TOWNS = (
+    "Sandmouth",
+    "Kirkby Lorne",
+    "Eastwold",
+    "Marrowdale",
+    "Fennick",
+    "Saltcombe",
+    "Brightholm",
+    "Ashwell Cross",
+    "Dunmere",
+    "Penrock",
+    "Willowmere",
+    "Coldharbour",
+    "Stavely",
+    "Ravensholt",
+    "Larkspur Bay",
+    "Thornbury Vale",
+)
+CITIES = (
+    "Valparaiso",
+    "Trieste",
+    "Bergen",
+    "Smyrna",
+    "Cartagena",
+    "Tangier",
+    "Riga",
+    "Zanzibar",
+    "Odessa",
+    "Halifax",
+    "Marseille",
+    "Goa",
+    "Manila",
+    "Danzig",
+    "Aleppo",
+    "Quebec",
+)
+ROLES = (
+    "lighthouse keeper",
+    "harbour master",
+    "village schoolmaster",
+    "ferryman",
+    "night watchman",
+    "bell-ringer",
+    "innkeeper",
+    "toll collector",
+    "postmistress",
+    "clockmaker",
+)
 BUILDINGS = ("stone bridge", "old mill", "chapel", "grammar school", "market hall", "windmill", "almshouse", "granary")
-OBJECTS = ("silver locket", "brass key", "pearl brooch", "leather journal", "ivory chess piece", "copper compass",
-           "velvet purse", "glass vial", "tin soldier", "jade ring", "pocket watch", "wax seal")
+OBJECTS = (
+    "silver locket",
+    "brass key",
+    "pearl brooch",
+    "leather journal",
+    "ivory chess piece",
+    "copper compass",
+    "velvet purse",
+    "glass vial",
+    "tin soldier",
+    "jade ring",
+    "pocket watch",
+    "wax seal",
+)
 KEEPSAKES = ("sea charts", "letters", "savings", "pistols", "jewels", "ledgers", "medals", "maps")
-ADJECTIVES = ("amber", "blue", "crimson", "dusty", "golden", "hidden", "ivory", "lunar", "misty", "olive", "quiet",
-              "rusty", "silver", "violet", "wild", "jade")
-ANIMALS = ("badger", "crane", "falcon", "gecko", "heron", "ibis", "jackal", "koala", "lynx", "marten", "newt", "otter",
-           "puffin", "raven", "stoat", "walrus")
-WORDS = ("velvet", "harbor", "copper", "lantern", "meadow", "thistle", "ember", "glacier", "orchid", "saffron",
-         "timber", "quartz", "willow", "cobalt", "falcon", "marble")
+ADJECTIVES = (
+    "amber",
+    "blue",
+    "crimson",
+    "dusty",
+    "golden",
+    "hidden",
+    "ivory",
+    "lunar",
+    "misty",
+    "olive",
+    "quiet",
+    "rusty",
+    "silver",
+    "violet",
+    "wild",
+    "jade",
+)
+ANIMALS = (
+    "badger",
+    "crane",
+    "falcon",
+    "gecko",
+    "heron",
+    "ibis",
+    "jackal",
+    "koala",
+    "lynx",
+    "marten",
+    "newt",
+    "otter",
+    "puffin",
+    "raven",
+    "stoat",
+    "walrus",
+)
+WORDS = (
+    "velvet",
+    "harbor",
+    "copper",
+    "lantern",
+    "meadow",
+    "thistle",
+    "ember",
+    "glacier",
+    "orchid",
+    "saffron",
+    "timber",
+    "quartz",
+    "willow",
+    "cobalt",
+    "falcon",
+    "marble",
+)
 TRADES = ("baker", "cobbler", "tailor", "apothecary", "blacksmith", "chandler", "saddler", "vintner")
 UNITS = ("shillings", "guineas", "crowns", "sovereigns")
 
@@ -80,50 +222,61 @@ KINDS: dict[str, tuple[Callable, Callable, list[tuple[str, str]], str]] = {
     "code": (
         lambda r: f"the {r.choice(ADJECTIVES)} {r.choice(ANIMALS)}",
         lambda r: str(r.randrange(10000, 100000)),
-        [("The secret code of {k} is {v}.", "The secret code of {k} is {}."),
-         ("Remember that the code for {k} is {v}.", "The code for {k} is {}.")],
+        [
+            ("The secret code of {k} is {v}.", "The secret code of {k} is {}."),
+            ("Remember that the code for {k} is {v}.", "The code for {k} is {}."),
+        ],
         "What is the secret code of {k}?",
     ),
     "name": (
         lambda r: f"the {r.choice(ROLES)} of {r.choice(TOWNS)}",
         _person,
-        [("In those years {k} was a person named {v}.", "{K} was named {}."),
-         ("Everyone knew that {k} was called {v}.", "{K} was called {}.")],
+        [
+            ("In those years {k} was a person named {v}.", "{K} was named {}."),
+            ("Everyone knew that {k} was called {v}.", "{K} was called {}."),
+        ],
         "What was the name of {k}?",
     ),
     "place": (
         lambda r: f"{_person(r)}'s {r.choice(KEEPSAKES)}",
         lambda r: r.choice(CITIES),
-        [("For safety, {k} were kept in a locked chest in {v}.", "{K} were kept in {}."),
-         ("It was in {v} that {k} were hidden.", "{K} were hidden in {}.")],
+        [
+            ("For safety, {k} were kept in a locked chest in {v}.", "{K} were kept in {}."),
+            ("It was in {v} that {k} were hidden.", "{K} were hidden in {}."),
+        ],
         "In which city were {k} kept?",
     ),
     "year": (
         lambda r: f"the {r.choice(BUILDINGS)} at {r.choice(TOWNS)}",
         lambda r: str(r.randrange(1600, 1790)),
-        [("{K} was built in the year {v}.", "{K} was built in the year {}."),
-         ("Records show that work on {k} was finished in {v}.", "{K} was finished in {}.")],
+        [
+            ("{K} was built in the year {v}.", "{K} was built in the year {}."),
+            ("Records show that work on {k} was finished in {v}.", "{K} was finished in {}."),
+        ],
         "In what year was {k} built?",
     ),
     "object": (
         lambda r: f"{_person(r)}",
         lambda r: r.choice(OBJECTS),
-        [("Under the loose floorboard, {k} had hidden a {v}.", "{K} had hidden a {}."),
-         ("Beneath the floorboards of the parlour, {k} kept a {v}.", "{K} had hidden a {}.")],
+        [
+            ("Under the loose floorboard, {k} had hidden a {v}.", "{K} had hidden a {}."),
+            ("Beneath the floorboards of the parlour, {k} kept a {v}.", "{K} had hidden a {}."),
+        ],
         "What had {k} hidden under the floorboard?",
     ),
     "password": (
         lambda r: f"the {r.choice(('archive', 'vault', 'cellar', 'observatory', 'study'))} at {r.choice(TOWNS)}",
         lambda r: f"{r.choice(WORDS)}-{r.choice(WORDS)}-{r.randrange(10, 100)}",
-        [("The password to {k} is {v}.", "The password to {k} is {}."),
-         ("To open {k} one had to say {v}.", "The password to {k} is {}.")],
+        [
+            ("The password to {k} is {v}.", "The password to {k} is {}."),
+            ("To open {k} one had to say {v}.", "The password to {k} is {}."),
+        ],
         "What is the password to {k}?",
     ),
     "debt": (
         lambda r: f"{_person(r)} owed the {r.choice(TRADES)}",
         lambda r: f"{r.randrange(11, 99)} {r.choice(UNITS)}",
-        [("By spring, {k} {v}.", "{K} {}."),
-         ("It was said that {k} no less than {v}.", "{K} {}.")],
+        [("By spring, {k} {v}.", "{K} {}."), ("It was said that {k} no less than {v}.", "{K} {}.")],
         "How much money was it that {k}?",
     ),
 }
@@ -143,10 +296,18 @@ def make_needles(rng: random.Random, n: int, wrong: int = 5, kinds: Sequence[str
         while (key := make_key(rng)) in keys:
             pass
         keys.add(key)
-        value, *others = _distinct(rng, lambda: make_value(rng), wrong + 1)
+        value, *others = _distinct(rng, lambda make=make_value: make(rng), wrong + 1)
         fact, cloze = rng.choice(shapes)
-        items.append(Item(f"needle/{kind}", [_fill(fact, key, value)], _fill(question, key) + " Answer briefly.",
-                          value, others, _fill(cloze, key)))
+        items.append(
+            Item(
+                f"needle/{kind}",
+                [_fill(fact, key, value)],
+                _fill(question, key) + " Answer briefly.",
+                value,
+                others,
+                _fill(cloze, key),
+            )
+        )
     return items
 
 
@@ -169,7 +330,7 @@ def make_stories(rng: random.Random, n: int, tasks: Sequence[str] = ("qa1", "qa2
         p, q = rng.sample(PEOPLE, 2)
         thing = rng.choice(THINGS)
         a, b, c = rng.sample(LOCATIONS, 3)
-        go = lambda: rng.choice(GO)  # noqa: E731
+        go = lambda: rng.choice(GO)
         if task == "qa1":
             facts = [f"{p} {go()} the {a}.", f"{q} {go()} the {b}.", f"{p} {go()} the {c}."]
             question, answer, cloze = f"Where is {p}?", c, f"{p} is in the {{}}."
@@ -177,9 +338,17 @@ def make_stories(rng: random.Random, n: int, tasks: Sequence[str] = ("qa1", "qa2
             facts = [f"{p} picked up the {thing}.", f"{q} {go()} the {b}.", f"{p} {go()} the {a}."]
             question, answer, cloze = f"Where is the {thing}?", a, f"The {thing} is in the {{}}."
         else:
-            facts = [f"{p} {go()} the {c}.", f"{p} picked up the {thing}.", f"{p} {go()} the {a}.",
-                     f"{p} {go()} the {b}."]
-            question, answer, cloze = f"Where was the {thing} before the {b}?", a, f"Before the {b}, the {thing} was in the {{}}."
+            facts = [
+                f"{p} {go()} the {c}.",
+                f"{p} picked up the {thing}.",
+                f"{p} {go()} the {a}.",
+                f"{p} {go()} the {b}.",
+            ]
+            question, answer, cloze = (
+                f"Where was the {thing} before the {b}?",
+                a,
+                f"Before the {b}, the {thing} was in the {{}}.",
+            )
         wrong = [loc for loc in LOCATIONS if loc != answer]
         items.append(Item(task, facts, question + " Answer with one word.", answer, wrong, cloze))
     return items
@@ -189,8 +358,11 @@ def sentence_starts(tokenizer, tokens: Sequence[int]) -> list[int]:
     """Token indices where a new sentence begins: after a token ending in . ! ? (or a closing quote after one)
     and at a token that starts with a space or a newline."""
     text = [tokenizer.decode([t]) for t in tokens]
-    return [i for i in range(1, len(tokens))
-            if text[i - 1].rstrip("\"'").endswith((".", "!", "?")) and text[i][:1] in (" ", "\n")]
+    return [
+        i
+        for i in range(1, len(tokens))
+        if text[i - 1].rstrip("\"'").endswith((".", "!", "?")) and text[i][:1] in (" ", "\n")
+    ]
 
 
 def plant(tokenizer, filler: Sequence[int], facts: Sequence[tuple[int, str]]) -> tuple[list[int], list[int]]:
@@ -214,8 +386,17 @@ def plant(tokenizer, filler: Sequence[int], facts: Sequence[tuple[int, str]]) ->
     return doc + list(filler[taken:]), positions
 
 
-def needle_document(tokenizer, filler: Sequence[int], length: int, depths: Sequence[int], per_depth: int,
-                    stories: int, clear: int, rng: random.Random, wrong: int = 5) -> tuple[list[int], list[Item]]:
+def needle_document(
+    tokenizer,
+    filler: Sequence[int],
+    length: int,
+    depths: Sequence[int],
+    per_depth: int,
+    stories: int,
+    clear: int,
+    rng: random.Random,
+    wrong: int = 5,
+) -> tuple[list[int], list[Item]]:
     """About ``length`` tokens of ``filler`` with ``per_depth`` needles at each depth (tokens before the end)
     smaller than ``length``, and ``stories`` stories whose facts are scattered over all but the last ``clear``
     tokens (keep it at least the window, so that no story is answered from the window)."""
@@ -257,6 +438,7 @@ def book_items(tokenizer, tokens: int | None = None) -> tuple[list[int], list[It
         first = bisect.bisect_right(starts, at) - 1  # the token holding the evidence's first character
         last = bisect.bisect_left(starts, at + len(q["evidence"]))
         if last <= len(ids):
-            items.append(Item("book", [], q["question"] + " Answer briefly.", q["answer"], q["wrong"], q["cloze"],
-                              [first]))
+            items.append(
+                Item("book", [], q["question"] + " Answer briefly.", q["answer"], q["wrong"], q["cloze"], [first])
+            )
     return ids, items

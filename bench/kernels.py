@@ -102,6 +102,7 @@ def loss_case(spec: dict) -> dict:
     w = (torch.randn(vocab, hidden, generator=g) * hidden**-0.5).to(device, dtype)  # frozen, like the LM head
     t = torch.randint(0, vocab, (n,), generator=g).to(device)
     if spec["impl"] == "naive":
+
         def loss_fn(h, t):
             return F.cross_entropy((h @ w.T).float(), t)  # [n, vocab] fp32 logits, as Transformer.logits
     else:
@@ -126,16 +127,19 @@ def loss_case(spec: dict) -> dict:
 
 def ingest_case(spec: dict) -> dict:
     """One ingest step (batch.train_chunks) of ``tokens`` tokens with the given activation checkpointing."""
+    from ttt.batch import ChunkItem, train_chunks
     from ttt.config import FastWeightConfig, IngestConfig
     from ttt.fast_weights import build_fast_weights
-    from ttt.batch import ChunkItem, train_chunks
     from ttt.ingest import make_optimizer
     from ttt.model import ModelConfig, Transformer
 
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
     torch.manual_seed(0)
     cfg = ModelConfig(
-        **INGEST_SHAPE, num_layers=spec["fast_layers"] + 1, rms_norm_eps=1e-5, max_position_embeddings=8192,
+        **INGEST_SHAPE,
+        num_layers=spec["fast_layers"] + 1,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
         tie_word_embeddings=True,
     )
     inv_freq = 1.0 / (1e5 ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
@@ -163,7 +167,9 @@ def run_child(spec: dict) -> dict:
     """Run one case in a fresh interpreter (see the module docstring) and return its row."""
     proc = subprocess.run(
         [sys.executable, "-m", "bench.kernels", "--child", json.dumps(spec)],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     row = dict(spec)
     if proc.returncode != 0:
@@ -208,14 +214,22 @@ def loss_rows(device: str, tokens: int, hidden: int | None, repeats: int) -> lis
     for name, vocab, model_hidden in LOSS_CASES:
         for impl in impls:
             spec = dict(
-                bench="loss", model=name, vocab=vocab, hidden=hidden or (model_hidden if cuda else CPU_HIDDEN),
-                tokens=tokens, impl=impl, device=device, dtype="bfloat16" if cuda else "float32", repeats=repeats,
+                bench="loss",
+                model=name,
+                vocab=vocab,
+                hidden=hidden or (model_hidden if cuda else CPU_HIDDEN),
+                tokens=tokens,
+                impl=impl,
+                device=device,
+                dtype="bfloat16" if cuda else "float32",
+                repeats=repeats,
             )
             rows.append(run_child(spec))
     add_ratios(rows, lambda r: r["impl"] == "naive", lambda r: (r["vocab"], r["hidden"]))
     print_rows(
         f"loss + backward, {tokens} tokens, {device} (ratios: naive / row)",
-        rows, lambda r: f"vocab {r['vocab']:6d} hidden {r['hidden']:4d} {r['dtype']:8s} {r['impl']}",
+        rows,
+        lambda r: f"vocab {r['vocab']:6d} hidden {r['hidden']:4d} {r['dtype']:8s} {r['impl']}",
     )
     return rows
 
@@ -223,16 +237,24 @@ def loss_rows(device: str, tokens: int, hidden: int | None, repeats: int) -> lis
 def ingest_rows(device: str, tokens: int, repeats: int) -> list[dict]:
     modes = ("none", "recompute", "offload") if device == "cuda" else ("none", "recompute")
     rows = [
-        run_child(dict(
-            bench="ingest_step", mode=mode, tokens=tokens, fast_layers=FAST_LAYERS, device=device,
-            dtype="bfloat16" if device == "cuda" else "float32", repeats=repeats,
-        ))
+        run_child(
+            dict(
+                bench="ingest_step",
+                mode=mode,
+                tokens=tokens,
+                fast_layers=FAST_LAYERS,
+                device=device,
+                dtype="bfloat16" if device == "cuda" else "float32",
+                repeats=repeats,
+            )
+        )
         for mode in modes
     ]
     add_ratios(rows, lambda r: r["mode"] == "none", lambda r: ())
     print_rows(
         f"one ingest step, SmolLM2-135M layer shapes, {FAST_LAYERS} fast layers, {tokens} tokens, {device}",
-        rows, lambda r: f"activation_checkpointing={r['mode']}",
+        rows,
+        lambda r: f"activation_checkpointing={r['mode']}",
     )
     return rows
 
@@ -277,8 +299,11 @@ def main(argv=None) -> None:
         from bench.common import git_revision
 
         meta = {
-            "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "git_revision": git_revision(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "device": args.device,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "git_revision": git_revision(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

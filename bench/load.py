@@ -135,8 +135,14 @@ def ingest_worker(args, sid: str, data: bytes, deadline: float, tally: Tally) ->
 
 def timed_chat(http, sid: str, content: str, max_tokens: int) -> tuple[float, float, int]:
     """One streamed chat: (seconds to the first content, seconds to the end, completion tokens)."""
-    body = {"model": sid, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": sid,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     first, tokens = None, None
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -189,8 +195,10 @@ def idle_ttfts(args, sids: list[str]) -> list[float]:
     with httpx.Client(base_url=args.server_http, headers=headers, timeout=args.request_timeout) as http:
         for sid in sids:
             timed_chat(http, sid, "Who went out of Egypt?", args.max_tokens)
-        return [timed_chat(http, sids[i % len(sids)], f"Who went out of Egypt? ({i})", args.max_tokens)[0]
-                for i in range(args.idle_chats)]
+        return [
+            timed_chat(http, sids[i % len(sids)], f"Who went out of Egypt? ({i})", args.max_tokens)[0]
+            for i in range(args.idle_chats)
+        ]
 
 
 def _ms(values: list[float], q: float) -> float | None:
@@ -216,10 +224,19 @@ def run(args) -> dict:
 
         started = time.monotonic()
         deadline = started + args.seconds
-        threads = [threading.Thread(target=ingest_worker, args=(args, sid, book[i * size : (i + 1) * size], deadline, tally),
-                                    name=f"ingest-{i}", daemon=True) for i, sid in enumerate(sids)]
-        threads += [threading.Thread(target=chat_worker, args=(args, k, sids, deadline, tally), name=f"chat-{k}",
-                                     daemon=True) for k in range(args.chat_clients)]
+        threads = [
+            threading.Thread(
+                target=ingest_worker,
+                args=(args, sid, book[i * size : (i + 1) * size], deadline, tally),
+                name=f"ingest-{i}",
+                daemon=True,
+            )
+            for i, sid in enumerate(sids)
+        ]
+        threads += [
+            threading.Thread(target=chat_worker, args=(args, k, sids, deadline, tally), name=f"chat-{k}", daemon=True)
+            for k in range(args.chat_clients)
+        ]
         for t in threads:
             t.start()
         # Every worker stops at the deadline; a request in flight then is bounded by its timeout.
@@ -288,8 +305,10 @@ def answers_run(args) -> dict:
     sids = [f"answers-{run_id}-{i}" for i in range(n)]
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     question = "Retell what you have read."
-    with TTTClient(args.server_grpc, args.api_key, timeout=args.request_timeout) as client, \
-            httpx.Client(base_url=args.server_http, headers=headers, timeout=args.request_timeout) as http:
+    with (
+        TTTClient(args.server_grpc, args.api_key, timeout=args.request_timeout) as client,
+        httpx.Client(base_url=args.server_http, headers=headers, timeout=args.request_timeout) as http,
+    ):
         for i, sid in enumerate(sids):
             for _ in client.ingest(sid, [book[i * 1500 : (i + 1) * 1500]]):
                 pass
@@ -316,12 +335,18 @@ def answers_run(args) -> dict:
         raise SystemExit("a concurrent chat failed")
     tokens = sum(r[2] for r in results)
     alone_tps = alone_tokens / alone_s
-    return {"answers": n, "max_tokens": args.max_tokens, "alone_tokens": alone_tokens,
-            "alone_tokens_per_s": round(alone_tps, 2), "together_tokens": tokens,
-            "together_seconds": round(wall, 2), "together_tokens_per_s": round(tokens / wall, 2),
-            "together_vs_alone": round(tokens / wall / alone_tps, 2),
-            "together_ttft_p50_ms": _ms([r[0] for r in results], 0.5),
-            "together_ttft_max_ms": round(max(r[0] for r in results) * 1000, 1)}
+    return {
+        "answers": n,
+        "max_tokens": args.max_tokens,
+        "alone_tokens": alone_tokens,
+        "alone_tokens_per_s": round(alone_tps, 2),
+        "together_tokens": tokens,
+        "together_seconds": round(wall, 2),
+        "together_tokens_per_s": round(tokens / wall, 2),
+        "together_vs_alone": round(tokens / wall / alone_tps, 2),
+        "together_ttft_p50_ms": _ms([r[0] for r in results], 0.5),
+        "together_ttft_max_ms": round(max(r[0] for r in results) * 1000, 1),
+    }
 
 
 def _print(result: dict) -> None:
@@ -329,16 +354,24 @@ def _print(result: dict) -> None:
     print(f"errors:            {result['errors']}")
     for e in result["error_samples"]:
         print(f"  {e}")
-    print(f"tokens accounted:  {'yes' if result['tokens_accounted'] else 'NO'} "
-          f"(streams received {result['tokens_received']}, sessions hold {result['tokens_held']} "
-          f"= trained + pending)")
-    print(f"ingest:            {result['ingest_streams']} workers, {result['ingest_requests']} streams, "
-          f"{result['tokens_trained']} tokens trained, {result['ingest_tokens_per_s']} tokens/s total")
-    print(f"chat:              {result['chat_clients']} clients, {result['chat_count']} answers, "
-          f"p50 {result['chat_p50_ms']} ms, p99 {result['chat_p99_ms']} ms, {result['chat_timeouts']} timeouts")
-    print(f"chat TTFT:         p50 {result['ttft_p50_ms']} ms, p99 {result['ttft_p99_ms']} ms; idle server "
-          f"p50 {result['idle_ttft_p50_ms']} ms, p99 {result['idle_ttft_p99_ms']} ms "
-          f"(x{result.get('ttft_p50_vs_idle')}, x{result.get('ttft_p99_vs_idle')})")
+    print(
+        f"tokens accounted:  {'yes' if result['tokens_accounted'] else 'NO'} "
+        f"(streams received {result['tokens_received']}, sessions hold {result['tokens_held']} "
+        f"= trained + pending)"
+    )
+    print(
+        f"ingest:            {result['ingest_streams']} workers, {result['ingest_requests']} streams, "
+        f"{result['tokens_trained']} tokens trained, {result['ingest_tokens_per_s']} tokens/s total"
+    )
+    print(
+        f"chat:              {result['chat_clients']} clients, {result['chat_count']} answers, "
+        f"p50 {result['chat_p50_ms']} ms, p99 {result['chat_p99_ms']} ms, {result['chat_timeouts']} timeouts"
+    )
+    print(
+        f"chat TTFT:         p50 {result['ttft_p50_ms']} ms, p99 {result['ttft_p99_ms']} ms; idle server "
+        f"p50 {result['idle_ttft_p50_ms']} ms, p99 {result['idle_ttft_p99_ms']} ms "
+        f"(x{result.get('ttft_p50_vs_idle')}, x{result.get('ttft_p99_vs_idle')})"
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "error_samples"}), flush=True)
 
 

@@ -19,6 +19,7 @@ rolling context is full), trained by ``Session.train_next_chunk`` one by one, th
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -56,10 +57,12 @@ Impl = Callable[..., torch.Tensor]
 def loop(x, weight, bias, lora_a, lora_b, seg_offsets, scale):
     """The engine without batching: each session's rows through its own LoRALayer.linear."""
     bounds = seg_offsets.tolist()
-    return torch.cat([
-        F.linear(x[lo:hi], weight, bias) + scale * F.linear(F.linear(x[lo:hi], lora_a[s]), lora_b[s])
-        for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
-    ])
+    return torch.cat(
+        [
+            F.linear(x[lo:hi], weight, bias) + scale * F.linear(F.linear(x[lo:hi], lora_a[s]), lora_b[s])
+            for s, (lo, hi) in enumerate(itertools.pairwise(bounds))
+        ]
+    )
 
 
 def triton_impl(x, weight, bias, lora_a, lora_b, seg_offsets, scale):
@@ -101,6 +104,7 @@ def projection_rows(shape: Shape, device: torch.device, dtype: torch.dtype, repe
         want = loop(x, weight, None, lora_a, lora_b, seg_offsets, 2.0).float()
     rows = []
     for impl, fn in impls.items():
+
         def fwd(fn=fn):
             with torch.no_grad():
                 return fn(x, weight, None, lora_a, lora_b, seg_offsets, 2.0)
@@ -110,11 +114,22 @@ def projection_rows(shape: Shape, device: torch.device, dtype: torch.dtype, repe
 
         max_err = (fwd().float() - want).abs().max().item()
         for mode, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd))[: 2 if shape.train else 1]:
-            rows.append(dict(
-                shape=shape.name, sessions=shape.sessions, tokens=shape.tokens, d_in=shape.d_in, d_out=shape.d_out,
-                rank=shape.rank, impl=impl, mode=mode, device=device.type, dtype=str(dtype).removeprefix("torch."),
-                seconds=time_it(step, device, repeats), max_err=max_err,
-            ))
+            rows.append(
+                dict(
+                    shape=shape.name,
+                    sessions=shape.sessions,
+                    tokens=shape.tokens,
+                    d_in=shape.d_in,
+                    d_out=shape.d_out,
+                    rank=shape.rank,
+                    impl=impl,
+                    mode=mode,
+                    device=device.type,
+                    dtype=str(dtype).removeprefix("torch."),
+                    seconds=time_it(step, device, repeats),
+                    max_err=max_err,
+                )
+            )
     for r in rows:
         base = next(b for b in rows if b["impl"] == "loop" and b["mode"] == r["mode"])
         r["speedup"] = base["seconds"] / r["seconds"]
@@ -139,30 +154,38 @@ def engine_rows(device: str, sessions: int, tokens: int) -> list[dict]:
         times = []
         for _ in range(2):
             t = time.perf_counter()
-            if impl == "sequential":
-                reports = [s.train_next_chunk() for s in group]
-            else:
-                reports = train_sessions(group)
+            reports = [s.train_next_chunk() for s in group] if impl == "sequential" else train_sessions(group)
             times.append(time.perf_counter() - t)
         seconds = statistics.median(times)
-        rows.append(dict(
-            shape="default model ingest step", sessions=sessions, tokens=tokens, impl=impl, mode="train",
-            device=device, seconds=seconds, tokens_per_s=sessions * tokens / seconds,
-            loss_before=statistics.mean(r.loss_before for r in reports),
-        ))
+        rows.append(
+            dict(
+                shape="default model ingest step",
+                sessions=sessions,
+                tokens=tokens,
+                impl=impl,
+                mode="train",
+                device=device,
+                seconds=seconds,
+                tokens_per_s=sessions * tokens / seconds,
+                loss_before=statistics.mean(r.loss_before for r in reports),
+            )
+        )
     rows[1]["speedup"] = rows[0]["seconds"] / rows[1]["seconds"]
     rows[0]["speedup"] = 1.0
     return rows
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"{'shape':30s} {'S x T':>8s} {'impl':14s} {'mode':8s} {'dtype':9s} {'ms':>9s} {'speedup':>8s} "
-          f"{'max_err':>9s}")
+    print(
+        f"{'shape':30s} {'S x T':>8s} {'impl':14s} {'mode':8s} {'dtype':9s} {'ms':>9s} {'speedup':>8s} {'max_err':>9s}"
+    )
     for r in rows:
         st = f"{r['sessions']}x{r['tokens']}"
         err = f"{r['max_err']:9.1e}" if "max_err" in r else f"{r['tokens_per_s']:6.0f} t/s"
-        print(f"{r['shape'][:30]:30s} {st:>8s} {r['impl']:14s} {r['mode']:8s} {r.get('dtype', ''):9s} "
-              f"{r['seconds'] * 1e3:9.2f} {r['speedup']:7.2f}x {err}")
+        print(
+            f"{r['shape'][:30]:30s} {st:>8s} {r['impl']:14s} {r['mode']:8s} {r.get('dtype', ''):9s} "
+            f"{r['seconds'] * 1e3:9.2f} {r['speedup']:7.2f}x {err}"
+        )
 
 
 def run(device: str, engine: bool = False, shapes: tuple[Shape, ...] | None = None) -> list[dict]:

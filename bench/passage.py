@@ -33,9 +33,40 @@ VARIANTS = {  # name -> (sink_tokens, recompute the window before each chunk)
     "recompute": (4, True),
     "recompute-no-sinks": (0, True),
 }
-WORDS = ("amber", "lantern", "orchard", "quiet", "ribbon", "silver", "thistle", "velvet", "harbour", "meadow", "copper",
-         "ember", "glacier", "hollow", "ivory", "juniper", "kettle", "linen", "marble", "nutmeg", "oyster", "pepper",
-         "quartz", "saffron", "timber", "umber", "willow", "yarrow", "zephyr", "basket", "candle", "dapple")
+WORDS = (
+    "amber",
+    "lantern",
+    "orchard",
+    "quiet",
+    "ribbon",
+    "silver",
+    "thistle",
+    "velvet",
+    "harbour",
+    "meadow",
+    "copper",
+    "ember",
+    "glacier",
+    "hollow",
+    "ivory",
+    "juniper",
+    "kettle",
+    "linen",
+    "marble",
+    "nutmeg",
+    "oyster",
+    "pepper",
+    "quartz",
+    "saffron",
+    "timber",
+    "umber",
+    "willow",
+    "yarrow",
+    "zephyr",
+    "basket",
+    "candle",
+    "dapple",
+)
 
 
 def passage(rng: random.Random, words: int = 120) -> str:
@@ -62,15 +93,18 @@ def read(engine, doc: list[int], config: dict, recompute: bool) -> tuple[ttt.Ses
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench.passage", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.passage", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/passage"), metavar="DIR")
     ap.add_argument("--model")
     ap.add_argument("--device")
     ap.add_argument("--tokens", type=int, default=10240, help="document length")
     ap.add_argument("--depth", type=int, default=9216, help="tokens between the passage and the end")
     ap.add_argument("--passages", type=int, default=4, help="passage pairs (each pair: two twin sessions)")
-    ap.add_argument("--memory", default="off", help="the sessions' memory preset (default: next-token prediction alone)")
+    ap.add_argument(
+        "--memory", default="off", help="the sessions' memory preset (default: next-token prediction alone)"
+    )
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args(argv)
     engine = ttt.load_engine(args.model, args.device)
@@ -92,12 +126,17 @@ def main(argv=None) -> dict:
                 scores[read_text] = (session.score(read_text), session.score(other))
             # each passage: its NLL in the session that did not read it minus in the one that did
             gains += [scores[b][1] - scores[a][0], scores[a][1] - scores[b][0]]
-        results["variants"][name] = {"gains": gains, "mean_gain": statistics.fmean(gains),
-                                     "sem": statistics.stdev(gains) / len(gains) ** 0.5,
-                                     "tokens_per_s": tokens / seconds}
+        results["variants"][name] = {
+            "gains": gains,
+            "mean_gain": statistics.fmean(gains),
+            "sem": statistics.stdev(gains) / len(gains) ** 0.5,
+            "tokens_per_s": tokens / seconds,
+        }
         v = results["variants"][name]
-        print(f"{name:>20s}: gain {v['mean_gain']:.3f} +- {v['sem']:.3f} nats/token, {v['tokens_per_s']:.0f} tok/s",
-              flush=True)
+        print(
+            f"{name:>20s}: gain {v['mean_gain']:.3f} +- {v['sem']:.3f} nats/token, {v['tokens_per_s']:.0f} tok/s",
+            flush=True,
+        )
     write_json(args.out / "passage.json", results)
     return results
 

@@ -44,15 +44,27 @@ def _band(ax, x, mean, sem, **kw):
 def nll_figures(out: Path, positions: list[int], nll: dict[str, dict], gain: dict[str, dict], title: str) -> list[Path]:
     """``nll_vs_position.png`` (a, b, c) and ``gain.png`` (how much lower b and c are than a)."""
     return [
-        _curves(out / "nll_vs_position.png", positions, {label(n): s for n, s in nll.items()},
-                "NLL before training on the chunk (nats/token)", title),
-        _curves(out / "gain.png", positions, {f"{label(n)} vs (a)": s for n, s in gain.items()},
-                "NLL gain over window only (nats/token)", title, zero_line=True),
+        _curves(
+            out / "nll_vs_position.png",
+            positions,
+            {label(n): s for n, s in nll.items()},
+            "NLL before training on the chunk (nats/token)",
+            title,
+        ),
+        _curves(
+            out / "gain.png",
+            positions,
+            {f"{label(n)} vs (a)": s for n, s in gain.items()},
+            "NLL gain over window only (nats/token)",
+            title,
+            zero_line=True,
+        ),
     ]
 
 
-def _curves(path: Path, positions: list[int], series: dict[str, dict], ylabel: str, title: str,
-            zero_line: bool = False) -> Path:
+def _curves(
+    path: Path, positions: list[int], series: dict[str, dict], ylabel: str, title: str, zero_line: bool = False
+) -> Path:
     """One figure of mean curves with standard-error bands against chunk position."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -68,8 +80,9 @@ def _curves(path: Path, positions: list[int], series: dict[str, dict], ylabel: s
     return path
 
 
-def recall_heatmap(path: Path, grids: dict[str, list[list[float | None]]], lengths: list[int], depths: list[int],
-                   title: str) -> Path:
+def recall_heatmap(
+    path: Path, grids: dict[str, list[list[float | None]]], lengths: list[int], depths: list[int], title: str
+) -> Path:
     """Accuracy by needle depth (rows: tokens before the end) and document length (columns), a panel per memory."""
     plt = _pyplot()
     cols = min(len(grids), 4)
@@ -77,13 +90,19 @@ def recall_heatmap(path: Path, grids: dict[str, list[list[float | None]]], lengt
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
     for ax in axes.flat[len(grids) :]:
         ax.axis("off")
-    for ax, (memory, grid) in zip(axes.flat, grids.items()):
+    for ax, (memory, grid) in zip(axes.flat, grids.items(), strict=False):  # more axes than grids
         grid = [[float("nan") if v is None else v for v in row] for row in grid]
         ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         for r, row in enumerate(grid):
             for c, v in enumerate(row):
-                ax.text(c, r, "-" if v != v else f"{v:.2f}", ha="center", va="center",
-                        color="white" if v != v or v < 0.6 else "black")
+                ax.text(
+                    c,
+                    r,
+                    "-" if v != v else f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    color="white" if v != v or v < 0.6 else "black",
+                )
         ax.set_xticks(range(len(lengths)), [tokens_label(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [tokens_label(d) for d in depths])
         ax.set(xlabel="document tokens", ylabel="tokens after the needle", title=memory)

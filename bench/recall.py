@@ -39,8 +39,9 @@ class PrefixedLM:
     ``capacity`` (default: the prefix plus a question) bounds the prefix plus question that ``extend`` can reach.
     """
 
-    def __init__(self, engine: ttt.Engine, prefix: Sequence[int], fast=None, room: int | None = None,
-                 capacity: int | None = None):
+    def __init__(
+        self, engine: ttt.Engine, prefix: Sequence[int], fast=None, room: int | None = None, capacity: int | None = None
+    ):
         base = engine.base
         self.model, self.device, self.tokenizer = base.model, base.device, base.tokenizer
         self.adapters = fast.adapters() if fast is not None else None
@@ -83,7 +84,9 @@ class PrefixedLM:
         middle = self.cache.length
         out = []
         for target in targets:
-            logits = torch.cat([last[None], self._forward(target[:-1], rewind=False)]) if len(target) > 1 else last[None]
+            logits = (
+                torch.cat([last[None], self._forward(target[:-1], rewind=False)]) if len(target) > 1 else last[None]
+            )
             self.cache.length = middle
             out.append(F.cross_entropy(logits, torch.tensor(target, device=self.device), reduction="sum").item())
         return out
@@ -139,16 +142,22 @@ def ask(lm: PrefixedLM, item: Item, answer_tokens: int = 16) -> dict:
     return out
 
 
-def memories(engine: ttt.Engine, doc: Sequence[int], names: Sequence[str], session: ttt.Session | None = None,
-             context_tokens: int = 512) -> dict[str, PrefixedLM]:
+def memories(
+    engine: ttt.Engine,
+    doc: Sequence[int],
+    names: Sequence[str],
+    session: ttt.Session | None = None,
+    context_tokens: int = 512,
+) -> dict[str, PrefixedLM]:
     """The memories ``names`` after reading ``doc`` (``session``: the one that read it, for "ttt" and "weights");
     "window" sees the last ``context_tokens`` tokens; each keeps the last tokens of its prefix that fit with a
     question (as ``Engine.prompt`` does)."""
     room = engine.base.cfg.max_position_embeddings - QUESTION_ROOM
     makers = {
         "none": lambda: PrefixedLM(engine, []),
-        "window": lambda: PrefixedLM(engine, doc[max(0, len(doc) - context_tokens) :] if context_tokens else [],
-                                     room=room),
+        "window": lambda: PrefixedLM(
+            engine, doc[max(0, len(doc) - context_tokens) :] if context_tokens else [], room=room
+        ),
         "ttt": lambda: PrefixedLM(engine, session.answer_prefix(), session.fast, room=room),
         "weights": lambda: PrefixedLM(engine, [], session.fast),
         "full": lambda: PrefixedLM(engine, doc, room=room),
@@ -158,6 +167,9 @@ def memories(engine: ttt.Engine, doc: Sequence[int], names: Sequence[str], sessi
 
 def accuracy(records: list[dict], memory: str, probe: str, **where) -> float | None:
     """The fraction of ``records`` (matching ``where``) that ``memory`` got right by ``probe``; None if none."""
-    hits = [r[memory][probe] for r in records
-            if memory in r and probe in r[memory] and all(r.get(k) == v for k, v in where.items())]
+    hits = [
+        r[memory][probe]
+        for r in records
+        if memory in r and probe in r[memory] and all(r.get(k) == v for k, v in where.items())
+    ]
     return sum(hits) / len(hits) if hits else None

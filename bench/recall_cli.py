@@ -46,28 +46,48 @@ TASKS = ("needle", "qa1", "qa2", "qa3", "book")
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="ttt recall", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="ttt recall", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/recall"), metavar="DIR")
     ap.add_argument("--model", help="local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
     ap.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS))
-    ap.add_argument("--config", nargs="*", default=[], metavar="NAME=JSON",
-                    help="more settings to compare, each a partial session config")
+    ap.add_argument(
+        "--config",
+        nargs="*",
+        default=[],
+        metavar="NAME=JSON",
+        help="more settings to compare, each a partial session config",
+    )
     ap.add_argument("--seeds", type=int, default=1, help="documents (filler, needles, stories) per length")
     ap.add_argument("--lengths", type=int, nargs="*", default=[2048, 4096, 8192, 16384], metavar="N")
-    ap.add_argument("--depths", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384, 32768], metavar="D",
-                    help="needle depths: tokens between a needle and the document's end")
+    ap.add_argument(
+        "--depths",
+        type=int,
+        nargs="*",
+        default=[1024, 2048, 4096, 8192, 16384, 32768],
+        metavar="D",
+        help="needle depths: tokens between a needle and the document's end",
+    )
     ap.add_argument("--needles-per-depth", type=int, default=2)
     ap.add_argument("--stories", type=int, default=3, help="qa1-qa3 stories per document")
     ap.add_argument("--book-tokens", type=int, default=32768, help="how much of the book to read (0: all of it)")
     ap.add_argument("--no-book", action="store_true", help="skip the book questions")
     ap.add_argument("--answer-tokens", type=int, default=24, help="greedy tokens per chat answer")
-    ap.add_argument("--export-lm-eval", type=Path, metavar="DIR",
-                    help="write each needle document (.txt, to ingest) and its needles as an lm-evaluation-harness "
-                         "multiple-choice task (.jsonl + .yaml) into DIR, then exit")
-    ap.add_argument("--memories", nargs="*", default=["none", "window", "full", "ttt", "weights"],
-                    choices=["none", "window", "full", "ttt", "weights"])
+    ap.add_argument(
+        "--export-lm-eval",
+        type=Path,
+        metavar="DIR",
+        help="write each needle document (.txt, to ingest) and its needles as an lm-evaluation-harness "
+        "multiple-choice task (.jsonl + .yaml) into DIR, then exit",
+    )
+    ap.add_argument(
+        "--memories",
+        nargs="*",
+        default=["none", "window", "full", "ttt", "weights"],
+        choices=["none", "window", "full", "ttt", "weights"],
+    )
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.needles_per_depth < 0 or args.stories < 0 or args.book_tokens < 0:
         ap.error("--seeds must be >= 1; --needles-per-depth, --stories and --book-tokens >= 0")
@@ -109,8 +129,9 @@ def prefill_seconds(engine: ttt.Engine, doc: list[int], chunk: int) -> tuple[int
     return n, time.perf_counter() - t
 
 
-def needle_documents(engine: ttt.Engine, lengths, depths, per_depth: int, stories: int, seeds: int,
-                     wrong: int = 5) -> list[tuple[dict, list[int], list]]:
+def needle_documents(
+    engine: ttt.Engine, lengths, depths, per_depth: int, stories: int, seeds: int, wrong: int = 5
+) -> list[tuple[dict, list[int], list]]:
     """(info, tokens, items) of a needle document per seed and length, on a seeded excerpt of the filler novel.
 
     ``depths`` are tokens between a needle and the end; values below 1 are fractions of the document (0.9:
@@ -124,21 +145,32 @@ def needle_documents(engine: ttt.Engine, lengths, depths, per_depth: int, storie
             offset = text.find("\n", rng.randrange(len(text) // 2)) + 1
             filler = tok(text[offset : offset + 8 * length], add_special_tokens=False).input_ids
             at = [d if d >= 1 else round(d * length) for d in depths]
-            doc, items = needle_document(tok, filler, length, at, per_depth, stories,
-                                         ttt.IngestConfig().context_tokens, rng, wrong)
+            doc, items = needle_document(
+                tok, filler, length, at, per_depth, stories, ttt.IngestConfig().context_tokens, rng, wrong
+            )
             docs.append(({"doc": "needles", "seed": seed, "length": length}, doc, items))
     return docs
 
 
-def probe_documents(engine: ttt.Engine, docs, configs: dict[str, dict], names, answer_tokens: int,
-                    on_answer=lambda: None) -> tuple[list[dict], dict]:
+def probe_documents(
+    engine: ttt.Engine, docs, configs: dict[str, dict], names, answer_tokens: int, on_answer=lambda: None
+) -> tuple[list[dict], dict]:
     """Every item of every document under every memory in ``names`` (``ttt`` and ``weights`` once per setting
     of ``configs``, named "ttt/<setting>"); and (tokens, seconds) of reading, per setting and by plain prefill."""
     records, timing = [], {"prefill": [0, 0.0], **{name: [0, 0.0] for name in configs}}
     for info, doc, items in docs:
-        recs = [{**info, "task": it.task.split("/")[0], "kind": it.task, "depth": it.depth,
-                 "from_end": len(doc) - min(it.positions), "question": it.question, "answer": it.answer}
-                for it in items]
+        recs = [
+            {
+                **info,
+                "task": it.task.split("/")[0],
+                "kind": it.task,
+                "depth": it.depth,
+                "from_end": len(doc) - min(it.positions),
+                "question": it.question,
+                "answer": it.answer,
+            }
+            for it in items
+        ]
 
         def ask_all(name, lm, recs=recs, items=items):
             for rec, item in zip(recs, items, strict=True):
@@ -170,24 +202,41 @@ def main(argv=None) -> dict:
     docs = needle_documents(engine, args.lengths, args.depths, args.needles_per_depth, args.stories, args.seeds)
     if args.export_lm_eval is not None:
         for info, tokens, items in docs:
-            export_lm_eval(args.export_lm_eval, f"{info['seed']}_{info['length']}", engine.base.tokenizer.decode(tokens),
-                           [it for it in items if it.cloze])
+            export_lm_eval(
+                args.export_lm_eval,
+                f"{info['seed']}_{info['length']}",
+                engine.base.tokenizer.decode(tokens),
+                [it for it in items if it.cloze],
+            )
         print(f"wrote {len(docs)} documents and lm-eval tasks to {args.export_lm_eval}")
         return {}
     if not args.no_book:
         ids, questions = book_items(engine.base.tokenizer, args.book_tokens or None)
         docs.append(({"doc": "book", "seed": 0, "length": len(ids)}, ids, questions))
     per_doc = len([m for m in args.memories if m in SHARED]) + len(configs) * len(
-        [m for m in args.memories if m not in SHARED])
-    bar = tqdm(total=sum(len(items) for _, _, items in docs) * per_doc, desc="recall", unit="answer",
-               file=sys.stderr, dynamic_ncols=True)
+        [m for m in args.memories if m not in SHARED]
+    )
+    bar = tqdm(
+        total=sum(len(items) for _, _, items in docs) * per_doc,
+        desc="recall",
+        unit="answer",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     records, timing = probe_documents(engine, docs, configs, args.memories, args.answer_tokens, bar.update)
     bar.close()
     results = summarize(args, engine, configs, records, timing)
     write_json(args.out / "results.json", results)
-    pngs = [recall_heatmap(args.out / f"needles_{probe}.png", results["needles"][probe], args.lengths,
-                           results["needle_depths"], f"needles recalled, by {probe} (likelihood chance 1/6)")
-            for probe in PROBES]
+    pngs = [
+        recall_heatmap(
+            args.out / f"needles_{probe}.png",
+            results["needles"][probe],
+            args.lengths,
+            results["needle_depths"],
+            f"needles recalled, by {probe} (likelihood chance 1/6)",
+        )
+        for probe in PROBES
+    ]
     print_summary(results)
     print(f"wrote {args.out / 'results.json'}, {', '.join(p.name for p in pngs)}")
     return results
@@ -207,8 +256,10 @@ def export_lm_eval(folder: Path, name: str, document: str, items: list) -> None:
     (folder / f"recall_{name}.yaml").write_text(
         f"task: recall_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {(folder / f'recall_{name}.jsonl').resolve()}\ntest_split: test\noutput_type: multiple_choice\n"
-        "doc_to_text: \"{{context}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
-        "target_delimiter: \"\"\nmetric_list:\n  - metric: acc\n", encoding="utf-8")
+        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        'target_delimiter: ""\nmetric_list:\n  - metric: acc\n',
+        encoding="utf-8",
+    )
 
 
 def memory_names(records: list[dict]) -> list[str]:
@@ -220,8 +271,13 @@ def summarize(args, engine, configs, records, timing) -> dict:
     names = memory_names(records)
     by_task = {m: {p: {t: accuracy(records, m, p, task=t) for t in TASKS} for p in PROBES} for m in names}
     depths = sorted({r["depth"] for r in records if r["task"] == "needle"})
-    needles = {p: {m: [[accuracy(records, m, p, task="needle", depth=d, length=n) for n in args.lengths]
-                       for d in depths] for m in names} for p in PROBES}
+    needles = {
+        p: {
+            m: [[accuracy(records, m, p, task="needle", depth=d, length=n) for n in args.lengths] for d in depths]
+            for m in names
+        }
+        for p in PROBES
+    }
     counts = {t: sum(r["task"] == t for r in records) for t in TASKS}
     # the issue's target range: needles 2K-16K tokens before the end
     far = [r for r in records if r["task"] == "needle" and 2048 <= r["depth"] <= 16384]
@@ -238,10 +294,17 @@ def summarize(args, engine, configs, records, timing) -> dict:
         "chance": 1 / 6,
         "accuracy": by_task,
         # standard error of each accuracy (binomial, over its items), and the accuracy of each seed's documents
-        "stderr": {m: {p: {t: None if a is None else math.sqrt(a * (1 - a) / counts[t]) for t, a in row.items()}
-                       for p, row in by_probe.items()} for m, by_probe in by_task.items()},
-        "by_seed": {m: {p: {t: [accuracy(records, m, p, task=t, seed=seed) for seed in seeds] for t in TASKS}
-                        for p in PROBES} for m in names},
+        "stderr": {
+            m: {
+                p: {t: None if a is None else math.sqrt(a * (1 - a) / counts[t]) for t, a in row.items()}
+                for p, row in by_probe.items()
+            }
+            for m, by_probe in by_task.items()
+        },
+        "by_seed": {
+            m: {p: {t: [accuracy(records, m, p, task=t, seed=seed) for seed in seeds] for t in TASKS} for p in PROBES}
+            for m in names
+        },
         "needles_2k_16k": {m: {p: accuracy(far, m, p) for p in PROBES} for m in names},
         "needle_depths": depths,
         "needles": needles,
@@ -254,21 +317,32 @@ def summarize(args, engine, configs, records, timing) -> dict:
 def print_summary(results: dict) -> None:
     acc = results["accuracy"]
     counts = results["counts"]
-    print(f"\n{results['meta']['model']} on {results['meta']['device']}: accuracy by task "
-          f"(likelihood chance {results['chance']:.2f}); items: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
+    print(
+        f"\n{results['meta']['model']} on {results['meta']['device']}: accuracy by task "
+        f"(likelihood chance {results['chance']:.2f}); items: " + ", ".join(f"{t} {n}" for t, n in counts.items())
+    )
     for probe in PROBES:
         print(f"\n{probe:>22s}" + "".join(f"{t:>8s}" for t in TASKS))
         for memory, row in acc.items():
-            print(f"{memory:>22s}" + "".join("       -" if row[probe][t] is None else f"{row[probe][t]:8.2f}"
-                                             for t in TASKS))
+            print(
+                f"{memory:>22s}"
+                + "".join("       -" if row[probe][t] is None else f"{row[probe][t]:8.2f}" for t in TASKS)
+            )
     far = results["needles_2k_16k"]
-    print("\nneedles 2K-16K tokens back: " + "; ".join(
-        f"{m} " + "/".join("-" if far[m][p] is None else f"{far[m][p]:.2f}" for p in PROBES) for m in far)
-        + f" ({'/'.join(PROBES)})")
+    print(
+        "\nneedles 2K-16K tokens back: "
+        + "; ".join(f"{m} " + "/".join("-" if far[m][p] is None else f"{far[m][p]:.2f}" for p in PROBES) for m in far)
+        + f" ({'/'.join(PROBES)})"
+    )
     cost = results["cost"]
-    print(f"\ningest cost: plain prefill {cost['prefill_tokens_per_s']:.1f} tokens/s; "
-          + "; ".join(f"{k} {v['tokens_per_s']:.1f} tokens/s ({v['vs_prefill']:.2f}x)"
-                      for k, v in cost.items() if k != "prefill_tokens_per_s"))
+    print(
+        f"\ningest cost: plain prefill {cost['prefill_tokens_per_s']:.1f} tokens/s; "
+        + "; ".join(
+            f"{k} {v['tokens_per_s']:.1f} tokens/s ({v['vs_prefill']:.2f}x)"
+            for k, v in cost.items()
+            if k != "prefill_tokens_per_s"
+        )
+    )
 
 
 if __name__ == "__main__":

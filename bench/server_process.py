@@ -25,11 +25,25 @@ class ServerProcess:
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
         self.grpc_port = self.http_port = 0
-        self.log = open(log_path, "wb")
+        self.log = open(log_path, "wb")  # noqa: SIM115  (the server writes it until stop() or kill())
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "clients.cli", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-             "--http-port", "0", *args],
-            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "clients.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--grpc-port",
+                "0",
+                "--http-port",
+                "0",
+                *args,
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
 
     @property

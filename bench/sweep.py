@@ -27,8 +27,10 @@ CANDIDATES = {
     "lora-mlp-last8-lr1e-2": {"fast": {"layers": "last:8"}, "ingest": {"lr": 1e-2}},
     "lora-mlp-all-lr3e-3": {"fast": {"layers": "all"}, "ingest": {"lr": 3e-3}},
     "lora-attn+mlp-last8-lr3e-3": {
-        "fast": {"layers": "last:8", "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                 "down_proj"]},
+        "fast": {
+            "layers": "last:8",
+            "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        },
         "ingest": {"lr": 3e-3},
     },
     "lora-mlp-last8-r64-lr3e-3": {"fast": {"layers": "last:8", "rank": 64, "alpha": 128}, "ingest": {"lr": 3e-3}},
@@ -65,8 +67,11 @@ def main(argv=None):
         t = time.perf_counter()
         results[name] = [statistics.mean(list(per_chunk_nll(ids))[args.skip :]) for ids in excerpts]
         seconds[name] = time.perf_counter() - t
-        print(f"{name:34s} NLL {statistics.mean(results[name]):.4f}  "
-              f"per excerpt {[round(x, 4) for x in results[name]]}  {seconds[name]:6.1f}s", flush=True)
+        print(
+            f"{name:34s} NLL {statistics.mean(results[name]):.4f}  "
+            f"per excerpt {[round(x, 4) for x in results[name]]}  {seconds[name]:6.1f}s",
+            flush=True,
+        )
 
     record("window-only (no TTT)", lambda ids: window_nll(engine, ids, args.chunk, args.context, sink))
     if not args.no_full:

@@ -7,6 +7,7 @@ A failed request raises :class:`ChatError`, printed as ``error: <status or kind>
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import ssl
@@ -60,8 +61,13 @@ def iter_sse_data(response: httpx.Response) -> Iterator[str]:
 class ChatClient:
     """``ChatClient("http://127.0.0.1:8000", api_key)``: streamed chat completions and the model list."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: httpx.Timeout = TIMEOUT,
-                 tls_ca: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: httpx.Timeout = TIMEOUT,
+        tls_ca: str | os.PathLike | None = None,
+    ):
         """``tls_ca``: a PEM file to trust for an ``https://`` server with its own authority (see ``TTTClient``)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
@@ -78,8 +84,13 @@ class ChatClient:
         self.close()
 
     def _transport_error(self, e: httpx.HTTPError) -> ChatError:
-        kind = ("connection" if isinstance(e, httpx.ConnectError) else
-                "timeout" if isinstance(e, httpx.TimeoutException) else "network")
+        kind = (
+            "connection"
+            if isinstance(e, httpx.ConnectError)
+            else "timeout"
+            if isinstance(e, httpx.TimeoutException)
+            else "network"
+        )
         return ChatError(kind, f"{self.base_url}: {e or type(e).__name__}")
 
     def base_model(self) -> str:
@@ -204,12 +215,9 @@ class Chat:
         """Read messages until /exit or end of input. Interactive: 0; piped: 1 if any message failed."""
         if interactive:
             target = f"session {self.session}" if self.session else "the base model (no session)"
-            _say(f"chatting with {target} at {self.client.base_url}; /help for commands, Ctrl-D to quit\n",
-                 sys.stderr)
-            try:
+            _say(f"chatting with {target} at {self.client.base_url}; /help for commands, Ctrl-D to quit\n", sys.stderr)
+            with contextlib.suppress(ImportError):
                 import readline  # noqa: F401  (line editing and history for input())
-            except ImportError:
-                pass
         failed = False
         while True:
             try:

@@ -28,7 +28,9 @@ def add_serve(sub) -> None:
     p.add_argument("--grpc-port", type=int, help="default 50051")
     p.add_argument("--http-port", type=int, help="default 8000")
     p.add_argument("--data-dir", help="where sessions are saved (default ~/.local/share/ttt)")
-    p.add_argument("--api-keys-file", help="JSON {user: [sha256 of key, ...]}; without it the server is open, loopback only")
+    p.add_argument(
+        "--api-keys-file", help="JSON {user: [sha256 of key, ...]}; without it the server is open, loopback only"
+    )
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS on both doors with this certificate (with --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
 
@@ -58,8 +60,14 @@ def _positive(text: str) -> int:
 def _connection_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--server", metavar="HOST:PORT", help="gRPC address (default: $TTT_SERVER or 127.0.0.1:50051)")
-    p.add_argument("--api-key", metavar="KEY", help="bearer key (default: $TTT_API_KEY; an open loopback server needs none)")
-    p.add_argument("--tls-ca", metavar="PEM", help="PEM file of the authority (or self-signed certificate) of a TLS server (default: $TTT_TLS_CA)")
+    p.add_argument(
+        "--api-key", metavar="KEY", help="bearer key (default: $TTT_API_KEY; an open loopback server needs none)"
+    )
+    p.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="PEM file of the authority (or self-signed certificate) of a TLS server (default: $TTT_TLS_CA)",
+    )
     return p
 
 
@@ -78,12 +86,24 @@ def add_client_commands(sub) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files ('-': standard input); one stream each")
     p.add_argument("--session", "-s", required=True, metavar="ID", help="session id")
     p.add_argument("--chunk-tokens", type=_positive, metavar="N", help="tokens per training chunk (new sessions only)")
-    p.add_argument("--memory", metavar="PRESET", help="how hard a new session works to recall what it reads: off, fast, "
-                   "balanced (the default) or deep, trading ingest speed for recall (new sessions only)")
-    p.add_argument("--piece-bytes", type=_positive, default=DEFAULT_PIECE_BYTES, metavar="N",
-                   help=f"bytes per streamed message (default {DEFAULT_PIECE_BYTES})")
-    p.add_argument("--keep-pending", action="store_true",
-                   help="do not train the last partial chunk: the document continues in a later stream")
+    p.add_argument(
+        "--memory",
+        metavar="PRESET",
+        help="how hard a new session works to recall what it reads: off, fast, "
+        "balanced (the default) or deep, trading ingest speed for recall (new sessions only)",
+    )
+    p.add_argument(
+        "--piece-bytes",
+        type=_positive,
+        default=DEFAULT_PIECE_BYTES,
+        metavar="N",
+        help=f"bytes per streamed message (default {DEFAULT_PIECE_BYTES})",
+    )
+    p.add_argument(
+        "--keep-pending",
+        action="store_true",
+        help="do not train the last partial chunk: the document continues in a later stream",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, only the summary lines")
     p.set_defaults(handler=run_ingest)
 
@@ -100,27 +120,39 @@ def add_client_commands(sub) -> None:
         q = ssub.add_parser(name, parents=[conn], help=text)
         q.add_argument("session_id", metavar="ID")
         q.set_defaults(handler=handler)
-    q = ssub.add_parser("import", parents=[conn],
-                        help="a new session from a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
+    q = ssub.add_parser(
+        "import",
+        parents=[conn],
+        help="a new session from a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors)",
+    )
     q.add_argument("folder", metavar="DIR")
     q.add_argument("--session", help="the new session's id (default: the server picks one)")
     q.set_defaults(handler=run_sessions_import)
 
     p = sub.add_parser(
-        "chat", help="talk to a session (OpenAI-compatible HTTP API): a REPL, or --message / piped lines",
+        "chat",
+        help="talk to a session (OpenAI-compatible HTTP API): a REPL, or --message / piped lines",
         description="Interactive chat with a session over HTTP. Each line is a user message; the answer streams "
-                    "in and joins the history, which is sent with every message. In the REPL: /reset, /help, "
-                    "/exit (or Ctrl-D); Ctrl-C stops an answer. With --message, or when standard input is not a "
-                    "terminal (one message per line), answers are printed and the command exits.",
+        "in and joins the history, which is sent with every message. In the REPL: /reset, /help, "
+        "/exit (or Ctrl-D); Ctrl-C stops an answer. With --message, or when standard input is not a "
+        "terminal (one message per line), answers are printed and the command exits.",
     )
     p.add_argument("--session", "-s", metavar="ID", help="session id (default: the base model, no session)")
     p.add_argument("--http", metavar="URL", help="HTTP address (default: $TTT_HTTP or http://127.0.0.1:8000)")
-    p.add_argument("--api-key", metavar="KEY", help="bearer key (default: $TTT_API_KEY; an open loopback server needs none)")
-    p.add_argument("--tls-ca", metavar="PEM", help="PEM file of the authority (or self-signed certificate) of a TLS server (default: $TTT_TLS_CA)")
+    p.add_argument(
+        "--api-key", metavar="KEY", help="bearer key (default: $TTT_API_KEY; an open loopback server needs none)"
+    )
+    p.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="PEM file of the authority (or self-signed certificate) of a TLS server (default: $TTT_TLS_CA)",
+    )
     p.add_argument("--system", metavar="TEXT", help="a system message at the start of the conversation")
     p.add_argument("--message", "-m", metavar="TEXT", help="send this one message, print the answer, exit")
     p.add_argument("--max-tokens", type=_positive, metavar="N", help="most tokens per answer (server default 512)")
-    p.add_argument("--temperature", type=float, metavar="T", help="sampling temperature, 0 = greedy (server default 1.0)")
+    p.add_argument(
+        "--temperature", type=float, metavar="T", help="sampling temperature, 0 = greedy (server default 1.0)"
+    )
     p.add_argument("--seed", type=int, metavar="N", help="sampling seed, for repeatable answers")
     p.set_defaults(handler=run_chat)
 
@@ -128,8 +160,12 @@ def add_client_commands(sub) -> None:
     ksub = p.add_subparsers(dest="action", required=True, metavar="{new}")
     q = ksub.add_parser("new", help="generate a key for USER, add its sha256 to the keys file, print the key once")
     q.add_argument("user")
-    q.add_argument("--file", "-f", metavar="KEYS_JSON",
-                   help="the keys file {user: [sha256, ...]} (default: $TTT_API_KEYS_FILE); created with mode 0600")
+    q.add_argument(
+        "--file",
+        "-f",
+        metavar="KEYS_JSON",
+        help="the keys file {user: [sha256, ...]} (default: $TTT_API_KEYS_FILE); created with mode 0600",
+    )
     q.set_defaults(handler=run_keys_new)
 
 
@@ -171,8 +207,10 @@ def _ingest_file(client, args, path: str, settings: dict | None) -> dict:
         info = client.get_session(args.session)
         baseline = info["tokens_ingested"] + info["pending_tokens"]
         if settings:
-            print(f"note: session {args.session} exists; --chunk-tokens and --memory apply only to new sessions",
-                  file=sys.stderr)
+            print(
+                f"note: session {args.session} exists; --chunk-tokens and --memory apply only to new sessions",
+                file=sys.stderr,
+            )
             settings = None
     except TTTError as e:
         if e.code_name != "NOT_FOUND":
@@ -183,14 +221,15 @@ def _ingest_file(client, args, path: str, settings: dict | None) -> dict:
         stream, size, name = sys.stdin.buffer, None, "<stdin>"
     else:
         try:
-            stream = open(path, "rb")
+            stream = open(path, "rb")  # noqa: SIM115  (closed by the caller once streamed)
         except OSError as e:
             raise CLIError(f"{path}: {e.strerror or e}") from None
         size, name = os.fstat(stream.fileno()).st_size, os.path.basename(path)
 
     sent = [0]  # bytes handed to gRPC so far
-    bar = tqdm(total=None, desc=name, unit="tok", unit_scale=True, file=sys.stderr, disable=args.quiet,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=None, desc=name, unit="tok", unit_scale=True, file=sys.stderr, disable=args.quiet, dynamic_ncols=True
+    )
     summary = None
     chunks = 0
     try:
@@ -253,11 +292,18 @@ def run_sessions_list(args) -> int:
         sessions = client.list_sessions()
     rows = [("ID", "TOKENS", "CHUNKS", "LAST LOSS", "RESIDENCY")]
     for s in sessions:
-        rows.append((s["session_id"], str(s["tokens_ingested"]), str(s["chunks"]),
-                     _fmt_loss(s["last_loss_before"], s["chunks"]), s["residency"]))
+        rows.append(
+            (
+                s["session_id"],
+                str(s["tokens_ingested"]),
+                str(s["chunks"]),
+                _fmt_loss(s["last_loss_before"], s["chunks"]),
+                s["residency"],
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:4], widths[1:4])] + [r[4]]
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:4], widths[1:4], strict=True)] + [r[4]]
         print("  ".join(cells).rstrip())
     if not sessions:
         print("(no sessions)", file=sys.stderr)
@@ -279,8 +325,11 @@ def _print_info(s: dict) -> None:
         ("residency", s["residency"]),
         ("resident_bytes", _fmt_bytes(s["resident_bytes"])),
         ("disk_bytes", _fmt_bytes(s["disk_bytes"])),
-        ("memory", f"{s['memory']}: {s['memory_spans']} surprising spans kept, {s['exact_tokens_read']} of their tokens "
-                   "read by every answer"),
+        (
+            "memory",
+            f"{s['memory']}: {s['memory_spans']} surprising spans kept, {s['exact_tokens_read']} of their tokens "
+            "read by every answer",
+        ),
     ]
     if s["restored_from"]:  # the newest checkpoint was damaged: say which one was loaded, and why
         fields.append(("restored_from", s["restored_from"]))
@@ -372,13 +421,16 @@ def run_keys_new(args) -> int:
     try:
         check_session_id(args.user)  # the server keeps each user's sessions in a folder named after the user
     except ValueError:
-        raise CLIError("user name must be 1-128 characters of letters, digits, '_', '-', '.', "
-                       "starting with a letter or digit") from None
+        raise CLIError(
+            "user name must be 1-128 characters of letters, digits, '_', '-', '.', starting with a letter or digit"
+        ) from None
     key = new_key()
     add_key_to_file(Path(keys_file), args.user, hash_key(key))
     print(key)
-    print(f"added a key for {args.user} to {keys_file} (shown once; the server reads the file when it starts)",
-          file=sys.stderr)
+    print(
+        f"added a key for {args.user} to {keys_file} (shown once; the server reads the file when it starts)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -394,8 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     # Benchmarks parse their own flags (``ttt eval --help``): name -> (help, module with main(argv)).
     benchmarks = {
         "eval": ("how much a session remembers: NLL by position and fact recall vs full attention", "bench.eval"),
-        "recall": ("does a session answer about what it read: needles, multi-fact stories, book questions",
-                   "bench.recall_cli"),
+        "recall": (
+            "does a session answer about what it read: needles, multi-fact stories, book questions",
+            "bench.recall_cli",
+        ),
         "bench": ("TTT vs full attention: ingest speed, chat latency and memory as documents grow", "bench.bench"),
         "sweep": ("measure candidate fast-weight defaults", "bench.sweep"),
     }

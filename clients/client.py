@@ -38,7 +38,8 @@ __all__ = ["DEFAULT_SERVER", "TTTClient", "TTTError", "settings_message"]
 
 
 class TTTError(grpc.RpcError):
-    """A failed call: ``code`` is the ``grpc.StatusCode`` (``code.name`` e.g. "NOT_FOUND"), ``message`` the server's text.
+    """A failed call: ``code`` is the ``grpc.StatusCode`` (``code.name`` e.g. "NOT_FOUND"), ``message`` the
+    server's text.
 
     It is a ``grpc.RpcError``, so ``except grpc.RpcError`` still catches it; the original error is ``__cause__``.
     """
@@ -56,7 +57,7 @@ class TTTError(grpc.RpcError):
         return f"{self.code_name}: {self.message}" if self.message else self.code_name
 
     @classmethod
-    def from_rpc_error(cls, e: grpc.RpcError) -> "TTTError":
+    def from_rpc_error(cls, e: grpc.RpcError) -> TTTError:
         code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
         details = e.details() if callable(getattr(e, "details", None)) else str(e)
         return cls(code or grpc.StatusCode.UNKNOWN, details or "")
@@ -73,7 +74,9 @@ def settings_message(settings: Mapping[str, Any] | pb.SessionSettings | None) ->
     if isinstance(settings, pb.SessionSettings):
         return settings
     if not isinstance(settings, Mapping):
-        raise ValueError(f"settings must be a dict like {{'ingest': {{'chunk_tokens': 64}}}}, not {type(settings).__name__}")
+        raise ValueError(
+            f"settings must be a dict like {{'ingest': {{'chunk_tokens': 64}}}}, not {type(settings).__name__}"
+        )
     try:
         return json_format.ParseDict(dict(settings), pb.SessionSettings())
     except json_format.ParseError as e:
@@ -110,8 +113,16 @@ class TTTClient:
     TLS (``ttt serve --tls-cert``); ``tls=True`` without it trusts the system's authorities.
     """
 
-    def __init__(self, server: str = DEFAULT_SERVER, api_key: str | None = None, *, timeout: float | None = None,
-                 options: Sequence[tuple[str, Any]] = (), tls_ca: str | os.PathLike | None = None, tls: bool = False):
+    def __init__(
+        self,
+        server: str = DEFAULT_SERVER,
+        api_key: str | None = None,
+        *,
+        timeout: float | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        tls_ca: str | os.PathLike | None = None,
+        tls: bool = False,
+    ):
         self.server = server
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
@@ -127,7 +138,7 @@ class TTTClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "TTTClient":
+    def __enter__(self) -> TTTClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -146,8 +157,9 @@ class TTTClient:
         request = pb.CreateSessionRequest(session_id=session_id or "", settings=settings_message(settings))
         return message_dict(self._call("CreateSession", request))
 
-    def import_adapter(self, folder: str | os.PathLike, session_id: str | None = None,
-                       settings: Mapping[str, Any] | None = None) -> dict:
+    def import_adapter(
+        self, folder: str | os.PathLike, session_id: str | None = None, settings: Mapping[str, Any] | None = None
+    ) -> dict:
         """A new session from a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
 
         The adapter's layers, projections and rank become the session's fast weights; ``settings`` may
@@ -155,12 +167,15 @@ class TTTClient:
         """
         folder = Path(folder)
         try:
-            adapter = pb.PeftAdapter(adapter_config=(folder / "adapter_config.json").read_bytes(),
-                                     adapter_model=(folder / "adapter_model.safetensors").read_bytes())
+            adapter = pb.PeftAdapter(
+                adapter_config=(folder / "adapter_config.json").read_bytes(),
+                adapter_model=(folder / "adapter_model.safetensors").read_bytes(),
+            )
         except OSError as e:
             raise ValueError(f"{folder}: not a peft adapter folder ({e.strerror}: {e.filename})") from None
-        request = pb.CreateSessionRequest(session_id=session_id or "", settings=settings_message(settings),
-                                          adapter=adapter)
+        request = pb.CreateSessionRequest(
+            session_id=session_id or "", settings=settings_message(settings), adapter=adapter
+        )
         return message_dict(self._call("CreateSession", request))
 
     def get_session(self, session_id: str) -> dict:

@@ -62,7 +62,7 @@ def chunk_mask(T: int, N: int, window: int | None, device) -> torch.Tensor:
 def attention_reference(q, k, v, window: int | None = None) -> torch.Tensor:
     """The model's SDPA path. q: [B, H, T, hd]; k, v: [B, KVH, N, hd], N = P + T -> [B, H, T, hd]."""
     T, N = q.shape[2], k.shape[2]
-    if N == T and (window is None or T <= window):
+    if N == T and (window is None or window >= T):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=chunk_mask(T, N, window, q.device), enable_gqa=True)
 
@@ -73,9 +73,9 @@ def chunk_attention(q, k, v, window: int | None = None) -> torch.Tensor:
     q: [B, H, T, hd]; k, v: [B, KVH, N, hd] (H a multiple of KVH: GQA) -> [B, H, T, hd].
     """
     T, N = q.shape[2], k.shape[2]
-    if T == 1 and (window is None or N <= window):  # decode: every key is visible, SDPA needs no mask
+    if T == 1 and (window is None or window >= N):  # decode: every key is visible, SDPA needs no mask
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    masked = N > T or (window is not None and T > window)  # else plain causal: SDPA's own flash kernel
+    masked = N > T or (window is not None and window < T)  # else plain causal: SDPA's own flash kernel
     if masked and use_triton(q, k, v):
         return FlashChunkAttention.apply(q, k, v, window)
     return attention_reference(q, k, v, window)

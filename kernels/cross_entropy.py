@@ -42,8 +42,19 @@ if triton_available():
 
     @triton.jit
     def _logits_tile(
-        h_ptr, w_ptr, rows, cols, N, V, D, stride_h, stride_w,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        h_ptr,
+        w_ptr,
+        rows,
+        cols,
+        N,
+        V,
+        D,
+        stride_h,
+        stride_w,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         # logits[rows, cols] = h[rows] @ w[cols].T in fp32: [BLOCK_N, BLOCK_V] (0 outside [N, V])
         acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
@@ -57,9 +68,21 @@ if triton_available():
 
     @triton.jit
     def _lse_forward_kernel(
-        h_ptr, w_ptr, targets_ptr, lse_ptr, target_logit_ptr,
-        N, V, D, stride_h, stride_w, blocks_per_split,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        h_ptr,
+        w_ptr,
+        targets_ptr,
+        lse_ptr,
+        target_logit_ptr,
+        N,
+        V,
+        D,
+        stride_h,
+        stride_w,
+        blocks_per_split,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         # Program (row block, vocab split): online log-sum-exp of its rows over its vocabulary blocks.
         # lse_ptr, target_logit_ptr: [splits, N] partials, combined by the caller (logsumexp, sum).
@@ -88,10 +111,23 @@ if triton_available():
 
     @triton.jit
     def _backward_kernel(
-        h_ptr, w_ptr, targets_ptr, lse_ptr, grad_ptr, dh_ptr, dw_ptr,
-        N, V, D, stride_h, stride_w,
+        h_ptr,
+        w_ptr,
+        targets_ptr,
+        lse_ptr,
+        grad_ptr,
+        dh_ptr,
+        dw_ptr,
+        N,
+        V,
+        D,
+        stride_h,
+        stride_w,
         COMPUTE_DW: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         # Program (row block, vocab block): dlogits = grad * (softmax - onehot) on its tile, then
         # dh[rows] += dlogits @ w[cols] and dw[cols] += dlogits.T @ h[rows]; dh: [N, D], dw: [V, D] fp32, contiguous.
@@ -157,9 +193,22 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         lse_parts = torch.empty(splits, N, device=h.device, dtype=torch.float32)
         target_parts = torch.empty_like(lse_parts)
         _lse_forward_kernel[(row_blocks, splits)](
-            h, weight, targets, lse_parts, target_parts,
-            N, V, D, h.stride(0), weight.stride(0), blocks_per_split,
-            cfg.block_n, cfg.block_v, cfg.block_d, _precision(h), num_warps=cfg.num_warps,
+            h,
+            weight,
+            targets,
+            lse_parts,
+            target_parts,
+            N,
+            V,
+            D,
+            h.stride(0),
+            weight.stride(0),
+            blocks_per_split,
+            cfg.block_n,
+            cfg.block_v,
+            cfg.block_d,
+            _precision(h),
+            num_warps=cfg.num_warps,
         )
         lse = torch.logsumexp(lse_parts, dim=0)  # [N]
         valid = targets != ignore_index
@@ -177,9 +226,24 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         compute_dw = ctx.needs_input_grad[1]
         dw = torch.zeros(V, D, device=h.device, dtype=torch.float32) if compute_dw else dh  # dh: an unused pointer
         _backward_kernel[(triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v))](
-            h, weight, targets, lse, grad, dh, dw,
-            N, V, D, h.stride(0), weight.stride(0),
-            compute_dw, cfg.block_n, cfg.block_v, cfg.block_d, _precision(h), num_warps=cfg.num_warps,
+            h,
+            weight,
+            targets,
+            lse,
+            grad,
+            dh,
+            dw,
+            N,
+            V,
+            D,
+            h.stride(0),
+            weight.stride(0),
+            compute_dw,
+            cfg.block_n,
+            cfg.block_v,
+            cfg.block_d,
+            _precision(h),
+            num_warps=cfg.num_warps,
         )
         return dh.to(h.dtype), dw.to(weight.dtype) if compute_dw else None, None, None
 
@@ -277,4 +341,3 @@ def fused_linear_cross_entropy(
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / (t != ignore_index).sum()
-

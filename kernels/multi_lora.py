@@ -30,11 +30,19 @@ if triton_available():
 
     @triton.jit
     def _segment_matmul_kernel(
-        x_ptr, w_ptr, out_ptr, seg_ptr,
-        J, K,
-        stride_xm, stride_xk,
-        stride_ws, stride_wj, stride_wk,
-        stride_om, stride_oj,
+        x_ptr,
+        w_ptr,
+        out_ptr,
+        seg_ptr,
+        J,
+        K,
+        stride_xm,
+        stride_xk,
+        stride_ws,
+        stride_wj,
+        stride_wk,
+        stride_om,
+        stride_oj,
         alpha,
         ACCUMULATE: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -71,11 +79,19 @@ if triton_available():
 
     @triton.jit
     def _segment_outer_kernel(
-        g_ptr, x_ptr, dw_ptr, seg_ptr,
-        J, K,
-        stride_gm, stride_gj,
-        stride_xm, stride_xk,
-        stride_ds, stride_dj, stride_dk,
+        g_ptr,
+        x_ptr,
+        dw_ptr,
+        seg_ptr,
+        J,
+        K,
+        stride_gm,
+        stride_gj,
+        stride_xm,
+        stride_xk,
+        stride_ds,
+        stride_dj,
+        stride_dk,
         alpha,
         PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -93,10 +109,16 @@ if triton_available():
         for m0 in range(start, end, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = rows < end
-            g = tl.load(g_ptr + rows[:, None] * stride_gm + js[None, :] * stride_gj,
-                        mask=row_ok[:, None] & j_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_J]
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+            g = tl.load(
+                g_ptr + rows[:, None] * stride_gm + js[None, :] * stride_gj,
+                mask=row_ok[:, None] & j_ok[None, :],
+                other=0.0,
+            )  # [BLOCK_M, BLOCK_J]
+            x = tl.load(
+                x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )  # [BLOCK_M, BLOCK_K]
             acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
         dw_ptrs = dw_ptr + seg * stride_ds + js[:, None] * stride_dj + ks[None, :] * stride_dk
         tl.store(dw_ptrs, (acc * alpha).to(dw_ptr.dtype.element_ty), mask=j_ok[:, None] & k_ok[None, :])
@@ -123,10 +145,25 @@ def _segment_matmul(x, w, seg_offsets, alpha: float, out=None) -> torch.Tensor:
     grid = (S, triton.cdiv(N, BLOCK_M), triton.cdiv(J, BLOCK_J))
     if N and J:
         _segment_matmul_kernel[grid](
-            x, w, out, seg_offsets, J, K,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-            alpha, ACCUMULATE=accumulate, PRECISION=_precision(x),
-            BLOCK_M=BLOCK_M, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K,
+            x,
+            w,
+            out,
+            seg_offsets,
+            J,
+            K,
+            x.stride(0),
+            x.stride(1),
+            w.stride(0),
+            w.stride(1),
+            w.stride(2),
+            out.stride(0),
+            out.stride(1),
+            alpha,
+            ACCUMULATE=accumulate,
+            PRECISION=_precision(x),
+            BLOCK_M=BLOCK_M,
+            BLOCK_J=BLOCK_J,
+            BLOCK_K=BLOCK_K,
         )
     elif not accumulate:
         out.zero_()
@@ -140,9 +177,24 @@ def _segment_outer(g, x, seg_offsets, alpha: float) -> torch.Tensor:
     dw = torch.empty(S, J, K, device=g.device, dtype=g.dtype)
     BLOCK_J, BLOCK_K = _block(J), _block(K)
     _segment_outer_kernel[(S, triton.cdiv(J, BLOCK_J), triton.cdiv(K, BLOCK_K))](
-        g, x, dw, seg_offsets, J, K,
-        g.stride(0), g.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        alpha, PRECISION=_precision(g), BLOCK_M=32, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K,
+        g,
+        x,
+        dw,
+        seg_offsets,
+        J,
+        K,
+        g.stride(0),
+        g.stride(1),
+        x.stride(0),
+        x.stride(1),
+        dw.stride(0),
+        dw.stride(1),
+        dw.stride(2),
+        alpha,
+        PRECISION=_precision(g),
+        BLOCK_M=32,
+        BLOCK_J=BLOCK_J,
+        BLOCK_K=BLOCK_K,
     )
     return dw
 

@@ -8,13 +8,10 @@ import json
 import secrets
 from pathlib import Path
 
+from server.errors import AuthError
 from ttt.engine import check_session_id
 
 OPEN_USER = "local"  # the single user of a server that runs without a keys file (loopback only)
-
-
-class AuthError(Exception):
-    """``code`` is "unauthenticated" (no or unknown key)."""
 
 
 def hash_key(key: str) -> str:

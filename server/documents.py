@@ -30,10 +30,11 @@ def stream_settings(config: SessionConfig, requested: dict) -> dict:
     """The step settings a stream asks for; the others shape the session and must match it."""
     check_caps(requested)
     current = config.to_dict()
-    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v
     fixed = [
         f"{section}.{name}"
-        for section, values in requested.items() if section != "memory"
+        for section, values in requested.items()
+        if section != "memory"
         for name, value in values.items()
         if not (section == "ingest" and name in PER_CHUNK) and plain(current[section][name]) != plain(value)
     ]
@@ -71,10 +72,20 @@ def train_batch(items: Sequence[tuple[Session, dict]]) -> list[ChunkReport | Non
 class DocumentFeed:
     """Feeds one document into ``session``; iterate ``add``/``end`` to train the chunks they complete."""
 
-    def __init__(self, session: Session, user: str, scheduler: Scheduler, registry: SessionRegistry,
-                 *, max_tokens: int, max_pieces: int, autosave_every: int, step_settings: dict | None = None,
-                 is_active: Callable[[], bool] = lambda: True,
-                 on_chunk: Callable[[ChunkReport], None] = lambda report: None):
+    def __init__(
+        self,
+        session: Session,
+        user: str,
+        scheduler: Scheduler,
+        registry: SessionRegistry,
+        *,
+        max_tokens: int,
+        max_pieces: int,
+        autosave_every: int,
+        step_settings: dict | None = None,
+        is_active: Callable[[], bool] = lambda: True,
+        on_chunk: Callable[[ChunkReport], None] = lambda report: None,
+    ):
         self.session, self.user, self.scheduler, self.registry = session, user, scheduler, registry
         self.key = (user, session.id)
         self.max_tokens, self.max_pieces, self.autosave_every = max_tokens, max_pieces, autosave_every
@@ -86,6 +97,23 @@ class DocumentFeed:
         self.trained = 0
         self.loss_sum = 0.0
         self.started = time.perf_counter()
+
+    @classmethod
+    def for_server(cls, state, session: Session, user: str, **options) -> DocumentFeed:
+        """A feed under the running server's limits (``state``: ``server.main.ServerState``), counted in its
+        metrics; ``options``: ``step_settings``, ``is_active``."""
+        s = state.settings
+        return cls(
+            session,
+            user,
+            state.scheduler,
+            state.registry,
+            max_tokens=s.max_document_tokens,
+            max_pieces=s.max_pieces_per_stream,
+            autosave_every=s.autosave_every_chunks,
+            on_chunk=state.metrics.chunk,
+            **options,
+        )
 
     def _held(self) -> int:
         return self.session.stats.tokens_ingested + len(self.session.pending)
@@ -153,8 +181,9 @@ class DocumentFeed:
             "seconds": time.perf_counter() - self.started,
         }
 
-    async def events(self, body: AsyncIterator[bytes], end_of_document: bool,
-                     gone: Callable[[], bool]) -> AsyncIterator[dict]:
+    async def events(
+        self, body: AsyncIterator[bytes], end_of_document: bool, gone: Callable[[], bool]
+    ) -> AsyncIterator[dict]:
         """The HTTP upload: read ``body`` piece by piece and train what each piece completes, off the event loop;
         one ``document.chunk`` event per trained chunk (with how much of the body was read), then the summary.
         ``gone()`` is asked before each chunk: a client gone leaves the rest pending and the document not ended."""
@@ -162,8 +191,12 @@ class DocumentFeed:
 
         async def trained(reports: Iterator[ChunkReport]) -> AsyncIterator[dict]:
             while not gone() and (report := await asyncio.to_thread(next, reports, None)) is not None:
-                yield {"object": "document.chunk", **chunk_progress(report, self.session),
-                       "tokens_received": self.received, "bytes_read": read}
+                yield {
+                    "object": "document.chunk",
+                    **chunk_progress(report, self.session),
+                    "tokens_received": self.received,
+                    "bytes_read": read,
+                }
 
         async for piece in body:
             if piece:

@@ -19,52 +19,30 @@ from collections.abc import Iterator
 
 import grpc
 
-from server.auth import AuthError
 from server.documents import DocumentFeed, chunk_progress, stream_settings
-from server.errors import AlreadyExists, NotFound, QuotaExceeded
+from server.errors import INTERNAL, NotFound, StreamIdle, message_of, status_of
 from server.proto.ttt.v1 import ttt_pb2 as pb
 from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
-from server.scheduler import QueueFull, ShuttingDown
 from ttt.config import SECTIONS, check_caps
 from ttt.engine import check_session_id
 from ttt.ingest import ChunkReport
-from ttt.store import BaseModelMismatch, SessionFormatError
 
 log = logging.getLogger(__name__)
 
 
-class StreamIdle(Exception):
-    """A stream whose client sent nothing within the allowed time (cancelled; the client sees CANCELLED)."""
-
-
-# Exception -> status code; the message is the exception's own text (it names no path or other user).
-STATUS = [
-    (AuthError, grpc.StatusCode.UNAUTHENTICATED),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    ((QuotaExceeded, QueueFull), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    ((SessionFormatError, BaseModelMismatch), grpc.StatusCode.FAILED_PRECONDITION),
-    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
-    (StreamIdle, grpc.StatusCode.DEADLINE_EXCEEDED),
-    ((ValueError, OverflowError), grpc.StatusCode.INVALID_ARGUMENT),  # includes UnicodeDecodeError
-]
-
-
-def status_of(e: Exception) -> str:
-    if isinstance(e, grpc.RpcError):
-        return "CANCELLED"
-    return next((code.name for types, code in STATUS if isinstance(e, types)), "INTERNAL")
+def status_name(e: Exception) -> str:
+    """The status code a failed call ends with, for the metrics (a client that went away: CANCELLED)."""
+    return "CANCELLED" if isinstance(e, grpc.RpcError) else status_of(e).grpc
 
 
 def _abort(context, e: Exception):
     if isinstance(e, grpc.RpcError) and not context.is_active():
         raise e  # the client cancelled or went away (the request iterator says so): not a server error
-    for types, code in STATUS:
-        if isinstance(e, types):
-            detail = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-            context.abort(code, detail)
-    log.exception("internal error")
-    context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    status = status_of(e)
+    if status is INTERNAL:
+        log.exception("internal error")
+        context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    context.abort(getattr(grpc.StatusCode, status.grpc), message_of(e))
 
 
 def rpc(method):
@@ -76,7 +54,7 @@ def rpc(method):
             try:
                 yield from method(self, request, context)
             except Exception as e:
-                self.metrics.request("grpc", method.__name__, status_of(e))
+                self.metrics.request("grpc", method.__name__, status_name(e))
                 _abort(context, e)
             self.metrics.request("grpc", method.__name__, "OK")
 
@@ -87,7 +65,7 @@ def rpc(method):
         try:
             result = method(self, request, context)
         except Exception as e:
-            self.metrics.request("grpc", method.__name__, status_of(e))
+            self.metrics.request("grpc", method.__name__, status_name(e))
             _abort(context, e)
         self.metrics.request("grpc", method.__name__, "OK")
         return result
@@ -108,8 +86,13 @@ def settings_dict(msg: pb.SessionSettings) -> dict:
 
 def progress_message(report: ChunkReport, session) -> pb.ChunkProgress:
     progress = chunk_progress(report, session)
-    return pb.ChunkProgress(**{**progress, "loss_after": math.nan if report.loss_after is None else report.loss_after,
-                               "error": report.error or ""})
+    return pb.ChunkProgress(
+        **{
+            **progress,
+            "loss_after": math.nan if report.loss_after is None else report.loss_after,
+            "error": report.error or "",
+        }
+    )
 
 
 def info_message(info: dict) -> pb.SessionInfo:
@@ -185,6 +168,7 @@ class Watchdog:
 class SessionsService(pb_grpc.SessionsServicer):
     def __init__(self, state):
         """``state``: the running ``server.main.ServerState``."""
+        self.state = state
         self.registry, self.scheduler, self.keyring = state.registry, state.scheduler, state.keyring
         self.settings, self.metrics, self.streams = state.settings, state.metrics, state.streams
 
@@ -201,8 +185,10 @@ class SessionsService(pb_grpc.SessionsServicer):
         sid = check_session_id(request.session_id) if request.session_id else None
         settings = settings_dict(request.settings)
         if request.HasField("adapter"):
-            files = {"adapter_config.json": request.adapter.adapter_config,
-                     "adapter_model.safetensors": request.adapter.adapter_model}
+            files = {
+                "adapter_config.json": request.adapter.adapter_config,
+                "adapter_model.safetensors": request.adapter.adapter_model,
+            }
             session = self.scheduler.run((user, sid), self.registry.import_adapter, user, sid, files, settings)
         else:
             session = self.scheduler.run((user, sid), self.registry.create, user, sid, settings)
@@ -247,7 +233,7 @@ class SessionsService(pb_grpc.SessionsServicer):
                 raise ValueError("the first message of an Ingest stream must be `start`")
             start = first.start
             sid = check_session_id(start.session_id)
-            with self.registry.pinned(user, sid):
+            with self.registry.feeding(user, sid):
                 yield from self._ingest(user, sid, start, requests, context)
 
     def _ingest(self, user: str, sid: str, start: pb.IngestStart, request_iterator, context):
@@ -259,14 +245,12 @@ class SessionsService(pb_grpc.SessionsServicer):
             if not start.create_if_missing:
                 raise
             session = self.scheduler.run(key, self.registry.create, user, sid, requested)
-        feed = DocumentFeed(
-            session, user, self.scheduler, self.registry,
-            max_tokens=self.settings.max_document_tokens,
-            max_pieces=self.settings.max_pieces_per_stream,
-            autosave_every=self.settings.autosave_every_chunks,
+        feed = DocumentFeed.for_server(
+            self.state,
+            session,
+            user,
             step_settings=stream_settings(session.config, requested),
             is_active=context.is_active,
-            on_chunk=self.metrics.chunk,
         )
         for request in request_iterator:
             kind = request.WhichOneof("message")

@@ -4,10 +4,11 @@
    local user opens can POST to ``127.0.0.1`` (CSRF) and a DNS name can be rebound to it; browsers then send a
    foreign ``Origin`` or ``Host``, which are refused (403).
 2. The bearer key (401), for every route but the probes, the console's static files (the page asks for a key
-   itself) and ``/metrics`` and the API pages unless ``private_pages``. The caller's user goes into ``request.state.user`` for the routes.
+   itself) and ``/metrics`` and the API pages unless ``private_pages``. The caller's user goes into
+   ``request.state.user`` for the routes.
 3. The body size (413): ``Content-Length`` over ``max_body`` is refused at once; a body sent without one is
-   read in here up to ``max_body`` (and refused past it), then handed to the route. Document uploads are exempt: they are read piece by piece
-   and bounded by the per-document token limit instead.
+   read in here up to ``max_body`` (and refused past it), then handed to the route. Document uploads are exempt:
+   they are read piece by piece and bounded by the per-document token limit instead.
 """
 
 from __future__ import annotations
@@ -66,7 +67,13 @@ def _replay(messages: list[dict], receive: Callable[[], Awaitable[dict]]) -> Cal
 class Guard:
     def __init__(self, app, keyring: KeyRing, max_body: int, private_pages: bool, refuse):
         """``refuse(error) -> ASGI response`` in the door's error shape."""
-        self.app, self.keyring, self.max_body, self.private_pages, self.refuse = app, keyring, max_body, private_pages, refuse
+        self.app, self.keyring, self.max_body, self.private_pages, self.refuse = (
+            app,
+            keyring,
+            max_body,
+            private_pages,
+            refuse,
+        )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

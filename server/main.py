@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 import ttt
 from server.auth import KeyRing
 from server.grpc_service import SessionsService
-from server.http_app import create_app
+from server.http import create_app
 from server.metrics import Metrics
 from server.policy import StreamSlots
 from server.proto.ttt.v1 import ttt_pb2, ttt_pb2_grpc
@@ -51,14 +51,25 @@ class Server:
         if settings.api_keys_file is None and not settings.loopback_only:
             raise SystemExit(f"refusing to serve {settings.host} without --api-keys-file: open mode is loopback only")
         self.settings = settings
-        metrics = Metrics(lambda: scheduler.depth,
-                          lambda: self.state.registry.residency() if self.state.registry else {})
-        scheduler = Scheduler(settings.max_queue, settings.max_batch_sessions, metrics.batch_sessions.observe,
-                              settings.max_queue_per_user, unit_share=settings.ingest_share,
-                              on_answer_step=metrics.answer_rows.observe,
-                              max_batch_answering=settings.max_batch_sessions_answering)
-        self.state = ServerState(settings, KeyRing(settings.api_keys_file), scheduler, metrics,
-                                 streams=StreamSlots(settings.max_streams_per_user, settings.max_streams))
+        metrics = Metrics(
+            lambda: scheduler.depth, lambda: self.state.registry.residency() if self.state.registry else {}
+        )
+        scheduler = Scheduler(
+            settings.max_queue,
+            settings.max_batch_sessions,
+            metrics.batch_sessions.observe,
+            settings.max_queue_per_user,
+            unit_share=settings.ingest_share,
+            on_answer_step=metrics.answer_rows.observe,
+            max_batch_answering=settings.max_batch_sessions_answering,
+        )
+        self.state = ServerState(
+            settings,
+            KeyRing(settings.api_keys_file),
+            scheduler,
+            metrics,
+            streams=StreamSlots(settings.max_streams_per_user, settings.max_streams),
+        )
         self.keyring = self.state.keyring
         self.stopped = threading.Event()
 
@@ -66,24 +77,42 @@ class Server:
         s = self.settings
         self._start_http()  # first, so that probes answer (503) while the model loads
         engine = ttt.load_engine(s.model, s.device)
-        answers = DecodeBatch(engine.base.model, kv_budget=s.answer_kv_bytes, max_rows=s.max_answer_rows,
-                              prefill_chunk=s.prefill_chunk_tokens)
+        answers = DecodeBatch(
+            engine.base.model,
+            kv_budget=s.answer_kv_bytes,
+            max_rows=s.max_answer_rows,
+            prefill_chunk=s.prefill_chunk_tokens,
+        )
         self.state.metrics.watch_answers(answers)
         self.state.scheduler.answers = answers  # before the doors say ready: no answer is queued until then
-        limits = Limits(s.max_sessions_per_user, s.max_bytes_per_user, s.device_budget_bytes, s.host_budget_bytes,
-                        s.max_session_bytes, s.max_memory_bytes_per_user)
-        registry = SessionRegistry(engine, s.data_dir, s.session_defaults, limits, self.state.metrics,
-                                   busy=self.state.scheduler.waiting)
+        limits = Limits(
+            s.max_sessions_per_user,
+            s.max_bytes_per_user,
+            s.device_budget_bytes,
+            s.host_budget_bytes,
+            s.max_session_bytes,
+            s.max_memory_bytes_per_user,
+        )
+        registry = SessionRegistry(
+            engine, s.data_dir, s.session_defaults, limits, self.state.metrics, busy=self.state.scheduler.waiting
+        )
         self.state.engine, self.state.registry = engine, registry
 
-        options = [("grpc.max_receive_message_length", s.max_message_bytes),
-                   ("grpc.max_send_message_length", s.max_message_bytes),
-                   # pings find clients that vanished without closing (their streams then end and free a thread)
-                   ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
-                   ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            # pings find clients that vanished without closing (their streams then end and free a thread)
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
         # Beyond the threads, calls wait in a bounded line; past it they get RESOURCE_EXHAUSTED at once.
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=s.grpc_threads), options=options,
-                                maximum_concurrent_rpcs=2 * s.grpc_threads)
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=s.grpc_threads),
+            options=options,
+            maximum_concurrent_rpcs=2 * s.grpc_threads,
+        )
         ttt_pb2_grpc.add_SessionsServicer_to_server(SessionsService(self.state), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -103,8 +132,15 @@ class Server:
         self.state.phase = "serving"
         mode = "open (no API keys, loopback only)" if self.keyring.open else f"API keys from {s.api_keys_file}"
         mode += ", TLS" if s.tls_cert is not None else ", no TLS"
-        log.info("serving %s on %s: gRPC %d, HTTP %d; %s; data in %s",
-                 engine.base.name, engine.base.device, self.grpc_port, self.http_port, mode, s.data_dir)
+        log.info(
+            "serving %s on %s: gRPC %d, HTTP %d; %s; data in %s",
+            engine.base.name,
+            engine.base.device,
+            self.grpc_port,
+            self.http_port,
+            mode,
+            s.data_dir,
+        )
         log.info("web console: %s", self.console_url)
 
     @property
@@ -116,8 +152,14 @@ class Server:
 
     def _start_http(self) -> None:
         s = self.settings
-        config = uvicorn.Config(create_app(self.state), host=s.host, port=s.http_port, log_level="warning",
-                                ssl_certfile=s.tls_cert, ssl_keyfile=s.tls_key)
+        config = uvicorn.Config(
+            create_app(self.state),
+            host=s.host,
+            port=s.http_port,
+            log_level="warning",
+            ssl_certfile=s.tls_cert,
+            ssl_keyfile=s.tls_key,
+        )
         self.http = uvicorn.Server(config)
         self.http.install_signal_handlers = lambda: None  # signals are ours (see serve())
         self._http_thread = threading.Thread(target=self.http.run, name="ttt-http", daemon=True)

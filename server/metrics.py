@@ -23,8 +23,9 @@ class ResidencyCollector:
 
     def collect(self):
         sessions = GaugeMetricFamily("ttt_sessions", "Sessions by residency tier", labels=["tier"])
-        nbytes = GaugeMetricFamily("ttt_session_bytes", "Session bytes by residency tier (disk: checkpoints)",
-                                   labels=["tier"])
+        nbytes = GaugeMetricFamily(
+            "ttt_session_bytes", "Session bytes by residency tier (disk: checkpoints)", labels=["tier"]
+        )
         for tier, (n, b) in self.residency().items():
             sessions.add_metric([tier], n)
             nbytes.add_metric([tier], b)
@@ -35,35 +36,44 @@ class Metrics:
     def __init__(self, queue_depth=lambda: 0, residency=lambda: {}):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("ttt_requests", "Requests by front door, method and status",
-                                ["api", "method", "status"], registry=r)
+        self.requests = Counter(
+            "ttt_requests", "Requests by front door, method and status", ["api", "method", "status"], registry=r
+        )
         self.errors = Counter("ttt_errors", "Failed requests by status", ["api", "status"], registry=r)
         self.tokens_ingested = Counter("ttt_tokens_ingested", "Tokens trained on", registry=r)
         self.chunks = Counter("ttt_chunks", "Chunks trained", ["outcome"], registry=r)
         self.tokens_generated = Counter("ttt_tokens_generated", "Completion tokens", registry=r)
-        self.ingest_tps = Histogram("ttt_ingest_tokens_per_second", "Ingest speed per chunk",
-                                    buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
-        self.decode_tps = Histogram("ttt_decode_tokens_per_second", "Decode speed per answer",
-                                    buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
-        self.answer_rows = Histogram("ttt_answer_step_rows", "Answers advanced by one decode step",
-                                     buckets=BATCH_BUCKETS, registry=r)
-        self.batch_sessions = Histogram("ttt_batch_sessions", "Sessions whose chunks trained in one device step",
-                                        buckets=BATCH_BUCKETS, registry=r)
+        self.ingest_tps = Histogram(
+            "ttt_ingest_tokens_per_second", "Ingest speed per chunk", buckets=TOKENS_PER_SECOND_BUCKETS, registry=r
+        )
+        self.decode_tps = Histogram(
+            "ttt_decode_tokens_per_second", "Decode speed per answer", buckets=TOKENS_PER_SECOND_BUCKETS, registry=r
+        )
+        self.answer_rows = Histogram(
+            "ttt_answer_step_rows", "Answers advanced by one decode step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_sessions = Histogram(
+            "ttt_batch_sessions", "Sessions whose chunks trained in one device step", buckets=BATCH_BUCKETS, registry=r
+        )
         Gauge("ttt_queue_depth", "Units of work waiting for the device", registry=r).set_function(queue_depth)
-        self.moves = Counter("ttt_session_moves", "Sessions moved between residency tiers", ["source", "target"],
-                             registry=r)
-        self.fallbacks = Counter("ttt_checkpoint_fallbacks", "Loads that skipped a damaged newest checkpoint",
-                                 registry=r)
+        self.moves = Counter(
+            "ttt_session_moves", "Sessions moved between residency tiers", ["source", "target"], registry=r
+        )
+        self.fallbacks = Counter(
+            "ttt_checkpoint_fallbacks", "Loads that skipped a damaged newest checkpoint", registry=r
+        )
         r.register(ResidencyCollector(residency))
 
     def watch_answers(self, batch) -> None:
         """Gauges of the decode batch (``ttt.decode.DecodeBatch``), read at each scrape."""
         r = self.registry
         Gauge("ttt_answer_rows", "Answers being decoded", registry=r).set_function(lambda: len(batch))
-        Gauge("ttt_answer_pool_bytes", "Keys/values held for the answers being decoded",
-              registry=r).set_function(batch.pool.num_bytes)
-        Gauge("ttt_answer_pool_budget_bytes", "The answer pool's budget (TTT_ANSWER_KV_BYTES)",
-              registry=r).set(batch.pool.budget or 0)
+        Gauge("ttt_answer_pool_bytes", "Keys/values held for the answers being decoded", registry=r).set_function(
+            batch.pool.num_bytes
+        )
+        Gauge("ttt_answer_pool_budget_bytes", "The answer pool's budget (TTT_ANSWER_KV_BYTES)", registry=r).set(
+            batch.pool.budget or 0
+        )
 
     def move(self, source: str, target: str) -> None:
         self.moves.labels(source, target).inc()

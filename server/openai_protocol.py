@@ -1,6 +1,6 @@
 """OpenAI's request and response shapes for chat and text completions: typed request models (what a request
 may ask, with its limits; what we do not do is refused by name, never silently ignored) and the logprobs
-formats of both APIs. The routes in ``server/http_app.py`` stay thin over these."""
+formats of both APIs. The routes in ``server/http/`` stay thin over these."""
 
 from __future__ import annotations
 
@@ -16,11 +16,19 @@ INT64 = {"ge": -(2**63), "le": 2**63 - 1}  # torch seeds are 64-bit
 # Parameters of OpenAI's APIs that this server does not implement: a request that sets one (to anything but
 # the value that means "off") is refused with 400 naming it, rather than answered as if it had not asked.
 UNSUPPORTED = {
-    "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
-    "function_call": "function calling", "parallel_tool_calls": "tool calling", "audio": "audio output",
-    "modalities": "output modalities other than text", "prediction": "predicted outputs",
-    "web_search_options": "web search", "reasoning_effort": "reasoning models", "verbosity": "reasoning models",
-    "suffix": "completions with a suffix", "best_of": "best_of above 1",
+    "tools": "tool calling",
+    "tool_choice": "tool calling",
+    "functions": "function calling",
+    "function_call": "function calling",
+    "parallel_tool_calls": "tool calling",
+    "audio": "audio output",
+    "modalities": "output modalities other than text",
+    "prediction": "predicted outputs",
+    "web_search_options": "web search",
+    "reasoning_effort": "reasoning models",
+    "verbosity": "reasoning models",
+    "suffix": "completions with a suffix",
+    "best_of": "best_of above 1",
 }
 OFF_VALUES = {"modalities": (["text"],), "best_of": (1,), "response_format": ({"type": "text"},)}
 
@@ -52,13 +60,15 @@ class SamplingRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = Field(
-        None, description=f"at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters")
+        None, description=f"at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters"
+    )
     seed: int | None = Field(None, **INT64)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(
-        None, description="token id (as a string) -> added to its logit before sampling, -100 to 100")
+        None, description="token id (as a string) -> added to its logit before sampling, -100 to 100"
+    )
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     response_format: dict | None = Field(None, description='only {"type": "text"}')
@@ -79,8 +89,7 @@ class SamplingRequest(BaseModel):
                 what = UNSUPPORTED.get(name) or f"response_format {value!r}"
                 raise UnsupportedParameter(name, f"{name} is not supported by this server ({what})")
         # set to what means "off" (tools: null, modalities: ["text"], best_of: 1): nothing to do
-        return {k: v for k, v in data.items()
-                if not (k in UNSUPPORTED and (v is None or v in OFF_VALUES.get(k, ())))}
+        return {k: v for k, v in data.items() if not (k in UNSUPPORTED and (v is None or v in OFF_VALUES.get(k, ())))}
 
     def sampling(self) -> dict:
         """The ``SamplingParams`` fields this request sets (but max_tokens and logprobs, which differ by API)."""
@@ -89,9 +98,15 @@ class SamplingRequest(BaseModel):
             if not key.strip().isdigit():
                 raise UnsupportedParameter("logit_bias", f"logit_bias keys must be token ids, not {key!r}")
             bias[int(key)] = value
-        return dict(temperature=self.temperature, top_p=self.top_p, stop=self.stop or [], seed=self.seed,
-                    logit_bias=bias, presence_penalty=self.presence_penalty,
-                    frequency_penalty=self.frequency_penalty)
+        return dict(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stop or [],
+            seed=self.seed,
+            logit_bias=bias,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
 
 
 class UnsupportedParameter(ValueError):
@@ -107,8 +122,9 @@ class ChatRequest(SamplingRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = Field(False, description="return each answer token's log-probability")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
-                                     description="with logprobs: the most likely alternatives at each token")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the most likely alternatives at each token"
+    )
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
@@ -121,11 +137,16 @@ class CompletionRequest(SamplingRequest):
     """The legacy text completion: no chat template; a session's window precedes the prompt as in chat."""
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="text, several texts (one choice each), token ids, or several lists of token ids")
+        description="text, several texts (one choice each), token ids, or several lists of token ids"
+    )
     max_tokens: int = Field(16, ge=0, description="0 with echo: only score the prompt")
     echo: bool = Field(False, description="return the prompt before the completion (and its logprobs)")
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
-                                 description="log-probabilities of each token and its k most likely alternatives")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="log-probabilities of each token and its k most likely alternatives",
+    )
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -167,8 +188,12 @@ class TokenText:
 
     def chat_entry(self, lp: TokenLogprob) -> dict:
         """One token of a chat answer's ``logprobs.content``."""
-        return {"token": self.text(lp.token), "logprob": lp.logprob, "bytes": self.bytes(lp.token),
-                "top_logprobs": [{"token": self.text(t), "logprob": p, "bytes": self.bytes(t)} for t, p in lp.top]}
+        return {
+            "token": self.text(lp.token),
+            "logprob": lp.logprob,
+            "bytes": self.bytes(lp.token),
+            "top_logprobs": [{"token": self.text(t), "logprob": p, "bytes": self.bytes(t)} for t, p in lp.top],
+        }
 
     def completion_logprobs(self, entries: list[TokenLogprob], offset: int) -> dict:
         """The legacy ``logprobs`` object of ``entries``, their text starting at character ``offset``."""
@@ -177,7 +202,11 @@ class TokenText:
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in entries],
-                "top_logprobs": [{self.text(t): p for t, p in lp.top} if lp.logprob is not None else None
-                                 for lp in entries],
-                "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in entries],
+            "top_logprobs": [
+                {self.text(t): p for t, p in lp.top} if lp.logprob is not None else None for lp in entries
+            ],
+            "text_offset": offsets,
+        }

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 from server.errors import QuotaExceeded
 
+
 class StreamSlots:
     """At most ``per_user`` ingest streams (gRPC Ingest or HTTP document uploads) open at once per user, and
     ``total`` in all: each gRPC stream holds one of the server's threads, and unary calls need some left."""

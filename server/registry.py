@@ -14,7 +14,7 @@ import os
 import shutil
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from server.errors import AlreadyExists, NotFound, QuotaExceeded
+from server.errors import AlreadyExists, Conflict, NotFound, QuotaExceeded
 from ttt import Engine, Session, SessionConfig
 from ttt.config import PRESETS, check_caps
 from ttt.engine import check_session_id
@@ -107,8 +107,15 @@ def _private(e: Exception, folder: Path) -> Exception:
 
 
 class SessionRegistry:
-    def __init__(self, engine: Engine, data_dir: Path, defaults: dict | None = None, limits: Limits | None = None,
-                 events: Events | None = None, busy: Callable[[Key], bool] = lambda key: False):
+    def __init__(
+        self,
+        engine: Engine,
+        data_dir: Path,
+        defaults: dict | None = None,
+        limits: Limits | None = None,
+        events: Events | None = None,
+        busy: Callable[[Key], bool] = lambda key: False,
+    ):
         self.engine = engine
         self.root = Path(data_dir) / "users"
         self.defaults = defaults or {}
@@ -117,7 +124,7 @@ class SessionRegistry:
         self.busy = busy  # the scheduler has work queued for the session: keep it
         self.host = torch.device("cpu")  # on a CPU-only server this is the device: moves are bookkeeping
         self._live: OrderedDict[Key, Entry] = OrderedDict()  # least recently used first
-        self._pins: Counter[Key] = Counter()
+        self._feeding: set[Key] = set()  # sessions a document stream feeds (``feeding``)
         self._lock = threading.Lock()
 
     def folder(self, user: str, session_id: str) -> Path:
@@ -135,18 +142,19 @@ class SessionRegistry:
     # ---- pins ------------------------------------------------------------------------------------
 
     @contextmanager
-    def pinned(self, user: str, session_id: str) -> Iterator[None]:
-        """Keep the session where it is (never demoted) while an ingest stream feeds it. Any thread."""
+    def feeding(self, user: str, session_id: str) -> Iterator[None]:
+        """One document stream feeds the session: it stays where it is (never demoted) meanwhile, and a second
+        stream is refused (Conflict), since two would interleave their pieces. Any thread."""
         key = (user, check_session_id(session_id))
         with self._lock:
-            self._pins[key] += 1
+            if key in self._feeding:
+                raise Conflict(f"session {session_id!r} is reading another document: one stream at a time")
+            self._feeding.add(key)
         try:
             yield
         finally:
             with self._lock:
-                self._pins[key] -= 1
-                if not self._pins[key]:
-                    del self._pins[key]
+                self._feeding.discard(key)
 
     # ---- create, import, get ---------------------------------------------------------------------
 
@@ -161,16 +169,21 @@ class SessionRegistry:
         model, limits = self.engine.base.model, self.limits
         price = priced_bytes(config, model)
         if price > limits.max_session_bytes:
-            raise QuotaExceeded(f"these settings need about {price} bytes of memory on this model; one session may "
-                                f"hold {limits.max_session_bytes}: choose a smaller rank, fewer layers or targets")
+            raise QuotaExceeded(
+                f"these settings need about {price} bytes of memory on this model; one session may "
+                f"hold {limits.max_session_bytes}: choose a smaller rank, fewer layers or targets"
+            )
         with self._lock:
             held = [e.session.config for (u, _), e in self._live.items() if u == user]
         if price + sum(priced_bytes(c, model) for c in held) > limits.max_memory_bytes_per_user:
-            raise QuotaExceeded(f"a user's sessions in memory may hold {limits.max_memory_bytes_per_user} bytes; "
-                                "this one would pass it (sessions idle long enough move to disk and free theirs)")
+            raise QuotaExceeded(
+                f"a user's sessions in memory may hold {limits.max_memory_bytes_per_user} bytes; "
+                "this one would pass it (sessions idle long enough move to disk and free theirs)"
+            )
 
-    def import_adapter(self, user: str, session_id: str | None, files: dict[str, bytes],
-                       settings: dict | None = None) -> Session:
+    def import_adapter(
+        self, user: str, session_id: str | None, files: dict[str, bytes], settings: dict | None = None
+    ) -> Session:
         """A new session from a peft LoRA adapter's files, saved at once. ``settings``: all but the fast weights
         (the adapter's)."""
         settings = check_caps(settings or {})
@@ -264,8 +277,10 @@ class SessionRegistry:
         Never demoted: ``keep`` (in use now), pinned sessions and sessions with queued work. A session
         leaves memory only after a successful save: a failed one keeps it in host memory.
         """
-        for source, target, budget in (("device", "host", self.limits.device_budget_bytes),
-                                       ("host", "disk", self.limits.host_budget_bytes)):
+        for source, target, budget in (
+            ("device", "host", self.limits.device_budget_bytes),
+            ("host", "disk", self.limits.host_budget_bytes),
+        ):
             with self._lock:
                 tier = [(k, e) for k, e in self._live.items() if e.tier == source]
             for _, e in tier:
@@ -274,7 +289,7 @@ class SessionRegistry:
             for key, entry in tier:
                 if used <= budget:
                     break
-                if key == keep or self._pins[key] or self.busy(key):
+                if key == keep or key in self._feeding or self.busy(key):
                     continue
                 if target == "host":
                     entry.session.to(self.host)
@@ -293,7 +308,7 @@ class SessionRegistry:
                 log.warning("a session stays in memory: saving it before moving it to disk failed", exc_info=True)
                 return False
         with self._lock:
-            if self._live.get(key) is entry and not self._pins[key]:
+            if self._live.get(key) is entry and key not in self._feeding:
                 del self._live[key]
                 return True
         return False
@@ -327,8 +342,15 @@ class SessionRegistry:
             saved = saved_info(folder)
         except SessionFormatError as e:
             raise _private(e, folder) from None
-        return {"id": session_id, "resident_bytes": 0, "disk_bytes": disk_bytes(folder), "residency": "disk",
-                "restored_from": None, "warnings": [], **saved}
+        return {
+            "id": session_id,
+            "resident_bytes": 0,
+            "disk_bytes": disk_bytes(folder),
+            "residency": "disk",
+            "restored_from": None,
+            "warnings": [],
+            **saved,
+        }
 
     def save(self, user: str, session_id: str) -> None:
         """Checkpoint a session held in memory (one only on disk is saved already)."""

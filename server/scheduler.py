@@ -34,18 +34,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from server.errors import QueueFull, ShuttingDown
+
 log = logging.getLogger("ttt.server.scheduler")
 SHARE_DEBT_SECONDS = 5.0  # units' device time past their share counts at most this much
 ANSWER_GRACE_SECONDS = 1.0  # each kind counts as present this long after it last ran (its next piece of work comes)
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]  # items -> one result per item, same order
-
-
-class QueueFull(Exception):
-    """More units are waiting than the configured limit."""
-
-
-class ShuttingDown(Exception):
-    """The scheduler no longer accepts work."""
 
 
 @dataclass(frozen=True)
@@ -98,10 +92,18 @@ def owner(key: Hashable) -> Hashable:
 
 
 class Scheduler:
-    def __init__(self, max_queue: int = 1024, max_batch: int = 1, on_batch: Callable[[int], None] = lambda n: None,
-                 max_queue_per_user: int | None = None, answers: Rows | None = None, unit_share: float = 0.25,
-                 on_answer_step: Callable[[int], None] = lambda rows: None,
-                 clock: Callable[[], float] = time.perf_counter, max_batch_answering: int = 1):
+    def __init__(
+        self,
+        max_queue: int = 1024,
+        max_batch: int = 1,
+        on_batch: Callable[[int], None] = lambda n: None,
+        max_queue_per_user: int | None = None,
+        answers: Rows | None = None,
+        unit_share: float = 0.25,
+        on_answer_step: Callable[[int], None] = lambda rows: None,
+        clock: Callable[[], float] = time.perf_counter,
+        max_batch_answering: int = 1,
+    ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if not 0 < unit_share < 1:
@@ -162,8 +164,9 @@ class Scheduler:
     def run_batchable(self, key: Hashable, batch: BatchFn, item: Any) -> Any:
         return self.submit_batchable(key, batch, item).result()
 
-    def submit_answers(self, key: Hashable, makers: list[Callable[[], Any]],
-                       on_step: Callable[[int, Any], None]) -> AnswerRequest:
+    def submit_answers(
+        self, key: Hashable, makers: list[Callable[[], Any]], on_step: Callable[[int, Any], None]
+    ) -> AnswerRequest:
         """Queue one request's answers (see ``AnswerRequest``) for the decode batch."""
         if self.answers is None:
             raise RuntimeError("this scheduler has no decode batch")
@@ -351,8 +354,10 @@ class Scheduler:
                 try:
                     request.rows = [make() for make in request.makers]
                     if not self.answers.fits_alone(request.rows):
-                        raise ValueError("the answer needs more keys/values than the server's answer pool holds "
-                                         "(TTT_ANSWER_KV_BYTES, TTT_MAX_ANSWER_ROWS): ask for fewer max_tokens")
+                        raise ValueError(
+                            "the answer needs more keys/values than the server's answer pool holds "
+                            "(TTT_ANSWER_KV_BYTES, TTT_MAX_ANSWER_ROWS): ask for fewer max_tokens"
+                        )
                 except Exception as e:
                     self._unqueue(user)
                     if request.future.set_running_or_notify_cancel():

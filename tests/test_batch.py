@@ -138,7 +138,8 @@ def test_recall_memory_batched_as_sequential(engine, batch_sizes):
 
 def test_incompatible_sessions_fall_back(engine, batch_sizes):
     configs = [
-        config(0), config(1),  # batched together
+        config(0),
+        config(1),  # batched together
         config(2, fast={"kind": "mlp"}),  # another fast-weight kind
         config(3, fast={"rank": 8}),  # another rank
         config(4, chunk_tokens=12),  # another chunk length

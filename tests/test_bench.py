@@ -54,9 +54,30 @@ def test_timed_chat_counts_every_decoded_token(engine):
 def test_ttt_bench_cli_writes_json_and_plot(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     # The tiny model's context is 512 tokens: full attention fits 128 and 256 with a question, not 448.
-    assert cli.main(["bench", "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out),
-                     "--tokens", "256", "128", "448", "--answer-tokens", "3", "--together", "3",
-                     "--session-config", json.dumps(SMALL)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--model",
+                str(tiny_model_dir),
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--tokens",
+                "256",
+                "128",
+                "448",
+                "--answer-tokens",
+                "3",
+                "--together",
+                "3",
+                "--session-config",
+                json.dumps(SMALL),
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "bench.json").read_text())
     rows = res["chats"]
     assert [r["tokens"] for r in rows] == [128, 256, 448]
@@ -65,8 +86,10 @@ def test_ttt_bench_cli_writes_json_and_plot(tiny_model_dir, tmp_path, capsys):
     for r in rows:
         assert r["ttt"]["ttft_s"] > 0 and 1 <= r["ttt"]["answer_tokens"] <= 3
     kv = [r["bytes"]["kv_cache"] for r in rows]
-    bound = Shape.of(ttt.load_engine(tiny_model_dir, "cpu").base.cfg).session_bytes(
-        ttt.SessionConfig.from_dict(SMALL), 4) + 4 * 6  # AdamW's step counters
+    bound = (
+        Shape.of(ttt.load_engine(tiny_model_dir, "cpu").base.cfg).session_bytes(ttt.SessionConfig.from_dict(SMALL), 4)
+        + 4 * 6
+    )  # AdamW's step counters
     assert kv[1] == 2 * kv[0] and all(r["bytes"]["ttt_session"] <= bound for r in rows)  # grows vs bounded
     assert res["ingest"]["ttt_tokens_per_s"] > 0 and res["ingest"]["prefill_tokens_per_s"] > 0
     assert set(res["known_shapes"]) == {"Llama-3-8B", "Llama-3-70B"}
@@ -82,8 +105,22 @@ def test_ttt_bench_cli_writes_json_and_plot(tiny_model_dir, tmp_path, capsys):
 def test_passage_bench_runs_every_context_variant(tiny_model_dir, tmp_path):
     from bench import passage
 
-    res = passage.main(["--model", str(tiny_model_dir), "--device", "cpu", "--out", str(tmp_path), "--tokens", "600",
-                        "--depth", "400", "--passages", "1"])
+    res = passage.main(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--tokens",
+            "600",
+            "--depth",
+            "400",
+            "--passages",
+            "1",
+        ]
+    )
     assert set(res["variants"]) == set(passage.VARIANTS)
     assert all(len(v["gains"]) == 2 and v["tokens_per_s"] > 0 for v in res["variants"].values())
     assert (tmp_path / "passage.json").is_file()

@@ -39,8 +39,15 @@ TEXT = (
 
 
 def make_server(model_dir, data_dir, **extra) -> Server:
-    settings = Settings(model=str(model_dir), device="cpu", grpc_port=0, http_port=0, data_dir=data_dir,
-                        session_defaults=DEFAULTS, **extra)
+    settings = Settings(
+        model=str(model_dir),
+        device="cpu",
+        grpc_port=0,
+        http_port=0,
+        data_dir=data_dir,
+        session_defaults=DEFAULTS,
+        **extra,
+    )
     server = Server(settings)
     server.start()
     return server
@@ -67,13 +74,6 @@ def http_url(server) -> str:
 def client(address):
     with TTTClient(address) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def n_tokens(tokenizer, text: str) -> int:
@@ -161,8 +161,11 @@ def test_client_round_trip(client, tokenizer):
 def test_client_ingest_continues_pending_across_streams(client, tokenizer):
     data = TEXT.encode()
     cut = next(i for i in range(len(data) // 2, len(data)) if data[i] & 0xC0 == 0x80)  # inside a character
-    first = list(client.ingest("two-streams", odd_pieces(data[:cut]), end_of_document=False,
-                               settings={"ingest": {"chunk_tokens": 16}}))[-1]
+    first = list(
+        client.ingest(
+            "two-streams", odd_pieces(data[:cut]), end_of_document=False, settings={"ingest": {"chunk_tokens": 16}}
+        )
+    )[-1]
     assert first["pending_tokens"] > 0  # the partial chunk (and the half character) wait for the rest
     second = list(client.ingest("two-streams", odd_pieces(data[cut:]), create_if_missing=False))[-1]
     assert second["tokens_ingested"] == n_tokens(tokenizer, TEXT) and second["pending_tokens"] == 0
@@ -302,8 +305,9 @@ def test_cli_chunk_tokens_and_stdin(capsys, tmp_path, address, tokenizer, monkey
     doc = tmp_path / "doc.txt"
     doc.write_text(TEXT, encoding="utf-8")
     expected = n_tokens(tokenizer, TEXT)
-    rc, out, err = run_cli(capsys, "ingest", doc, "-s", "chunky", "--server", address, "--chunk-tokens", 16,
-                           "--memory", "fast", "-q")
+    rc, out, err = run_cli(
+        capsys, "ingest", doc, "-s", "chunky", "--server", address, "--chunk-tokens", 16, "--memory", "fast", "-q"
+    )
     assert rc == 0, err
     assert f"{expected} tokens, {-(-expected // 16)} chunks" in out
     rc, out, err = run_cli(capsys, "sessions", "show", "chunky", "--server", address)
@@ -353,7 +357,10 @@ def test_cli_keys_new(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("TTT_API_KEYS_FILE", str(keys))
     rc, out2, _ = run_cli(capsys, "keys", "new", "alice")
     rc, out3, _ = run_cli(capsys, "keys", "new", "bob")
-    assert json.loads(keys.read_text()) == {"alice": [hash_key(key), hash_key(out2.strip())], "bob": [hash_key(out3.strip())]}
+    assert json.loads(keys.read_text()) == {
+        "alice": [hash_key(key), hash_key(out2.strip())],
+        "bob": [hash_key(out3.strip())],
+    }
     assert len({key, out2.strip(), out3.strip()}) == 3
 
     rc, out, err = run_cli(capsys, "keys", "new", "../root", "--file", keys)
@@ -409,7 +416,9 @@ def test_cli_with_api_keys(capsys, tmp_path, tiny_model_dir, monkeypatch):
         assert rc == 1 and err.strip() == "error: 401: unknown API key"
         monkeypatch.setenv("TTT_API_KEY", alice)
         rc, out, err = run_cli(capsys, "chat", "-s", "diary", *http)
-        assert rc == 0 and out == api_answer(f"http://127.0.0.1:{srv.http_port}", "diary", [user("hi")], alice) + "\n", err
+        assert (
+            rc == 0 and out == api_answer(f"http://127.0.0.1:{srv.http_port}", "diary", [user("hi")], alice) + "\n"
+        ), err
 
         rc, out, _ = run_cli(capsys, "sessions", "show", "diary", *addr)  # alice's is untouched
         fields = {k: v.strip() for k, v in (line.split(":", 1) for line in out.splitlines())}
@@ -428,8 +437,12 @@ GREEDY = ("--max-tokens", 5, "--temperature", 0)
 def api_answer(url: str, model: str, messages: list[dict], api_key: str | None = None) -> str:
     """The non-streaming API's greedy 5-token answer: what `ttt chat ... GREEDY` must print."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    r = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=60, json={
-        "model": model, "messages": messages, "max_tokens": 5, "temperature": 0, "stream": False})
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        headers=headers,
+        timeout=60,
+        json={"model": model, "messages": messages, "max_tokens": 5, "temperature": 0, "stream": False},
+    )
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
 

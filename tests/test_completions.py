@@ -9,12 +9,11 @@ import json
 
 import pytest
 import torch
+from test_http import QUESTION, check_error, http, running
+from texts import book
 
 import ttt
 from ttt.generate import SamplingParams, adjust_logits
-
-from test_http import QUESTION, check_error, http, running
-from texts import book
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,9 +112,18 @@ def test_a_repetition_penalty_changes_a_repeating_answer(engine):
     assert len({e.token for e in penalised.logprobs}) > len(set(tokens))
 
 
-@pytest.mark.parametrize("kwargs", [{"top_logprobs": 21}, {"top_logprobs": -1}, {"logit_bias": {1: 101.0}},
-                                    {"logit_bias": {i: 1.0 for i in range(301)}}, {"logit_bias": {10**9: 1.0}},
-                                    {"presence_penalty": 2.5}, {"frequency_penalty": -3.0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"top_logprobs": 21},
+        {"top_logprobs": -1},
+        {"logit_bias": {1: 101.0}},
+        {"logit_bias": {i: 1.0 for i in range(301)}},
+        {"logit_bias": {10**9: 1.0}},
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": -3.0},
+    ],
+)
 def test_bad_sampling_options(engine, kwargs):
     with pytest.raises(ValueError):
         engine.generate(QUESTION, max_tokens=1, **kwargs)
@@ -137,8 +145,9 @@ def served(tiny_model_dir, tmp_path_factory):
     with running(tiny_model_dir, tmp_path_factory.mktemp("completions") / "data") as server:
         with http(server) as api:
             assert api.post("/v1/sessions", json={"id": "reader"}).status_code == 201
-            r = api.post("/v1/sessions/reader/documents", content=book(0, 1500).encode(),
-                         headers={"content-type": "text/plain"})
+            r = api.post(
+                "/v1/sessions/reader/documents", content=book(0, 1500).encode(), headers={"content-type": "text/plain"}
+            )
             assert r.status_code == 200
         yield server
 
@@ -151,25 +160,30 @@ def on_server(server, fn):
 
 def test_completion_echo_scores_equal_session_score(served):
     with http(served) as api:
-        r = api.post("/v1/completions", json={"model": "reader", "prompt": TEXT, "max_tokens": 0, "echo": True,
-                                              "logprobs": 1})
+        r = api.post(
+            "/v1/completions", json={"model": "reader", "prompt": TEXT, "max_tokens": 0, "echo": True, "logprobs": 1}
+        )
     assert r.status_code == 200, r.text
     (choice,) = r.json()["choices"]
     lp = choice["logprobs"]
     assert choice["text"] == TEXT and r.json()["object"] == "text_completion"
     assert -sum(lp["token_logprobs"]) / len(lp["token_logprobs"]) == pytest.approx(
-        on_server(served, lambda s: s.score(TEXT)), abs=1e-4)
+        on_server(served, lambda s: s.score(TEXT)), abs=1e-4
+    )
     for token, offset, top in zip(lp["tokens"], lp["text_offset"], lp["top_logprobs"], strict=True):
-        assert choice["text"][offset: offset + len(token)] == token and len(top) == 1
+        assert choice["text"][offset : offset + len(token)] == token and len(top) == 1
 
 
 def test_completions_of_several_prompts_and_token_ids(served, tiny_model_dir):
     ids = served.state.engine.base.tokenizer(TEXT, add_special_tokens=False).input_ids
     with http(served) as api:
-        by_text = api.post("/v1/completions", json={"model": "reader", "prompt": [TEXT, "In the beginning"],
-                                                    "max_tokens": 5, "temperature": 0}).json()
-        by_ids = api.post("/v1/completions", json={"model": "reader", "prompt": [ids], "max_tokens": 5,
-                                                   "temperature": 0}).json()
+        by_text = api.post(
+            "/v1/completions",
+            json={"model": "reader", "prompt": [TEXT, "In the beginning"], "max_tokens": 5, "temperature": 0},
+        ).json()
+        by_ids = api.post(
+            "/v1/completions", json={"model": "reader", "prompt": [ids], "max_tokens": 5, "temperature": 0}
+        ).json()
     assert [c["index"] for c in by_text["choices"]] == [0, 1]
     assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"]
     expected = on_server(served, lambda s: s.complete(TEXT, max_tokens=5).text)
@@ -181,8 +195,9 @@ def test_streamed_completion_equals_the_whole_one(served):
     body = {"model": "reader", "prompt": TEXT, "max_tokens": 8, "temperature": 0, "echo": True, "logprobs": 2}
     with http(served) as api:
         whole = api.post("/v1/completions", json=body).json()["choices"][0]
-        with api.stream("POST", "/v1/completions", json={**body, "stream": True,
-                                                       "stream_options": {"include_usage": True}}) as r:
+        with api.stream(
+            "POST", "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+        ) as r:
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     pieces = [c for e in events for c in e["choices"]]
     assert "".join(c["text"] for c in pieces) == whole["text"]
@@ -194,8 +209,14 @@ def test_streamed_completion_equals_the_whole_one(served):
 
 
 def test_chat_logprobs_in_openais_shape(served):
-    body = {"model": "reader", "messages": QUESTION, "max_tokens": 6, "temperature": 0, "logprobs": True,
-            "top_logprobs": 2}
+    body = {
+        "model": "reader",
+        "messages": QUESTION,
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
     with http(served) as api:
         whole = api.post("/v1/chat/completions", json=body).json()["choices"][0]
         with api.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
@@ -217,35 +238,49 @@ def test_the_openai_client_gets_logprobs(served):
     import openai
 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{served.http_port}/v1", api_key="x", max_retries=0)
-    chat = client.chat.completions.create(model="reader", messages=QUESTION, max_tokens=3, temperature=0,
-                                          logprobs=True, top_logprobs=1)
+    chat = client.chat.completions.create(
+        model="reader", messages=QUESTION, max_tokens=3, temperature=0, logprobs=True, top_logprobs=1
+    )
     assert chat.choices[0].logprobs.content[0].top_logprobs[0].token
-    legacy = client.completions.create(model="reader", prompt=TEXT, max_tokens=2, temperature=0, logprobs=1,
-                                       echo=True)
+    legacy = client.completions.create(model="reader", prompt=TEXT, max_tokens=2, temperature=0, logprobs=1, echo=True)
     assert legacy.choices[0].text.startswith(TEXT) and legacy.choices[0].logprobs.token_logprobs[0] is not None
 
 
-@pytest.mark.parametrize("extra,param", [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"functions": [{"name": "f"}]}, "functions"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"modalities": ["text", "audio"]}, "modalities"),
-    ({"audio": {"voice": "alloy"}}, "audio"),
-    ({"unheard_of": 1}, "unheard_of"),
-    ({"top_logprobs": 2}, "top_logprobs"),
-    ({"logit_bias": {"light": 1}}, "logit_bias"),
-])
+@pytest.mark.parametrize(
+    "extra,param",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy"}}, "audio"),
+        ({"unheard_of": 1}, "unheard_of"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logit_bias": {"light": 1}}, "logit_bias"),
+    ],
+)
 def test_what_is_not_implemented_is_refused_by_name(served, extra, param):
     with http(served) as api:
-        err = check_error(api.post("/v1/chat/completions", json={"model": "reader", "messages": QUESTION, **extra}),
-                          400)
+        err = check_error(
+            api.post("/v1/chat/completions", json={"model": "reader", "messages": QUESTION, **extra}), 400
+        )
     assert err["param"] == param and param in err["message"]
 
 
 def test_what_clients_send_by_default_is_accepted(served):
-    body = {"model": "reader", "messages": QUESTION, "max_tokens": 1, "user": "u1", "metadata": {"a": "b"},
-            "store": False, "response_format": {"type": "text"}, "modalities": ["text"], "tools": None, "n": 1}
+    body = {
+        "model": "reader",
+        "messages": QUESTION,
+        "max_tokens": 1,
+        "user": "u1",
+        "metadata": {"a": "b"},
+        "store": False,
+        "response_format": {"type": "text"},
+        "modalities": ["text"],
+        "tools": None,
+        "n": 1,
+    }
     with http(served) as api:
         assert api.post("/v1/chat/completions", json=body).status_code == 200
         r = api.post("/v1/completions", json={"model": "reader", "prompt": TEXT, "best_of": 1, "max_tokens": 1})
@@ -258,8 +293,10 @@ def test_what_clients_send_by_default_is_accepted(served):
 def test_base_model_completions_equal_the_engines(served):
     engine = served.state.engine
     with http(served) as api:
-        r = api.post("/v1/completions", json={"model": engine.base.name, "prompt": TEXT, "max_tokens": 4,
-                                              "temperature": 0, "logprobs": 0})
+        r = api.post(
+            "/v1/completions",
+            json={"model": engine.base.name, "prompt": TEXT, "max_tokens": 4, "temperature": 0, "logprobs": 0},
+        )
     choice = r.json()["choices"][0]
     direct = served.state.scheduler.run(("local", None), lambda: engine.complete(TEXT, max_tokens=4, top_logprobs=0))
     assert choice["text"] == direct.text

@@ -34,10 +34,16 @@ CALL_TIMEOUT = 60.0
 
 def server_process(model_dir: Path, data_dir: Path) -> ServerProcess:
     """``ttt serve`` on the tiny model with small chunks and frequent autosaves."""
-    env = {"TTT_SESSION_DEFAULTS": json.dumps({"ingest": {"chunk_tokens": CHUNK, "context_tokens": CHUNK}}),
-           "TTT_AUTOSAVE_EVERY_CHUNKS": str(AUTOSAVE), "OMP_NUM_THREADS": "1"}
-    return ServerProcess(["--model", str(model_dir), "--device", "cpu", "--data-dir", str(data_dir)], env,
-                         data_dir.parent / f"server-{time.monotonic_ns()}.log")
+    env = {
+        "TTT_SESSION_DEFAULTS": json.dumps({"ingest": {"chunk_tokens": CHUNK, "context_tokens": CHUNK}}),
+        "TTT_AUTOSAVE_EVERY_CHUNKS": str(AUTOSAVE),
+        "OMP_NUM_THREADS": "1",
+    }
+    return ServerProcess(
+        ["--model", str(model_dir), "--device", "cpu", "--data-dir", str(data_dir)],
+        env,
+        data_dir.parent / f"server-{time.monotonic_ns()}.log",
+    )
 
 
 @contextmanager
@@ -61,10 +67,16 @@ def latest_manifest(folder: Path) -> dict:
 
 def load_in_server(server: ServerProcess, sid: str) -> None:
     """Make the server load the session from disk (a one-token chat answer needs its weights)."""
-    r = httpx.post(f"{server.http}/v1/chat/completions", timeout=CALL_TIMEOUT, json={
-        "model": sid, "messages": [{"role": "user", "content": "In the beginning"}], "max_tokens": 1,
-        "temperature": 0,
-    })
+    r = httpx.post(
+        f"{server.http}/v1/chat/completions",
+        timeout=CALL_TIMEOUT,
+        json={
+            "model": sid,
+            "messages": [{"role": "user", "content": "In the beginning"}],
+            "max_tokens": 1,
+            "temperature": 0,
+        },
+    )
     assert r.status_code == 200, r.text
 
 
@@ -78,13 +90,6 @@ def assert_matches_checkpoint(info: dict, manifest: dict) -> None:
 def pieces(data: bytes, size: int):
     for i in range(0, len(data), size):
         yield data[i : i + size]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def n_tokens(tokenizer, text: str) -> int:
@@ -101,11 +106,9 @@ def test_kill_during_ingest_then_resume(tiny_model_dir, tokenizer, tmp_path):
     kill_after = 10  # chunk messages: past the autosaves after chunks 4 and 8
 
     with serving(tiny_model_dir, data_dir) as (server, client):
-        seen = 0
         events = client.ingest(sid, pieces(data, 512), create_if_missing=True, end_of_document=True)
-        for event in events:
+        for seen, event in enumerate(events, 1):
             assert event["type"] == "chunk"
-            seen += 1
             if seen == kill_after:
                 server.kill()
                 break
@@ -232,20 +235,48 @@ def test_load_bench_short(tiny_model_dir, tmp_path, one_thread):
     from server.main import Server
     from server.settings import Settings
 
-    server = Server(Settings(
-        model=str(tiny_model_dir), device="cpu", grpc_port=0, http_port=0, data_dir=tmp_path / "data",
-        session_defaults={"ingest": {"chunk_tokens": CHUNK, "context_tokens": CHUNK}},
-    ))
+    server = Server(
+        Settings(
+            model=str(tiny_model_dir),
+            device="cpu",
+            grpc_port=0,
+            http_port=0,
+            data_dir=tmp_path / "data",
+            session_defaults={"ingest": {"chunk_tokens": CHUNK, "context_tokens": CHUNK}},
+        )
+    )
     server.start()
     try:
-        result = load_main([
-            "--server-grpc", f"127.0.0.1:{server.grpc_port}", "--server-http", f"http://127.0.0.1:{server.http_port}",
-            "--ingest-streams", "2", "--chat-clients", "3", "--seconds", "4", "--max-tokens", "4", "--idle-chats", "2",
-        ])
-        together = load_main([
-            "--server-grpc", f"127.0.0.1:{server.grpc_port}", "--server-http", f"http://127.0.0.1:{server.http_port}",
-            "--answers", "3", "--max-tokens", "6",
-        ])
+        result = load_main(
+            [
+                "--server-grpc",
+                f"127.0.0.1:{server.grpc_port}",
+                "--server-http",
+                f"http://127.0.0.1:{server.http_port}",
+                "--ingest-streams",
+                "2",
+                "--chat-clients",
+                "3",
+                "--seconds",
+                "4",
+                "--max-tokens",
+                "4",
+                "--idle-chats",
+                "2",
+            ]
+        )
+        together = load_main(
+            [
+                "--server-grpc",
+                f"127.0.0.1:{server.grpc_port}",
+                "--server-http",
+                f"http://127.0.0.1:{server.http_port}",
+                "--answers",
+                "3",
+                "--max-tokens",
+                "6",
+            ]
+        )
     finally:
         server.stop()
     assert result["errors"] == 0 and result["chat_timeouts"] == 0, result

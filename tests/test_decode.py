@@ -36,8 +36,13 @@ def engine(tiny_model_dir):
 def sessions(engine):
     out = []
     for i, (fast, memory) in enumerate(SESSIONS):
-        s = engine.create_session({"fast": {**fast, "seed": i}, "memory": memory,
-                                   "ingest": {"chunk_tokens": 16, "context_tokens": 24, "sink_tokens": 4, "lr": 3e-2}})
+        s = engine.create_session(
+            {
+                "fast": {**fast, "seed": i},
+                "memory": memory,
+                "ingest": {"chunk_tokens": 16, "context_tokens": 24, "sink_tokens": 4, "lr": 3e-2},
+            }
+        )
         s.append_tokens(PATTERN[i:] + PATTERN[:i])
         s.end_document()
         while s.train_next_chunk() is not None:
@@ -49,7 +54,7 @@ def sessions(engine):
 def streams(engine, sessions, **sampling):
     """One fresh answer per session plus one from the base model, none started."""
     made = [s.generate(MSGS, stream=True, **sampling) for s in sessions]
-    return made + [engine.generate(MSGS, stream=True, **sampling)]
+    return [*made, engine.generate(MSGS, stream=True, **sampling)]
 
 
 def run_batch(batch: DecodeBatch, rows, join_at: list[int]) -> None:
@@ -64,8 +69,14 @@ def run_batch(batch: DecodeBatch, rows, join_at: list[int]) -> None:
     assert len(batch) == 0 and batch.pool.num_bytes() == 0  # every row left; the pool was freed
 
 
-@pytest.mark.parametrize("sampling", [dict(max_tokens=12), dict(max_tokens=10, temperature=0.9, top_p=0.9, seed=3),
-                                      dict(max_tokens=10, top_logprobs=2, frequency_penalty=1.0)])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        dict(max_tokens=12),
+        dict(max_tokens=10, temperature=0.9, top_p=0.9, seed=3),
+        dict(max_tokens=10, top_logprobs=2, frequency_penalty=1.0),
+    ],
+)
 def test_batched_answers_equal_answers_alone(engine, sessions, sampling):
     alone = streams(engine, sessions, **sampling)
     texts = ["".join(s) for s in alone]
@@ -74,8 +85,11 @@ def test_batched_answers_equal_answers_alone(engine, sessions, sampling):
     run_batch(DecodeBatch(engine.base.model, prefill_chunk=7), rows, join_at=[0, 0, 2, 5, 9])
     assert [r.text for r in rows] == texts
     for a, b in zip(alone, rows, strict=True):
-        assert (a.finish_reason, a.completion_tokens, a.prompt_tokens) == (b.finish_reason, b.completion_tokens,
-                                                                           b.prompt_tokens)
+        assert (a.finish_reason, a.completion_tokens, a.prompt_tokens) == (
+            b.finish_reason,
+            b.completion_tokens,
+            b.prompt_tokens,
+        )
         assert [lp.token for lp in a.logprobs] == [lp.token for lp in b.logprobs]
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
@@ -193,8 +207,13 @@ def test_batched_answers_equal_answers_alone_on_cuda(tiny_model_dir):
     engine = ttt.Engine(load_base_model(tiny_model_dir, "cuda", torch.float32))
     sessions = []
     for i, (fast, memory) in enumerate(SESSIONS):
-        s = engine.create_session({"fast": {**fast, "seed": i}, "memory": memory,
-                                   "ingest": {"chunk_tokens": 16, "context_tokens": 24, "sink_tokens": 4, "lr": 3e-2}})
+        s = engine.create_session(
+            {
+                "fast": {**fast, "seed": i},
+                "memory": memory,
+                "ingest": {"chunk_tokens": 16, "context_tokens": 24, "sink_tokens": 4, "lr": 3e-2},
+            }
+        )
         s.append_tokens(PATTERN)
         s.end_document()
         while s.train_next_chunk() is not None:
@@ -210,7 +229,9 @@ def test_a_tiny_temperature_is_greedy_not_a_crash(engine):
     from ttt.generate import SamplingParams, sample_next
 
     logits = torch.randn(engine.base.cfg.vocab_size, generator=torch.Generator().manual_seed(0))
-    assert sample_next(logits, SamplingParams(temperature=1e-40), torch.Generator().manual_seed(1)) == int(logits.argmax())
+    assert sample_next(logits, SamplingParams(temperature=1e-40), torch.Generator().manual_seed(1)) == int(
+        logits.argmax()
+    )
 
 
 def test_whether_rows_could_ever_fit_does_not_depend_on_the_rows_held(engine):

@@ -31,8 +31,6 @@ MSGS = [{"role": "user", "content": "Tell me about the rolling context."}]
 PATTERN = [1000, 2000, 3000, 4000, 5000] * 20
 
 
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     return ttt.load_engine(tiny_model_dir, device="cpu")
@@ -82,7 +80,7 @@ def same_state(a, b) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -203,10 +201,16 @@ def test_rolling_context_keeps_sink_and_most_recent_keys(engine, monkeypatch):
     for start in range(0, 70, 16):
         positions[:] = list(range(max(start - 1, 0), min(start + 16, 70)))  # carry + chunk, as in ingest
         with torch.no_grad():
-            model.run_layers(model.embed(torch.tensor([[ids[p] for p in positions]])), 0, model.cfg.num_layers, None, ctx)
+            model.run_layers(
+                model.embed(torch.tensor([[ids[p] for p in positions]])), 0, model.cfg.num_layers, None, ctx
+            )
         ctx.commit(drop_last=1)
         committed = positions[-1]  # all but the last token (the next carry)
-        kept = list(range(committed)) if committed <= sink + size else list(range(sink)) + list(range(committed - size, committed))
+        kept = (
+            list(range(committed))
+            if committed <= sink + size
+            else list(range(sink)) + list(range(committed - size, committed))
+        )
         assert ctx.length == len(kept)
         for layer in range(model.cfg.num_layers):
             assert ctx.k[layer].shape[2] == ctx.v[layer].shape[2] == len(kept)
@@ -304,7 +308,9 @@ def test_overflowing_step_rolls_back(engine):
     assert s.stats.rolled_back_chunks == 1
 
 
-@pytest.mark.parametrize("steps, error", [(1, "non-finite loss after the update"), (2, "non-finite loss (nan) at step 1")])
+@pytest.mark.parametrize(
+    "steps, error", [(1, "non-finite loss after the update"), (2, "non-finite loss (nan) at step 1")]
+)
 def test_update_that_breaks_the_loss_is_not_kept(engine, steps, error):
     """A finite but huge update (the loss under it is NaN) must not stay: the session would never recover."""
     s = make_session(engine, optimizer="sgd", lr=1e20, steps_per_chunk=steps)
@@ -346,27 +352,50 @@ def test_fast_weight_kinds_and_layer_specs_train(engine, kind, layers, expected)
 
 
 def test_lora_targets_include_attention(engine):
-    s = engine.create_session({"fast": {"layers": "last:1", "rank": 2, "targets": ["q_proj", "v_proj"]},
-                               "ingest": {"chunk_tokens": 16, "context_tokens": 24, "lr": 1e-2}})
+    s = engine.create_session(
+        {
+            "fast": {"layers": "last:1", "rank": 2, "targets": ["q_proj", "v_proj"]},
+            "ingest": {"chunk_tokens": 16, "context_tokens": 24, "lr": 1e-2},
+        }
+    )
     layer = s.fast.per_layer["2"]
     assert set(layer.lora_A) == {"q_proj", "v_proj"} and layer.lora_B["q_proj"].shape == (64, 2)
     s.append_tokens(PATTERN[:32])
     assert all(not r.rolled_back and r.loss_after < r.loss_before for r in train_all(s))
 
 
-@pytest.mark.parametrize("fast", [
-    {"layers": "last:x"}, {"layers": "3"}, {"layers": "-1"}, {"layers": "last:0"}, {"layers": ""},
-    {"layers": "last_fraction:2"}, {"layers": "1,,2"}, {"targets": ["bogus_proj"]}, {"kind": "bogus"}, {"rank": 0},
-])
+@pytest.mark.parametrize(
+    "fast",
+    [
+        {"layers": "last:x"},
+        {"layers": "3"},
+        {"layers": "-1"},
+        {"layers": "last:0"},
+        {"layers": ""},
+        {"layers": "last_fraction:2"},
+        {"layers": "1,,2"},
+        {"targets": ["bogus_proj"]},
+        {"kind": "bogus"},
+        {"rank": 0},
+    ],
+)
 def test_bad_fast_weight_configs_raise(engine, fast):
     with pytest.raises(ValueError):
         engine.create_session({"fast": fast})
 
 
-@pytest.mark.parametrize("cfg", [
-    {"bogus": {}}, {"fast": {"bogus": 1}}, {"ingest": {"bogus": 1}}, {"ingest": {"chunk_tokens": 1}},
-    {"ingest": {"lr": 0}}, {"ingest": {"optimizer": "rmsprop"}}, {"ingest": {"steps_per_chunk": 0}},
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"bogus": {}},
+        {"fast": {"bogus": 1}},
+        {"ingest": {"bogus": 1}},
+        {"ingest": {"chunk_tokens": 1}},
+        {"ingest": {"lr": 0}},
+        {"ingest": {"optimizer": "rmsprop"}},
+        {"ingest": {"steps_per_chunk": 0}},
+    ],
+)
 def test_bad_session_configs_raise(cfg):
     with pytest.raises(ValueError):
         SessionConfig.from_dict(cfg)
@@ -385,13 +414,13 @@ def test_memory_stays_bounded(engine):
     ids = rand_ids(405, seed=7)
     for i in range(0, 405, 45):  # appends interleaved with training, as a stream would
         s.append_tokens(ids[i : i + 45])
-        while (r := s.train_next_chunk()) is not None:
+        while s.train_next_chunk() is not None:
             assert len(s.window) <= 24 and len(s.pending) < 16 + 45
             assert s._rolling.length <= 24
     assert s.stats.tokens_ingested == 400 and len(s.pending) == 5 < 16
     assert s.window == ids[376:400]
     assert s._rolling.length == 23
-    for k, v in zip(s._rolling.k, s._rolling.v):
+    for k, v in zip(s._rolling.k, s._rolling.v, strict=True):
         assert k.shape[2] <= 24 and v.shape[2] <= 24
     assert s.recent_tokens() == ids[381:405]  # the query window includes untrained tokens
 
@@ -535,10 +564,16 @@ def test_answers_reuse_the_windows_keys_and_values_until_the_session_changes(eng
     assert s._answer_prefix is None
 
 
-@pytest.mark.parametrize("messages", [
-    [], [{"role": "robot", "content": "hi"}], [{"role": "user", "content": 3}], [{"content": "hi"}],
-    [{"role": "user"}],
-])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        [{"role": "robot", "content": "hi"}],
+        [{"role": "user", "content": 3}],
+        [{"content": "hi"}],
+        [{"role": "user"}],
+    ],
+)
 def test_bad_messages_raise(engine, messages):
     with pytest.raises(ValueError):
         engine.generate(messages, max_tokens=2)

@@ -13,8 +13,8 @@ import torch
 
 import ttt
 from bench.common import DEFAULT_DOC, document_tokens
-from bench.nll import full_nll, ttt_nll, window_nll
 from bench.items import Item
+from bench.nll import full_nll, ttt_nll, window_nll
 from bench.recall import PrefixedLM, ask, contains, memories
 from clients import cli
 
@@ -75,8 +75,14 @@ def test_prefixed_lm_equals_session_score_and_generate(engine, ids):
     assert session.exact_tokens()  # something kept beside the window
     lm = memories(engine, ids, ["ttt"], session)["ttt"]
     assert lm.prefix == session.answer_prefix() == session.exact_tokens() + session.recent_tokens()
-    item = Item("needle/code", ["The secret code of the amber heron is 48213."], "What is the code?", "48213",
-                ["11111"], "The secret code of the amber heron is {}.")
+    item = Item(
+        "needle/code",
+        ["The secret code of the amber heron is 48213."],
+        "What is the code?",
+        "48213",
+        ["11111"],
+        "The secret code of the amber heron is {}.",
+    )
     sentence = item.facts[0]
     total, count = lm.nll(sentence)
     assert total / count == pytest.approx(session.score(sentence), abs=1e-4)
@@ -112,8 +118,14 @@ class StubLM:
 
 
 def test_an_answer_is_scored_against_the_wrong_ones(engine):
-    item = Item("needle/code", ["The code of the quiet otter is 48213."], "What is the code of the quiet otter?",
-                "48213", ["10101", "20202", "30303"], "The code of the quiet otter is {}.")
+    item = Item(
+        "needle/code",
+        ["The code of the quiet otter is 48213."],
+        "What is the code of the quiet otter?",
+        "48213",
+        ["10101", "20202", "30303"],
+        "The code of the quiet otter is {}.",
+    )
     tok = engine.base.tokenizer
     knows = ask(StubLM("48213", tok), item)
     assert knows["statement"] and knows["qa"] and knows["generate"]
@@ -135,10 +147,35 @@ def check_png(path):
 
 def test_ttt_eval_cli_writes_results_and_plots(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "eval"
-    argv = ["eval", str(DEFAULT_DOC), "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out),
-            "--seeds", "2", "--chunks", "3", "--chunk-tokens", "32", "--context-tokens", "32", "--skip", "1",
-            "--recall-lengths", "128", "--recall-depths", "0.3", "0.8", "--facts-per-depth", "1",
-            "--wrong-values", "2"]
+    argv = [
+        "eval",
+        str(DEFAULT_DOC),
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--seeds",
+        "2",
+        "--chunks",
+        "3",
+        "--chunk-tokens",
+        "32",
+        "--context-tokens",
+        "32",
+        "--skip",
+        "1",
+        "--recall-lengths",
+        "128",
+        "--recall-depths",
+        "0.3",
+        "0.8",
+        "--facts-per-depth",
+        "1",
+        "--wrong-values",
+        "2",
+    ]
     assert cli.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["model"] == tiny_model_dir.name and "git_revision" in res["meta"]
@@ -168,8 +205,30 @@ def test_ttt_eval_cli_writes_results_and_plots(tiny_model_dir, tmp_path, capsys)
 
 def test_ttt_sweep_cli(tiny_model_dir, tmp_path):
     out = tmp_path / "sweep.json"
-    assert cli.main(["sweep", "--model", str(tiny_model_dir), "--device", "cpu", "--chunks", "2", "--chunk", "32",
-                     "--context", "32", "--skip", "0", "--configs", "lora-mlp-last8-lr3e-3", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "sweep",
+                "--model",
+                str(tiny_model_dir),
+                "--device",
+                "cpu",
+                "--chunks",
+                "2",
+                "--chunk",
+                "32",
+                "--context",
+                "32",
+                "--skip",
+                "0",
+                "--configs",
+                "lora-mlp-last8-lr3e-3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     nll = json.loads(out.read_text())["nll"]
     assert set(nll) == {"window-only (no TTT)", "full attention (whole prefix)", "lora-mlp-last8-lr3e-3"}
 
@@ -177,13 +236,37 @@ def test_ttt_sweep_cli(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_ttt_eval_default_model_tiny_sizes(default_model_dir, tmp_path):
     out = tmp_path / "eval"
-    assert cli.main(["eval", "--device", "cpu", "--out", str(out), "--chunks", "3", "--chunk-tokens", "128",
-                     "--context-tokens", "128", "--skip", "1", "--recall-lengths", "384", "--recall-depths", "0.5",
-                     "--facts-per-depth", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--chunks",
+                "3",
+                "--chunk-tokens",
+                "128",
+                "--context-tokens",
+                "128",
+                "--skip",
+                "1",
+                "--recall-lengths",
+                "384",
+                "--recall-depths",
+                "0.5",
+                "--facts-per-depth",
+                "1",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     first = {name: s["mean"][0] for name, s in res["nll"].items()}
     # Chunk 0 is seen the same way by all three; real English-Bible text is far from a random model's ~10.8 nats.
     assert first["ttt"] == pytest.approx(first["window"], abs=1e-3) and first["full"] == pytest.approx(
-        first["window"], abs=1e-3)
+        first["window"], abs=1e-3
+    )
     assert all(1.0 < v < 6.0 for s in res["nll"].values() for v in s["mean"])
     assert res["meta"]["model"] == "SmolLM2-135M-Instruct"

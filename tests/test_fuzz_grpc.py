@@ -11,24 +11,22 @@ import threading
 
 import grpc
 import pytest
+from conftest import write_keys
 from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_grpc_server import Client, Code, running
 
 from server.proto.ttt.v1 import ttt_pb2 as pb
-
-from conftest import write_keys
-from test_grpc_server import Client, Code, running
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 KEY_FUZZ, KEY_OTHER = "ttt-fuzzer-key-0123456789abcdef", "ttt-bystander-key-0123456789abcdef"
 EXAMPLES = 100  # per test (figures in README.md, "Reliability")
-CLEAR = {Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.ALREADY_EXISTS, Code.RESOURCE_EXHAUSTED,
-         Code.FAILED_PRECONDITION}
-FUZZ = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
-                suppress_health_check=list(HealthCheck))
-
+CLEAR = {Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.ALREADY_EXISTS, Code.RESOURCE_EXHAUSTED, Code.FAILED_PRECONDITION}
+FUZZ = settings(
+    max_examples=EXAMPLES, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck)
+)
 
 
 def mostly(common: st.SearchStrategy, rare: st.SearchStrategy, one_in: int = 4) -> st.SearchStrategy:
@@ -43,8 +41,10 @@ numbers = {
     FieldDescriptor.TYPE_DOUBLE: st.one_of(st.floats(1e-5, 1e-1), st.floats(allow_nan=True, allow_infinity=True)),
     FieldDescriptor.TYPE_FLOAT: st.floats(allow_nan=True, allow_infinity=True, width=32),
     FieldDescriptor.TYPE_BOOL: st.booleans(),
-    FieldDescriptor.TYPE_STRING: st.one_of(st.sampled_from(["all", "last:1", "lora", "mlp", "adamw", "off", "deep",
-                                                            "gate_proj", "recompute", "0,2"]), st.text(max_size=12)),
+    FieldDescriptor.TYPE_STRING: st.one_of(
+        st.sampled_from(["all", "last:1", "lora", "mlp", "adamw", "off", "deep", "gate_proj", "recompute", "0,2"]),
+        st.text(max_size=12),
+    ),
 }
 
 
@@ -73,13 +73,15 @@ def random_settings(draw) -> pb.SessionSettings:
 
 
 # half of the cases with no settings (the server's defaults), so that streams get as far as training
-session_settings = lambda: mostly(st.just(pb.SessionSettings()), random_settings(), 2)  # noqa: E731
+session_settings = lambda: mostly(st.just(pb.SessionSettings()), random_settings(), 2)
 TEXT = st.text(max_size=200).map(lambda t: pb.IngestRequest(text=t))
 pieces = st.one_of(
-    TEXT, TEXT,
+    TEXT,
+    TEXT,
     st.binary(max_size=200).map(lambda b: pb.IngestRequest(utf8=b)),  # invalid UTF-8 included
     st.lists(st.integers(-(2**31), 2**31 - 1) | st.integers(0, 49151), max_size=80).map(  # int32 in the proto
-        lambda ids: pb.IngestRequest(tokens=pb.TokenIds(ids=ids))),
+        lambda ids: pb.IngestRequest(tokens=pb.TokenIds(ids=ids))
+    ),
 )
 
 
@@ -88,8 +90,12 @@ def streams(draw) -> tuple[list[pb.IngestRequest], int | None]:
     """An Ingest stream (usually starting with `start`, sometimes not) and where the client cancels it (or None)."""
     messages = draw(st.lists(pieces, max_size=6))
     if draw(st.integers(0, 9)) < 9:  # mostly a proper start
-        start = pb.IngestStart(session_id=draw(ids), create_if_missing=draw(st.integers(0, 3)) < 3,
-                               end_of_document=draw(st.booleans()), settings=draw(session_settings()))
+        start = pb.IngestStart(
+            session_id=draw(ids),
+            create_if_missing=draw(st.integers(0, 3)) < 3,
+            end_of_document=draw(st.booleans()),
+            settings=draw(session_settings()),
+        )
         where = draw(st.integers(0, min(1, len(messages)))) if draw(st.integers(0, 4)) == 4 else 0
         messages.insert(where, pb.IngestRequest(start=start))
     cancel_at = draw(mostly(st.none(), st.integers(0, len(messages))))
@@ -100,17 +106,23 @@ def streams(draw) -> tuple[list[pb.IngestRequest], int | None]:
 def fuzzed(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("grpc-fuzz")
     keys = write_keys(folder, {"fuzzer": KEY_FUZZ, "bystander": KEY_OTHER})
-    with running(tiny_model_dir, folder / "data", api_keys_file=keys, max_session_bytes=64 << 20,
-                 max_document_tokens=2000) as (server, channel):
+    with running(
+        tiny_model_dir, folder / "data", api_keys_file=keys, max_session_bytes=64 << 20, max_document_tokens=2000
+    ) as (_server, channel):
         bystander = Client(channel, KEY_OTHER)
         bystander.create("kept")
-        bystander.ingest(pb.IngestRequest(start=pb.IngestStart(session_id="kept", end_of_document=True)),
-                         ["In the beginning God created the heaven and the earth."])
+        bystander.ingest(
+            pb.IngestRequest(start=pb.IngestStart(session_id="kept", end_of_document=True)),
+            ["In the beginning God created the heaven and the earth."],
+        )
         before = bystander.get("kept")
         yield Client(channel, KEY_FUZZ), bystander
         after = bystander.get("kept")
-        assert (after.tokens_ingested, after.chunks, after.updated_at) == \
-            (before.tokens_ingested, before.chunks, before.updated_at)
+        assert (after.tokens_ingested, after.chunks, after.updated_at) == (
+            before.tokens_ingested,
+            before.chunks,
+            before.updated_at,
+        )
 
 
 def _clear(call, also: frozenset = frozenset()) -> None:
@@ -123,10 +135,13 @@ def _clear(call, also: frozenset = frozenset()) -> None:
 
 
 @FUZZ
-@given(method=st.sampled_from(["CreateSession", "GetSession", "DeleteSession", "SaveSession", "ResetSession"]),
-       session_id=ids, settings=session_settings())
+@given(
+    method=st.sampled_from(["CreateSession", "GetSession", "DeleteSession", "SaveSession", "ResetSession"]),
+    session_id=ids,
+    settings=session_settings(),
+)
 def test_fuzz_unary_calls(fuzzed, method, session_id, settings):
-    fuzzer, bystander = fuzzed
+    fuzzer, _bystander = fuzzed
     if method == "CreateSession":
         request = pb.CreateSessionRequest(session_id=session_id, settings=settings)
     else:
@@ -138,7 +153,7 @@ def test_fuzz_unary_calls(fuzzed, method, session_id, settings):
 @FUZZ
 @given(stream=streams())
 def test_fuzz_ingest_streams(fuzzed, stream):
-    fuzzer, bystander = fuzzed
+    fuzzer, _bystander = fuzzed
     messages, cancel_at = stream
     started = threading.Event()
     holder: dict = {}

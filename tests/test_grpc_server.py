@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from texts import book, byte_pieces
 
 from server.auth import hash_key
 from server.documents import DocumentFeed
@@ -33,8 +34,6 @@ from server.proto.ttt.v1 import ttt_pb2 as pb
 from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
 from server.settings import Settings
 from ttt.tokenize import IncrementalTokenizer
-
-from texts import book, byte_pieces
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,10 +52,17 @@ SERVICE = "ttt.v1.Sessions"
 @contextmanager
 def running(model_dir: Path, data_dir: Path, **settings):
     """A started Server (open mode unless api_keys_file is given) and a channel to it; stopped on exit."""
-    server = Server(Settings(
-        model=str(model_dir), device="cpu", grpc_port=0, http_port=0, data_dir=data_dir,
-        session_defaults=DEFAULTS, **settings,
-    ))
+    server = Server(
+        Settings(
+            model=str(model_dir),
+            device="cpu",
+            grpc_port=0,
+            http_port=0,
+            data_dir=data_dir,
+            session_defaults=DEFAULTS,
+            **settings,
+        )
+    )
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
     try:
@@ -162,7 +168,9 @@ def check_progress(chunks: list[pb.ChunkProgress], first_index: int, tokens_befo
     """Consecutive chunks, full but the last, finite losses, a growing total that ends at ``tokens_after``."""
     assert [c.index for c in chunks] == list(range(first_index, first_index + len(chunks)))
     assert all(c.tokens == CHUNK for c in chunks[:-1]) and 0 < chunks[-1].tokens <= CHUNK
-    assert [c.tokens_ingested for c in chunks] == list(itertools.accumulate((c.tokens for c in chunks), initial=tokens_before))[1:]
+    assert [c.tokens_ingested for c in chunks] == list(
+        itertools.accumulate((c.tokens for c in chunks), initial=tokens_before)
+    )[1:]
     assert chunks[-1].tokens_ingested == tokens_after
     for c in chunks:
         assert math.isfinite(c.loss_before) and c.loss_before > 0, c
@@ -172,13 +180,6 @@ def check_progress(chunks: list[pb.ChunkProgress], first_index: int, tokens_befo
 
 
 # ---- fixtures --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +198,11 @@ def client(open_server) -> Client:
 def limited(tiny_model_dir, tmp_path_factory):
     """A server with small limits: 100 tokens per stream, 64 KiB per message, 5 sessions per user."""
     with running(
-        tiny_model_dir, tmp_path_factory.mktemp("grpc-limited"),
-        max_document_tokens=100, max_message_bytes=64 * 1024, max_sessions_per_user=5,
+        tiny_model_dir,
+        tmp_path_factory.mktemp("grpc-limited"),
+        max_document_tokens=100,
+        max_message_bytes=64 * 1024,
+        max_sessions_per_user=5,
     ) as (_, channel):
         yield Client(channel)
 
@@ -246,7 +250,9 @@ def test_mixed_text_utf8_and_token_messages(client, open_server, tokenizer):
     middle = token_ids(tokenizer, " and the earth")
     pieces = ["In the begin", b"ning God cr\xc3", b"\xa9", "ated the heaven", middle, b" Am", "en.\n"]
     # A token message ends the text before it: that text, the ids, then the text after, in order.
-    expected = token_ids(tokenizer, "In the beginning God créated the heaven") + middle + token_ids(tokenizer, " Amen.\n")
+    expected = (
+        token_ids(tokenizer, "In the beginning God créated the heaven") + middle + token_ids(tokenizer, " Amen.\n")
+    )
     assert len(expected) < CHUNK  # so the session's window holds every token
 
     chunks, summary = client.ingest(start("mixed"), pieces)
@@ -328,7 +334,9 @@ def test_health(open_server):
 def test_reflection(open_server):
     channel = open_server[1]
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    responses = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=TIMEOUT))
+    responses = list(
+        stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=TIMEOUT)
+    )
     names = {s.name for s in responses[0].list_services_response.service}
     assert {SERVICE, "grpc.health.v1.Health"} <= names
 
@@ -336,7 +344,15 @@ def test_reflection(open_server):
     assert SERVICE in db.get_services()
     service = DescriptorPool(db).FindServiceByName(SERVICE)
     methods = {m.name: m for m in service.methods}
-    assert {"CreateSession", "GetSession", "ListSessions", "DeleteSession", "SaveSession", "ResetSession", "Ingest"} <= set(methods)
+    assert {
+        "CreateSession",
+        "GetSession",
+        "ListSessions",
+        "DeleteSession",
+        "SaveSession",
+        "ResetSession",
+        "Ingest",
+    } <= set(methods)
     assert methods["Ingest"].client_streaming and methods["Ingest"].server_streaming
 
 
@@ -346,7 +362,9 @@ def test_reflection(open_server):
 def test_create_get_list_reset_delete(client):
     picked = client.create()  # the server picks an id
     assert re.fullmatch(r"[0-9a-f]{32}", picked.session_id) and picked.tokens_ingested == 0
-    info = client.create("life", pb.SessionSettings(fast=pb.FastWeightSettings(kind="mlp"), ingest=pb.IngestSettings(lr=1e-3)))
+    info = client.create(
+        "life", pb.SessionSettings(fast=pb.FastWeightSettings(kind="mlp"), ingest=pb.IngestSettings(lr=1e-3))
+    )
     assert info.session_id == "life" and info.residency == "device" and info.bytes > 0
     assert {"life", picked.session_id} <= set(client.list())
 
@@ -382,19 +400,29 @@ def test_invalid_streams(client):
         list(client.stub.Ingest(iter([]), timeout=TIMEOUT))
     assert info.value.code() == Code.INVALID_ARGUMENT and first_not_start in info.value.details()
 
-    client.fails(Code.INVALID_ARGUMENT, client.ingest, start("twice"), ["Hi", start("twice")], match="only be the first")
+    client.fails(
+        Code.INVALID_ARGUMENT, client.ingest, start("twice"), ["Hi", start("twice")], match="only be the first"
+    )
     client.fails(Code.INVALID_ARGUMENT, client.ingest, start("empty"), ["Hi", ""], match="empty message")
     client.fails(Code.INVALID_ARGUMENT, client.ingest, start("empty"), [b""], match="empty message")
     client.fails(Code.INVALID_ARGUMENT, client.ingest, start("empty"), [pb.IngestRequest()], match="empty message")
-    client.fails(Code.INVALID_ARGUMENT, client.ingest, start("ids"), [[1, 2, 49152]], match=r"token ids must be in \[0, 49152\)")
+    client.fails(
+        Code.INVALID_ARGUMENT, client.ingest, start("ids"), [[1, 2, 49152]], match=r"token ids must be in \[0, 49152\)"
+    )
     client.fails(Code.INVALID_ARGUMENT, client.ingest, start("ids"), [[-1]], match="token ids must be in")
     # str while a UTF-8 character is incomplete, and token ids then too
     client.fails(Code.INVALID_ARGUMENT, client.ingest, start("split-1"), [b"caf\xc3", "e"], match="incomplete UTF-8")
-    client.fails(Code.INVALID_ARGUMENT, client.ingest, start("split-2"), [b"caf\xc3", [5]], match="ends inside a UTF-8 sequence")
+    client.fails(
+        Code.INVALID_ARGUMENT, client.ingest, start("split-2"), [b"caf\xc3", [5]], match="ends inside a UTF-8 sequence"
+    )
     # a document that ends inside a character
-    client.fails(Code.INVALID_ARGUMENT, client.ingest, start("split-3"), [b"caf\xc3"], match="ends inside a UTF-8 sequence")
+    client.fails(
+        Code.INVALID_ARGUMENT, client.ingest, start("split-3"), [b"caf\xc3"], match="ends inside a UTF-8 sequence"
+    )
     # token ids refused after text: the text's held-back tail is still there, in order
-    client.fails(Code.INVALID_ARGUMENT, client.ingest, start("split-4", end=False), ["Hello wor", [49152]], match="token ids")
+    client.fails(
+        Code.INVALID_ARGUMENT, client.ingest, start("split-4", end=False), ["Hello wor", [49152]], match="token ids"
+    )
     _, summary = client.ingest(start("split-4", create=False), ["ld"])
     assert summary.tokens_ingested == 2  # "Hello", " world"
 
@@ -404,7 +432,10 @@ def test_invalid_settings(client):
         "chunk": (pb.SessionSettings(ingest=pb.IngestSettings(chunk_tokens=1)), "chunk_tokens must be between 2 and"),
         # the same caps as HTTP's (server.policy): no request may ask for an impossible allocation
         "rank": (pb.SessionSettings(fast=pb.FastWeightSettings(rank=1 << 20)), "fast.rank must be between 1 and 1024"),
-        "steps": (pb.SessionSettings(ingest=pb.IngestSettings(steps_per_chunk=10_000)), "steps_per_chunk must be between"),
+        "steps": (
+            pb.SessionSettings(ingest=pb.IngestSettings(steps_per_chunk=10_000)),
+            "steps_per_chunk must be between",
+        ),
         "kind": (pb.SessionSettings(fast=pb.FastWeightSettings(kind="nope")), "unknown fast-weight kind 'nope'"),
         "layers": (pb.SessionSettings(fast=pb.FastWeightSettings(layers="bogus")), "bad layers spec"),
         "target": (pb.SessionSettings(fast=pb.FastWeightSettings(targets=["lm_head"])), "unknown LoRA targets"),
@@ -417,24 +448,47 @@ def test_invalid_settings(client):
     }
     for name, (settings, message) in bad.items():
         client.fails(Code.INVALID_ARGUMENT, client.create, f"bad-{name}", settings, match=re.escape(message))
-        client.fails(Code.INVALID_ARGUMENT, client.ingest, start(f"bad-{name}", settings=settings), ["Hi"], match=re.escape(message))
+        client.fails(
+            Code.INVALID_ARGUMENT,
+            client.ingest,
+            start(f"bad-{name}", settings=settings),
+            ["Hi"],
+            match=re.escape(message),
+        )
         client.fails(Code.NOT_FOUND, client.get, f"bad-{name}")  # nothing was created
 
 
 def test_memory_settings_on_create_and_fixed_afterwards(client):
     settings = pb.SessionSettings(memory="fast", recall=pb.RecallSettings(exact_tokens=64))
-    client.fails(Code.INVALID_ARGUMENT, client.create, "studies", pb.SessionSettings(  # "fast" does not rehearse
-        memory="fast", recall=pb.RecallSettings(study_spans=1)), match="study_spans needs replay_steps")
+    client.fails(
+        Code.INVALID_ARGUMENT,
+        client.create,
+        "studies",
+        pb.SessionSettings(  # "fast" does not rehearse
+            memory="fast", recall=pb.RecallSettings(study_spans=1)
+        ),
+        match="study_spans needs replay_steps",
+    )
     info = client.create("recalls", settings)
     assert info.memory == "fast" and info.memory_spans == 0 and info.exact_tokens_read == 0
     _, summary = client.ingest(start("recalls", create=False), [book(20_000, 23_000)])
     info = client.get("recalls")
     assert summary.chunks_trained > 0 and info.memory_spans > 0 and 0 < info.exact_tokens_read <= 64
     # a stream may not change what shapes the session (only lr, steps_per_chunk and max_grad_norm)
-    client.fails(Code.INVALID_ARGUMENT, client.ingest, start("recalls", create=False,
-                 settings=pb.SessionSettings(memory="deep")), ["Hi"], match="memory can only be set")
-    client.fails(Code.INVALID_ARGUMENT, client.ingest, start("recalls", create=False, settings=pb.SessionSettings(
-        recall=pb.RecallSettings(exact_tokens=8))), ["Hi"], match="recall.exact_tokens can only be set")
+    client.fails(
+        Code.INVALID_ARGUMENT,
+        client.ingest,
+        start("recalls", create=False, settings=pb.SessionSettings(memory="deep")),
+        ["Hi"],
+        match="memory can only be set",
+    )
+    client.fails(
+        Code.INVALID_ARGUMENT,
+        client.ingest,
+        start("recalls", create=False, settings=pb.SessionSettings(recall=pb.RecallSettings(exact_tokens=8))),
+        ["Hi"],
+        match="recall.exact_tokens can only be set",
+    )
 
 
 def test_invalid_utf8_keeps_what_came_before(client, tokenizer):
@@ -446,7 +500,13 @@ def test_invalid_utf8_keeps_what_came_before(client, tokenizer):
     held = held_after_each(tokenizer, pieces)[-1]
     assert held >= 2 * CHUNK
 
-    client.fails(Code.INVALID_ARGUMENT, client.ingest, start("utf8", end=False), [*pieces, b"\x28"], match="invalid UTF-8 .* at byte")
+    client.fails(
+        Code.INVALID_ARGUMENT,
+        client.ingest,
+        start("utf8", end=False),
+        [*pieces, b"\x28"],
+        match="invalid UTF-8 .* at byte",
+    )
     info = client.get("utf8")  # the chunks completed before the bad piece stay trained
     assert info.tokens_ingested == held // CHUNK * CHUNK >= 2 * CHUNK
     assert info.pending_tokens == held % CHUNK
@@ -475,8 +535,13 @@ def test_already_exists(client):
 
 def test_document_token_limit_with_token_messages(limited):
     ids = list(range(1000, 1060))
-    limited.fails(Code.RESOURCE_EXHAUSTED, limited.ingest, start("cap-ids", end=False), [ids, ids],
-                  match="over the limit of 100 tokens")
+    limited.fails(
+        Code.RESOURCE_EXHAUSTED,
+        limited.ingest,
+        start("cap-ids", end=False),
+        [ids, ids],
+        match="over the limit of 100 tokens",
+    )
     info = limited.get("cap-ids")  # the first 60 tokens, not the violating 60
     assert info.tokens_ingested + info.pending_tokens == 60
     assert info.tokens_ingested == CHUNK
@@ -493,8 +558,13 @@ def test_document_token_limit_with_text(limited, tokenizer):
     total = len(token_ids(tokenizer, text))
     assert held[over - 1] >= 2 * CHUNK and total - held[over - 1] <= 100
 
-    limited.fails(Code.RESOURCE_EXHAUSTED, limited.ingest, start("cap-text", end=False), pieces,
-                  match="over the limit of 100 tokens")
+    limited.fails(
+        Code.RESOURCE_EXHAUSTED,
+        limited.ingest,
+        start("cap-text", end=False),
+        pieces,
+        match="over the limit of 100 tokens",
+    )
     info = limited.get("cap-text")
     assert info.tokens_ingested + info.pending_tokens == held[over - 1]
     assert info.tokens_ingested == held[over - 1] // CHUNK * CHUNK
@@ -557,7 +627,10 @@ def test_unauthenticated(keyed):
         alice.fails(Code.UNAUTHENTICATED, stranger.ingest, start("anything"), ["Hello"])
     assert "anything" not in alice.list()
     # Health is open to all (load balancers have no key).
-    assert strangers["no key"].health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=TIMEOUT).status == SERVING
+    assert (
+        strangers["no key"].health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=TIMEOUT).status
+        == SERVING
+    )
 
 
 def test_users_cannot_see_each_other(keyed):
@@ -592,7 +665,9 @@ def test_saved_session_survives_a_restart(tiny_model_dir, tmp_path, tokenizer):
         client = Client(channel)
         _, summary = client.ingest(start("kept", end=False), byte_pieces(data[:split], (500,)))
         saved = client.save("kept")
-        assert saved.tokens_ingested == summary.tokens_ingested > 0 and saved.pending_tokens == summary.pending_tokens > 0
+        assert (
+            saved.tokens_ingested == summary.tokens_ingested > 0 and saved.pending_tokens == summary.pending_tokens > 0
+        )
         assert (tmp_path / "users" / "local" / "kept" / "LATEST").is_file()
 
     with running(tiny_model_dir, tmp_path) as (_, channel):
@@ -600,7 +675,11 @@ def test_saved_session_survives_a_restart(tiny_model_dir, tmp_path, tokenizer):
         assert client.list() == ["kept"]
         info = client.get("kept")  # from the checkpoint's manifest, without loading the session
         assert info.residency == "disk"
-        assert (info.tokens_ingested, info.pending_tokens, info.chunks) == (saved.tokens_ingested, saved.pending_tokens, saved.chunks)
+        assert (info.tokens_ingested, info.pending_tokens, info.chunks) == (
+            saved.tokens_ingested,
+            saved.pending_tokens,
+            saved.chunks,
+        )
         assert info.last_loss_before == pytest.approx(saved.last_loss_before)
         assert info.created_at == pytest.approx(saved.created_at)
 
@@ -626,7 +705,9 @@ def test_shutdown_saves_changed_sessions(tiny_model_dir, tmp_path, tokenizer):
         client = Client(channel)
         assert client.list() == ["half", "unsaved"]
         info = client.get("unsaved")
-        assert info.residency == "disk" and info.tokens_ingested == done.tokens_ingested == len(token_ids(tokenizer, text))
+        assert info.residency == "disk" and info.tokens_ingested == done.tokens_ingested == len(
+            token_ids(tokenizer, text)
+        )
         info = client.get("half")
         assert (info.tokens_ingested, info.pending_tokens) == (part.tokens_ingested, part.pending_tokens)
         _, summary = client.ingest(start("half", create=False), [text[777:]])
@@ -638,13 +719,21 @@ def test_per_stream_step_settings(client):
     text = book(5_000, 6_000)
     client.ingest(start("knobs"), [text])
     # An lr of 1e-30 leaves the weights as they are: the same chunk scores the same before and after.
-    chunks, _ = client.ingest(start("knobs", settings=pb.SessionSettings(ingest=pb.IngestSettings(lr=1e-30, steps_per_chunk=2))), [text])
+    chunks, _ = client.ingest(
+        start("knobs", settings=pb.SessionSettings(ingest=pb.IngestSettings(lr=1e-30, steps_per_chunk=2))), [text]
+    )
     assert all(abs(c.loss_before - c.loss_after) < 1e-4 for c in chunks)
     # Without overrides the session's own lr applies again and the loss moves.
     chunks, _ = client.ingest(start("knobs"), [text])
     assert any(abs(c.loss_before - c.loss_after) > 1e-3 for c in chunks)
     fixed = pb.SessionSettings(ingest=pb.IngestSettings(chunk_tokens=CHUNK * 2))
-    client.fails(Code.INVALID_ARGUMENT, client.ingest, start("knobs", settings=fixed), [text], match="only be set when the session is created")
+    client.fails(
+        Code.INVALID_ARGUMENT,
+        client.ingest,
+        start("knobs", settings=fixed),
+        [text],
+        match="only be set when the session is created",
+    )
     bad = pb.SessionSettings(ingest=pb.IngestSettings(lr=-1.0))
     client.fails(Code.INVALID_ARGUMENT, client.ingest, start("knobs", settings=bad), [text], match="lr")
 
@@ -661,7 +750,9 @@ def test_documents_waiting_together_train_in_one_batch(open_server):
     sessions = {sid: state.scheduler.run(("local", sid), state.registry.create, "local", sid) for sid in ids}
 
     def batches() -> tuple[float, float]:
-        return tuple(state.metrics.registry.get_sample_value(f"ttt_batch_sessions_{s}") or 0.0 for s in ("count", "sum"))
+        return tuple(
+            state.metrics.registry.get_sample_value(f"ttt_batch_sessions_{s}") or 0.0 for s in ("count", "sum")
+        )
 
     before = batches()
     started, release = threading.Event(), threading.Event()
@@ -670,8 +761,15 @@ def test_documents_waiting_together_train_in_one_batch(open_server):
     reports = {}
 
     def feed(sid):
-        document = DocumentFeed(sessions[sid], "local", state.scheduler, state.registry,
-                                max_tokens=10**6, max_pieces=10, autosave_every=10**6)
+        document = DocumentFeed(
+            sessions[sid],
+            "local",
+            state.scheduler,
+            state.registry,
+            max_tokens=10**6,
+            max_pieces=10,
+            autosave_every=10**6,
+        )
         reports[sid] = list(document.add(ids[sid]))
 
     feeders = [threading.Thread(target=feed, args=(sid,)) for sid in ids]

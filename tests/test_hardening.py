@@ -18,27 +18,36 @@ import httpx
 import pydantic
 import pytest
 import torch
+from conftest import write_keys
+from test_grpc_server import Client, Code
+from test_grpc_server import running as grpc_running
+from test_grpc_server import start as grpc_start
+from test_http import (
+    QUESTION,
+    TINY,
+    check_error,
+    http,
+    log_records,
+    metric,
+    metric_samples,
+    running,
+    upload,
+)
+from texts import book
 
 import ttt
 from clients.chat import ChatClient
 from clients.client import TTTClient, TTTError
 from server.auth import KeyRing
 from server.grpc_service import settings_dict
-from server.http_app import FastSettings
+from server.http.models import FastSettings
+from server.proto.ttt.v1 import ttt_pb2 as pb
 from server.settings import Settings
 from ttt.config import FastWeightConfig, SessionConfig
 from ttt.engine import check_session_id
 from ttt.generate import MAX_STOP_CHARS, MAX_STOPS, SamplingParams
 from ttt.session import priced_bytes
 from ttt.store import AdapterError, disk_bytes, load_session, peft_session_config
-
-from test_http import QUESTION, TINY, check_error, http, log_records, metric, metric_samples, running, tokenizer, upload  # noqa: F401
-from test_grpc_server import Client, Code
-from test_grpc_server import running as grpc_running
-from test_grpc_server import start as grpc_start
-from server.proto.ttt.v1 import ttt_pb2 as pb
-from conftest import write_keys
-from texts import book
 
 KEY_A, KEY_B = "ttt-alice-hardening-key-0123456789", "ttt-bob-hardening-key-9876543210"
 
@@ -76,18 +85,23 @@ def test_non_finite_alpha_is_refused_on_both_doors(value):
 
 
 def _adapter(config: dict, b_shape=(4, 1)) -> tuple[dict, dict]:
-    return ({"peft_type": "LORA", **config},
-            {LORA_KEY.format("A"): torch.zeros(1, 4), LORA_KEY.format("B"): torch.zeros(b_shape)})
+    return (
+        {"peft_type": "LORA", **config},
+        {LORA_KEY.format("A"): torch.zeros(1, 4), LORA_KEY.format("B"): torch.zeros(b_shape)},
+    )
 
 
-@pytest.mark.parametrize("config,b_shape,problem", [
-    ({"r": [1]}, (4, 1), "r must be"),
-    ({"r": True}, (4, 1), "r must be"),
-    ({"r": 1}, (4,), "matrices"),
-    ({"r": 1, "lora_alpha": "nan"}, (4, 1), "lora_alpha"),
-    ({"r": 1, "lora_alpha": None}, (4, 1), "lora_alpha"),
-    ({"r": 1, "lora_alpha": float("nan")}, (4, 1), "finite"),
-])
+@pytest.mark.parametrize(
+    "config,b_shape,problem",
+    [
+        ({"r": [1]}, (4, 1), "r must be"),
+        ({"r": True}, (4, 1), "r must be"),
+        ({"r": 1}, (4,), "matrices"),
+        ({"r": 1, "lora_alpha": "nan"}, (4, 1), "lora_alpha"),
+        ({"r": 1, "lora_alpha": None}, (4, 1), "lora_alpha"),
+        ({"r": 1, "lora_alpha": float("nan")}, (4, 1), "finite"),
+    ],
+)
 def test_crafted_adapters_are_refused_as_invalid(config, b_shape, problem):
     with pytest.raises(AdapterError, match=problem):
         peft_session_config(*_adapter(config, b_shape))
@@ -116,8 +130,9 @@ def open_http(tiny_model_dir, tmp_path_factory):
 def keyed_http(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hardening-keyed")
     keys = write_keys(folder, {"alice": KEY_A, "bob": KEY_B})
-    with running(tiny_model_dir, folder / "data", api_keys_file=keys, max_request_bytes=LIMIT,
-                 private_pages=True) as server:
+    with running(
+        tiny_model_dir, folder / "data", api_keys_file=keys, max_request_bytes=LIMIT, private_pages=True
+    ) as server:
         yield server
 
 
@@ -133,8 +148,13 @@ def test_the_key_is_checked_before_the_body_is_read(keyed_http):
         check_error(anonymous.post("/v1/sessions", content=b"x" * (LIMIT + 1)), 401)
         check_error(anonymous.post("/v1/sessions", content=_streamed(4)), 401)
     with http(keyed_http, KEY_A) as alice:
-        check_error(alice.post("/v1/sessions", content=b"{" + b" " * LIMIT + b"}",
-                               headers={"content-type": "application/json"}), 413, match="limit")
+        check_error(
+            alice.post(
+                "/v1/sessions", content=b"{" + b" " * LIMIT + b"}", headers={"content-type": "application/json"}
+            ),
+            413,
+            match="limit",
+        )
         r = alice.post("/v1/sessions", content=_streamed(4), headers={"content-type": "application/json"})
         check_error(r, 413, match="limit")  # no Content-Length: cut while it streams in
         assert alice.post("/v1/sessions", json={"id": "fits"}).status_code == 201
@@ -146,8 +166,10 @@ def test_a_chunked_body_that_also_declares_a_small_length_is_still_limited(keyed
 
     piece = b"x" * 4096
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(2 * LIMIT // len(piece))) + b"0\r\n\r\n"
-    head = (f"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY_A}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    head = (
+        f"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY_A}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
     with socket.create_connection(("127.0.0.1", keyed_http.http_port), timeout=30) as sock:
         sock.sendall(head + chunks)
         reply = sock.recv(4096)
@@ -163,17 +185,22 @@ def test_documents_are_bounded_by_tokens_not_by_the_body_limit(open_http, tokeni
     assert summary["tokens_ingested"] == len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-@pytest.mark.parametrize("headers", [
-    {"origin": "https://evil.example"},
-    {"origin": "null"},
-    {"host": "evil.example"},  # a DNS name rebound to 127.0.0.1
-    {"host": "evil.example:8000", "origin": "http://evil.example:8000"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"origin": "https://evil.example"},
+        {"origin": "null"},
+        {"host": "evil.example"},  # a DNS name rebound to 127.0.0.1
+        {"host": "evil.example:8000", "origin": "http://evil.example:8000"},
+    ],
+)
 def test_open_mode_refuses_other_web_pages(open_http, headers):
     with http(open_http) as api:
         check_error(api.post("/v1/sessions", json={"id": "csrf"}, headers=headers), 403)
-        check_error(api.post("/v1/sessions/csrf/documents", content=b"text", headers={
-            **headers, "content-type": "text/plain"}), 403)
+        check_error(
+            api.post("/v1/sessions/csrf/documents", content=b"text", headers={**headers, "content-type": "text/plain"}),
+            403,
+        )
         assert api.get("/v1/sessions/csrf").status_code == 404  # nothing was made
         ok = api.get("/v1/models", headers={"origin": "http://localhost:3000"})
         assert ok.status_code == 200
@@ -237,8 +264,10 @@ def test_a_streamed_chat_that_fails_after_its_200_is_logged_and_counted(open_htt
         after = metric_samples(api)
     assert len(logged) == 1 and "secret internal detail" in str(logged[0].exc_info[1])
     labels = dict(api="http", method="POST /v1/chat/completions")
-    assert metric(after, "ttt_requests_total", status="500", **labels) == \
-        metric(before, "ttt_requests_total", status="500", **labels) + 1
+    assert (
+        metric(after, "ttt_requests_total", status="500", **labels)
+        == metric(before, "ttt_requests_total", status="500", **labels) + 1
+    )
 
 
 def test_a_huge_prompt_does_not_stall_the_event_loop(open_http, monkeypatch):
@@ -281,8 +310,9 @@ class Held:
 
         def run():
             try:
-                for _ in Client(channel, key).stub.Ingest(requests(), timeout=60,
-                                                          metadata=[("authorization", f"Bearer {key}")]):
+                for _ in Client(channel, key).stub.Ingest(
+                    requests(), timeout=60, metadata=[("authorization", f"Bearer {key}")]
+                ):
                     pass
             except grpc.RpcError as e:
                 self.error = e
@@ -295,13 +325,21 @@ class Held:
 def keyed_grpc(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hardening-grpc")
     keys = write_keys(folder, {"alice": KEY_A, "bob": KEY_B})
-    with grpc_running(tiny_model_dir, folder / "data", api_keys_file=keys, grpc_threads=4, max_streams=3,
-                      max_streams_per_user=2, ingest_start_seconds=2.0, ingest_idle_seconds=2.0) as (server, channel):
+    with grpc_running(
+        tiny_model_dir,
+        folder / "data",
+        api_keys_file=keys,
+        grpc_threads=4,
+        max_streams=3,
+        max_streams_per_user=2,
+        ingest_start_seconds=2.0,
+        ingest_idle_seconds=2.0,
+    ) as (server, channel):
         yield server, channel
 
 
 def test_idle_streams_cannot_stall_other_users(keyed_grpc):
-    server, channel = keyed_grpc
+    _server, channel = keyed_grpc
     alice, bob = Client(channel, KEY_A), Client(channel, KEY_B)
     held = [Held(channel, KEY_A), Held(channel, KEY_A)]  # alice's two streams never send their start
     time.sleep(0.5)
@@ -332,12 +370,25 @@ def test_a_stream_silent_mid_document_is_cancelled_and_keeps_what_came(keyed_grp
 
 # ---- session settings priced before anything is allocated -----------------------------------------
 
-HUGE = {"fast": {"rank": 1024, "layers": "all", "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                           "up_proj", "down_proj"]}}
+HUGE = {
+    "fast": {
+        "rank": 1024,
+        "layers": "all",
+        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    }
+}
 
 
-@pytest.mark.parametrize("settings", [{}, {"memory": "off"}, {"fast": {"kind": "mlp"}}, HUGE,
-                                      {"ingest": {"context_tokens": 64, "sink_tokens": 8}, "recall": {"exact_tokens": 96}}])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"memory": "off"},
+        {"fast": {"kind": "mlp"}},
+        HUGE,
+        {"ingest": {"context_tokens": 64, "sink_tokens": 8}, "recall": {"exact_tokens": 96}},
+    ],
+)
 def test_the_price_bounds_what_a_session_holds(tiny_model_dir, settings):
     engine = ttt.load_engine(tiny_model_dir, "cpu")
     config = SessionConfig.from_dict({"ingest": {"chunk_tokens": 32, "context_tokens": 32}} | settings)
@@ -354,8 +405,9 @@ def test_the_price_bounds_what_a_session_holds(tiny_model_dir, settings):
 def test_settings_over_the_price_limits_are_refused_before_allocation(tiny_model_dir, tmp_path, monkeypatch):
     engine = ttt.load_engine(tiny_model_dir, "cpu")
     one = priced_bytes(SessionConfig.from_dict(TINY), engine.base.model)
-    with running(tiny_model_dir, tmp_path / "data", max_session_bytes=4 * one,
-                 max_memory_bytes_per_user=int(2.5 * one)) as server:
+    with running(
+        tiny_model_dir, tmp_path / "data", max_session_bytes=4 * one, max_memory_bytes_per_user=int(2.5 * one)
+    ) as server:
         registry = server.state.registry
         real_create = registry.engine.create_session
         monkeypatch.setattr(registry.engine, "create_session", lambda *a, **k: pytest.fail("allocated"))
@@ -389,18 +441,25 @@ def self_signed(folder) -> tuple:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ttt test")])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_pem, key_pem = folder / "cert.pem", folder / "key.pem"
     cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
+    key_pem.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_pem, key_pem
 
 
@@ -423,8 +482,19 @@ def test_tls_on_both_doors(tiny_model_dir, tmp_path):
             httpx.get(f"{https}/healthz")
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{server.http_port}/healthz")
-        cli = [sys.executable, "-m", "clients.cli", "sessions", "list", "--server", grpc_address, "--api-key", KEY_A,
-               "--tls-ca", str(cert)]
+        cli = [
+            sys.executable,
+            "-m",
+            "clients.cli",
+            "sessions",
+            "list",
+            "--server",
+            grpc_address,
+            "--api-key",
+            KEY_A,
+            "--tls-ca",
+            str(cert),
+        ]
         done = subprocess.run(cli, capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert done.returncode == 0 and "secret" in done.stdout, done.stderr
 

@@ -28,19 +28,18 @@ import httpx
 import openai
 import pytest
 import torch
+from conftest import write_keys
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load as load_safetensors
-
-from server.http_app import FastSettings, IngestSettings, RecallSettings
-from server.main import Server
-from server.settings import Settings
-import ttt.config
-from ttt.config import FastWeightConfig, IngestConfig, RecallConfig
-from ttt.tokenize import IncrementalTokenizer
-
-from conftest import write_keys
 from texts import book
 from texts import byte_pieces as _byte_pieces
+
+import ttt.config
+from server.http.models import FastSettings, IngestSettings, RecallSettings
+from server.main import Server
+from server.settings import Settings
+from ttt.config import FastWeightConfig, IngestConfig, RecallConfig
+from ttt.tokenize import IncrementalTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,16 +51,23 @@ QUESTION = [{"role": "user", "content": "Who made the heaven and the earth?"}]
 MISSING = object()
 
 
-# ---- servers and clients ------------------------------------------------------------------------
+# ---- servers and clients ---------------------------------------------------------------------------------------------
 
 
 @contextmanager
 def running(model_dir: Path, data_dir: Path, *, defaults: dict = TINY, **settings):
     """A started Server (open mode unless api_keys_file is given); stopped on exit."""
-    server = Server(Settings(
-        model=str(model_dir), device="cpu", grpc_port=0, http_port=0, data_dir=data_dir,
-        session_defaults=defaults, **settings,
-    ))
+    server = Server(
+        Settings(
+            model=str(model_dir),
+            device="cpu",
+            grpc_port=0,
+            http_port=0,
+            data_dir=data_dir,
+            session_defaults=defaults,
+            **settings,
+        )
+    )
     server.start()
     try:
         yield server
@@ -76,19 +82,14 @@ def http(server: Server, key: str | None = None) -> httpx.Client:
 
 def oai(server: Server, key: str = "unused-in-open-mode") -> openai.OpenAI:
     # No retries: a 429 or 503 must reach the test, not be retried away.
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key=key, max_retries=0, timeout=TIMEOUT)
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key=key, max_retries=0, timeout=TIMEOUT
+    )
 
 
 def base_name(client: openai.OpenAI) -> str:
     (base,) = [m.id for m in client.models.list().data if getattr(m, "parent", "absent") is None]
     return base
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def keyed_server(tiny_model_dir, tmp_path_factory):
         yield server
 
 
-# ---- helpers ------------------------------------------------------------------------------------------
+# ---- helpers ---------------------------------------------------------------------------------------------------------
 
 
 byte_pieces = functools.partial(_byte_pieces, sizes=(1, 7, 333, 101))  # small pieces: a chunked HTTP body
@@ -121,12 +122,15 @@ byte_pieces = functools.partial(_byte_pieces, sizes=(1, 7, 333, 101))  # small p
 
 def upload(client: httpx.Client, sid: str, data: bytes | list[bytes], *, end: bool = True) -> httpx.Response:
     """POST a document; a list of pieces goes as a streamed (chunked) body, one piece at a time."""
+
     def body():
         yield from data
 
     return client.post(
-        f"/v1/sessions/{sid}/documents", params=None if end else {"end_of_document": "false"},
-        content=body() if isinstance(data, list) else data, headers={"content-type": "text/plain; charset=utf-8"},
+        f"/v1/sessions/{sid}/documents",
+        params=None if end else {"end_of_document": "false"},
+        content=body() if isinstance(data, list) else data,
+        headers={"content-type": "text/plain; charset=utf-8"},
     )
 
 
@@ -152,8 +156,12 @@ def check_error(r: httpx.Response, status: int, match: str | None = None) -> dic
 
 
 OPENAI_ERRORS = {
-    400: openai.BadRequestError, 401: openai.AuthenticationError, 404: openai.NotFoundError,
-    409: openai.ConflictError, 429: openai.RateLimitError, 503: openai.InternalServerError,
+    400: openai.BadRequestError,
+    401: openai.AuthenticationError,
+    404: openai.NotFoundError,
+    409: openai.ConflictError,
+    429: openai.RateLimitError,
+    503: openai.InternalServerError,
 }
 
 
@@ -232,15 +240,23 @@ def log_records(name: str, level: int = logging.ERROR):
         logger.removeHandler(handler)
 
 
-# ---- discovery, models and the sessions REST API --------------------------------------------------------
+# ---- discovery, models and the sessions REST API ---------------------------------------------------------------------
 
 
 def test_openapi_served(api):
     r = api.get("/openapi.json")
     assert r.status_code == 200
     paths = r.json()["paths"]
-    assert {"/v1/chat/completions", "/v1/models", "/v1/sessions", "/v1/sessions/{session_id}",
-            "/v1/sessions/{session_id}/documents", "/healthz", "/readyz", "/metrics"} <= set(paths)
+    assert {
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/sessions",
+        "/v1/sessions/{session_id}",
+        "/v1/sessions/{session_id}/documents",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    } <= set(paths)
     assert api.get("/healthz").json() == {"status": "ok"}
     assert api.get("/readyz").json()["status"] == "ready"
 
@@ -305,8 +321,12 @@ def test_session_settings(api, open_server):
     exact = schema["RecallSettings"]["properties"]["exact_tokens"]
     assert exact["maximum"] == 1 << 16 and "verbatim" in exact["description"]
 
-    settings = {"memory": "deep", "fast": {"kind": "mlp", "mlp_hidden": 16, "layers": "last:2"},
-                "ingest": {"lr": 0.001, "betas": [0.8, 0.9], "steps_per_chunk": 2}, "recall": {"exact_tokens": 64}}
+    settings = {
+        "memory": "deep",
+        "fast": {"kind": "mlp", "mlp_hidden": 16, "layers": "last:2"},
+        "ingest": {"lr": 0.001, "betas": [0.8, 0.9], "steps_per_chunk": 2},
+        "recall": {"exact_tokens": 64},
+    }
     assert api.post("/v1/sessions", json={"id": "tuned", "settings": settings}).status_code == 201
     config = open_server.state.registry.get("local", "tuned").config
     assert (config.fast.kind, config.fast.mlp_hidden, config.fast.layers) == ("mlp", 16, "last:2")
@@ -317,28 +337,47 @@ def test_session_settings(api, open_server):
     assert api.get("/v1/sessions/tuned").json()["memory"] == "deep"
 
     bad = [
-        {"id": 5}, {"id": ".hidden"}, {"unknown": 1},
-        {"settings": {"ingest": 5}}, {"settings": {"ingest": None}}, {"settings": {"bogus": {}}},
-        {"settings": {"fast": {"rank": 0}}}, {"settings": {"fast": {"rank": "x"}}}, {"settings": {"fast": {"rank": 10**9}}},
-        {"settings": {"fast": {"layers": 7}}}, {"settings": {"fast": {"layers": "last_fraction:inf"}}},
-        {"settings": {"fast": {"layers": "99"}}}, {"settings": {"fast": {"kind": "nope"}}},
-        {"settings": {"fast": {"targets": ["nope"]}}}, {"settings": {"fast": {"seed": 2**64}}},
-        {"settings": {"ingest": {"lr": -1}}}, {"settings": {"ingest": {"chunk_tokens": 1}}},
-        {"settings": {"ingest": {"betas": [0.9]}}}, {"settings": {"ingest": {"optimizer": "lion"}}},
-        {"settings": {"memory": "huge"}}, {"settings": {"recall": {"exact_tokens": 1 << 20}}},
-        {"settings": {"recall": {"nope": 1}}}, {"settings": {"recall": {"replay_lr": -1}}},
+        {"id": 5},
+        {"id": ".hidden"},
+        {"unknown": 1},
+        {"settings": {"ingest": 5}},
+        {"settings": {"ingest": None}},
+        {"settings": {"bogus": {}}},
+        {"settings": {"fast": {"rank": 0}}},
+        {"settings": {"fast": {"rank": "x"}}},
+        {"settings": {"fast": {"rank": 10**9}}},
+        {"settings": {"fast": {"layers": 7}}},
+        {"settings": {"fast": {"layers": "last_fraction:inf"}}},
+        {"settings": {"fast": {"layers": "99"}}},
+        {"settings": {"fast": {"kind": "nope"}}},
+        {"settings": {"fast": {"targets": ["nope"]}}},
+        {"settings": {"fast": {"seed": 2**64}}},
+        {"settings": {"ingest": {"lr": -1}}},
+        {"settings": {"ingest": {"chunk_tokens": 1}}},
+        {"settings": {"ingest": {"betas": [0.9]}}},
+        {"settings": {"ingest": {"optimizer": "lion"}}},
+        {"settings": {"memory": "huge"}},
+        {"settings": {"recall": {"exact_tokens": 1 << 20}}},
+        {"settings": {"recall": {"nope": 1}}},
+        {"settings": {"recall": {"replay_lr": -1}}},
     ]
     before = {s["id"] for s in api.get("/v1/sessions").json()["data"]}
     for body in bad:
         check_error(api.post("/v1/sessions", json=body), 400)
     # JSON's non-standard NaN is refused for every number
-    check_error(api.post("/v1/sessions", content=b'{"settings": {"ingest": {"lr": NaN}}}',
-                         headers={"content-type": "application/json"}), 400)
+    check_error(
+        api.post(
+            "/v1/sessions",
+            content=b'{"settings": {"ingest": {"lr": NaN}}}',
+            headers={"content-type": "application/json"},
+        ),
+        400,
+    )
     assert {s["id"] for s in api.get("/v1/sessions").json()["data"]} == before
     api.delete("/v1/sessions/tuned")
 
 
-# ---- documents ---------------------------------------------------------------------------------------------
+# ---- documents -------------------------------------------------------------------------------------------------------
 
 
 def test_document_upload_in_odd_byte_pieces(api, tokenizer):
@@ -394,7 +433,10 @@ def test_document_not_ended_keeps_its_tail_pending(api, tokenizer):
     total = token_count(tokenizer, text)
     assert r["tokens_ingested"] == total and r["pending_tokens"] == 0
     assert r["tokens_received"] == total - held[cut]
-    assert r["chunks"][0]["index"] == s["chunks_trained"] and len(r["chunks"]) == math.ceil(total / CHUNK) - s["chunks_trained"]
+    assert (
+        r["chunks"][0]["index"] == s["chunks_trained"]
+        and len(r["chunks"]) == math.ceil(total / CHUNK) - s["chunks_trained"]
+    )
 
     # Too short to complete a chunk: nothing trained, no mean loss (null, not NaN: JSON has no NaN).
     api.post("/v1/sessions", json={"id": "short"})
@@ -427,8 +469,13 @@ def test_document_progress_as_server_sent_events(api, tokenizer):
 
     started, *chunks, summary, done = events
     assert done == "[DONE]"
-    assert started == {"object": "document.started", "session_id": "live", "tokens_ingested": 0,
-                       "pending_tokens": 0, "document_bytes": 0}
+    assert started == {
+        "object": "document.started",
+        "session_id": "live",
+        "tokens_ingested": 0,
+        "pending_tokens": 0,
+        "document_bytes": 0,
+    }
     assert {c["object"] for c in chunks} == {"document.chunk"} and summary["object"] == "document.summary"
     assert [c["index"] for c in chunks] == list(range(math.ceil(expected / CHUNK)))
     assert set(pb.ChunkProgress.DESCRIPTOR.fields_by_name) < set(chunks[0])  # gRPC's ChunkProgress and more
@@ -442,8 +489,52 @@ def test_document_progress_as_server_sent_events(api, tokenizer):
 
     # Refusals come before the 200, in the error shape: an unknown session, a bad flag.
     check_error(api.post("/v1/sessions/nobody/documents", content=b"text", headers=headers), 404)
-    check_error(api.post("/v1/sessions/live/documents", params={"end_of_document": "x"}, content=b"t",
-                         headers=headers), 400)
+    check_error(
+        api.post("/v1/sessions/live/documents", params={"end_of_document": "x"}, content=b"t", headers=headers), 400
+    )
+
+
+def test_a_client_that_leaves_the_event_stream_stops_its_chunks_and_frees_the_session(api, tokenizer):
+    """Closing the event stream part way: training stops at the next chunk, the document is not ended (what was
+    received waits, pending), and the session takes the next stream at once: a resume from ``document_bytes``
+    ends with every token of the text, once."""
+    text = book(30_000, 42_000)  # ~3000 tokens: ~90 chunks, far more than trained before the client leaves
+    data = text.encode()
+    api.post("/v1/sessions", json={"id": "left"})
+    headers = {"accept": "text/event-stream", "content-type": "text/plain"}
+    with api.stream("POST", "/v1/sessions/left/documents", content=data, headers=headers) as r:
+        lines = r.iter_lines()
+        chunks = 0
+        while chunks < 2:
+            chunks += '"document.chunk"' in next(lines)
+    for _ in range(600):  # until the stream is released: a second one is no longer a 409
+        resumed = api.post(
+            "/v1/sessions/left/documents",
+            params={"document_offset": len(data) + 1, "end_of_document": "false"},
+            content=b"",
+        )
+        if resumed.status_code != 409 or "one stream at a time" not in resumed.text:
+            break
+        time.sleep(0.05)
+    check_error(resumed, 409, "is not where session 'left'")  # a wrong offset: refused, nothing read
+    info = api.get("/v1/sessions/left").json()
+    assert info["document_bytes"] == len(data)  # received in full, not ended
+    expected = token_count(tokenizer, text)
+    assert 2 <= info["chunks"] < math.ceil(expected / CHUNK) and info["pending_tokens"] > 0
+
+    rest = api.post("/v1/sessions/left/documents", params={"document_offset": len(data)}, content=b"")
+    assert rest.status_code == 200, rest.text
+    info = api.get("/v1/sessions/left").json()
+    assert (info["tokens_ingested"], info["pending_tokens"], info["document_bytes"]) == (expected, 0, 0)
+
+
+def test_one_document_stream_per_session(api, open_server):
+    api.post("/v1/sessions", json={"id": "shared"})
+    api.post("/v1/sessions", json={"id": "other"})
+    with open_server.state.registry.feeding("local", "shared"):  # a stream is feeding it (as a gRPC Ingest would)
+        check_error(upload(api, "shared", b"In the beginning"), 409, "one stream at a time")
+        assert upload(api, "other", b"In the beginning God created").status_code == 200  # other sessions: free
+    assert upload(api, "shared", b"In the beginning God created").status_code == 200
 
 
 def test_adapter_download_is_a_peft_folder_that_imports_back(api):
@@ -454,12 +545,22 @@ def test_adapter_download_is_a_peft_folder_that_imports_back(api):
 
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
     assert 'filename="exported-adapter.zip"' in r.headers["content-disposition"]
-    files = {name: zipfile.ZipFile(io.BytesIO(r.content)).read(name) for name in zipfile.ZipFile(io.BytesIO(r.content)).namelist()}
+    files = {
+        name: zipfile.ZipFile(io.BytesIO(r.content)).read(name)
+        for name in zipfile.ZipFile(io.BytesIO(r.content)).namelist()
+    }
     assert sorted(files) == ["adapter_config.json", "adapter_model.safetensors"]
     assert json.loads(files["adapter_config.json"])["r"] == 4
-    imported = api.post("/v1/sessions", json={"id": "reimported", "adapter": {
-        "adapter_config": json.loads(files["adapter_config.json"]),
-        "adapter_model": base64.b64encode(files["adapter_model.safetensors"]).decode()}})
+    imported = api.post(
+        "/v1/sessions",
+        json={
+            "id": "reimported",
+            "adapter": {
+                "adapter_config": json.loads(files["adapter_config.json"]),
+                "adapter_model": base64.b64encode(files["adapter_model.safetensors"]).decode(),
+            },
+        },
+    )
     assert imported.status_code == 201, imported.text
     again = api.get("/v1/sessions/reimported/adapter")
     again_weights = zipfile.ZipFile(io.BytesIO(again.content)).read("adapter_model.safetensors")
@@ -483,8 +584,16 @@ def test_settings_schema_is_the_config_schema_under_the_server_defaults(api):
     assert [(f["section"], f["name"]) for f in doc["fields"]] == [(s.section, s.name) for s in SCHEMA]
     fields = {(f["section"], f["name"]): f for f in doc["fields"]}
     assert fields["fast", "rank"] | {"doc": None} == {
-        "section": "fast", "name": "rank", "type": "integer", "default": 16, "doc": None, "minimum": 1,
-        "maximum": 1024, "max_length": None, "per_chunk": False}
+        "section": "fast",
+        "name": "rank",
+        "type": "integer",
+        "default": 16,
+        "doc": None,
+        "minimum": 1,
+        "maximum": 1024,
+        "max_length": None,
+        "per_chunk": False,
+    }
     assert fields["recall", "replay_lr"]["type"] == "number|null" and fields["fast", "targets"]["type"] == "array"
     assert fields["ingest", "chunk_tokens"]["default"] == CHUNK  # the server's session defaults apply
     for preset in PRESETS:
@@ -499,11 +608,20 @@ def test_console_page_needs_no_key_and_readyz_says_whether_the_api_does(api, key
         page = anonymous.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert '<script type="module" src="/console/console.js">' in page.text
-        for name, kind in [("console.js", "javascript"), ("api.js", "javascript"), ("curve.js", "javascript"),
-                           ("console.css", "text/css")]:
+        for name, kind in [
+            ("console.js", "javascript"),
+            ("api.js", "javascript"),
+            ("curve.js", "javascript"),
+            ("console.css", "text/css"),
+        ]:
             r = anonymous.get(f"/console/{name}")
             assert r.status_code == 200 and kind in r.headers["content-type"], name
         check_error(anonymous.get("/console/missing.js"), 404)
+        for path in ("/", "/console/console.js"):  # no other site may frame the page or feed it scripts
+            headers = anonymous.get(path).headers
+            assert headers["x-frame-options"] == "DENY", path
+            assert "frame-ancestors 'none'" in headers["content-security-policy"], path
+            assert "default-src 'self'" in headers["content-security-policy"], path
         check_error(anonymous.get("/v1/settings"), 401)
     # open mode: the page, like the API, answers this machine's names only
     check_error(api.get("/", headers={"host": "example.com"}), 403)
@@ -523,8 +641,13 @@ def test_upload_cut_off_by_the_client_keeps_completed_chunks(api, open_server):
         raise RuntimeError("the client gives up mid-upload")
 
     def gone_requests():  # uploads that ended because the client went away (499)
-        return metric(metric_samples(api), "ttt_requests_total", api="http",
-                      method="POST /v1/sessions/{session_id}/documents", status="499")
+        return metric(
+            metric_samples(api),
+            "ttt_requests_total",
+            api="http",
+            method="POST /v1/sessions/{session_id}/documents",
+            status="499",
+        )
 
     before = gone_requests()
     with log_records("ttt") as errors, log_records("uvicorn.error") as uvicorn_errors:
@@ -541,7 +664,7 @@ def test_upload_cut_off_by_the_client_keeps_completed_chunks(api, open_server):
     assert not errors and not uvicorn_errors  # a client going away is not a server error
 
 
-# ---- chat on the tiny model -----------------------------------------------------------------------------------
+# ---- chat on the tiny model ------------------------------------------------------------------------------------------
 
 
 def test_chat_on_a_session_never_changes_it(api, open_server, tokenizer):
@@ -550,7 +673,11 @@ def test_chat_on_a_session_never_changes_it(api, open_server, tokenizer):
     registry, scheduler = open_server.state.registry, open_server.state.scheduler
     session = registry.get("local", "chatty")
     probe = book(41000, 41300)
-    before = api.get("/v1/sessions/chatty").json(), session.version, scheduler.run(("local", "chatty"), session.score, probe)
+    before = (
+        api.get("/v1/sessions/chatty").json(),
+        session.version,
+        scheduler.run(("local", "chatty"), session.score, probe),
+    )
     client = oai(open_server)
 
     answer = chat(client, "chatty", max_tokens=8)
@@ -561,19 +688,27 @@ def test_chat_on_a_session_never_changes_it(api, open_server, tokenizer):
     sampled = chat(client, "chatty", temperature=0.9, top_p=0.9, seed=7, max_tokens=8, stop=["\n"])
     check_answer(sampled, 8)
 
-    after = api.get("/v1/sessions/chatty").json(), session.version, scheduler.run(("local", "chatty"), session.score, probe)
+    after = (
+        api.get("/v1/sessions/chatty").json(),
+        session.version,
+        scheduler.run(("local", "chatty"), session.score, probe),
+    )
     # Only the memory held may grow: answers keep the window's keys/values for the next answer.
     assert after[0].pop("resident_bytes") > before[0].pop("resident_bytes")
     assert after == before
 
 
-# ---- errors ---------------------------------------------------------------------------------------------------------
+# ---- errors ----------------------------------------------------------------------------------------------------------
 
 BAD_CHATS = [
     ("missing messages", {"messages": MISSING}, "messages"),
     ("empty messages", {"messages": []}, "messages"),
     ("bad role", {"messages": [{"role": "robot", "content": "hi"}]}, "role"),
-    ("non-text content", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "content"),
+    (
+        "non-text content",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "content",
+    ),
     ("missing model", {"model": MISSING}, "model"),
     ("n=2", {"n": 2}, "^n:"),
     ("temperature 3", {"temperature": 3}, "temperature"),
@@ -590,14 +725,16 @@ BAD_CHATS = [
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_bad_chat_requests_are_400(api, stream):
     api.post("/v1/sessions", json={"id": "s400"})
-    for name, change, match in BAD_CHATS:
+    for _name, change, match in BAD_CHATS:
         body = {"model": "s400", "messages": QUESTION, "max_tokens": 4, "stream": stream, **change}
         body = {k: v for k, v in body.items() if v is not MISSING}
         check_error(api.post("/v1/chat/completions", json=body), 400, match=match)
     for raw in (b'{"model": "s400", "messages": [', b"[1, 2]", b"\xff\xfe", b'"text"', b""):
         check_error(api.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"}), 400)
     nan = b'{"model": "s400", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'
-    check_error(api.post("/v1/chat/completions", content=nan, headers={"content-type": "application/json"}), 400, "temperature")
+    check_error(
+        api.post("/v1/chat/completions", content=nan, headers={"content-type": "application/json"}), 400, "temperature"
+    )
     assert api.get("/healthz").status_code == 200
 
 
@@ -619,8 +756,13 @@ def test_bad_requests_through_the_openai_client(open_server):
 
 
 def test_bad_session_ids_in_paths_are_400(api):
-    routes = [("GET", "/v1/sessions/{}"), ("DELETE", "/v1/sessions/{}"), ("POST", "/v1/sessions/{}/save"),
-              ("POST", "/v1/sessions/{}/reset"), ("POST", "/v1/sessions/{}/documents")]
+    routes = [
+        ("GET", "/v1/sessions/{}"),
+        ("DELETE", "/v1/sessions/{}"),
+        ("POST", "/v1/sessions/{}/save"),
+        ("POST", "/v1/sessions/{}/reset"),
+        ("POST", "/v1/sessions/{}/documents"),
+    ]
     for bad in (".hidden", "-x", "a..b", "x" * 129, "é", "a b"):
         for method, route in routes:
             check_error(api.request(method, route.format(bad), content=b"text"), 400, match="session id must be")
@@ -629,8 +771,13 @@ def test_bad_session_ids_in_paths_are_400(api):
 
 
 def test_unknown_session_and_route_are_404(api):
-    for method, path in [("GET", "/v1/sessions/ghost"), ("DELETE", "/v1/sessions/ghost"), ("POST", "/v1/sessions/ghost/save"),
-                         ("POST", "/v1/sessions/ghost/reset"), ("POST", "/v1/sessions/ghost/documents")]:
+    for method, path in [
+        ("GET", "/v1/sessions/ghost"),
+        ("DELETE", "/v1/sessions/ghost"),
+        ("POST", "/v1/sessions/ghost/save"),
+        ("POST", "/v1/sessions/ghost/reset"),
+        ("POST", "/v1/sessions/ghost/documents"),
+    ]:
         check_error(api.request(method, path, content=b"text"), 404, match="no session 'ghost'")
     check_error(api.get("/v1/nothing-here"), 404)
     check_error(api.put("/v1/models"), 405)
@@ -638,8 +785,13 @@ def test_unknown_session_and_route_are_404(api):
 
 def test_missing_or_wrong_key_is_401(keyed_server):
     with http(keyed_server) as anonymous:
-        for method, path in [("GET", "/v1/models"), ("GET", "/v1/sessions"), ("POST", "/v1/sessions"),
-                             ("GET", "/v1/sessions/x"), ("POST", "/v1/sessions/x/documents")]:
+        for method, path in [
+            ("GET", "/v1/models"),
+            ("GET", "/v1/sessions"),
+            ("POST", "/v1/sessions"),
+            ("GET", "/v1/sessions/x"),
+            ("POST", "/v1/sessions/x/documents"),
+        ]:
             kwargs = {"json": {}} if path == "/v1/sessions" and method == "POST" else {}
             check_error(anonymous.request(method, path, **kwargs), 401, match="missing bearer key")
         check_error(anonymous.post("/v1/chat/completions", json={"model": "x", "messages": QUESTION}), 401)
@@ -724,8 +876,11 @@ def test_concurrent_chats_of_different_sessions_decode_together_as_they_would_al
     step, each answer is the one it gets alone (greedy), and /metrics shows the batch and its pool."""
     client = oai(open_server)
     base = base_name(client)
-    for sid, fast in (("rows-a", {"rank": 2}), ("rows-b", {"rank": 8, "targets": ["gate_proj", "down_proj"]}),
-                      ("rows-c", {"kind": "mlp", "mlp_hidden": 16})):
+    for sid, fast in (
+        ("rows-a", {"rank": 2}),
+        ("rows-b", {"rank": 8, "targets": ["gate_proj", "down_proj"]}),
+        ("rows-c", {"kind": "mlp", "mlp_hidden": 16}),
+    ):
         assert api.post("/v1/sessions", json={"id": sid, "settings": {**TINY, "fast": fast}}).status_code == 201
         upload(api, sid, book(1000 * len(sid), 1000 * len(sid) + 900).encode())
     models = ["rows-a", "rows-b", "rows-c", base]
@@ -738,8 +893,14 @@ def test_concurrent_chats_of_different_sessions_decode_together_as_they_would_al
     gate = scheduler.submit("test-gate", lambda: (started.set(), release.wait(TIMEOUT)))  # hold the device
     assert started.wait(TIMEOUT)
     together: dict[str, str] = {}
-    threads = [threading.Thread(target=lambda m=m: together.__setitem__(
-        m, chat(oai(open_server), m, max_tokens=12).choices[0].message.content)) for m in models]
+    threads = [
+        threading.Thread(
+            target=lambda m=m: together.__setitem__(
+                m, chat(oai(open_server), m, max_tokens=12).choices[0].message.content
+            )
+        )
+        for m in models
+    ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + TIMEOUT
@@ -839,7 +1000,7 @@ def test_stream_disconnect_stops_the_decode(open_server, api, monkeypatch):
     assert not errors and not uvicorn_errors
 
 
-# ---- metrics ---------------------------------------------------------------------------------------------------------------
+# ---- metrics ---------------------------------------------------------------------------------------------------------
 
 
 def test_metrics(api, open_server, tokenizer):
@@ -853,10 +1014,20 @@ def test_metrics(api, open_server, tokenizer):
     after = metric_samples(api)
 
     names = {name for name, _ in after}
-    assert {"ttt_requests_total", "ttt_errors_total", "ttt_tokens_ingested_total", "ttt_chunks_total", "ttt_queue_depth",
-            "ttt_sessions", "ttt_session_bytes", "ttt_tokens_generated_total", "ttt_decode_tokens_per_second_bucket",
-            "ttt_decode_tokens_per_second_count", "ttt_ingest_tokens_per_second_bucket",
-            "ttt_ingest_tokens_per_second_count"} <= names
+    assert {
+        "ttt_requests_total",
+        "ttt_errors_total",
+        "ttt_tokens_ingested_total",
+        "ttt_chunks_total",
+        "ttt_queue_depth",
+        "ttt_sessions",
+        "ttt_session_bytes",
+        "ttt_tokens_generated_total",
+        "ttt_decode_tokens_per_second_bucket",
+        "ttt_decode_tokens_per_second_count",
+        "ttt_ingest_tokens_per_second_bucket",
+        "ttt_ingest_tokens_per_second_count",
+    } <= names
 
     def delta(name, **labels):
         return metric(after, name, **labels) - metric(before, name, **labels)
@@ -876,13 +1047,20 @@ def test_metrics(api, open_server, tokenizer):
     assert metric(after, "ttt_session_bytes", tier="device") == residency["device"][1] > 0
 
 
-# ---- fuzzing from the OpenAPI document (schemathesis) -------------------------------------------------------------------
+# ---- fuzzing from the OpenAPI document (schemathesis) ----------------------------------------------------------------
 
 OPERATIONS = [
-    ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/sessions"), ("POST", "/v1/sessions"),
-    ("GET", "/v1/sessions/{session_id}"), ("DELETE", "/v1/sessions/{session_id}"),
-    ("POST", "/v1/sessions/{session_id}/save"), ("POST", "/v1/sessions/{session_id}/reset"),
-    ("POST", "/v1/sessions/{session_id}/documents"), ("GET", "/v1/sessions/{session_id}/adapter"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("GET", "/v1/sessions"),
+    ("POST", "/v1/sessions"),
+    ("GET", "/v1/sessions/{session_id}"),
+    ("DELETE", "/v1/sessions/{session_id}"),
+    ("POST", "/v1/sessions/{session_id}/save"),
+    ("POST", "/v1/sessions/{session_id}/reset"),
+    ("POST", "/v1/sessions/{session_id}/documents"),
+    ("GET", "/v1/sessions/{session_id}/adapter"),
     ("GET", "/v1/settings"),
 ]
 FUZZ_EXAMPLES = 30
@@ -920,8 +1098,14 @@ def test_fuzz_no_server_errors(fuzz_target, method, path, mode):
         pytest.skip("nothing to make invalid: no body or query (a path parameter is any string)")
     session = requests.Session()
 
-    @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, database=None, deadline=None,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
     def one(case):
         response = case.call(base_url=base_url, session=session, timeout=TIMEOUT)
@@ -933,7 +1117,7 @@ def test_fuzz_no_server_errors(fuzz_target, method, path, mode):
     one()
 
 
-# ---- the default model (slow) ------------------------------------------------------------------------------------------------
+# ---- the default model (slow) ----------------------------------------------------------------------------------------
 
 DEFAULT = {"ingest": {"chunk_tokens": 128, "context_tokens": 128}}
 KJV = (150000, 156000)  # ~1500 tokens of Genesis (Joseph in Potiphar's house)
@@ -1004,8 +1188,16 @@ def test_default_session_saved_and_reloaded_after_restart(kjv, default_model_dir
         saved = saved.json()
     kjv["server"].stop()
 
-    server = Server(Settings(model=str(default_model_dir), device="cpu", grpc_port=0, http_port=0,
-                             data_dir=kjv["dir"], session_defaults=DEFAULT))
+    server = Server(
+        Settings(
+            model=str(default_model_dir),
+            device="cpu",
+            grpc_port=0,
+            http_port=0,
+            data_dir=kjv["dir"],
+            session_defaults=DEFAULT,
+        )
+    )
     server.start()
     kjv["server"] = server
     with http(server) as api:

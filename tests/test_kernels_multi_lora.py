@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.multi_lora import multi_lora_linear, multi_lora_linear_reference  # noqa: E402
+from kernels.multi_lora import multi_lora_linear, multi_lora_linear_reference
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -94,8 +94,10 @@ def test_dispatch_uses_reference_when_asked(monkeypatch):
 def test_bf16_on_cuda_matches_fp32_reference():
     offsets = [0, 300, 300, 812, 1024]
     inputs = make_inputs(offsets, 576, 1536, 16, dtype=torch.bfloat16, device="cuda")
-    fp32 = {k: (v.detach().float().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
-            for k, v in inputs.items()}
+    fp32 = {
+        k: (v.detach().float().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
+        for k, v in inputs.items()
+    }
     gy = torch.randn(offsets[-1], 1536, device="cuda")
     got = grads(multi_lora_linear, inputs, 2.0, gy.bfloat16())
     want = grads(multi_lora_linear_reference, fp32, 2.0, gy)
@@ -109,6 +111,9 @@ def test_bench_runs_on_a_tiny_shape():
 
     rows = run("cpu", shapes=(Shape("tiny", 3, 5, 48, 40, rank=4),))
     assert [(r["impl"], r["mode"]) for r in rows] == [
-        ("loop", "fwd"), ("loop", "fwd+bwd"), ("batched_torch", "fwd"), ("batched_torch", "fwd+bwd")
+        ("loop", "fwd"),
+        ("loop", "fwd+bwd"),
+        ("batched_torch", "fwd"),
+        ("batched_torch", "fwd+bwd"),
     ]
     assert all(r["max_err"] < 1e-5 and r["seconds"] > 0 for r in rows)

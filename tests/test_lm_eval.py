@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_http import running
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,8 +32,11 @@ def served(tiny_model_dir, tmp_path_factory):
     with running(tiny_model_dir, tmp_path_factory.mktemp("lm-eval") / "data") as server:
         with http(server) as api:
             assert api.post("/v1/sessions", json={"id": SESSION}).status_code == 201
-            r = api.post(f"/v1/sessions/{SESSION}/documents", content=book(0, 1500).encode(),
-                         headers={"content-type": "text/plain"})
+            r = api.post(
+                f"/v1/sessions/{SESSION}/documents",
+                content=book(0, 1500).encode(),
+                headers={"content-type": "text/plain"},
+            )
             assert r.status_code == 200
         yield server
 
@@ -53,11 +55,24 @@ def evaluate(server, model: str, endpoint: str, task: str, tokenizer_dir: Path, 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    args = dict(model=SESSION, base_url=f"http://127.0.0.1:{server.http_port}/v1/{endpoint}", num_concurrent=1,
-                max_retries=1, tokenizer=str(tokenizer_dir), tokenizer_backend="huggingface", **extra)
-    results = simple_evaluate(model=model, model_args=args, tasks=[task], task_manager=TaskManager(
-        include_path=str(TASKS)), log_samples=True, apply_chat_template=model.endswith("chat-completions"),
-        batch_size=1)
+    args = dict(
+        model=SESSION,
+        base_url=f"http://127.0.0.1:{server.http_port}/v1/{endpoint}",
+        num_concurrent=1,
+        max_retries=1,
+        tokenizer=str(tokenizer_dir),
+        tokenizer_backend="huggingface",
+        **extra,
+    )
+    results = simple_evaluate(
+        model=model,
+        model_args=args,
+        tasks=[task],
+        task_manager=TaskManager(include_path=str(TASKS)),
+        log_samples=True,
+        apply_chat_template=model.endswith("chat-completions"),
+        batch_size=1,
+    )
     return results["samples"][task]
 
 
@@ -101,8 +116,9 @@ def test_lm_eval_scores_a_session_like_the_python_api(served, offline, tiny_mode
             assert loglikelihood == pytest.approx(expected, abs=TOLERANCE), (context, continuation)
 
 
-@pytest.mark.parametrize("model,endpoint", [("local-completions", "completions"),
-                                            ("local-chat-completions", "chat/completions")])
+@pytest.mark.parametrize(
+    "model,endpoint", [("local-completions", "completions"), ("local-chat-completions", "chat/completions")]
+)
 def test_lm_eval_generations_equal_the_python_api(served, offline, tiny_model_dir, model, endpoint):
     samples = evaluate(served, model, endpoint, "ttt_genesis_gen", tiny_model_dir)
     assert len(samples) == 4
@@ -125,27 +141,57 @@ def test_lm_eval_generations_equal_the_python_api(served, offline, tiny_model_di
 def test_recall_needles_exported_as_an_lm_eval_task(served, offline, tiny_model_dir, tmp_path):
     """``ttt recall --export-lm-eval``: ingest the exported document into a session, then lm-eval scores its
     needles as the Python API does."""
-    from clients import cli
     from test_http import http
 
+    from clients import cli
+
     out = tmp_path / "exported"
-    argv = ["recall", "--model", str(tiny_model_dir), "--device", "cpu", "--lengths", "384", "--depths", "200",
-            "--needles-per-depth", "2", "--stories", "0", "--no-book", "--export-lm-eval", str(out)]
+    argv = [
+        "recall",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--lengths",
+        "384",
+        "--depths",
+        "200",
+        "--needles-per-depth",
+        "2",
+        "--stories",
+        "0",
+        "--no-book",
+        "--export-lm-eval",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     document = (out / "recall_0_384.txt").read_text(encoding="utf-8")
     with http(served) as api:
-        r = api.post(f"/v1/sessions/{SESSION}/documents", content=document.encode(),
-                     headers={"content-type": "text/plain"})
+        r = api.post(
+            f"/v1/sessions/{SESSION}/documents", content=document.encode(), headers={"content-type": "text/plain"}
+        )
         assert r.status_code == 200
     tokenizer = served.state.engine.base.tokenizer
     prefix, fast = session_view(served)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    args = dict(model=SESSION, base_url=f"http://127.0.0.1:{served.http_port}/v1/completions", num_concurrent=1,
-                max_retries=1, tokenizer=str(tiny_model_dir), tokenizer_backend="huggingface")
-    results = simple_evaluate(model="local-completions", model_args=args, tasks=["recall_0_384"],
-                              task_manager=TaskManager(include_path=str(out)), log_samples=True, batch_size=1)
+    args = dict(
+        model=SESSION,
+        base_url=f"http://127.0.0.1:{served.http_port}/v1/completions",
+        num_concurrent=1,
+        max_retries=1,
+        tokenizer=str(tiny_model_dir),
+        tokenizer_backend="huggingface",
+    )
+    results = simple_evaluate(
+        model="local-completions",
+        model_args=args,
+        tasks=["recall_0_384"],
+        task_manager=TaskManager(include_path=str(out)),
+        log_samples=True,
+        batch_size=1,
+    )
     samples = results["samples"]["recall_0_384"]
     assert len(samples) == 2
     for sample in samples:

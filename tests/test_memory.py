@@ -40,8 +40,10 @@ def test_spans_are_the_most_surprising_sentences_cut_around_their_peak():
     spans = select_spans(tokens, surprise, ends, cfg, position=100)
     # [10, 22): peak 14, 5 tokens ending AFTER_PEAK = 3 after it: [13, 18), scored by its own 2 best tokens only
     # (the 4.0 at 20 is cut off); [4, 10): peak 6 -> [5, 10) cut by the sentence end; [0, 4) scores 0: not kept
-    assert [(sp.position, sp.tokens, sp.score) for sp in spans] == [(113, [13, 14, 15, 16, 17], 9.0),
-                                                                     (105, [5, 6, 7, 8, 9], 5.0)]
+    assert [(sp.position, sp.tokens, sp.score) for sp in spans] == [
+        (113, [13, 14, 15, 16, 17], 9.0),
+        (105, [5, 6, 7, 8, 9], 5.0),
+    ]
 
 
 def test_the_memory_keeps_the_best_within_its_budget_and_reads_them_in_document_order():
@@ -97,7 +99,9 @@ def test_the_teacher_sees_the_window_without_changing_it(engine):
     pairs = questions(engine.base.tokenizer, [window[:8], window[10:]])
     assert all(engine.base.tokenizer.decode(p).count("What does the text say about") == 1 for p, _ in pairs)
     batch = teacher(model, context, pairs, top_k=5, device="cpu")
-    assert [torch.equal(a, b) for a, b in zip(k_before, context.k)] == [True] * len(k_before) and not context._new
+    assert [torch.equal(a, b) for a, b in zip(k_before, context.k, strict=True)] == [True] * len(
+        k_before
+    ) and not context._new
     # row 1's teacher = one plain forward over window + prompt + answer
     prompt, answer = pairs[1]
     logits = model(torch.tensor([window + prompt + answer]))[0]
@@ -118,14 +122,18 @@ def test_the_student_loss_is_least_when_it_matches_the_teacher(engine):
     logp = torch.log_softmax(model.logits(h[no_context.positions[:, 0], no_context.positions[:, 1]]), -1)
     outside = -torch.logsumexp(logp.gather(1, no_context.top_ids), dim=1).mean()
     assert student_loss(model, h, no_context).item() == pytest.approx(outside.item(), abs=1e-4)
-    shifted = StudyBatch(no_context.inputs, no_context.positions, no_context.top_ids.roll(1, dims=1),
-                         no_context.top_logp)
+    shifted = StudyBatch(
+        no_context.inputs, no_context.positions, no_context.top_ids.roll(1, dims=1), no_context.top_logp
+    )
     assert student_loss(model, h, shifted).item() > outside.item() + 0.01
 
 
 def test_sessions_keep_spans_study_and_save_them(engine, tmp_path, monkeypatch):
-    ids = encode(engine, "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who, for his own "
-                         "amusement, never took up any book but the Baronetage. " * 6)
+    ids = encode(
+        engine,
+        "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who, for his own "
+        "amusement, never took up any book but the Baronetage. " * 6,
+    )
     studied = []
     real_teacher = ttt.session.teacher
     monkeypatch.setattr(ttt.session, "teacher", lambda *a, **k: studied.append(1) or real_teacher(*a, **k))
@@ -147,7 +155,10 @@ def test_sessions_keep_spans_study_and_save_them(engine, tmp_path, monkeypatch):
         session.save(tmp_path / memory)
         on_disk = ttt.store.saved_info(tmp_path / memory)  # what a server says of it without loading it
         assert (on_disk["memory"], on_disk["memory_spans"], on_disk["exact_tokens_read"]) == (
-            memory, len(session.memory.spans), len(exact))
+            memory,
+            len(session.memory.spans),
+            len(exact),
+        )
         loaded = engine.load_session(tmp_path / memory)
         assert loaded.memory.spans == session.memory.spans and loaded.config == session.config
         assert loaded.score("Anne Elliot") == pytest.approx(session.score("Anne Elliot"), abs=1e-5)

@@ -21,8 +21,6 @@ B, T = 2, 37  # odd length on purpose
 VOCAB = 1000  # the logit tests need no tokenizer-sized vocabulary (the session tiny model has 49152)
 
 
-
-
 def _tokens(vocab: int, batch: int = B, length: int = T, seed: int = 1234) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (batch, length), generator=g)
@@ -58,8 +56,15 @@ VARIANTS = {
     "llama-odd-sizes": (
         "llama",
         # head_dim != hidden / heads, MQA, odd intermediate, rope theta, small odd vocab
-        {"head_dim": 24, "num_key_value_heads": 1, "intermediate_size": 77, "rope_theta": 500.0, "vocab_size": 301,
-         "num_hidden_layers": 2, "rms_norm_eps": 1e-6},
+        {
+            "head_dim": 24,
+            "num_key_value_heads": 1,
+            "intermediate_size": 77,
+            "rope_theta": 500.0,
+            "vocab_size": 301,
+            "num_hidden_layers": 2,
+            "rms_norm_eps": 1e-6,
+        },
     ),
     "llama-mha": ("llama", {"num_key_value_heads": 4, "num_hidden_layers": 2}),
     "llama-rope-llama3": ("llama", {"rope_parameters": LLAMA3_ROPE}),
@@ -96,7 +101,9 @@ def test_logits_match_transformers(variant, tmp_path, make_tiny_checkpoint):
 
 
 def test_mistral_sliding_window_shorter_than_sequence(tmp_path, make_tiny_checkpoint):
-    path = make_tiny_checkpoint(tmp_path, "mistral", head_dim=16, sliding_window=8, vocab_size=VOCAB, num_hidden_layers=2)
+    path = make_tiny_checkpoint(
+        tmp_path, "mistral", head_dim=16, sliding_window=8, vocab_size=VOCAB, num_hidden_layers=2
+    )
     tokens = _tokens(VOCAB)
     with torch.no_grad():
         ours = load_base_model(path, device="cpu").model(tokens)
@@ -107,7 +114,9 @@ def test_llama3_rope_actually_rescales(tmp_path, make_tiny_checkpoint):
     """Guard against the rope_parameters being silently ignored (which the logit test would also catch)."""
     small = {"num_hidden_layers": 1, "vocab_size": VOCAB}
     plain = load_base_model(make_tiny_checkpoint(tmp_path, "llama", **small), device="cpu")
-    scaled = load_base_model(make_tiny_checkpoint(tmp_path, "llama", rope_parameters=LLAMA3_ROPE, **small), device="cpu")
+    scaled = load_base_model(
+        make_tiny_checkpoint(tmp_path, "llama", rope_parameters=LLAMA3_ROPE, **small), device="cpu"
+    )
     a, b = plain.model.inv_freq, scaled.model.inv_freq
     assert a[0] == b[0]  # highest frequency untouched
     torch.testing.assert_close(b[-1], a[-1] / LLAMA3_ROPE["factor"])  # lowest divided by factor
@@ -192,7 +201,7 @@ def test_fingerprint_independent_of_load_dtype(tiny_model_dir, tiny):
 
 
 def test_missing_folder_or_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json") as e:
+    with pytest.raises(FileNotFoundError, match=r"config\.json") as e:
         load_base_model(tmp_path, device="cpu")
     assert str(tmp_path) in str(e.value)
     with pytest.raises(FileNotFoundError) as e:

@@ -14,7 +14,14 @@ def test_stubs_are_current(tmp_path):
     protoc = pytest.importorskip("grpc_tools.protoc")
     (tmp_path / PROTO.parent).mkdir(parents=True)
     shutil.copy(ROOT / PROTO, tmp_path / PROTO)
-    args = ["protoc", f"-I{tmp_path}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", str(tmp_path / PROTO)]
+    args = [
+        "protoc",
+        f"-I{tmp_path}",
+        f"--python_out={tmp_path}",
+        f"--pyi_out={tmp_path}",
+        f"--grpc_python_out={tmp_path}",
+        str(tmp_path / PROTO),
+    ]
     assert protoc.main(args) == 0
     for name in GENERATED:
         fresh = (tmp_path / PROTO.parent / name).read_text()

@@ -34,8 +34,18 @@ WORDS = "In the beginning God created the heaven and the earth. And the earth wa
 def running(model_dir, data_dir, **settings):
     keys = data_dir / "keys.json"
     keys.write_text(json.dumps({user: [hash_key(k)] for user, k in KEYS.items()}))
-    server = Server(Settings(model=str(model_dir), device="cpu", grpc_port=0, http_port=0, data_dir=data_dir,
-                             api_keys_file=keys, session_defaults=DEFAULTS, **settings))
+    server = Server(
+        Settings(
+            model=str(model_dir),
+            device="cpu",
+            grpc_port=0,
+            http_port=0,
+            data_dir=data_dir,
+            api_keys_file=keys,
+            session_defaults=DEFAULTS,
+            **settings,
+        )
+    )
     server.start()
     try:
         yield server
@@ -45,8 +55,9 @@ def running(model_dir, data_dir, **settings):
 
 def clients(server, user):
     rpc = TTTClient(f"127.0.0.1:{server.grpc_port}", KEYS[user], timeout=60)
-    web = httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=60,
-                       headers={"authorization": f"Bearer {KEYS[user]}"})
+    web = httpx.Client(
+        base_url=f"http://127.0.0.1:{server.http_port}", timeout=60, headers={"authorization": f"Bearer {KEYS[user]}"}
+    )
     return rpc, web
 
 
@@ -64,8 +75,14 @@ def too_many(response: httpx.Response, match: str) -> None:
 
 @pytest.fixture(scope="module")
 def limited(tiny_model_dir, tmp_path_factory):
-    with running(tiny_model_dir, tmp_path_factory.mktemp("quota-data"), max_bytes_per_user=400_000,
-                 max_document_tokens=40, max_pieces_per_stream=3, max_streams_per_user=1) as server:
+    with running(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("quota-data"),
+        max_bytes_per_user=400_000,
+        max_document_tokens=40,
+        max_pieces_per_stream=3,
+        max_streams_per_user=1,
+    ) as server:
         yield server
 
 
@@ -96,6 +113,11 @@ def test_document_and_piece_limits_keep_what_came_before(limited):
     assert after_pieces > 0  # the first three pieces stay
     exhausted(rpc.ingest, "second", [WORDS * 3], match="limit of 40 tokens")
     too_many(web.post("/v1/sessions/second/documents", content=(WORDS * 3).encode()), "limit of 40 tokens")
+    # as events, the limit is found after the 200 (the body is read as it trains): said in the stream
+    r = web.post("/v1/sessions/second/documents", content=(WORDS * 3).encode(), headers={"accept": "text/event-stream"})
+    assert r.status_code == 200
+    *_, last = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert last["error"]["code"] == 429 and "limit of 40 tokens" in last["error"]["message"]
     assert held() == after_pieces  # the refused pieces changed nothing
 
 
@@ -124,8 +146,12 @@ def test_one_open_stream_per_user(limited):
 
 def metric(server, name: str, **labels) -> float:
     text = httpx.get(f"http://127.0.0.1:{server.http_port}/metrics").text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def test_import_residency_and_fallback_on_both_doors(tiny_model_dir, tmp_path):
@@ -139,8 +165,10 @@ def test_import_residency_and_fallback_on_both_doors(tiny_model_dir, tmp_path):
         for name, data in files.items():
             (folder / name).write_bytes(data)
         by_rpc = rpc.import_adapter(folder, "from-rpc")
-        adapter = {"adapter_config": json.loads(files["adapter_config.json"]),
-                   "adapter_model": base64.b64encode(files["adapter_model.safetensors"]).decode()}
+        adapter = {
+            "adapter_config": json.loads(files["adapter_config.json"]),
+            "adapter_model": base64.b64encode(files["adapter_model.safetensors"]).decode(),
+        }
         body = {"id": "from-http", "adapter": adapter}
         r = web.post("/v1/sessions", json=body)
         assert r.status_code == 201, r.text

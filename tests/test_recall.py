@@ -13,8 +13,18 @@ import random
 import pytest
 
 import ttt
-from bench.items import BOOK, BOOK_QUESTIONS, KINDS, LOCATIONS, book_items, make_needles, make_stories, \
-    needle_document, plant, sentence_starts
+from bench.items import (
+    BOOK,
+    BOOK_QUESTIONS,
+    KINDS,
+    LOCATIONS,
+    book_items,
+    make_needles,
+    make_stories,
+    needle_document,
+    plant,
+    sentence_starts,
+)
 from bench.recall_cli import FILLER
 from clients import cli
 
@@ -60,7 +70,7 @@ def test_planted_sentences_start_at_sentence_starts_where_recorded(tok):
     facts = [(300, "The secret code of the amber heron is 48213."), (100, "Mary went to the kitchen.")]
     doc, positions = plant(tok, filler, facts)
     assert len(doc) > len(filler) and positions[1] < positions[0]
-    for (target, sentence), at in zip(facts, positions, strict=True):
+    for (_target, sentence), at in zip(facts, positions, strict=True):
         assert tok.decode(doc[at:]).startswith(" " + sentence)
         assert tok.decode(doc[at - 1 : at]).rstrip("\"'").endswith((".", "!", "?"))
     assert min(s for s in starts if s >= 100) == positions[1]  # the first sentence start at or after its target
@@ -99,9 +109,33 @@ def test_book_questions_are_answered_by_their_evidence(tok):
 def test_ttt_recall_cli_writes_results_and_heat_maps(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "recall"
     small = json.dumps({"ingest": {"chunk_tokens": 64, "context_tokens": 64}, "recall": {"exact_tokens": 32}})
-    argv = ["recall", "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out), "--presets", "fast",
-            "--config", f"small={small}", "--lengths", "256", "384", "--depths", "128", "200", "--needles-per-depth",
-            "1", "--stories", "1", "--book-tokens", "3000", "--answer-tokens", "2"]
+    argv = [
+        "recall",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--presets",
+        "fast",
+        "--config",
+        f"small={small}",
+        "--lengths",
+        "256",
+        "384",
+        "--depths",
+        "128",
+        "200",
+        "--needles-per-depth",
+        "1",
+        "--stories",
+        "1",
+        "--book-tokens",
+        "3000",
+        "--answer-tokens",
+        "2",
+    ]
     assert cli.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     memories = ["none", "window", "full", "ttt/fast", "weights/fast", "ttt/small", "weights/small"]

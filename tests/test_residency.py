@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ttt
+from server.errors import Conflict
 from server.registry import Limits, SessionRegistry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,8 +42,13 @@ def engine(tiny_model_dir):
 def snapshot(session) -> dict:
     state = session.optimizer.state_dict()["state"]
     opt = {(i, name): t.clone() for i, s in state.items() for name, t in s.items() if isinstance(t, torch.Tensor)}
-    return {"fast": {k: v.clone() for k, v in session.fast.state_dict().items()}, "opt": opt,
-            "window": list(session.window), "pending": list(session.pending), "chunks": session.stats.chunks}
+    return {
+        "fast": {k: v.clone() for k, v in session.fast.state_dict().items()},
+        "opt": opt,
+        "window": list(session.window),
+        "pending": list(session.pending),
+        "chunks": session.stats.chunks,
+    }
 
 
 def assert_same(a: dict, b: dict) -> None:
@@ -102,12 +108,16 @@ def test_least_recently_used_move_down_and_come_back_unchanged(engine, tmp_path)
     assert reg.residency()["device"][0] == 2 and reg.residency()["host"][0] <= 2
 
 
-def test_pinned_and_busy_sessions_stay(engine, tmp_path):
+def test_fed_and_busy_sessions_stay(engine, tmp_path):
     reg = registry(engine, tmp_path, 1.5, 0.5, busy=lambda key: key == ("u", "s1"))
-    with reg.pinned("u", "s0"):
+    with reg.feeding("u", "s0"):
         fill(reg, 5)
         assert tiers(reg, 5) == ["device", "device", "disk", "disk", "device"]
-    reg.get("u", "s4")  # unpinned: s0 goes, s1 stays while its work is queued
+        with pytest.raises(Conflict, match="one stream at a time"), reg.feeding("u", "s0"):
+            pass  # a second stream would interleave its pieces with the first's
+        with reg.feeding("u", "s2"):  # another session: its own stream
+            pass
+    reg.get("u", "s4")  # its stream closed: s0 goes, s1 stays while its work is queued
     assert tiers(reg, 5) == ["disk", "device", "disk", "disk", "device"]
 
 

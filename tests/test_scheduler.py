@@ -306,9 +306,14 @@ def test_answers_of_several_requests_advance_together_and_leave_when_done():
     try:
         release = gated(s)
         steps: dict[str, list[int]] = {}
-        requests = [s.submit_answers(("u", name), [lambda n=name, k=k: Row(n, k)],
-                                     lambda i, row: steps.setdefault(row.name, []).append(row.left))
-                    for name, k in (("a", 2), ("b", 4), ("c", 3))]
+        requests = [
+            s.submit_answers(
+                ("u", name),
+                [lambda n=name, k=k: Row(n, k)],
+                lambda i, row: steps.setdefault(row.name, []).append(row.left),
+            )
+            for name, k in (("a", 2), ("b", 4), ("c", 3))
+        ]
         assert s.depth == 3
         release()
         rows = [r.future.result(TIMEOUT) for r in requests]
@@ -337,8 +342,14 @@ def test_a_full_batch_admits_in_turn_between_users_as_rows_leave():
     finally:
         s.shutdown(TIMEOUT)
     # users take turns for the free rows: alice, bob, alice, bob, alice
-    assert batch.log == [["alice1", "bob1"], ["alice1", "bob1"], ["alice2", "bob2"], ["alice2", "bob2"],
-                         ["alice3"], ["alice3"]]
+    assert batch.log == [
+        ["alice1", "bob1"],
+        ["alice1", "bob1"],
+        ["alice2", "bob2"],
+        ["alice2", "bob2"],
+        ["alice3"],
+        ["alice3"],
+    ]
 
 
 def test_a_cancelled_request_never_starts_and_an_active_one_leaves_at_the_next_step():
@@ -348,8 +359,9 @@ def test_a_cancelled_request_never_starts_and_an_active_one_leaves_at_the_next_s
     try:
         release = gated(s)
         waiting = s.submit_answers(("u", "a"), [lambda: made.append("a") or Row("a", 5)], lambda i, row: None)
-        long = s.submit_answers(("u", "b"), [lambda: made.append("b") or Row("b", 1000)],
-                                lambda i, row: row.left == 990 and long.cancel())
+        long = s.submit_answers(
+            ("u", "b"), [lambda: made.append("b") or Row("b", 1000)], lambda i, row: row.left == 990 and long.cancel()
+        )
         waiting.cancel()
         release()
         rows = long.future.result(TIMEOUT)
@@ -387,9 +399,14 @@ def test_ingest_gets_its_share_while_answers_decode():
 def test_users_take_turns_before_their_sessions_do(scheduler):
     order = []
     release = gated(scheduler)
-    futures = [scheduler.submit(("alice", "s1"), order.append, "a1"), scheduler.submit(("alice", "s1"), order.append, "a1"),
-               scheduler.submit(("alice", "s2"), order.append, "a2"), scheduler.submit(("alice", "s2"), order.append, "a2"),
-               scheduler.submit(("bob", "s1"), order.append, "b1"), scheduler.submit(("bob", "s1"), order.append, "b1")]
+    futures = [
+        scheduler.submit(("alice", "s1"), order.append, "a1"),
+        scheduler.submit(("alice", "s1"), order.append, "a1"),
+        scheduler.submit(("alice", "s2"), order.append, "a2"),
+        scheduler.submit(("alice", "s2"), order.append, "a2"),
+        scheduler.submit(("bob", "s1"), order.append, "b1"),
+        scheduler.submit(("bob", "s1"), order.append, "b1"),
+    ]
     release()
     for f in futures:
         f.result(TIMEOUT)

@@ -44,8 +44,6 @@ QUESTION = [{"role": "user", "content": "Who made the heaven and the earth?"}]
 ALL_TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     return ttt.load_engine(tiny_model_dir, device="cpu")
@@ -56,8 +54,11 @@ def make_config(kind: str = "lora", optimizer: str = "adamw", memory: str = "bal
     # fast weights also change the keys/values of later layers, which some tests rely on.
     fast.setdefault("layers", "all")
     preset = SessionConfig.from_dict({"memory": memory})
-    return dataclasses.replace(preset, fast=FastWeightConfig(kind=kind, **fast), ingest=dataclasses.replace(
-        preset.ingest, chunk_tokens=16, context_tokens=24, lr=1e-2, optimizer=optimizer))
+    return dataclasses.replace(
+        preset,
+        fast=FastWeightConfig(kind=kind, **fast),
+        ingest=dataclasses.replace(preset.ingest, chunk_tokens=16, context_tokens=24, lr=1e-2, optimizer=optimizer),
+    )
 
 
 def drain(session) -> tuple[list, list[int]]:
@@ -142,9 +143,7 @@ def latest(root: Path) -> tuple[str, str]:
 # ---- 1 + 2: round trip, both kinds, both optimizers ------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "kind,optimizer", [("lora", "adamw"), ("lora", "sgd"), ("mlp", "adamw"), ("mlp", "sgd")]
-)
+@pytest.mark.parametrize("kind,optimizer", [("lora", "adamw"), ("lora", "sgd"), ("mlp", "adamw"), ("mlp", "sgd")])
 def test_round_trip_mid_stream(engine, tmp_path, kind, optimizer):
     session = engine.create_session(make_config(kind, optimizer))
     reports = session.ingest(DOC1)
@@ -198,7 +197,7 @@ def test_round_trip_mid_stream(engine, tmp_path, kind, optimizer):
     # The loaded session's token stream is exactly the whole document's tokens.
     assert trained_before + trained_after[1] == ids(engine, DOC2)
     assert session.stats.chunks == loaded.stats.chunks > chunks_at_save
-    for ra, rb in zip(after_reports[0], after_reports[1]):
+    for ra, rb in zip(after_reports[0], after_reports[1], strict=True):
         assert (ra.index, ra.tokens, ra.loss_before, ra.loss_after, ra.grad_norm) == (
             rb.index,
             rb.tokens,
@@ -355,7 +354,7 @@ def test_garbage_manifest(engine, single):
     root, _ = single
     manifest = root / "ckpt-000002" / "manifest.json"
     manifest.write_bytes(b"{ this is not json \xff")
-    with pytest.raises(store.SessionFormatError, match="manifest.json") as e:
+    with pytest.raises(store.SessionFormatError, match=r"manifest\.json") as e:
         store.load_session(engine, root)
     assert "checksum" in str(e.value)  # LATEST records the manifest's hash
     (root / "LATEST").unlink()  # without LATEST the JSON itself is checked
@@ -489,7 +488,7 @@ def test_failed_save_keeps_previous_checkpoint(engine, tmp_path, monkeypatch):
         assert (root / "LATEST").read_bytes() == latest_before, where
         if where == "latest":  # renamed into place, complete, but LATEST still names the previous one
             new = f"ckpt-{int(ckpts_before[-1][5:]) + 1:06d}"
-            assert checkpoints(root) == ckpts_before + [new]
+            assert checkpoints(root) == [*ckpts_before, new]
             assert store.read_manifest(root / new)["stats"] == dataclasses.asdict(session.stats)
         else:
             assert checkpoints(root) == ckpts_before, where
@@ -654,13 +653,17 @@ def test_manifest_contents(engine, tmp_path):
     assert m["document_ended"] is True and m["tokenizer_state"]["pending_text"] == ""
 
     on_disk = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()} - {"manifest.json"}
-    assert on_disk == set(m["files"]) == {
-        "fast_weights.safetensors",
-        "optimizer.safetensors",
-        "tokens.safetensors",
-        "adapter/adapter_model.safetensors",
-        "adapter/adapter_config.json",
-    }
+    assert (
+        on_disk
+        == set(m["files"])
+        == {
+            "fast_weights.safetensors",
+            "optimizer.safetensors",
+            "tokens.safetensors",
+            "adapter/adapter_model.safetensors",
+            "adapter/adapter_config.json",
+        }
+    )
     for rel, info in m["files"].items():
         content = (ckpt / rel).read_bytes()
         assert info == {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}, rel
@@ -709,8 +712,10 @@ def test_a_checkpoint_from_before_recall_loads_as_next_token_prediction_alone(en
     old_tokens = st_save({k: v for k, v in tokens.items() if not k.startswith("span_")})
     (ckpt / "tokens.safetensors").write_bytes(old_tokens)
     manifest["config"] = config
-    manifest["files"]["tokens.safetensors"] = {"sha256": hashlib.sha256(old_tokens).hexdigest(),
-                                               "bytes": len(old_tokens)}
+    manifest["files"]["tokens.safetensors"] = {
+        "sha256": hashlib.sha256(old_tokens).hexdigest(),
+        "bytes": len(old_tokens),
+    }
     data = json.dumps(manifest).encode()
     (ckpt / "manifest.json").write_bytes(data)
     (tmp_path / "old" / "LATEST").write_text(f"{ckpt.name} {hashlib.sha256(data).hexdigest()}\n")
@@ -725,8 +730,14 @@ def test_adapter_made_by_peft_imports(engine, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    lora = LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "up_proj"], layers_to_transform=[1, 2],
-                      layers_pattern="layers", use_rslora=True)
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["k_proj", "up_proj"],
+        layers_to_transform=[1, 2],
+        layers_pattern="layers",
+        use_rslora=True,
+    )
     peft_model = get_peft_model(hf, lora)
     with torch.no_grad():  # peft starts B at zero: give every LoRA weight a value so the test sees them
         for name, p in peft_model.named_parameters():
@@ -762,17 +773,24 @@ def test_import_refusals(engine, tmp_path, make_tiny_checkpoint):
         store.import_peft(engine, {"adapter_config.json": files["adapter_config.json"]})
     from safetensors.torch import save as st_save
 
-    wrong = {"base_model.model.model.layers.2.mlp.up_proj.lora_A.weight": torch.zeros(16, 7),
-             "base_model.model.model.layers.2.mlp.up_proj.lora_B.weight": torch.zeros(96, 16)}
+    wrong = {
+        "base_model.model.model.layers.2.mlp.up_proj.lora_A.weight": torch.zeros(16, 7),
+        "base_model.model.model.layers.2.mlp.up_proj.lora_B.weight": torch.zeros(96, 16),
+    }
     with pytest.raises(store.AdapterError, match="shapes"):
         store.import_peft(engine, {**files, "adapter_model.safetensors": st_save(wrong)})
     beyond = {k.replace("layers.2.", "layers.9."): v for k, v in wrong.items()}
     with pytest.raises(store.AdapterError, match="layers"):
         store.import_peft(engine, {**files, "adapter_model.safetensors": st_save(beyond)})
     named = {**cfg, "base_model_name_or_path": "/models/Llama-3.2-1B"}  # no fingerprint: the name decides
-    with pytest.raises(store.BaseModelMismatch, match="Llama-3.2-1B"):
-        store.import_peft(engine, {"adapter_config.json": json.dumps(named).encode(),
-                                   "adapter_model.safetensors": st_save(store.peft_tensors(session)[0])})
+    with pytest.raises(store.BaseModelMismatch, match=r"Llama-3\.2-1B"):
+        store.import_peft(
+            engine,
+            {
+                "adapter_config.json": json.dumps(named).encode(),
+                "adapter_model.safetensors": st_save(store.peft_tensors(session)[0]),
+            },
+        )
 
 
 def test_fallback_is_reported_without_paths(engine, tmp_path):

@@ -1,12 +1,12 @@
 """Test-time training: long documents become per-session fast weights on a frozen LM.
 
-    import ttt
-    engine = ttt.load_engine()                 # the embedded SmolLM2-135M-Instruct
-    session = engine.create_session()
-    session.ingest(open("book.txt").read())    # score-then-train, chunk by chunk
-    print(session.generate([{"role": "user", "content": "Who is the hero?"}]).text)
-    session.save("sessions/alice")
-    same = engine.load_session("sessions/alice")
+import ttt
+engine = ttt.load_engine()                 # the embedded SmolLM2-135M-Instruct
+session = engine.create_session()
+session.ingest(open("book.txt").read())    # score-then-train, chunk by chunk
+print(session.generate([{"role": "user", "content": "Who is the hero?"}]).text)
+session.save("sessions/alice")
+same = engine.load_session("sessions/alice")
 """
 
 from .config import FastWeightConfig, IngestConfig, SessionConfig

@@ -19,6 +19,7 @@ carried token) and the same context length, i.e. the steady state under load. An
 weights, a document's last partial chunk, a session whose window is still filling) is a batch of one, which
 runs on the session's own fast weights and context.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,16 @@ from kernels.multi_lora import multi_lora_linear
 
 from .config import IngestConfig
 from .fast_weights import FastWeights, LoRALayer
-from .ingest import (ChunkReport, forward_hidden, next_token_nll, prefix_hidden, restore, snapshot,
-                     surprise_weighted_mean, update)
+from .ingest import (
+    ChunkReport,
+    forward_hidden,
+    next_token_nll,
+    prefix_hidden,
+    restore,
+    snapshot,
+    surprise_weighted_mean,
+    update,
+)
 from .model import RollingContext, Transformer
 
 if TYPE_CHECKING:
@@ -68,8 +77,16 @@ def batch_key(item: ChunkItem) -> Hashable | None:
     c = fast.cfg
     device = next(fast.parameters()).device
     context_length = -1 if item.context is None else item.context.length
-    return (tuple(fast.layer_ids), c.targets, c.rank, c.scale, device, item.num_inputs, context_length,
-            item.cfg.activation_checkpointing)
+    return (
+        tuple(fast.layer_ids),
+        c.targets,
+        c.rank,
+        c.scale,
+        device,
+        item.num_inputs,
+        context_length,
+        item.cfg.activation_checkpointing,
+    )
 
 
 class StackedContext:
@@ -101,8 +118,9 @@ class StackedLoRALayer:
         # x: [S, T, in] -> [S, T, out]
         if name not in self.lora_a:
             return base(x)
-        y = multi_lora_linear(x.flatten(0, 1), base.weight, base.bias, self.lora_a[name], self.lora_b[name],
-                              self.seg_offsets, self.scale)
+        y = multi_lora_linear(
+            x.flatten(0, 1), base.weight, base.bias, self.lora_a[name], self.lora_b[name], self.seg_offsets, self.scale
+        )
         return y.view(*x.shape[:2], -1)
 
     def after_block(self, h: torch.Tensor) -> torch.Tensor:
@@ -120,8 +138,10 @@ class StackedFastWeights:
 
     def adapters(self) -> dict[int, StackedLoRALayer]:
         # stacked afresh at every forward: the optimizers step the sessions' own Parameters in between
-        return {i: StackedLoRALayer([f.per_layer[str(i)] for f in self.fasts], self.seg_offsets)
-                for i in self.fasts[0].layer_ids}
+        return {
+            i: StackedLoRALayer([f.per_layer[str(i)] for f in self.fasts], self.seg_offsets)
+            for i in self.fasts[0].layer_ids
+        }
 
 
 @dataclass
@@ -155,8 +175,9 @@ def train_group(model: Transformer, items: list[ChunkItem]) -> list[ChunkReport]
             context = StackedContext([items[i].context for i in rows]) if has_context else None
         return forward_hidden(model, fast, inputs[rows], context, h_prefix[rows], checkpointing)
 
-    prefix_context = items[0].context if len(items) == 1 else (
-        StackedContext([it.context for it in items]) if has_context else None)
+    prefix_context = (
+        items[0].context if len(items) == 1 else (StackedContext([it.context for it in items]) if has_context else None)
+    )
     h_prefix = prefix_hidden(model, inputs, items[0].fast.first_layer, prefix_context)
     all_rows = list(range(len(items)))
     runs = []
@@ -171,8 +192,9 @@ def train_group(model: Transformer, items: list[ChunkItem]) -> list[ChunkReport]
         if not rows:
             break
         nll = next_token_nll(model, forward(rows), inputs[rows])  # [len(rows), T' - 1]
-        losses = torch.stack([surprise_weighted_mean(nll[j : j + 1], items[i].cfg.surprise_power)[0]
-                              for j, i in enumerate(rows)])
+        losses = torch.stack(
+            [surprise_weighted_mean(nll[j : j + 1], items[i].cfg.surprise_power)[0] for j, i in enumerate(rows)]
+        )
         finite = []
         for j, (i, loss) in enumerate(zip(rows, nll.mean(dim=1).tolist(), strict=True)):
             if step == 0:
@@ -212,17 +234,19 @@ def train_group(model: Transformer, items: list[ChunkItem]) -> list[ChunkReport]
         run.item.optimizer.zero_grad(set_to_none=True)
         if has_context:
             run.item.context.commit(drop_last=1)  # the last token is the next chunk's first input
-        reports.append(ChunkReport(
-            index=run.item.index,
-            tokens=run.item.chunk.numel(),
-            loss_before=run.loss_before,
-            loss_after=run.loss_after,
-            seconds=seconds,
-            grad_norm=run.grad_norm,
-            rolled_back=run.error is not None,
-            error=run.error,
-            surprise=run.surprise,
-        ))
+        reports.append(
+            ChunkReport(
+                index=run.item.index,
+                tokens=run.item.chunk.numel(),
+                loss_before=run.loss_before,
+                loss_after=run.loss_after,
+                seconds=seconds,
+                grad_norm=run.grad_norm,
+                rolled_back=run.error is not None,
+                error=run.error,
+                surprise=run.surprise,
+            )
+        )
     return reports
 
 

@@ -18,8 +18,15 @@ CHECKPOINTING_MODES = ("none", "recompute", "offload")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def setting(default, doc: str, *, ge: float | None = None, le: float | None = None, max_length: int | None = None,
-            per_chunk: bool = False):
+def setting(
+    default,
+    doc: str,
+    *,
+    ge: float | None = None,
+    le: float | None = None,
+    max_length: int | None = None,
+    per_chunk: bool = False,
+):
     """A settings field: ``doc`` is its documentation (also in the OpenAPI schema); ``ge``/``le`` bound a
     number and ``max_length`` a string or list, so that one request cannot ask for an impossible allocation;
     ``per_chunk``: an ingest stream may change it for its own chunks (the others shape the session)."""
@@ -37,18 +44,21 @@ def _finite(**values: float) -> None:
 class FastWeightConfig:
     """Which per-session weights sit on top of the frozen base model."""
 
-    kind: str = setting("lora", '"lora" or "mlp" (TTT-E2E\'s extra MLP): a key of fast_weights.FAST_WEIGHT_KINDS',
-                        max_length=64)
-    layers: str = setting("last_fraction:0.25", '"all", "last:N", "last_fraction:F" or layer indices "20,21,29"',
-                          max_length=1024)
-    targets: tuple[str, ...] = setting(("gate_proj", "up_proj", "down_proj"),
-                                       "LoRA: the projections that get adapters", max_length=16)
+    kind: str = setting(
+        "lora", '"lora" or "mlp" (TTT-E2E\'s extra MLP): a key of fast_weights.FAST_WEIGHT_KINDS', max_length=64
+    )
+    layers: str = setting(
+        "last_fraction:0.25", '"all", "last:N", "last_fraction:F" or layer indices "20,21,29"', max_length=1024
+    )
+    targets: tuple[str, ...] = setting(
+        ("gate_proj", "up_proj", "down_proj"), "LoRA: the projections that get adapters", max_length=16
+    )
     rank: int = setting(16, "LoRA rank", ge=1, le=1024)
     alpha: float = setting(32.0, "LoRA alpha (the delta is scaled by alpha / rank)")
-    mlp_hidden: int = setting(256, "extra-MLP kind: hidden width of each layer's zero-initialised MLP", ge=1,
-                              le=16384)
-    seed: int = setting(0, "initialisation of the fast weights (LoRA A, extra-MLP input projections)",
-                        ge=-(2**63), le=2**63 - 1)
+    mlp_hidden: int = setting(256, "extra-MLP kind: hidden width of each layer's zero-initialised MLP", ge=1, le=16384)
+    seed: int = setting(
+        0, "initialisation of the fast weights (LoRA A, extra-MLP input projections)", ge=-(2**63), le=2**63 - 1
+    )
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
@@ -94,10 +104,15 @@ class IngestConfig:
     """How each chunk of a document becomes a gradient step."""
 
     chunk_tokens: int = setting(512, "tokens per chunk: each chunk is scored, then trained on", ge=2, le=1 << 16)
-    context_tokens: int = setting(512, "preceding tokens given as unlabelled context (also the answers' window)",
-                                  ge=0, le=1 << 16)
-    sink_tokens: int = setting(4, "the document's first tokens kept in the context as attention sinks "
-                                  "(StreamingLLM; model.RollingContext)", ge=0, le=1 << 16)
+    context_tokens: int = setting(
+        512, "preceding tokens given as unlabelled context (also the answers' window)", ge=0, le=1 << 16
+    )
+    sink_tokens: int = setting(
+        4,
+        "the document's first tokens kept in the context as attention sinks (StreamingLLM; model.RollingContext)",
+        ge=0,
+        le=1 << 16,
+    )
     steps_per_chunk: int = setting(2, "gradient steps per chunk", ge=1, le=100, per_chunk=True)
     optimizer: str = setting("adamw", '"adamw" or "sgd"', max_length=64)
     # 3e-3 is best for next-token prediction alone (off, fast); with the recall memory's extra updates 1.5e-3
@@ -108,11 +123,18 @@ class IngestConfig:
     max_grad_norm: float = setting(1.0, "gradient-norm clip; updates diverge without it", per_chunk=True)
     measure_loss_after: bool = setting(True, "one extra forward of the fast layers per chunk, for the report")
     activation_checkpointing: str = setting(
-        "none", 'what the fast layers keep for backward: "none" (every activation), "recompute" (each layer\'s '
-        'input; the rest recomputed) or "offload" (as recompute, inputs in host memory)', max_length=64)
+        "none",
+        'what the fast layers keep for backward: "none" (every activation), "recompute" (each layer\'s '
+        'input; the rest recomputed) or "offload" (as recompute, inputs in host memory)',
+        max_length=64,
+    )
     surprise_power: float = setting(
-        0.0, "the next-token loss weighs token t by (nll_t / the chunk's mean nll) ** surprise_power "
-        "(0: a plain mean; Titans' surprise)", ge=0, le=8)
+        0.0,
+        "the next-token loss weighs token t by (nll_t / the chunk's mean nll) ** surprise_power "
+        "(0: a plain mean; Titans' surprise)",
+        ge=0,
+        le=8,
+    )
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -138,21 +160,36 @@ class IngestConfig:
 class RecallConfig:
     """What a session keeps so that it can answer about what left its window (``memory.py``, ``study.py``)."""
 
-    exact_tokens: int = setting(512, "tokens of the most surprising spans read verbatim before the window by "
-                                     "every answer (0: none)", ge=0, le=1 << 16)
-    pool_tokens: int = setting(2048, "tokens of surprising spans kept in all, the exact ones and those "
-                                     "rehearsed (at least exact_tokens)", ge=0, le=1 << 20)
+    exact_tokens: int = setting(
+        512,
+        "tokens of the most surprising spans read verbatim before the window by every answer (0: none)",
+        ge=0,
+        le=1 << 16,
+    )
+    pool_tokens: int = setting(
+        2048,
+        "tokens of surprising spans kept in all, the exact ones and those rehearsed (at least exact_tokens)",
+        ge=0,
+        le=1 << 20,
+    )
     spans_per_chunk: int = setting(4, "candidate spans (sentences) taken from each chunk", ge=1, le=64)
     span_tokens: int = setting(24, "a span's longest length in tokens", ge=2, le=512)
-    peak_tokens: int = setting(5, "a span's score: the summed NLL of its this-many most surprising tokens",
-                               ge=1, le=512)
+    peak_tokens: int = setting(
+        5, "a span's score: the summed NLL of its this-many most surprising tokens", ge=1, le=512
+    )
     replay_spans: int = setting(8, "older spans rehearsed with each chunk's new ones", ge=0, le=256)
-    replay_steps: int = setting(1, "gradient steps on the rehearsal batch after each chunk's step (0: none)",
-                                ge=0, le=100)
+    replay_steps: int = setting(
+        1, "gradient steps on the rehearsal batch after each chunk's step (0: none)", ge=0, le=100
+    )
     replay_lr: float | None = setting(None, "the rehearsal's learning rate (null: the ingest lr)")
-    study_spans: int = setting(0, "study: the chunk's this-many most surprising spans become templated "
-                                  "questions answered by the model with the window in context, which the fast "
-                                  "weights learn to answer without it (0: off)", ge=0, le=16)
+    study_spans: int = setting(
+        0,
+        "study: the chunk's this-many most surprising spans become templated "
+        "questions answered by the model with the window in context, which the fast "
+        "weights learn to answer without it (0: off)",
+        ge=0,
+        le=16,
+    )
     study_top_k: int = setting(16, "study: teacher logits kept per answer token", ge=1, le=1024)
 
     def __post_init__(self):
@@ -172,14 +209,20 @@ class RecallConfig:
 # Chosen by measurement: README.md, "Memory that answers" (``ttt recall``).
 PRESETS: dict[str, dict[str, dict]] = {
     # one step of next-token prediction per chunk, nothing else (the defaults before recall was measured)
-    "off": {"ingest": {"steps_per_chunk": 1, "lr": 3e-3},
-            "recall": {"exact_tokens": 0, "pool_tokens": 0, "replay_steps": 0}},
+    "off": {
+        "ingest": {"steps_per_chunk": 1, "lr": 3e-3},
+        "recall": {"exact_tokens": 0, "pool_tokens": 0, "replay_steps": 0},
+    },
     # as "off", plus the exact memory: span selection costs next to nothing
-    "fast": {"ingest": {"steps_per_chunk": 1, "lr": 3e-3},
-             "recall": {"exact_tokens": 256, "pool_tokens": 256, "replay_steps": 0}},
+    "fast": {
+        "ingest": {"steps_per_chunk": 1, "lr": 3e-3},
+        "recall": {"exact_tokens": 256, "pool_tokens": 256, "replay_steps": 0},
+    },
     "balanced": {},
-    "deep": {"ingest": {"lr": 3e-3},
-             "recall": {"exact_tokens": 1024, "pool_tokens": 4096, "replay_spans": 16, "replay_steps": 2}},
+    "deep": {
+        "ingest": {"lr": 3e-3},
+        "recall": {"exact_tokens": 1024, "pool_tokens": 4096, "replay_spans": 16, "replay_steps": 2},
+    },
 }
 SECTIONS = {"fast": FastWeightConfig, "ingest": IngestConfig, "recall": RecallConfig}
 
@@ -205,8 +248,19 @@ def _specs() -> list[SettingSpec]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             m = f.metadata
-            out.append(SettingSpec(section, f.name, hints[f.name], f.default, m["doc"], m["ge"], m["le"],
-                                   m["max_length"], m["per_chunk"]))
+            out.append(
+                SettingSpec(
+                    section,
+                    f.name,
+                    hints[f.name],
+                    f.default,
+                    m["doc"],
+                    m["ge"],
+                    m["le"],
+                    m["max_length"],
+                    m["per_chunk"],
+                )
+            )
     return out
 
 
@@ -223,9 +277,17 @@ def _type_name(annotation) -> str:
 
 def describe(spec: SettingSpec, default) -> dict:
     """One setting as plain data, for a form: ``default`` is the value a new session gets when it is not given."""
-    return {"section": spec.section, "name": spec.name, "type": _type_name(spec.type), "default": default,
-            "doc": spec.doc, "minimum": spec.ge, "maximum": spec.le, "max_length": spec.max_length,
-            "per_chunk": spec.per_chunk}
+    return {
+        "section": spec.section,
+        "name": spec.name,
+        "type": _type_name(spec.type),
+        "default": default,
+        "doc": spec.doc,
+        "minimum": spec.ge,
+        "maximum": spec.le,
+        "max_length": spec.max_length,
+        "per_chunk": spec.per_chunk,
+    }
 
 
 def _check_types(section: str, values: dict) -> None:
@@ -263,9 +325,9 @@ def check_caps(settings: dict) -> dict:
                 continue  # an unknown field: SessionConfig.from_dict names it
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{section}.{name} must be a finite number")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if (spec.ge is not None and value < spec.ge) or (spec.le is not None and value > spec.le):
-                    raise ValueError(f"{section}.{name} must be between {spec.ge} and {spec.le}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if number and ((spec.ge is not None and value < spec.ge) or (spec.le is not None and value > spec.le)):
+                raise ValueError(f"{section}.{name} must be between {spec.ge} and {spec.le}")
             if spec.max_length is not None and hasattr(value, "__len__") and len(value) > spec.max_length:
                 raise ValueError(f"{section}.{name} is longer than {spec.max_length}")
     return settings

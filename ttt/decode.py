@@ -39,7 +39,9 @@ class AnswerPool:
 
     def __init__(self, cfg: ModelConfig, device, dtype, budget: int | None = None, max_slots: int = 1 << 30):
         self.cfg, self.device, self.dtype, self.budget, self.max_slots = cfg, device, dtype, budget, max_slots
-        self.token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+        self.token_bytes = (
+            2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+        )
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
 
@@ -98,8 +100,9 @@ class RowsLayer:
     """One layer's fast weights for B rows (a ``model.LayerAdapter``): row b's LoRA A and B in row b of a
     stacked tensor (zeros where its session has none), and the extra-MLP layers of the rows that have them."""
 
-    def __init__(self, lora: dict[str, tuple[torch.Tensor, torch.Tensor]], mlp: list[tuple[int, ExtraMLPLayer]],
-                 rows: int):
+    def __init__(
+        self, lora: dict[str, tuple[torch.Tensor, torch.Tensor]], mlp: list[tuple[int, ExtraMLPLayer]], rows: int
+    ):
         self.lora = lora  # name -> (A [B, R, in], B [B, out, R] with the row's scale folded in)
         self.mlp = mlp
         self.seg_offsets = torch.arange(rows + 1, device=next(iter(lora.values()))[0].device) if lora else None
@@ -148,8 +151,9 @@ def stack_rows(model: Transformer, fasts: list[FastWeights | None], dtype) -> di
 class DecodeBatch:
     """The answers being decoded; ``step`` advances each by one token (and prefills new ones in pieces)."""
 
-    def __init__(self, model: Transformer, *, kv_budget: int | None = None, max_rows: int = 64,
-                 prefill_chunk: int = 256):
+    def __init__(
+        self, model: Transformer, *, kv_budget: int | None = None, max_rows: int = 64, prefill_chunk: int = 256
+    ):
         weight = model.embed_tokens.weight
         self.model, self.max_rows, self.prefill_chunk = model, max_rows, prefill_chunk
         self.pool = AnswerPool(model.cfg, weight.device, weight.dtype, kv_budget, max_rows)

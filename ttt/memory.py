@@ -53,8 +53,9 @@ def sentence_ends(tokenizer, vocab_size: int) -> torch.Tensor:
     return ends
 
 
-def select_spans(tokens: Sequence[int], surprise: torch.Tensor, ends: torch.Tensor, cfg: RecallConfig,
-                 position: int) -> list[Span]:
+def select_spans(
+    tokens: Sequence[int], surprise: torch.Tensor, ends: torch.Tensor, cfg: RecallConfig, position: int
+) -> list[Span]:
     """The chunk's ``cfg.spans_per_chunk`` most surprising sentences, each cut to ``cfg.span_tokens`` around its
     most surprising token, keeping what comes before it (a fact's key usually precedes its value) and
     ``AFTER_PEAK`` tokens after it; a span's score is the summed surprise of its ``cfg.peak_tokens`` most
@@ -65,7 +66,7 @@ def select_spans(tokens: Sequence[int], surprise: torch.Tensor, ends: torch.Tens
     """
     bounds = (torch.nonzero(ends[torch.as_tensor(tokens)]).flatten() + 1).tolist()
     starts = [0] + [b for b in bounds if b < len(tokens)]
-    stops = starts[1:] + [len(tokens)]
+    stops = [*starts[1:], len(tokens)]
     candidates = []
     for a, b in zip(starts, stops, strict=True):
         if b - a < MIN_SPAN_TOKENS:
@@ -124,8 +125,12 @@ class SpanMemory:
             self.spans = []
             return
         pieces = torch.split(tensors["span_tokens"], tensors["span_lengths"].tolist())
-        self.spans = [Span(p.tolist(), score, position) for p, score, position in zip(
-            pieces, tensors["span_scores"].tolist(), tensors["span_positions"].tolist(), strict=True)]
+        self.spans = [
+            Span(p.tolist(), score, position)
+            for p, score, position in zip(
+                pieces, tensors["span_scores"].tolist(), tensors["span_positions"].tolist(), strict=True
+            )
+        ]
 
     def replay_batch(self, new: Sequence[Span], seed: int) -> list[Span]:
         """The chunk's new spans plus up to ``cfg.replay_spans`` older ones drawn at random (seeded)."""
@@ -145,7 +150,9 @@ def span_batch(spans: Sequence[Span], device) -> tuple[torch.Tensor, torch.Tenso
     return inputs.to(device), targets.to(device)
 
 
-def rehearse(model, fast, optimizer, spans: Sequence[Span], study, ingest_cfg, recall_cfg: RecallConfig) -> float | None:
+def rehearse(
+    model, fast, optimizer, spans: Sequence[Span], study, ingest_cfg, recall_cfg: RecallConfig
+) -> float | None:
     """``recall_cfg.replay_steps`` steps on ``spans`` (next-token prediction, each span alone) plus, when ``study``
     (a ``study.StudyBatch``) is given, its distillation loss. Returns the loss after the steps (measured when
     ``ingest_cfg.measure_loss_after``, else the last step's), or None when anything went non-finite: then every

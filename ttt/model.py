@@ -5,6 +5,15 @@ Our own forward (not transformers') so that the engine can
   * thread per-session fast weights through any layer (see ``fast_weights.py``),
   * hand the final hidden states to a fused loss without materialising logits.
 ``tests/test_model.py`` checks it logit-for-logit against transformers on tiny configs.
+
+Shapes in comments:
+  B   rows of a batch: sessions training together, or answers decoding together
+  S   sessions stacked in one batched step (``ttt.batch``: B == S there)
+  T   new tokens in this forward (a chunk, a prompt piece, one decoded token)
+  P   prefix tokens already cached before them (window, sinks, exact spans); keys span P + T
+  C   a cache's capacity in tokens
+  D   hidden size; H / kvh query / key-value heads; hd head_dim (D == H * hd)
+  V   vocabulary size
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ class ModelConfig:
     model_type: str = "llama"
 
     @classmethod
-    def from_hf(cls, hf) -> "ModelConfig":
+    def from_hf(cls, hf) -> ModelConfig:
         """From a transformers ``PretrainedConfig``."""
         if hf.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -164,8 +173,9 @@ class RaggedCache:
         visible = keys <= pos[:, :, None]  # [B, T, n]
         if window is not None:
             visible &= keys > pos[:, :, None] - window
-        return F.scaled_dot_product_attention(q, self.k[layer][:, :, :n], self.v[layer][:, :, :n],
-                                              attn_mask=visible[:, None], enable_gqa=True)
+        return F.scaled_dot_product_attention(
+            q, self.k[layer][:, :, :n], self.v[layer][:, :, :n], attn_mask=visible[:, None], enable_gqa=True
+        )
 
 
 class RollingContext:
@@ -227,8 +237,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, adapter: LayerAdapter | None, cache: KVCache | RaggedCache | RollingContext | None,
-                layer: int):
+    def forward(
+        self, x, rope, adapter: LayerAdapter | None, cache: KVCache | RaggedCache | RollingContext | None, layer: int
+    ):
         # x: [B, T, D]; rope: (cos, sin) each [past + T, head_dim], past = tokens already in the cache
         B, T, _ = x.shape
         cfg = self.cfg
@@ -266,7 +277,9 @@ class MLP(nn.Module):
 
     def forward(self, x, adapter: LayerAdapter | None):
         lin = adapter.linear if adapter is not None else _plain_linear
-        return lin("down_proj", F.silu(lin("gate_proj", x, self.gate_proj)) * lin("up_proj", x, self.up_proj), self.down_proj)
+        return lin(
+            "down_proj", F.silu(lin("gate_proj", x, self.gate_proj)) * lin("up_proj", x, self.up_proj), self.down_proj
+        )
 
 
 def _plain_linear(name: str, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
@@ -334,8 +347,9 @@ class Transformer(nn.Module):
         """Final norm + LM head: [B, T, D] -> [B, T, V] (fp32)."""
         return self.lm_head(self.norm(h)).float()
 
-    def forward(self, tokens, adapters=None, cache: KVCache | RaggedCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, tokens, adapters=None, cache: KVCache | RaggedCache | None = None, last_only: bool = False
+    ) -> torch.Tensor:
         """tokens: [B, T] -> logits [B, T, V] (``last_only``: [B, 1, V], the last position's)."""
         h = self.run_layers(self.embed(tokens), 0, self.cfg.num_layers, adapters, cache)
         if cache is not None:
@@ -421,7 +435,7 @@ def load_base_model(model_path: str | os.PathLike | None = None, device=None, dt
     state = {}
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118  (a safe_open handle is not iterable)
                 name = key.removeprefix("model.")
                 state[name] = f.get_tensor(key).to(dtype)
     if cfg.tie_word_embeddings:

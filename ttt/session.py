@@ -24,8 +24,8 @@ from .fast_weights import build_fast_weights, fast_weight_kind
 from .generate import PrefixCache, SamplingParams, TokenLogprob, TokenStream
 from .ingest import ChunkReport, forward_hidden, make_optimizer, next_token_nll
 from .memory import SpanMemory, rehearse, select_spans, sentence_ends
-from .study import questions, teacher
 from .model import RollingContext
+from .study import questions, teacher
 from .tokenize import IncrementalTokenizer
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def priced_bytes(config: SessionConfig, model) -> int:
 class Session:
     """One user's memory of their documents. Create with ``Engine.create_session``."""
 
-    def __init__(self, engine: "Engine", config: SessionConfig | None = None, session_id: str | None = None):
+    def __init__(self, engine: Engine, config: SessionConfig | None = None, session_id: str | None = None):
         self.engine = engine
         self.id = session_id or uuid.uuid4().hex
         self.config = config or SessionConfig()
@@ -283,9 +283,19 @@ class Session:
         params = SamplingParams(max_tokens, temperature, top_p, stop or [], seed, **sampling)
         return self._answer(self.engine.chat_ids(messages), params, stream)
 
-    def complete(self, prompt: str | list[int], *, max_tokens: int = 16, temperature: float = 0.0,
-                 top_p: float = 1.0, stop: list[str] | str | None = None, seed: int | None = None,
-                 echo: bool = False, stream: bool = False, **sampling) -> Generation | TokenStream:
+    def complete(
+        self,
+        prompt: str | list[int],
+        *,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | str | None = None,
+        seed: int | None = None,
+        echo: bool = False,
+        stream: bool = False,
+        **sampling,
+    ) -> Generation | TokenStream:
         """Continue ``prompt`` (text or token ids; no chat template) after the answer prefix, as ``generate``.
 
         ``echo``: also score the prompt, with ``top_logprobs`` set (``echo_logprobs``: the prompt's own tokens,
@@ -329,7 +339,9 @@ class Session:
                 if len(context) + len(piece) < 2:
                     continue
                 tokens = torch.tensor([context + piece], device=base.device)
-                nll = next_token_nll(base.model, forward_hidden(base.model, self.fast, tokens), tokens, max(len(context) - 1, 0))
+                nll = next_token_nll(
+                    base.model, forward_hidden(base.model, self.fast, tokens), tokens, max(len(context) - 1, 0)
+                )
                 total += nll.sum().item()
                 count += nll.numel()
         if count == 0:
@@ -338,7 +350,7 @@ class Session:
 
     # ---- residency ----------------------------------------------------------------------------
 
-    def to(self, device: str | torch.device) -> "Session":
+    def to(self, device: str | torch.device) -> Session:
         """Move every tensor the session holds (fast weights, optimizer state, cached keys/values) to ``device``.
 
         Training and answering need the engine's device; a server parks idle sessions in host memory.

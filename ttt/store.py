@@ -99,7 +99,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def peft_tensors(session: "Session") -> tuple[dict[str, torch.Tensor], dict]:
+def peft_tensors(session: Session) -> tuple[dict[str, torch.Tensor], dict]:
     """A LoRA session's weights and config in peft's adapter layout (keys as ``PeftModel`` saves them)."""
     from .fast_weights import module_path
 
@@ -130,7 +130,7 @@ def peft_tensors(session: "Session") -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, adapter_config
 
 
-def peft_files(session: "Session") -> dict[str, bytes]:
+def peft_files(session: Session) -> dict[str, bytes]:
     """``adapter_model.safetensors`` and ``adapter_config.json`` of a LoRA session, as bytes.
 
     The safetensors metadata also names the base model's fingerprint (peft ignores it; ``import_peft``
@@ -146,7 +146,7 @@ def peft_files(session: "Session") -> dict[str, bytes]:
     }
 
 
-def export_peft(session: "Session", folder: str | os.PathLike) -> Path:
+def export_peft(session: Session, folder: str | os.PathLike) -> Path:
     """Write a LoRA session as a peft adapter folder (``PeftModel.from_pretrained`` loads it)."""
     files = peft_files(session)
     folder = Path(folder)
@@ -161,7 +161,7 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in root.glob("ckpt-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
 
 
-def save_session(session: "Session", path: str | os.PathLike) -> Path:
+def save_session(session: Session, path: str | os.PathLike) -> Path:
     """Write a new checkpoint of ``session`` under folder ``path`` atomically; returns the checkpoint folder."""
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
@@ -256,7 +256,7 @@ def read_manifest(ckpt: Path, expected_sha256: str | None = None) -> dict:
     return manifest
 
 
-def _load_checkpoint(engine: "Engine", ckpt: Path, manifest_sha256: str | None) -> "Session":
+def _load_checkpoint(engine: Engine, ckpt: Path, manifest_sha256: str | None) -> Session:
     from .session import Session
 
     manifest = read_manifest(ckpt, manifest_sha256)
@@ -300,7 +300,7 @@ def _load_checkpoint(engine: "Engine", ckpt: Path, manifest_sha256: str | None) 
     return session
 
 
-def load_session(engine: "Engine", path: str | os.PathLike, fallback: bool = True) -> "Session":
+def load_session(engine: Engine, path: str | os.PathLike, fallback: bool = True) -> Session:
     """Load the newest good checkpoint under ``path``.
 
     A corrupted newest checkpoint falls back to the previous one (logged) when ``fallback``; a session
@@ -398,8 +398,9 @@ def peft_session_config(adapter_config: dict, tensors: dict[str, torch.Tensor]) 
         raise _adapter_error(str(e)) from None
 
 
-def import_peft(engine: "Engine", files: dict[str, bytes], session_id: str | None = None,
-                settings: dict | None = None) -> "Session":
+def import_peft(
+    engine: Engine, files: dict[str, bytes], session_id: str | None = None, settings: dict | None = None
+) -> Session:
     """A new session whose fast weights are a peft LoRA adapter.
 
     ``files``: the bytes of ``adapter_config.json`` and ``adapter_model.safetensors`` (as
@@ -461,7 +462,7 @@ def safe_metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
 
 
-def estimate_checkpoint_bytes(session: "Session") -> int:
+def estimate_checkpoint_bytes(session: Session) -> int:
     """About what a checkpoint of ``session`` takes on disk once it has trained (for disk quotas)."""
     weights = session.fast.num_bytes()
     moments = 2 if session.config.ingest.optimizer == "adamw" else 0
@@ -513,5 +514,8 @@ def disk_bytes(path: Path) -> int:
     """Bytes of the files under ``path`` (0 when absent), but those of crashed saves (removed by the next save)."""
     if not Path(path).is_dir():
         return 0
-    return sum(f.stat().st_size for f in Path(path).rglob("*")
-               if f.is_file() and not any(part.startswith(".tmp-ckpt-") for part in f.parts))
+    return sum(
+        f.stat().st_size
+        for f in Path(path).rglob("*")
+        if f.is_file() and not any(part.startswith(".tmp-ckpt-") for part in f.parts)
+    )

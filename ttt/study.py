@@ -64,8 +64,9 @@ def questions(tokenizer, spans: Sequence[list[int]], head_tokens: int = 8) -> li
 
 
 @torch.no_grad()
-def teacher(model, context: RollingContext | None, pairs: list[tuple[list[int], list[int]]], top_k: int,
-            device) -> StudyBatch:
+def teacher(
+    model, context: RollingContext | None, pairs: list[tuple[list[int], list[int]]], top_k: int, device
+) -> StudyBatch:
     """The base model's top-k next-token distribution on each answer, with ``context`` (the window) before it."""
     length = max(len(p) + len(a) for p, a in pairs)
     inputs = torch.zeros(len(pairs), length, dtype=torch.long)

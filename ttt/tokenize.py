@@ -111,9 +111,7 @@ class IncrementalTokenizer:
         # the tokenizer, the alternation prefers the longer of two tokens starting at one position.
         added = sorted(self._backend.get_added_tokens_decoder().values(), key=lambda t: -len(t.content))
         added = [t for t in added if t.content]
-        parts = [
-            (r"\s*" if t.lstrip else "") + re.escape(t.content) + (r"\s*" if t.rstrip else "") for t in added
-        ]
+        parts = [(r"\s*" if t.lstrip else "") + re.escape(t.content) + (r"\s*" if t.rstrip else "") for t in added]
         self._added_re = re.compile("|".join(parts)) if parts else None
         # Every proper prefix of an added token -> whether a token it begins swallows the whitespace
         # before it. A pending tail equal to one of them may still grow into the token.

@@ -252,7 +252,7 @@ function settingValue(input) {
   if (type.startsWith("number")) return parseFloat(raw);
   if (type === "array") {
     const items = raw.split(",").map((x) => x.trim()).filter(Boolean);
-    const example = state.settings.defaults.balanced[input.dataset.section][input.dataset.name];
+    const example = state.settings.defaults[state.settings.memory][input.dataset.section][input.dataset.name];
     return typeof example?.[0] === "number" ? items.map(Number) : items;
   }
   return raw;
@@ -310,8 +310,13 @@ async function importAdapter(event) {
 
 // ---- reading documents ----------------------------------------------------------------------------------
 
+// A file goes in slices: each POST's body reaches the server at once (a browser reads no answer before it has sent
+// its body), so the curve moves while a slice trains, and a cancelled file resumes at a slice's edge or inside it.
+const SLICE_BYTES = 32 * 1024;
+const BUSY_RETRIES = 120; // 409: the server still finishes a cancelled slice (or another feed): wait for it
+
 const curve = new LossCurve($("#curve"), $("#curve-summary"));
-const uploads = []; // {name, blob, session, offset, base, item, bar, status, button, controller, phase}
+const uploads = []; // {name, blob, session, base, item, bar, status, button, controller, phase}
 let reading = false;
 
 function addUpload(name, blob) {
@@ -323,12 +328,12 @@ function addUpload(name, blob) {
   const item = element("li", { class: "upload" });
   const title = element("span", { class: "name" }, `${name} → ${session}`);
   const bar = element("progress", { max: "1", value: "0", "aria-label": `Progress of ${name}` });
-  const status = element("span", { class: "status", "aria-live": "polite" }, "waiting");
+  const status = element("span", { class: "status" }, "waiting");
   const button = element("button", { type: "button", class: "secondary" }, "Cancel");
   item.append(title, bar, status, button);
   $("#uploads").append(item);
-  const upload = { name, blob, session, offset: 0, base: null, item, bar, status, button, controller: null,
-                   phase: "waiting" };
+  // base: bytes of an unfinished document in the session before this file (set when it starts)
+  const upload = { name, blob, session, base: null, item, bar, status, button, controller: null, phase: "waiting" };
   button.addEventListener("click", () => (upload.phase === "cancelled" ? resume(upload) : cancel(upload)));
   uploads.push(upload);
   readNext();
@@ -340,11 +345,7 @@ function cancel(upload) {
   setPhase(upload, "cancelled", "cancelled: what was read is kept");
 }
 
-async function resume(upload) {
-  // The server keeps what it received of an unfinished document; send the rest from there.
-  const info = await getJson(sessionPath(upload.session)).catch((error) => { failed(error); return null; });
-  if (!info) return;
-  upload.offset = upload.base === null ? 0 : Math.max(0, info.document_bytes - upload.base);
+function resume(upload) {
   setPhase(upload, "waiting", "waiting");
   uploads.push(upload);
   readNext();
@@ -374,29 +375,33 @@ async function readNext() {
   }
 }
 
+const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// Where this file stands in the session's unfinished document: the server's own count, read before each slice.
+async function resync(upload) {
+  const held = (await getJson(sessionPath(upload.session))).document_bytes;
+  upload.base ??= held;
+  return held - upload.base;
+}
+
 async function read(upload) {
-  const body = upload.blob.slice(upload.offset);
-  let trained = 0, chunks = 0;
   upload.controller = new AbortController();
   setPhase(upload, "reading", "reading");
+  const progress = { tokens: 0, bytes: 0, trained: 0, chunks: 0 }; // this attempt's, over its slices
   try {
-    const response = await request(sessionPath(upload.session, "/documents"), {
-      method: "POST", body, accept: "text/event-stream", signal: upload.controller.signal });
-    for await (const event of events(response)) {
-      if (event.object === "document.started") {
-        upload.base ??= event.document_bytes - upload.offset; // bytes of an unfinished document before this one
-      } else if (event.object === "document.chunk") {
-        curve.add(event);
-        trained += event.tokens;
-        chunks += 1;
-        // tokens expected in all: those received so far, scaled by the bytes still to come
-        const expected = event.tokens_received * (body.size / Math.max(1, event.bytes_read));
-        upload.bar.value = Math.min(0.99, trained / Math.max(1, expected));
-        upload.status.textContent = `${chunks} chunks, ${Math.round(event.tokens_per_second)} tokens/s`;
-      } else if (event.object === "document.summary") {
-        upload.bar.value = 1;
-        setPhase(upload, "done", `read: ${event.tokens_received} tokens, ${event.chunks_trained} chunks in ` +
-                 `${event.seconds.toFixed(1)} s`);
+    let offset = await resync(upload);
+    const start = offset;
+    let done = false;
+    for (let tries = 0; !done; ) {
+      const end = Math.min(upload.blob.size, offset + SLICE_BYTES);
+      try {
+        done = await readSlice(upload, offset, end, start, progress);
+        offset = end;
+        tries = 0;
+      } catch (error) {
+        if (!(error instanceof ApiError && error.status === 409) || ++tries > BUSY_RETRIES) throw error;
+        await pause(500);
+        offset = await resync(upload);
       }
     }
   } catch (error) {
@@ -404,6 +409,36 @@ async function read(upload) {
     setPhase(upload, "failed", `failed: ${error.message}`);
     failed(error);
   }
+}
+
+// One slice [offset, end) of the file, the document's end with the last one. True once the file is read.
+async function readSlice(upload, offset, end, start, progress) {
+  const last = end === upload.blob.size;
+  const query = `?document_offset=${upload.base + offset}&end_of_document=${last}`;
+  const response = await request(sessionPath(upload.session, `/documents${query}`), {
+    method: "POST", body: upload.blob.slice(offset, end), accept: "text/event-stream",
+    signal: upload.controller.signal });
+  for await (const event of events(response)) {
+    if (event.object === "document.chunk") {
+      curve.add(event);
+      progress.trained += event.tokens;
+      progress.chunks += 1;
+      // tokens per byte so far tell how many tokens the rest of the file holds
+      const rate = (progress.tokens + event.tokens_received) / Math.max(1, progress.bytes + event.bytes_read);
+      upload.bar.value = Math.min(0.99, (start + progress.trained / Math.max(rate, 1e-9)) / upload.blob.size);
+      upload.status.textContent = `${progress.chunks} chunks, ${Math.round(event.tokens_per_second)} tokens/s`;
+    } else if (event.object === "document.summary") {
+      progress.tokens += event.tokens_received;
+      progress.bytes += event.bytes_read;
+      if (last) {
+        upload.bar.value = 1;
+        setPhase(upload, "done", `read: ${progress.tokens} tokens, ${progress.chunks} chunks`);
+        notify(`${upload.name}: read into ${upload.session}.`, "ok");
+      }
+      return last;
+    }
+  }
+  throw new Error("the server ended the upload without its summary");
 }
 
 function readFiles(files) {
@@ -486,12 +521,15 @@ async function answer(pane, model, sampling, signal) {
       }
     }
   } catch (error) {
-    if (!isAbort(error)) out.dataset.error = error.message;
-    throw error;
+    if (!isAbort(error)) {
+      out.dataset.error = error.message;
+      messages.pop(); // the question goes too: the next one is asked without this failed turn
+      throw error;
+    }
   } finally {
     out.removeAttribute("aria-busy");
-    messages.push({ role: "assistant", content: out.textContent });
   }
+  messages.push({ role: "assistant", content: out.textContent }); // stopped early: what came so far
 }
 
 async function sendChat(event) {
@@ -574,7 +612,7 @@ on("#chat-compare", "change", chatModelChanged);
 on("#chat-stop", "click", () => chatting?.abort());
 on("#chat-clear", "click", clearChat);
 $("#chat-input").addEventListener("keydown", (event) => {
-  if (event.key === "Enter" && !event.shiftKey) { // Enter sends, Shift+Enter is a new line
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { // Enter sends, Shift+Enter a new line
     event.preventDefault();
     $("#chat-form").requestSubmit();
   }
