@@ -20,6 +20,7 @@ from ttt import Session, SessionConfig
 from ttt.batch import train_sessions
 from ttt.config import PER_CHUNK, check_caps
 from ttt.ingest import ChunkReport
+from ttt.session import TokenLimit
 
 
 class DocumentTooLarge(QuotaExceeded):
@@ -115,9 +116,6 @@ class DocumentFeed:
             **options,
         )
 
-    def _held(self) -> int:
-        return self.session.stats.tokens_ingested + len(self.session.pending)
-
     def add(self, piece: str | bytes | list[int]) -> Iterator[ChunkReport]:
         """Add text, UTF-8 bytes (may split a character) or token ids; train the chunks now complete.
 
@@ -128,33 +126,15 @@ class DocumentFeed:
         if self.pieces >= self.max_pieces:
             raise QuotaExceeded(f"more than {self.max_pieces} pieces in one stream: send larger pieces")
         self.pieces += 1
-        session = self.session
-        with session.lock:
-            before, saved_text = self._held(), session.text_stream.state()
-            if isinstance(piece, list):
-                # Token ids end the text before them: its held-back tail goes first, keeping the order.
-                tail = session.text_stream.flush()
-                try:
-                    session.append_tokens(tail + piece)
-                except ValueError:
-                    session.text_stream.load_state(saved_text)  # refused ids change nothing
-                    raise
-            else:
-                session.append_text(piece)
-            added = self._held() - before
-            if self.received + added > self.max_tokens:
-                del session.pending[len(session.pending) - added :]
-                session.text_stream.load_state(saved_text)
-                raise DocumentTooLarge(f"document over the limit of {self.max_tokens} tokens")
-            self.received += added
+        try:
+            self.received += self.session.append(piece, limit=self.max_tokens - self.received)
+        except TokenLimit:
+            raise DocumentTooLarge(f"document over the limit of {self.max_tokens} tokens") from None
         yield from self._train_ready()
 
     def end(self) -> Iterator[ChunkReport]:
         """The document is complete: train what is left, the last partial chunk included."""
-        with self.session.lock:
-            before = self._held()
-            self.session.end_document()
-            self.received += self._held() - before
+        self.received += self.session.end_document()
         yield from self._train_ready()
 
     def _train_ready(self) -> Iterator[ChunkReport]:

@@ -33,8 +33,10 @@ from ttt.store import (
     SessionFormatError,
     disk_bytes,
     estimate_checkpoint_bytes,
+    has_checkpoint,
     import_peft,
     saved_info,
+    saved_sessions,
 )
 
 __all__ = ["AlreadyExists", "Limits", "NotFound", "QuotaExceeded", "SessionRegistry"]
@@ -132,7 +134,7 @@ class SessionRegistry:
 
     def _on_disk(self, user: str) -> set[str]:
         d = self.root / check_session_id(user)
-        return {p.name for p in d.iterdir() if (p / "LATEST").is_file()} if d.is_dir() else set()
+        return {p.name for p in saved_sessions(d)}
 
     def ids(self, user: str) -> list[str]:
         with self._lock:
@@ -236,7 +238,7 @@ class SessionRegistry:
         with self._lock:
             if key in self._live:
                 return
-        if not (self.folder(user, session_id) / "LATEST").is_file():
+        if not has_checkpoint(self.folder(user, session_id)):
             raise NotFound(f"no session {session_id!r}")
 
     def get(self, user: str, session_id: str) -> Session:
@@ -246,7 +248,7 @@ class SessionRegistry:
             entry = self._live.get(key)
         if entry is None:
             folder = self.folder(user, session_id)
-            if not (folder / "LATEST").is_file():
+            if not has_checkpoint(folder):
                 raise NotFound(f"no session {session_id!r}")
             try:
                 session = self.engine.load_session(folder)
@@ -321,7 +323,7 @@ class SessionRegistry:
             for e in self._live.values():
                 n, b = out[e.tier]
                 out[e.tier] = (n + 1, b + e.bytes)
-        saved = [p.parent for p in self.root.glob("*/*/LATEST")] if self.root.is_dir() else []
+        saved = saved_sessions(self.root, depth=2)
         parked = [p for p in saved if (p.parent.name, p.name) not in live]
         out["disk"] = (len(parked), sum(map(disk_bytes, parked)))
         return out
@@ -336,7 +338,7 @@ class SessionRegistry:
             entry = self._live.get(key)
         if entry is not None:
             return {**entry.session.info(), "residency": entry.tier, "disk_bytes": disk_bytes(folder)}
-        if not (folder / "LATEST").is_file():
+        if not has_checkpoint(folder):
             raise NotFound(f"no session {session_id!r}")
         try:
             saved = saved_info(folder)
@@ -359,7 +361,7 @@ class SessionRegistry:
         with self._lock:
             entry = self._live.get(key)
         if entry is None:
-            if not (folder / "LATEST").is_file():
+            if not has_checkpoint(folder):
                 raise NotFound(f"no session {session_id!r}")
             return
         session = entry.session

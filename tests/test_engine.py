@@ -437,6 +437,32 @@ def test_bad_token_ids_and_session_ids(engine):
     assert engine.create_session(session_id="ok-id.1").id == "ok-id.1"
 
 
+def test_append_is_all_or_nothing(engine):
+    """``Session.append``: text (bytes may split a character), then token ids that end the text before them;
+    a refused piece (ids out of the vocabulary, over the limit) leaves pending tokens and the tokenizer as
+    they were."""
+    from ttt.session import TokenLimit
+
+    s = make_session(engine)
+    text = "In the beginning God created the heaven and the earth. Café 日本"
+    data = text.encode()
+    added = s.append(data[:-2])  # ends inside 本
+    held_back = s.text_stream.state()
+    assert added == len(s.pending) > 0
+
+    before = list(s.pending)
+    with pytest.raises(ValueError):
+        s.append([5, VOCAB])
+    with pytest.raises(TokenLimit):
+        s.append(data[-2:] + b" and more words to be over the limit", limit=2)
+    assert s.pending == before and s.text_stream.state() == held_back  # nothing kept of either
+
+    assert s.append(data[-2:]) + s.end_document() + added == len(s.pending)
+    assert s.pending == engine.base.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = [1, 2, 3]
+    assert s.append(ids, limit=3) == 3 and s.pending[-3:] == ids
+
+
 def test_lone_first_token_is_counted_not_trained(engine):
     s = make_session(engine)
     w0 = fast_snapshot(s)

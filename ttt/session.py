@@ -69,6 +69,10 @@ def priced_bytes(config: SessionConfig, model) -> int:
     return weights + per_token * tokens
 
 
+class TokenLimit(ValueError):
+    """A piece of a document with more tokens than the caller allows (``Session.append``): nothing was kept."""
+
+
 class Session:
     """One user's memory of their documents. Create with ``Engine.create_session``."""
 
@@ -115,6 +119,27 @@ class Session:
                 reports.append(report)
             return reports
 
+    def append(self, piece: str | bytes | list[int], limit: int | None = None) -> int:
+        """Add a piece of a document: text, UTF-8 bytes (may split a character) or token ids (these end the text
+        before them: its held-back tail goes first). Returns the tokens it added. All or nothing: ids out of the
+        vocabulary (ValueError) or more than ``limit`` tokens (TokenLimit) leave the session as it was."""
+        with self.lock:
+            pending, text, ended = len(self.pending), self.text_stream.state(), self.document_ended
+            try:
+                if isinstance(piece, list):
+                    self.append_tokens(self.text_stream.flush() + piece)
+                else:
+                    self.append_text(piece)
+                added = len(self.pending) - pending
+                if limit is not None and added > limit:
+                    raise TokenLimit(f"{added} tokens, more than the {limit} allowed")
+            except ValueError:
+                del self.pending[pending:]
+                self.text_stream.load_state(text)
+                self.document_ended = ended
+                raise
+            return added
+
     def append_text(self, piece: str | bytes) -> int:
         """Add a piece of a document (any size; bytes may split a UTF-8 character). Returns chunks ready."""
         with self.lock:
@@ -134,12 +159,15 @@ class Session:
                 self.version += 1
             return self.chunks_ready
 
-    def end_document(self) -> None:
-        """The document is complete: flush the tokenizer and let the last partial chunk be trained."""
+    def end_document(self) -> int:
+        """The document is complete: flush the tokenizer and let the last partial chunk be trained. Returns the
+        tokens the tokenizer still held."""
         with self.lock:
-            self.pending.extend(self.text_stream.flush())
+            tail = self.text_stream.flush()
+            self.pending.extend(tail)
             self.document_ended = True
             self.version += 1
+            return len(tail)
 
     @property
     def chunks_ready(self) -> int:

@@ -156,6 +156,20 @@ def export_peft(session: Session, folder: str | os.PathLike) -> Path:
     return folder
 
 
+LATEST = "LATEST"  # names a session folder's newest complete checkpoint and its manifest's sha256
+
+
+def has_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a saved session (a complete checkpoint that ``LATEST`` names)."""
+    return (Path(folder) / LATEST).is_file()
+
+
+def saved_sessions(root: str | os.PathLike, depth: int = 1) -> list[Path]:
+    """The session folders with a checkpoint ``depth`` levels below ``root`` (2: ``root/<user>/<session>``)."""
+    root = Path(root)
+    return [p.parent for p in root.glob("/".join(["*"] * depth + [LATEST]))] if root.is_dir() else []
+
+
 def _checkpoints(root: Path) -> list[Path]:
     """Checkpoint folders, newest first."""
     return sorted((p for p in root.glob("ckpt-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
@@ -208,7 +222,7 @@ def save_session(session: Session, path: str | os.PathLike) -> Path:
         _fsync_dir(tmp)
         os.rename(tmp, final)
         _fsync_dir(root)
-        _write_atomic(root / "LATEST", f"{final.name} {manifest_sum}\n".encode())
+        _write_atomic(root / LATEST, f"{final.name} {manifest_sum}\n".encode())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -310,7 +324,7 @@ def load_session(engine: Engine, path: str | os.PathLike, fallback: bool = True)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no saved session there")
     candidates: list[tuple[Path, str | None]] = []
-    latest = root / "LATEST"
+    latest = root / LATEST
     if latest.is_file():
         parts = latest.read_text().split()
         if len(parts) == 2 and parts[0].startswith("ckpt-"):
@@ -487,7 +501,7 @@ def saved_info(root: Path) -> dict:
     weights: the manifest and ``tokens.safetensors`` (token ids only) are read."""
     from .memory import SpanMemory
 
-    name, digest = (root / "LATEST").read_text().split()
+    name, digest = (root / LATEST).read_text().split()
     manifest = read_manifest(root / name, digest)
     config = SessionConfig.from_dict(saved_config(manifest))
     stats = manifest["stats"]
