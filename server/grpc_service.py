@@ -1,7 +1,8 @@
-"""gRPC handlers: authenticate, validate, hand model work to the scheduler, stream progress.
+"""The gRPC door: authenticate, translate messages into ``server.service.SessionService`` calls and back,
+stream progress; exceptions become status codes through ``server.errors``.
 
 Where a chunk of text goes: ``Ingest`` -> ``DocumentFeed.add`` (server/documents.py) ->
-``Session.append_text`` (tokenize, no device) -> ``scheduler.run_batchable(key, train_batch, ...)`` ->
+``Session.append`` (tokenize, no device) -> ``scheduler.run_batchable(key, train_batch, ...)`` ->
 ``ttt.batch.train_sessions`` -> ``ttt.batch.train_group`` (score, step; one session, or a batch with other
 sessions' chunks waiting at the same time) -> ``Session.record_chunk`` (window, surprising spans and their
 rehearsal: ``ttt.memory``) on the worker.
@@ -19,8 +20,8 @@ from collections.abc import Iterator
 
 import grpc
 
-from server.documents import DocumentFeed, chunk_progress, stream_settings
-from server.errors import INTERNAL, NotFound, StreamIdle, message_of, status_of
+from server.documents import DocumentFeed, chunk_progress
+from server.errors import INTERNAL, StreamIdle, message_of, status_of
 from server.proto.ttt.v1 import ttt_pb2 as pb
 from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
 from ttt.config import SECTIONS, check_caps
@@ -166,92 +167,78 @@ class Watchdog:
 
 
 class SessionsService(pb_grpc.SessionsServicer):
+    """The gRPC door: messages to ``server.service.SessionService`` calls and back."""
+
     def __init__(self, state):
         """``state``: the running ``server.main.ServerState``."""
-        self.state = state
-        self.registry, self.scheduler, self.keyring = state.registry, state.scheduler, state.keyring
-        self.settings, self.metrics, self.streams = state.settings, state.metrics, state.streams
+        self.sessions, self.keyring, self.settings, self.metrics = (
+            state.sessions,
+            state.keyring,
+            state.settings,
+            state.metrics,
+        )
 
     def _user(self, context) -> str:
         auth = dict(context.invocation_metadata()).get("authorization")
         return self.keyring.user_for(auth)
 
-    def _info(self, user: str, session_id: str) -> pb.SessionInfo:
-        return info_message(self.registry.info(user, session_id))
-
     @rpc
     def CreateSession(self, request, context):
         user = self._user(context)
         sid = check_session_id(request.session_id) if request.session_id else None
-        settings = settings_dict(request.settings)
+        adapter = None
         if request.HasField("adapter"):
-            files = {
+            adapter = {
                 "adapter_config.json": request.adapter.adapter_config,
                 "adapter_model.safetensors": request.adapter.adapter_model,
             }
-            session = self.scheduler.run((user, sid), self.registry.import_adapter, user, sid, files, settings)
-        else:
-            session = self.scheduler.run((user, sid), self.registry.create, user, sid, settings)
-        return self._info(user, session.id)
+        return info_message(self.sessions.create(user, sid, settings_dict(request.settings), adapter).result())
 
     @rpc
     def GetSession(self, request, context):
-        return self._info(self._user(context), check_session_id(request.session_id))
+        return info_message(self.sessions.info(self._user(context), request.session_id))
 
     @rpc
     def ListSessions(self, request, context):
-        user = self._user(context)
-        return pb.ListSessionsResponse(sessions=[self._info(user, sid) for sid in self.registry.ids(user)])
+        return pb.ListSessionsResponse(sessions=[info_message(i) for i in self.sessions.list(self._user(context))])
 
     @rpc
     def DeleteSession(self, request, context):
-        user, sid = self._user(context), check_session_id(request.session_id)
-        self.scheduler.run((user, sid), self.registry.delete, user, sid)
+        self.sessions.delete(self._user(context), request.session_id).result()
         return pb.DeleteSessionResponse()
 
     @rpc
     def SaveSession(self, request, context):
-        user, sid = self._user(context), check_session_id(request.session_id)
-        self.scheduler.run((user, sid), self.registry.save, user, sid)
-        return self._info(user, sid)
+        return info_message(self.sessions.save(self._user(context), request.session_id).result())
 
     @rpc
     def ResetSession(self, request, context):
-        user, sid = self._user(context), check_session_id(request.session_id)
-        self.scheduler.run((user, sid), self.registry.reset, user, sid)
-        return self._info(user, sid)
+        return info_message(self.sessions.reset(self._user(context), request.session_id).result())
 
     @rpc
     def Ingest(self, request_iterator, context):
         user = self._user(context)
         s = self.settings
         # The slot is taken before the first read: idle streams count against their user from the start.
-        with self.streams.hold(user), Watchdog(context) as watchdog:
+        with self.sessions.stream_slot(user), Watchdog(context) as watchdog:
             requests = watchdog.watch(request_iterator, s.ingest_start_seconds, s.ingest_idle_seconds)
             first = next(requests, None)
             if first is None or first.WhichOneof("message") != "start":
                 raise ValueError("the first message of an Ingest stream must be `start`")
             start = first.start
             sid = check_session_id(start.session_id)
-            with self.registry.feeding(user, sid):
-                yield from self._ingest(user, sid, start, requests, context)
+            with self.sessions.feeding(user, sid):
+                feed = self.sessions.open_feed(
+                    user,
+                    sid,
+                    requested=settings_dict(start.settings),
+                    create_if_missing=start.create_if_missing,
+                    is_active=context.is_active,
+                ).result()
+                yield from self._ingest(feed, start, requests, context)
 
-    def _ingest(self, user: str, sid: str, start: pb.IngestStart, request_iterator, context):
-        key = (user, sid)
-        requested = settings_dict(start.settings)
-        try:
-            session = self.scheduler.run(key, self.registry.get, user, sid)
-        except NotFound:
-            if not start.create_if_missing:
-                raise
-            session = self.scheduler.run(key, self.registry.create, user, sid, requested)
-        feed = DocumentFeed.for_server(
-            self.state,
-            session,
-            user,
-            step_settings=stream_settings(session.config, requested),
-            is_active=context.is_active,
-        )
+    def _ingest(self, feed: DocumentFeed, start: pb.IngestStart, request_iterator, context):
+        session = feed.session
         for request in request_iterator:
             kind = request.WhichOneof("message")
             if kind == "start":

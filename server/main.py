@@ -22,6 +22,7 @@ from server.policy import StreamSlots
 from server.proto.ttt.v1 import ttt_pb2, ttt_pb2_grpc
 from server.registry import Limits, SessionRegistry
 from server.scheduler import Scheduler
+from server.service import SessionService
 from server.settings import Settings
 from ttt.decode import DecodeBatch
 
@@ -40,6 +41,7 @@ class ServerState:
     engine: ttt.Engine | None = None
     registry: SessionRegistry | None = None
     streams: StreamSlots | None = None  # open ingest streams per user
+    sessions: SessionService | None = None  # every session operation, for both doors
     # "loading" until both doors accept connections (the readiness probes say so), then "serving", "closing"
     phase: str = "loading"
 
@@ -97,6 +99,7 @@ class Server:
             engine, s.data_dir, s.session_defaults, limits, self.state.metrics, busy=self.state.scheduler.waiting
         )
         self.state.engine, self.state.registry = engine, registry
+        self.state.sessions = SessionService(self.state)
 
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),

@@ -51,7 +51,7 @@ async def answerer(state, user: str, sid: str | None, method: str) -> Callable[.
         return getattr(state.engine, method)
     # not a device unit: it would wait behind the session's chunks, which the answer does not (chat ahead of
     # ingest); the session is loaded, if it must be, when the answer is admitted
-    await asyncio.to_thread(state.registry.check_exists, user, sid)
+    await asyncio.to_thread(state.sessions.check_exists, user, sid)
 
     def on_worker(*args, **kwargs):  # the session, brought back if it was moved meanwhile
         return getattr(state.registry.get(user, sid), method)(*args, **kwargs)

@@ -25,9 +25,10 @@ def list_models(request: Request):
     state, user = ready(request), user_of(request)
     base = state.engine.base.name
     data = [{"id": base, "object": "model", "created": 0, "owned_by": "ttt", "parent": None}]
-    for sid in state.registry.ids(user):
-        s = finite(state.registry.info(user, sid))
-        data.append({"id": sid, "object": "model", "created": int(s["created_at"]), "owned_by": user, "parent": base})
+    for s in finite(state.sessions.list(user)):
+        data.append(
+            {"id": s["id"], "object": "model", "created": int(s["created_at"]), "owned_by": user, "parent": base}
+        )
     return {"object": "list", "data": data}
 
 

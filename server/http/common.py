@@ -3,7 +3,6 @@ scheduler, and the middleware that counts requests."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -82,11 +81,6 @@ def user_of(request: Request) -> str:
 def caller(request: Request, session_id: str) -> tuple:
     """(server state, user, session id) of a request on one session, once the server is ready."""
     return ready(request), user_of(request), check_session_id(session_id)
-
-
-async def on_device(state, key, fn, *args):
-    """Run ``fn`` as one scheduler unit without blocking the event loop."""
-    return await asyncio.wrap_future(state.scheduler.submit(key, fn, *args))
 
 
 class CountRequests:

@@ -7,20 +7,16 @@ import asyncio
 import io
 import json
 import zipfile
+from asyncio import wrap_future
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server.http.common import caller, finite, on_device, ready, user_of
+from server.http.common import caller, finite, ready, user_of
 from server.http.models import SessionCreate, SettingsSchema, settings_document
 from ttt.engine import check_session_id
-from ttt.store import peft_files
 
 router = APIRouter()
-
-
-def info(state, user: str, sid: str) -> dict:
-    return finite(state.registry.info(user, sid))
 
 
 def zip_folder(files: dict[str, bytes]) -> bytes:
@@ -35,48 +31,45 @@ def zip_folder(files: dict[str, bytes]) -> bytes:
 async def create_session(body: SessionCreate, request: Request):
     state, user = ready(request), user_of(request)
     sid = check_session_id(body.id) if body.id is not None else None
-    settings = body.settings.model_dump(exclude_unset=True)
+    adapter = None
     if body.adapter is not None:
-        files = {
+        adapter = {
             "adapter_config.json": json.dumps(body.adapter.adapter_config).encode(),
             "adapter_model.safetensors": body.adapter.adapter_model,
         }
-        session = await on_device(state, (user, sid), state.registry.import_adapter, user, sid, files, settings)
-    else:
-        session = await on_device(state, (user, sid), state.registry.create, user, sid, settings)
-    return info(state, user, session.id)
+    settings = body.settings.model_dump(exclude_unset=True)
+    return finite(await wrap_future(state.sessions.create(user, sid, settings, adapter)))
 
 
 @router.get("/v1/sessions")
 def list_sessions(request: Request):
     state, user = ready(request), user_of(request)
-    return {"object": "list", "data": [info(state, user, sid) for sid in state.registry.ids(user)]}
+    return {"object": "list", "data": finite(state.sessions.list(user))}
 
 
 @router.get("/v1/sessions/{session_id}")
 def get_session(session_id: str, request: Request):
-    return info(*caller(request, session_id))
+    state, user, sid = caller(request, session_id)
+    return finite(state.sessions.info(user, sid))
 
 
 @router.delete("/v1/sessions/{session_id}")
 async def delete_session(session_id: str, request: Request):
     state, user, sid = caller(request, session_id)
-    await on_device(state, (user, sid), state.registry.delete, user, sid)
+    await wrap_future(state.sessions.delete(user, sid))
     return {"id": sid, "deleted": True}
 
 
 @router.post("/v1/sessions/{session_id}/save")
 async def save_session(session_id: str, request: Request):
     state, user, sid = caller(request, session_id)
-    await on_device(state, (user, sid), state.registry.save, user, sid)
-    return info(state, user, sid)
+    return finite(await wrap_future(state.sessions.save(user, sid)))
 
 
 @router.post("/v1/sessions/{session_id}/reset")
 async def reset_session(session_id: str, request: Request):
     state, user, sid = caller(request, session_id)
-    await on_device(state, (user, sid), state.registry.reset, user, sid)
-    return info(state, user, sid)
+    return finite(await wrap_future(state.sessions.reset(user, sid)))
 
 
 @router.get(
@@ -88,7 +81,7 @@ async def download_adapter(session_id: str, request: Request):
     """The session's fast weights as a zip of a peft adapter folder (``PeftModel.from_pretrained`` loads it
     unzipped; ``POST /v1/sessions`` with ``adapter`` imports it). LoRA sessions only."""
     state, user, sid = caller(request, session_id)
-    files = await on_device(state, (user, sid), lambda: peft_files(state.registry.get(user, sid)))
+    files = await wrap_future(state.sessions.adapter_files(user, sid))
     return Response(
         await asyncio.to_thread(zip_folder, files),  # megabytes: off the event loop
         media_type="application/zip",

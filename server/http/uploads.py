@@ -4,15 +4,14 @@ answer is either every chunk's progress at the end or, with ``Accept: text/event
 from __future__ import annotations
 
 import asyncio
+from asyncio import wrap_future
 from collections.abc import AsyncGenerator
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from server.documents import DocumentFeed
-from server.errors import Conflict
-from server.http.common import caller, failure_event, finite, on_device, sse, wants_events
+from server.http.common import caller, failure_event, finite, sse, wants_events
 from server.http.models import DOCUMENT_STREAM, DocumentSummary
 
 router = APIRouter()
@@ -92,15 +91,9 @@ class UploadEvents(StreamingResponse):
 async def document_events(state, request: Request, user: str, sid: str, end_of_document: bool, offset: int | None):
     """``document.started`` (once the stream slot and the session are held: refusals come before it), a
     ``document.chunk`` per trained chunk, then ``document.summary``."""
-    with state.streams.hold(user), state.registry.feeding(user, sid):
-        session = await on_device(state, (user, sid), state.registry.get, user, sid)
-        held = session.text_stream.bytes_received
-        if offset is not None and offset != held:
-            raise Conflict(
-                f"document_offset {offset} is not where session {sid!r}'s unfinished document ends "
-                f"({held} bytes): send the rest from there"
-            )
-        feed = DocumentFeed.for_server(state, session, user)
+    with state.sessions.stream_slot(user), state.sessions.feeding(user, sid):
+        feed = await wrap_future(state.sessions.open_feed(user, sid, document_offset=offset))
+        session = feed.session
         yield {
             "object": "document.started",
             "session_id": sid,
