@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import torch
 
 import ttt
+from ttt.cache import RollingContext
 from ttt.ingest import forward_hidden, next_token_nll, token_nll
-from ttt.model import RollingContext
 
 
 @torch.no_grad()

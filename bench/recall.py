@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import ttt
+from ttt.cache import KVCache
 from ttt.generate import chat_prompt, stop_token_ids
-from ttt.model import KVCache
 
 from .items import Item
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ttt.store import BaseModelMismatch, SessionFormatError
+from ttt.model import BaseModelMismatch
+from ttt.store import SessionFormatError
 
 
 class AuthError(Exception):
@@ -22,7 +23,12 @@ class AlreadyExists(ValueError):
 
 class Conflict(Exception):
     """The request clashes with the session's state now (another document being read into it, a resumed upload that
-    does not start where the session's unfinished document ends): nothing changed; try again once it is settled."""
+    does not start where the session's unfinished document ends): nothing changed; try again once it is settled.
+    ``error_code`` names which, for clients that retry ("session_busy", "document_offset")."""
+
+    def __init__(self, message: str, error_code: str):
+        super().__init__(message)
+        self.error_code = error_code
 
 
 class QuotaExceeded(Exception):

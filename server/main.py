@@ -76,8 +76,29 @@ class Server:
         self.stopped = threading.Event()
 
     def start(self) -> None:
-        s = self.settings
         self._start_http()  # first, so that probes answer (503) while the model loads
+        self._load_engine()
+        self._start_grpc()
+        self._autosave = threading.Thread(target=self._autosave_loop, name="ttt-autosave", daemon=True)
+        self._autosave.start()
+        self.state.phase = "serving"
+        s, base = self.settings, self.state.engine.base
+        mode = "open (no API keys, loopback only)" if self.keyring.open else f"API keys from {s.api_keys_file}"
+        mode += ", TLS" if s.tls_cert is not None else ", no TLS"
+        log.info(
+            "serving %s on %s: gRPC %d, HTTP %d; %s; data in %s",
+            base.name,
+            base.device,
+            self.grpc_port,
+            self.http_port,
+            mode,
+            s.data_dir,
+        )
+        log.info("web console: %s", self.console_url)
+
+    def _load_engine(self) -> None:
+        """The model, the answers' decode batch and the sessions' registry and service, into the shared state."""
+        s = self.settings
         engine = ttt.load_engine(s.model, s.device)
         answers = DecodeBatch(
             engine.base.model,
@@ -101,6 +122,8 @@ class Server:
         self.state.engine, self.state.registry = engine, registry
         self.state.sessions = SessionService(self.state)
 
+    def _start_grpc(self) -> None:
+        s = self.settings
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -129,22 +152,6 @@ class Server:
         self.grpc.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-        self._autosave = threading.Thread(target=self._autosave_loop, name="ttt-autosave", daemon=True)
-        self._autosave.start()
-        self.state.phase = "serving"
-        mode = "open (no API keys, loopback only)" if self.keyring.open else f"API keys from {s.api_keys_file}"
-        mode += ", TLS" if s.tls_cert is not None else ", no TLS"
-        log.info(
-            "serving %s on %s: gRPC %d, HTTP %d; %s; data in %s",
-            engine.base.name,
-            engine.base.device,
-            self.grpc_port,
-            self.http_port,
-            mode,
-            s.data_dir,
-        )
-        log.info("web console: %s", self.console_url)
 
     @property
     def console_url(self) -> str:

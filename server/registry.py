@@ -24,17 +24,17 @@ import torch
 
 from server.errors import AlreadyExists, Conflict, NotFound, QuotaExceeded
 from ttt import Engine, Session, SessionConfig
-from ttt.config import PRESETS, check_caps
+from ttt.config import check_caps, merge
 from ttt.engine import check_session_id
+from ttt.model import BaseModelMismatch
+from ttt.peft import import_peft
 from ttt.session import priced_bytes
 from ttt.store import (
     KEEP_CHECKPOINTS,
-    BaseModelMismatch,
     SessionFormatError,
     disk_bytes,
     estimate_checkpoint_bytes,
     has_checkpoint,
-    import_peft,
     saved_info,
     saved_sessions,
 )
@@ -80,27 +80,6 @@ class Entry:
     @property
     def dirty(self) -> bool:
         return self.session.version != self.saved_version
-
-
-def merge(base: dict, override: dict) -> dict:
-    """A partial SessionConfig dict (a request's settings) over another (the server's defaults), field by field.
-
-    A preset the request names wins over the defaults' fields it sets (``{"memory": "off"}`` is off whatever
-    the defaults say); the request's own fields win over both.
-    """
-    preset = PRESETS.get(override.get("memory")) if isinstance(override.get("memory"), str) else None
-    out = {}
-    for key, values in base.items():
-        if isinstance(values, dict):
-            out[key] = {f: v for f, v in values.items() if not preset or f not in preset.get(key, {})}
-        else:
-            out[key] = values
-    for key, values in override.items():
-        if isinstance(values, dict):
-            out[key] = {**(out.get(key) or {}), **values}
-        else:
-            out[key] = values
-    return out
 
 
 def _private(e: Exception, folder: Path) -> Exception:
@@ -150,7 +129,9 @@ class SessionRegistry:
         key = (user, check_session_id(session_id))
         with self._lock:
             if key in self._feeding:
-                raise Conflict(f"session {session_id!r} is reading another document: one stream at a time")
+                raise Conflict(
+                    f"session {session_id!r} is reading another document: one stream at a time", "session_busy"
+                )
             self._feeding.add(key)
         try:
             yield

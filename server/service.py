@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from server.documents import DocumentFeed, stream_settings
 from server.errors import Conflict, NotFound
 from ttt.engine import check_session_id
-from ttt.store import peft_files
+from ttt.peft import peft_files
 
 
 class SessionService:
@@ -119,7 +119,8 @@ class SessionService:
             if document_offset is not None and document_offset != held:
                 raise Conflict(
                     f"document_offset {document_offset} is not where session {sid!r}'s unfinished document ends "
-                    f"({held} bytes): send the rest from there"
+                    f"({held} bytes): send the rest from there",
+                    "document_offset",
                 )
             step = stream_settings(session.config, requested)
             return DocumentFeed.for_server(self.state, session, user, step_settings=step, is_active=is_active)

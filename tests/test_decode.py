@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import ttt
+from ttt.cache import KVCache, RaggedCache
 from ttt.decode import AnswerPool, DecodeBatch
-from ttt.model import KVCache, RaggedCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

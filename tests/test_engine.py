@@ -19,9 +19,9 @@ import torch.nn.functional as F
 import ttt
 import ttt.ingest
 from ttt import SessionConfig
+from ttt.cache import RollingContext
 from ttt.config import FastWeightConfig, IngestConfig
 from ttt.generate import chat_prompt
-from ttt.model import RollingContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

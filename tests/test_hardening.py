@@ -46,8 +46,9 @@ from server.settings import Settings
 from ttt.config import FastWeightConfig, SessionConfig
 from ttt.engine import check_session_id
 from ttt.generate import MAX_STOP_CHARS, MAX_STOPS, SamplingParams
+from ttt.peft import AdapterError, peft_session_config
 from ttt.session import priced_bytes
-from ttt.store import AdapterError, disk_bytes, load_session, peft_session_config
+from ttt.store import disk_bytes, load_session
 
 KEY_A, KEY_B = "ttt-alice-hardening-key-0123456789", "ttt-bob-hardening-key-9876543210"
 

@@ -516,7 +516,8 @@ def test_a_client_that_leaves_the_event_stream_stops_its_chunks_and_frees_the_se
         if resumed.status_code != 409 or "one stream at a time" not in resumed.text:
             break
         time.sleep(0.05)
-    check_error(resumed, 409, "is not where session 'left'")  # a wrong offset: refused, nothing read
+    # a wrong offset: refused, nothing read; the code says which conflict (a client retries after a resync)
+    assert check_error(resumed, 409, "is not where session 'left'")["code"] == "document_offset"
     info = api.get("/v1/sessions/left").json()
     assert info["document_bytes"] == len(data)  # received in full, not ended
     expected = token_count(tokenizer, text)
@@ -532,7 +533,8 @@ def test_one_document_stream_per_session(api, open_server):
     api.post("/v1/sessions", json={"id": "shared"})
     api.post("/v1/sessions", json={"id": "other"})
     with open_server.state.registry.feeding("local", "shared"):  # a stream is feeding it (as a gRPC Ingest would)
-        check_error(upload(api, "shared", b"In the beginning"), 409, "one stream at a time")
+        busy = check_error(upload(api, "shared", b"In the beginning"), 409, "one stream at a time")
+        assert busy["code"] == "session_busy"
         assert upload(api, "other", b"In the beginning God created").status_code == 200  # other sessions: free
     assert upload(api, "shared", b"In the beginning God created").status_code == 200
 

@@ -90,7 +90,8 @@ def test_dispatch(monkeypatch):
 
 def test_model_forward_through_kernel_equals_reference(monkeypatch, tiny_model_dir):
     """A chunk after a RollingContext, through the fast layers with gradients: kernel path == SDPA path."""
-    from ttt.model import RollingContext, load_base_model
+    from ttt.cache import RollingContext
+    from ttt.model import load_base_model
 
     calls = []
     kernel = FlashChunkAttention.apply

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import ttt
+from ttt.cache import RollingContext
 from ttt.config import RecallConfig
 from ttt.ingest import forward_hidden
 from ttt.memory import Span, SpanMemory, rehearse, select_spans, span_batch
-from ttt.model import RollingContext
 from ttt.study import StudyBatch, questions, student_loss, teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,8 @@ import shutil
 import pytest
 import torch
 
-from ttt.model import KVCache, fingerprint_checkpoint, load_base_model
+from ttt.cache import KVCache
+from ttt.model import fingerprint_checkpoint, load_base_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,7 +22,7 @@ from clients.client import TTTClient, TTTError
 from server.auth import hash_key
 from server.main import Server
 from server.settings import Settings
-from ttt.store import peft_files
+from ttt.peft import peft_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DEFAULTS = {"ingest": {"chunk_tokens": 32, "context_tokens": 32}}

@@ -30,8 +30,9 @@ import pytest
 import torch
 
 import ttt
-from ttt import store
+from ttt import peft, store
 from ttt.config import FastWeightConfig, SessionConfig
+from ttt.model import BaseModelMismatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -343,10 +344,10 @@ def test_base_model_mismatch(engine, saved_pair, tmp_path, make_tiny_checkpoint)
     root, _, _ = saved_pair
     other = ttt.load_engine(make_tiny_checkpoint(tmp_path, seed=1), device="cpu")
     assert other.base.fingerprint != engine.base.fingerprint
-    with pytest.raises(store.BaseModelMismatch) as e:
+    with pytest.raises(BaseModelMismatch) as e:
         other.load_session(root)  # refused outright, fallback or not
     assert engine.base.fingerprint in str(e.value) and other.base.fingerprint in str(e.value)
-    with pytest.raises(store.BaseModelMismatch):
+    with pytest.raises(BaseModelMismatch):
         store.load_session(other, root, fallback=False)
 
 
@@ -615,7 +616,7 @@ def test_peft_adapter_matches_engine(engine, tiny_model_dir, tmp_path, fast):
         torch.testing.assert_close(adapted, ours, atol=1e-4, rtol=1e-4)
         # Every adapter tensor arrived (peft would leave a missing one at its init silently).
         loaded = get_peft_model_state_dict(peft_model)
-        expected, _ = store.peft_tensors(session)
+        expected, _ = peft.peft_tensors(session)
         assert set(loaded) == set(expected)
         for k, v in expected.items():
             assert torch.equal(loaded[k], v), k
@@ -689,12 +690,12 @@ def test_export_then_import_gives_the_same_logits(engine, tmp_path):
     imported.ingest(DOC1[:100])  # it trains on from there
     assert imported.stats.chunks > 0
     # the settings besides the fast weights (memory preset, ingest, recall) are the importer's
-    files = store.peft_files(session)
-    off = store.import_peft(engine, files, "off", {"memory": "off", "ingest": {"lr": 1e-3}})
+    files = peft.peft_files(session)
+    off = peft.import_peft(engine, files, "off", {"memory": "off", "ingest": {"lr": 1e-3}})
     assert (off.config.memory, off.config.recall.exact_tokens, off.config.ingest.lr) == ("off", 0, 1e-3)
     assert off.config.fast == imported.config.fast
     with pytest.raises(ValueError, match="come from the adapter"):
-        store.import_peft(engine, files, None, {"fast": {"rank": 2}})
+        peft.import_peft(engine, files, None, {"fast": {"rank": 2}})
 
 
 def test_a_checkpoint_from_before_recall_loads_as_next_token_prediction_alone(engine, tmp_path):
@@ -754,10 +755,10 @@ def test_adapter_made_by_peft_imports(engine, tiny_model_dir, tmp_path):
 
 def test_import_refusals(engine, tmp_path, make_tiny_checkpoint):
     session = trained_session(engine, kind="lora", text=DOC1[:100])
-    files = store.peft_files(session)
-    with pytest.raises(store.BaseModelMismatch, match="fingerprint"):  # exported for another base model
+    files = peft.peft_files(session)
+    with pytest.raises(BaseModelMismatch, match="fingerprint"):  # exported for another base model
         other = ttt.load_engine(make_tiny_checkpoint(tmp_path, seed=1), device="cpu")
-        store.import_peft(other, files)
+        peft.import_peft(other, files)
     cfg = json.loads(files["adapter_config.json"])
     cases = [
         ({**cfg, "peft_type": "IA3"}, "LORA only"),
@@ -765,30 +766,30 @@ def test_import_refusals(engine, tmp_path, make_tiny_checkpoint):
         ({**cfg, "r": 8}, "r=8"),
     ]
     for bad, match in cases:
-        with pytest.raises(store.AdapterError, match=match):
-            store.import_peft(engine, {**files, "adapter_config.json": json.dumps(bad).encode()})
-    with pytest.raises(store.AdapterError, match="unreadable"):
-        store.import_peft(engine, {**files, "adapter_model.safetensors": b"\x10" * 40})
-    with pytest.raises(store.AdapterError, match="missing"):
-        store.import_peft(engine, {"adapter_config.json": files["adapter_config.json"]})
+        with pytest.raises(peft.AdapterError, match=match):
+            peft.import_peft(engine, {**files, "adapter_config.json": json.dumps(bad).encode()})
+    with pytest.raises(peft.AdapterError, match="unreadable"):
+        peft.import_peft(engine, {**files, "adapter_model.safetensors": b"\x10" * 40})
+    with pytest.raises(peft.AdapterError, match="missing"):
+        peft.import_peft(engine, {"adapter_config.json": files["adapter_config.json"]})
     from safetensors.torch import save as st_save
 
     wrong = {
         "base_model.model.model.layers.2.mlp.up_proj.lora_A.weight": torch.zeros(16, 7),
         "base_model.model.model.layers.2.mlp.up_proj.lora_B.weight": torch.zeros(96, 16),
     }
-    with pytest.raises(store.AdapterError, match="shapes"):
-        store.import_peft(engine, {**files, "adapter_model.safetensors": st_save(wrong)})
+    with pytest.raises(peft.AdapterError, match="shapes"):
+        peft.import_peft(engine, {**files, "adapter_model.safetensors": st_save(wrong)})
     beyond = {k.replace("layers.2.", "layers.9."): v for k, v in wrong.items()}
-    with pytest.raises(store.AdapterError, match="layers"):
-        store.import_peft(engine, {**files, "adapter_model.safetensors": st_save(beyond)})
+    with pytest.raises(peft.AdapterError, match="layers"):
+        peft.import_peft(engine, {**files, "adapter_model.safetensors": st_save(beyond)})
     named = {**cfg, "base_model_name_or_path": "/models/Llama-3.2-1B"}  # no fingerprint: the name decides
-    with pytest.raises(store.BaseModelMismatch, match=r"Llama-3\.2-1B"):
-        store.import_peft(
+    with pytest.raises(BaseModelMismatch, match=r"Llama-3\.2-1B"):
+        peft.import_peft(
             engine,
             {
                 "adapter_config.json": json.dumps(named).encode(),
-                "adapter_model.safetensors": st_save(store.peft_tensors(session)[0]),
+                "adapter_model.safetensors": st_save(peft.peft_tensors(session)[0]),
             },
         )
 
@@ -806,3 +807,14 @@ def test_fallback_is_reported_without_paths(engine, tmp_path):
     assert info["restored_from"] == "ckpt-000001" and len(info["warnings"]) == 1
     warning = info["warnings"][0]
     assert warning.startswith("ckpt-000002/optimizer.safetensors") and str(tmp_path) not in warning
+
+
+def test_saved_sessions_are_folders_with_a_latest_file(tmp_path):
+    (tmp_path / "alice" / "kept").mkdir(parents=True)
+    (tmp_path / "alice" / "kept" / store.LATEST).write_text("ckpt-000001 0\n")
+    (tmp_path / "alice" / "odd" / store.LATEST).mkdir(parents=True)  # a folder named LATEST is no checkpoint
+    (tmp_path / "alice" / "empty").mkdir()
+    assert store.saved_sessions(tmp_path, depth=2) == [tmp_path / "alice" / "kept"]
+    assert store.saved_sessions(tmp_path / "alice") == [tmp_path / "alice" / "kept"]
+    assert store.has_checkpoint(tmp_path / "alice" / "kept") and not store.has_checkpoint(tmp_path / "alice" / "odd")
+    assert store.saved_sessions(tmp_path / "nobody") == []

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from kernels.multi_lora import multi_lora_linear
 
+from .cache import RollingContext
 from .config import IngestConfig
 from .fast_weights import FastWeights, LoRALayer
 from .ingest import (
@@ -46,7 +47,7 @@ from .ingest import (
     surprise_weighted_mean,
     update,
 )
-from .model import RollingContext, Transformer
+from .model import Transformer
 
 if TYPE_CHECKING:
     from .session import Session
@@ -159,39 +160,49 @@ class _Run:
     surprise: torch.Tensor | None = None
 
 
-def train_group(model: Transformer, items: list[ChunkItem]) -> list[ChunkReport]:
-    """Score, then train on, the chunks of ``items``: one item, or several with equal ``batch_key``."""
-    t0 = time.perf_counter()
-    inputs = torch.stack([torch.cat([it.carry, it.chunk]) for it in items])  # [S, T']
-    has_context = items[0].context is not None
-    checkpointing = items[0].cfg.activation_checkpointing
+class _Group:
+    """The chunks of one ``train_group`` call through its phases: score and step, measure, roll back, report."""
 
-    def forward(rows: list[int]) -> torch.Tensor:
-        # final hidden states [len(rows), T', D] of the sessions in rows; each context records its own keys/values
-        if len(items) == 1:  # one session: its own fast weights and context, no stacking
-            fast, context = items[0].fast, items[0].context
-        else:
-            fast = StackedFastWeights([items[i].fast for i in rows], inputs.shape[1])
-            context = StackedContext([items[i].context for i in rows]) if has_context else None
-        return forward_hidden(model, fast, inputs[rows], context, h_prefix[rows], checkpointing)
+    def __init__(self, model: Transformer, items: list[ChunkItem]):
+        self.model, self.items = model, items
+        self.inputs = torch.stack([torch.cat([it.carry, it.chunk]) for it in items])  # [S, T']
+        self.has_context = items[0].context is not None
+        self.rows = list(range(len(items)))
+        self.runs = []
+        for it in items:
+            params = [p for p in it.fast.parameters() if p.requires_grad]
+            for group in it.optimizer.param_groups:  # the config is the source of truth (it may differ per stream)
+                group["lr"] = it.cfg.lr
+            self.runs.append(_Run(it, params, snapshot(params, it.optimizer)))
+        # the frozen prefix of layers, once, without autograd: [S, T', D]
+        self.h_prefix = prefix_hidden(model, self.inputs, items[0].fast.first_layer, self._context(self.rows))
 
-    prefix_context = (
-        items[0].context if len(items) == 1 else (StackedContext([it.context for it in items]) if has_context else None)
-    )
-    h_prefix = prefix_hidden(model, inputs, items[0].fast.first_layer, prefix_context)
-    all_rows = list(range(len(items)))
-    runs = []
-    for it in items:
-        params = [p for p in it.fast.parameters() if p.requires_grad]
-        for group in it.optimizer.param_groups:  # the config is the source of truth (it may differ per stream)
-            group["lr"] = it.cfg.lr
-        runs.append(_Run(it, params, snapshot(params, it.optimizer)))
+    def _context(self, rows: list[int]):
+        if len(self.items) == 1:  # one session: its own context, no stacking
+            return self.items[0].context
+        return StackedContext([self.items[i].context for i in rows]) if self.has_context else None
 
-    for step in range(max(it.cfg.steps_per_chunk for it in items)):
-        rows = [i for i in all_rows if runs[i].error is None and step < items[i].cfg.steps_per_chunk]
+    def forward(self, rows: list[int]) -> torch.Tensor:
+        """Final hidden states [len(rows), T', D] of the sessions in ``rows``; each context records its keys/values."""
+        items = self.items
+        fast = (
+            items[0].fast
+            if len(items) == 1
+            else StackedFastWeights([items[i].fast for i in rows], self.inputs.shape[1])
+        )
+        checkpointing = items[0].cfg.activation_checkpointing
+        return forward_hidden(
+            self.model, fast, self.inputs[rows], self._context(rows), self.h_prefix[rows], checkpointing
+        )
+
+    def step(self, step: int) -> bool:
+        """One optimizer step for every session still stepping (False when none is): scored first, at step 0
+        that score is the honest loss_before."""
+        items, runs = self.items, self.runs
+        rows = [i for i in self.rows if runs[i].error is None and step < items[i].cfg.steps_per_chunk]
         if not rows:
-            break
-        nll = next_token_nll(model, forward(rows), inputs[rows])  # [len(rows), T' - 1]
+            return False
+        nll = next_token_nll(self.model, self.forward(rows), self.inputs[rows])  # [len(rows), T' - 1]
         losses = torch.stack(
             [surprise_weighted_mean(nll[j : j + 1], items[i].cfg.surprise_power)[0] for j, i in enumerate(rows)]
         )
@@ -211,43 +222,63 @@ def train_group(model: Transformer, items: list[ChunkItem]) -> list[ChunkReport]
             run = runs[rows[j]]
             run.grad_norm, run.error, stepped = update(run.params, run.item.optimizer, run.item.cfg, step)
             run.stepped |= stepped
+        return True
 
-    measured = [i for i in all_rows if items[i].cfg.measure_loss_after and runs[i].error is None]
-    if measured:
+    def measure_after(self) -> None:
+        """loss_after, where the config asks for it; a non-finite one fails the chunk."""
+        measured = [i for i in self.rows if self.items[i].cfg.measure_loss_after and self.runs[i].error is None]
+        if not measured:
+            return
         with torch.no_grad():
-            after = next_token_nll(model, forward(measured), inputs[measured]).mean(dim=1).tolist()
+            after = next_token_nll(self.model, self.forward(measured), self.inputs[measured]).mean(dim=1).tolist()
         for i, loss in zip(measured, after, strict=True):
             if math.isfinite(loss):
-                runs[i].loss_after = loss
+                self.runs[i].loss_after = loss
             else:
-                runs[i].error = f"non-finite loss after the update ({loss})"
-    undone = [i for i in all_rows if runs[i].error is not None and runs[i].stepped]
-    for i in undone:
-        restore(runs[i].params, items[i].optimizer, runs[i].saved)
-    if undone and has_context:
-        with torch.no_grad():  # re-record the contexts' keys/values under the restored weights
-            forward(undone)
+                self.runs[i].error = f"non-finite loss after the update ({loss})"
 
-    seconds = (time.perf_counter() - t0) / len(items)  # the batch's time, shared: the sum is the device time
-    reports = []
-    for run in runs:
-        run.item.optimizer.zero_grad(set_to_none=True)
-        if has_context:
-            run.item.context.commit(drop_last=1)  # the last token is the next chunk's first input
-        reports.append(
-            ChunkReport(
-                index=run.item.index,
-                tokens=run.item.chunk.numel(),
-                loss_before=run.loss_before,
-                loss_after=run.loss_after,
-                seconds=seconds,
-                grad_norm=run.grad_norm,
-                rolled_back=run.error is not None,
-                error=run.error,
-                surprise=run.surprise,
+    def roll_back(self) -> None:
+        """Failed chunks that stepped get their weights and optimizer back (and their contexts re-recorded)."""
+        undone = [i for i in self.rows if self.runs[i].error is not None and self.runs[i].stepped]
+        for i in undone:
+            restore(self.runs[i].params, self.items[i].optimizer, self.runs[i].saved)
+        if undone and self.has_context:
+            with torch.no_grad():  # re-record the contexts' keys/values under the restored weights
+                self.forward(undone)
+
+    def reports(self, seconds: float) -> list[ChunkReport]:
+        """Commit the contexts and say what happened to each chunk."""
+        out = []
+        for run in self.runs:
+            run.item.optimizer.zero_grad(set_to_none=True)
+            if self.has_context:
+                run.item.context.commit(drop_last=1)  # the last token is the next chunk's first input
+            out.append(
+                ChunkReport(
+                    index=run.item.index,
+                    tokens=run.item.chunk.numel(),
+                    loss_before=run.loss_before,
+                    loss_after=run.loss_after,
+                    seconds=seconds,
+                    grad_norm=run.grad_norm,
+                    rolled_back=run.error is not None,
+                    error=run.error,
+                    surprise=run.surprise,
+                )
             )
-        )
-    return reports
+        return out
+
+
+def train_group(model: Transformer, items: list[ChunkItem]) -> list[ChunkReport]:
+    """Score, then train on, the chunks of ``items``: one item, or several with equal ``batch_key``."""
+    t0 = time.perf_counter()
+    group = _Group(model, items)
+    for step in range(max(it.cfg.steps_per_chunk for it in items)):
+        if not group.step(step):
+            break
+    group.measure_after()
+    group.roll_back()
+    return group.reports((time.perf_counter() - t0) / len(items))  # the batch's time, shared: the sum is the device's
 
 
 def train_chunks(model: Transformer, items: Sequence[ChunkItem]) -> list[ChunkReport]:

@@ -109,7 +109,7 @@ class IngestConfig:
     )
     sink_tokens: int = setting(
         4,
-        "the document's first tokens kept in the context as attention sinks (StreamingLLM; model.RollingContext)",
+        "the document's first tokens kept in the context as attention sinks (StreamingLLM; cache.RollingContext)",
         ge=0,
         le=1 << 16,
     )
@@ -288,6 +288,27 @@ def describe(spec: SettingSpec, default) -> dict:
         "max_length": spec.max_length,
         "per_chunk": spec.per_chunk,
     }
+
+
+def merge(base: dict, override: dict) -> dict:
+    """A partial SessionConfig dict (a request's settings) over another (the server's defaults), field by field.
+
+    A preset the request names wins over the defaults' fields it sets (``{"memory": "off"}`` is off whatever
+    the defaults say); the request's own fields win over both.
+    """
+    preset = PRESETS.get(override.get("memory")) if isinstance(override.get("memory"), str) else None
+    out = {}
+    for key, values in base.items():
+        if isinstance(values, dict):
+            out[key] = {f: v for f, v in values.items() if not preset or f not in preset.get(key, {})}
+        else:
+            out[key] = values
+    for key, values in override.items():
+        if isinstance(values, dict):
+            out[key] = {**(out.get(key) or {}), **values}
+        else:
+            out[key] = values
+    return out
 
 
 def _check_types(section: str, values: dict) -> None:

@@ -10,7 +10,7 @@ A row is a ``generate.TokenStream``: it owns its prompt, sampling state and text
 ``AnswerPool`` holds its keys and values. ``DecodeBatch.step`` prefills new rows in pieces (so that a long
 prompt delays the others by at most one piece per step) and then runs one forward over every decoding row:
 its LoRA projections go through ``kernels.multi_lora`` with each row's own A and B, and its attention
-through ``model.RaggedCache``, which masks each row to its own keys. Rows join at any step and leave as
+through ``cache.RaggedCache``, which masks each row to its own keys. Rows join at any step and leave as
 soon as they finish or are dropped. Slots stay compact: rows [0, decoding) decode, at most one row after
 them is part way through its prefill; rows that joined wait in line, without a slot, until theirs starts.
 """
@@ -24,8 +24,9 @@ import torch
 
 from kernels.multi_lora import multi_lora_linear
 
+from .cache import RaggedCache
 from .fast_weights import ExtraMLPLayer, FastWeights, LoRALayer, projection
-from .model import ModelConfig, RaggedCache, Transformer
+from .model import ModelConfig, Transformer
 
 if TYPE_CHECKING:
     from .generate import TokenStream

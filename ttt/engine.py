@@ -49,7 +49,7 @@ class Engine:
 
         Its layers, targets and rank become the session's FastWeightConfig; the optimizer starts fresh.
         """
-        from .store import import_peft
+        from .peft import import_peft
 
         if session_id is not None:
             check_session_id(session_id)

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache import KVCache
 from .decode import DecodeBatch
 from .fast_weights import FastWeights
-from .model import KVCache, Transformer
+from .model import Transformer
 
 
 @dataclass

@@ -13,9 +13,10 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels.cross_entropy import fused_linear_cross_entropy
 
+from .cache import RollingContext
 from .config import IngestConfig
 from .fast_weights import FastWeights
-from .model import RollingContext, Transformer
+from .model import Transformer
 
 
 @dataclass

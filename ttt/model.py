@@ -32,8 +32,14 @@ from torch import nn
 
 from kernels.attention import chunk_attention
 
+from .cache import KVCache, RaggedCache, RollingContext, apply_rope
+
 # Architectures whose checkpoints use Llama's module names and math (q/k/v/o, gate/up/down, RMSNorm, RoPE).
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+class BaseModelMismatch(ValueError):
+    """Weights made for a different base model than the one loaded (a saved session, a peft adapter)."""
 
 
 @dataclass
@@ -107,121 +113,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, T, hd]; cos, sin: [T, hd]
-    return x * cos + rotate_half(x) * sin
-
-
-class KVCache:
-    """Decoding cache: rotated keys and values, preallocated [B, kv_heads, max_len, head_dim] per layer."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.length = 0  # tokens already stored; advanced by Transformer.forward
-        self.max_len = max_len
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def extend(self, layer: int, k, v, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new tokens' keys (un-rotated, [B, kvh, T, hd]) and values; return all so far."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} > {self.max_len} tokens")
-        self.k[layer][:, :, self.length : end] = apply_rope(k, cos[self.length :], sin[self.length :])
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
-class RaggedCache:
-    """Keys and values of B answers of different lengths, decoded together (``ttt.decode``).
-
-    ``k``, ``v``: per layer [B, kv_heads, C, head_dim] (views of the answer pool); row b holds ``lengths[b]``
-    tokens, rotated at their own positions, and a forward's T new tokens of row b go at positions
-    lengths[b] .. lengths[b] + T - 1. Keys past a row's length are masked, whatever they hold.
-    """
-
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], lengths: list[int]):
-        self.k, self.v = k, v
-        self.lengths = torch.tensor(lengths, device=k[0].device)  # [B]
-        self.length = max(lengths)  # the longest row: rope tables and keys are cut at length + T
-
-    def advance(self, n: int) -> None:
-        self.lengths += n
-        self.length += n
-
-    def attend(self, layer: int, q, k, v, rope, window: int | None) -> torch.Tensor:
-        # q: [B, H, T, hd]; k, v: [B, kvh, T, hd] un-rotated; rope: (cos, sin) [length + T, hd] -> [B, H, T, hd]
-        B, T = q.shape[0], q.shape[2]
-        pos = self.lengths[:, None] + torch.arange(T, device=q.device)  # [B, T]
-        cos, sin = rope[0][pos][:, None], rope[1][pos][:, None]  # [B, 1, T, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        rows = torch.arange(B, device=q.device)[:, None]
-        self.k[layer][rows, :, pos] = k.transpose(1, 2)  # advanced indices first: [B, T, kvh, hd]
-        self.v[layer][rows, :, pos] = v.transpose(1, 2)
-        n = self.length + T
-        keys = torch.arange(n, device=q.device)
-        visible = keys <= pos[:, :, None]  # [B, T, n]
-        if window is not None:
-            visible &= keys > pos[:, :, None] - window
-        return F.scaled_dot_product_attention(
-            q, self.k[layer][:, :, :n], self.v[layer][:, :, :n], attn_mask=visible[:, None], enable_gqa=True
-        )
-
-
-class RollingContext:
-    """The unlabelled context of the next ingest chunk: cached keys and values per layer.
-
-    This is sliding-window attention across chunks (TTT-E2E): a chunk attends to the cached keys and values
-    of the tokens before it instead of re-running them, so each token passes the model once. The cache holds
-    the document's first ``sink`` tokens (attention sinks: without them a window that starts mid-text loses
-    about 1 nat/token, as StreamingLLM found) and its last ``size`` tokens. Keys are kept un-rotated and
-    re-rotated at positions [0, length + T) every chunk, so positions stay small however long the document.
-    Every forward records its own keys/values; ``commit`` keeps those of the last forward.
-    """
-
-    def __init__(self, num_layers: int, size: int, sink: int = 4):
-        self.size, self.sink = size, sink
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-        self._new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @property
-    def length(self) -> int:
-        k = next((t for t in self.k if t is not None), None)
-        return 0 if k is None else k.shape[2]
-
-    def extend(self, layer: int, k, v, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        self._new[layer] = (k.detach(), v.detach())
-        if self.k[layer] is not None:
-            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
-        return apply_rope(k, cos, sin), v
-
-    def _keep(self, t: torch.Tensor) -> torch.Tensor:
-        if t.shape[2] <= self.sink + self.size:
-            return t
-        return torch.cat([t[:, :, : self.sink], t[:, :, t.shape[2] - self.size :]], dim=2)
-
-    def commit(self, drop_last: int = 0) -> None:
-        """Roll the window forward over the last forward's tokens, except its final ``drop_last`` ones."""
-        for layer, (k, v) in self._new.items():
-            k, v = k[:, :, : k.shape[2] - drop_last], v[:, :, : v.shape[2] - drop_last]
-            if self.k[layer] is not None:
-                k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
-            self.k[layer], self.v[layer] = self._keep(k).contiguous(), self._keep(v).contiguous()
-        self._new.clear()
-
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
 class Attention(nn.Module):
@@ -399,6 +290,39 @@ def fingerprint_checkpoint(path: Path, sample_bytes: int = 1 << 16) -> str:
     return h.hexdigest()[:32]
 
 
+def _rope(hf_cfg, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies and attention scale, as transformers computes them for this config."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_params = getattr(hf_cfg, "rope_parameters", None) or {}
+    rope_type = rope_params.get("rope_type", "default")
+    if rope_type != "default":
+        return ROPE_INIT_FUNCTIONS[rope_type](hf_cfg, torch.device("cpu"))
+    theta = rope_params.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))
+    return 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)), 1.0
+
+
+def _checkpoint_state(path: Path, files: list[Path], model: Transformer, dtype) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under our module names; ValueError unless they are exactly the model's."""
+    cfg, state = model.cfg, {}
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118  (a safe_open handle is not iterable)
+                state[key.removeprefix("model.")] = f.get_tensor(key).to(dtype)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints store it
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        # A weight we would silently drop or leave random means the architecture is not what we think.
+        raise ValueError(
+            f"{path}: checkpoint does not match a {cfg.model_type} model: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    return state
+
+
 def load_base_model(model_path: str | os.PathLike | None = None, device=None, dtype=None) -> BaseModel:
     """Load a local Hugging Face causal-LM folder (config + safetensors + tokenizer).
 
@@ -406,7 +330,6 @@ def load_base_model(model_path: str | os.PathLike | None = None, device=None, dt
     CUDA loads in bf16, CPU in fp32, unless ``dtype`` says otherwise.
     """
     from transformers import AutoConfig, AutoTokenizer
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from .default_model import default_model_dir
 
@@ -421,47 +344,15 @@ def load_base_model(model_path: str | os.PathLike | None = None, device=None, dt
 
     hf_cfg = AutoConfig.from_pretrained(path)
     cfg = ModelConfig.from_hf(hf_cfg)
-    rope_params = getattr(hf_cfg, "rope_parameters", None) or {}
-    rope_type = rope_params.get("rope_type", "default")
-    if rope_type == "default":
-        theta = rope_params.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))
-        inv_freq = 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
-        rope_scale = 1.0
-    else:
-        inv_freq, rope_scale = ROPE_INIT_FUNCTIONS[rope_type](hf_cfg, torch.device("cpu"))
-
+    inv_freq, rope_scale = _rope(hf_cfg, cfg)
     with torch.device("meta"):
         model = Transformer(cfg, torch.empty(cfg.head_dim // 2), rope_scale)
-    state = {}
-    for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118  (a safe_open handle is not iterable)
-                name = key.removeprefix("model.")
-                state[name] = f.get_tensor(key).to(dtype)
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints store it
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        # A weight we would silently drop or leave random means the architecture is not what we think.
-        raise ValueError(
-            f"{path}: checkpoint does not match a {cfg.model_type} model: "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(_checkpoint_state(path, files, model, dtype), strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = inv_freq.float()
     model.to(device).eval().requires_grad_(False)
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return BaseModel(
-        model=model,
-        tokenizer=tokenizer,
-        path=path,
-        name=path.name,
-        fingerprint=fingerprint_checkpoint(path),
-        device=device,
-        dtype=dtype,
-    )
+    fingerprint = fingerprint_checkpoint(path)
+    return BaseModel(model, tokenizer, path, path.name, fingerprint, device, dtype)

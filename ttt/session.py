@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from .batch import ChunkItem, train_chunks
+from .cache import RollingContext
 from .config import PER_CHUNK, IngestConfig, SessionConfig
 from .fast_weights import build_fast_weights, fast_weight_kind
 from .generate import PrefixCache, SamplingParams, TokenLogprob, TokenStream
 from .ingest import ChunkReport, forward_hidden, make_optimizer, next_token_nll
 from .memory import SpanMemory, rehearse, select_spans, sentence_ends
-from .model import RollingContext
 from .study import questions, teacher
 from .tokenize import IncrementalTokenizer
 
@@ -124,7 +124,12 @@ class Session:
         before them: its held-back tail goes first). Returns the tokens it added. All or nothing: ids out of the
         vocabulary (ValueError) or more than ``limit`` tokens (TokenLimit) leave the session as it was."""
         with self.lock:
-            pending, text, ended = len(self.pending), self.text_stream.state(), self.document_ended
+            pending, text, ended, version = (
+                len(self.pending),
+                self.text_stream.state(),
+                self.document_ended,
+                self.version,
+            )
             try:
                 if isinstance(piece, list):
                     self.append_tokens(self.text_stream.flush() + piece)
@@ -133,10 +138,10 @@ class Session:
                 added = len(self.pending) - pending
                 if limit is not None and added > limit:
                     raise TokenLimit(f"{added} tokens, more than the {limit} allowed")
-            except ValueError:
+            except BaseException:  # whatever failed, the session is as it was (and not marked changed)
                 del self.pending[pending:]
                 self.text_stream.load_state(text)
-                self.document_ended = ended
+                self.document_ended, self.version = ended, version
                 raise
             return added
 

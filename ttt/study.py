@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cache import RollingContext, apply_rope
 from .generate import chat_prompt
-from .model import RollingContext, apply_rope
 
 
 class ContextView:

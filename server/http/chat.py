@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from server.http.answers import MAX_TOKENS_DEFAULT, Answers, Event, answerer, include_usage, model_session, usage
 from server.http.common import finite, ready, user_of
 from server.openai_protocol import ChatRequest, CompletionRequest, TokenText, UnsupportedParameter
-from ttt.generate import SamplingParams
+from ttt.generate import SamplingParams, TokenStream
 
 router = APIRouter()
 
@@ -35,6 +35,49 @@ def list_models(request: Request):
 # ---- chat ----
 
 
+class ChatReply:
+    """The OpenAI shapes of one chat answer: whole, or as the chunks of its stream."""
+
+    def __init__(self, body: ChatRequest, text: TokenText):
+        self.body, self.text = body, text
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def _shape(self, kind: str, choices: list[dict], **extra) -> dict:
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.body.model,
+            "choices": choices,
+            **extra,
+        }
+
+    def logprobs(self, entries) -> dict | None:
+        return {"content": [self.text.chat_entry(e) for e in entries], "refusal": None} if self.body.logprobs else None
+
+    def whole(self, stream: TokenStream) -> dict:
+        message = {"role": "assistant", "content": stream.text}
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": self.logprobs(stream.logprobs),
+            "finish_reason": stream.finish_reason,
+        }
+        return self._shape("chat.completion", [choice], usage=usage([stream]))
+
+    def chunk(self, delta: dict, logprobs: dict | None = None, finish: str | None = None) -> dict:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return self._shape("chat.completion.chunk", [choice])
+
+    def events(self, event: Event) -> list[dict]:
+        if event.done is not None:
+            return [self.chunk({}, self.logprobs(event.logprobs), event.done.finish_reason)]
+        return [self.chunk({"content": event.text}, self.logprobs(event.logprobs))]
+
+    def usage_chunk(self) -> dict | None:
+        return self._shape("chat.completion.chunk", [], usage=None) if include_usage(self.body) else None
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
     state = ready(request)
@@ -50,65 +93,52 @@ async def chat_completions(body: ChatRequest, request: Request):
     # template and the tokenizer run off the event loop: a long prompt must not stall other requests.
     await asyncio.to_thread(state.engine.prompt, messages, SamplingParams(**sampling))
     run = Answers(request, (user, sid), [lambda: answer(messages, stream=True, **sampling)])
-    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    text = TokenText(state.engine.base.tokenizer)
-
-    def logprobs(entries) -> dict | None:
-        return {"content": [text.chat_entry(e) for e in entries], "refusal": None} if body.logprobs else None
-
+    reply = ChatReply(body, TokenText(state.engine.base.tokenizer))
     if not body.stream:
         (stream,) = await run.result()
-        return {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": body.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": stream.text},
-                    "logprobs": logprobs(stream.logprobs),
-                    "finish_reason": stream.finish_reason,
-                }
-            ],
-            "usage": usage([stream]),
-        }
+        return reply.whole(stream)
+    return run.stream(reply.events, [reply.chunk({"role": "assistant", "content": ""})], reply.usage_chunk())
 
-    def chunk(choice: dict, **extra) -> dict:
+
+class CompletionReply:
+    """The OpenAI shapes of a completion request's answers, one choice per prompt: whole, or streamed."""
+
+    def __init__(self, body: CompletionRequest, text: TokenText, originals: list[str]):
+        self.body, self.text, self.originals = body, text, originals
+        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        # where each choice's next token starts in its text (OpenAI's offsets count from the prompt's start)
+        self.offsets = [0 if body.echo else len(o) for o in originals]
+
+    def _shape(self, choices: list[dict], **extra) -> dict:  # the whole answer and each streamed piece alike
         return {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": body.model,
-            "choices": [choice] if choice else [],
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.body.model,
+            "choices": choices,
             **extra,
         }
 
-    def events(event: Event) -> list[dict]:
-        if event.done is not None:
-            return [
-                chunk(
-                    {
-                        "index": 0,
-                        "delta": {},
-                        "logprobs": logprobs(event.logprobs),
-                        "finish_reason": event.done.finish_reason,
-                    }
-                )
-            ]
-        return [
-            chunk(
-                {
-                    "index": 0,
-                    "delta": {"content": event.text},
-                    "logprobs": logprobs(event.logprobs),
-                    "finish_reason": None,
-                }
-            )
-        ]
+    def choice(self, index: int, piece: str, entries, offset: int, finish: str | None) -> dict:
+        logprobs = self.text.completion_logprobs(entries, offset) if self.body.logprobs is not None else None
+        return {"index": index, "text": piece, "logprobs": logprobs, "finish_reason": finish}
 
-    first = chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
-    return run.stream(events, [first], chunk({}, usage=None) if include_usage(body) else None)
+    def whole(self, streams: list[TokenStream]) -> dict:
+        choices, echo = [], self.body.echo
+        for i, st in enumerate(streams):
+            echoed, offset = (self.originals[i], 0) if echo else ("", len(self.originals[i]))
+            choices.append(self.choice(i, echoed + st.text, st.echo_logprobs + st.logprobs, offset, st.finish_reason))
+        return self._shape(choices, usage=usage(streams))
+
+    def events(self, event: Event) -> list[dict]:
+        i = event.index
+        piece = self.originals[i] if event.echo else event.text or ""
+        out = self.choice(i, piece, event.logprobs, self.offsets[i], event.done.finish_reason if event.done else None)
+        self.offsets[i] += sum(len(self.text.text(e.token)) for e in event.logprobs)
+        return [self._shape([out])]
+
+    def usage_chunk(self) -> dict | None:
+        return self._shape([], usage=None) if include_usage(self.body) else None
 
 
 @router.post("/v1/completions")
@@ -131,46 +161,10 @@ async def completions(body: CompletionRequest, request: Request):
 
     answer = await answerer(state, user, sid, "complete")
     prompts = await asyncio.to_thread(check)
-    run = Answers(
-        request,
-        (user, sid),
-        [(lambda ids=ids: answer(ids, echo=body.echo, stream=True, **sampling)) for ids in prompts],
-    )
-    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    text = TokenText(engine.base.tokenizer)
+    makers = [(lambda ids=ids: answer(ids, echo=body.echo, stream=True, **sampling)) for ids in prompts]
+    run = Answers(request, (user, sid), makers)
     originals = [p if isinstance(p, str) else engine.base.tokenizer.decode(p) for p in body.prompts()]
-
-    def choice(index: int, piece: str, entries, offset: int, finish: str | None) -> dict:
-        logprobs = text.completion_logprobs(entries, offset) if body.logprobs is not None else None
-        return {"index": index, "text": piece, "logprobs": logprobs, "finish_reason": finish}
-
-    def reply(choices: list[dict], **extra) -> dict:  # the whole answer and each streamed piece alike
-        return {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "choices": choices,
-            **extra,
-        }
-
+    reply = CompletionReply(body, TokenText(engine.base.tokenizer), originals)
     if not body.stream:
-        streams = await run.result()
-        choices = []
-        for i, st in enumerate(streams):
-            echoed = originals[i] if body.echo else ""
-            offset = 0 if body.echo else len(originals[i])
-            choices.append(choice(i, echoed + st.text, st.echo_logprobs + st.logprobs, offset, st.finish_reason))
-        return reply(choices, usage=usage(streams))
-
-    # where each choice's next token starts in its text (OpenAI's offsets count from the prompt's start)
-    offsets = [0 if body.echo else len(o) for o in originals]
-
-    def events(event: Event) -> list[dict]:
-        i = event.index
-        piece = originals[i] if event.echo else event.text or ""
-        out = choice(i, piece, event.logprobs, offsets[i], event.done.finish_reason if event.done else None)
-        offsets[i] += sum(len(text.text(e.token)) for e in event.logprobs)
-        return [reply([out])]
-
-    return run.stream(events, [], reply([], usage=None) if include_usage(body) else None)
+        return reply.whole(await run.result())
+    return run.stream(reply.events, [], reply.usage_chunk())

@@ -27,7 +27,9 @@ def refusal(e: Exception) -> JSONResponse:
     """The error response of an exception, in OpenAI's shape (an unexpected one: 500, its text not shown)."""
     status = status_of(e)
     message = message_of(e) if status is not INTERNAL else "internal error"
-    return error_response(status.http, status.kind, message, param=getattr(e, "param", None))
+    return error_response(
+        status.http, status.kind, message, code=getattr(e, "error_code", None), param=getattr(e, "param", None)
+    )
 
 
 def finite(value):

@@ -6,8 +6,7 @@ from typing import Literal
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, create_model
 
-from server.registry import merge
-from ttt.config import PRESETS, SCHEMA, SECTIONS, SessionConfig, describe
+from ttt.config import PRESETS, SCHEMA, SECTIONS, SessionConfig, describe, merge
 
 # ---- request bodies ----
 

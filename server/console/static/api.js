@@ -3,9 +3,11 @@
 const KEY_NAME = "ttt-api-key";
 
 export class ApiError extends Error {
-  constructor(status, message) {
+  // status: the HTTP status; code: the error's own code when it has one (e.g. "session_busy" for a 409)
+  constructor(status, message, code = null) {
     super(message);
     this.status = status;
+    this.code = code;
   }
 }
 
@@ -19,11 +21,12 @@ export const apiKey = {
   clear: () => sessionStorage.removeItem(KEY_NAME),
 };
 
-async function errorMessage(response) {
+async function failure(response) {
   try {
-    return (await response.json()).error.message;
+    const { message, code } = (await response.json()).error;
+    return new ApiError(response.status, message, code);
   } catch {
-    return `${response.status} ${response.statusText}`;
+    return new ApiError(response.status, `${response.status} ${response.statusText}`);
   }
 }
 
@@ -41,7 +44,7 @@ export async function request(path, { method = "GET", json, body, accept, signal
   if (accept) headers.accept = accept;
   const response = await fetch(path, { method, headers, body, signal });
   if (!response.ok) {
-    const error = new ApiError(response.status, await errorMessage(response));
+    const error = await failure(response);
     if (response.status === 401) onUnauthorized(error);
     throw error;
   }

@@ -41,6 +41,12 @@ function notify(message, kind = "error") {
   if (message && kind === "ok") noticeTimer = setTimeout(() => { notice.hidden = true; }, 4000);
 }
 
+// For screen readers: an upload or an answer that ends (the panes themselves are not live: a token at a time
+// would flood them).
+function announce(message) {
+  $("#announce").textContent = message;
+}
+
 function failed(error) {
   if (isAbort(error)) return;
   if (error instanceof ApiError && error.status === 401) return; // the key prompt says it
@@ -316,7 +322,7 @@ const SLICE_BYTES = 32 * 1024;
 const BUSY_RETRIES = 120; // 409: the server still finishes a cancelled slice (or another feed): wait for it
 
 const curve = new LossCurve($("#curve"), $("#curve-summary"));
-const uploads = []; // {name, blob, session, base, item, bar, status, button, controller, phase}
+const uploads = []; // {name, blob, session, base, sentLast, item, bar, status, button, controller, phase}
 let reading = false;
 
 function addUpload(name, blob) {
@@ -333,7 +339,8 @@ function addUpload(name, blob) {
   item.append(title, bar, status, button);
   $("#uploads").append(item);
   // base: bytes of an unfinished document in the session before this file (set when it starts)
-  const upload = { name, blob, session, base: null, item, bar, status, button, controller: null, phase: "waiting" };
+  const upload = { name, blob, session, base: null, tokensBefore: null, sentLast: false, item, bar, status, button,
+                   controller: null, phase: "waiting" };
   button.addEventListener("click", () => (upload.phase === "cancelled" ? resume(upload) : cancel(upload)));
   uploads.push(upload);
   readNext();
@@ -377,31 +384,43 @@ async function readNext() {
 
 const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-// Where this file stands in the session's unfinished document: the server's own count, read before each slice.
-async function resync(upload) {
-  const held = (await getJson(sessionPath(upload.session))).document_bytes;
-  upload.base ??= held;
-  return held - upload.base;
+// Where the session's unfinished document stands (the server's own count of its bytes), read before each slice.
+async function standing(upload) {
+  const info = await getJson(sessionPath(upload.session));
+  return { held: info.document_bytes, tokens: info.tokens_ingested + info.pending_tokens };
 }
+
+// A 409 worth waiting out: another stream still feeds the session (a cancelled slice finishing), or it has moved
+// on since we last looked (resync and go on from where it is).
+const retryable = (error) =>
+  error instanceof ApiError && error.status === 409 && ["session_busy", "document_offset"].includes(error.code);
 
 async function read(upload) {
   upload.controller = new AbortController();
   setPhase(upload, "reading", "reading");
-  const progress = { tokens: 0, bytes: 0, trained: 0, chunks: 0 }; // this attempt's, over its slices
+  const progress = { tokens: 0, bytes: 0, trained: 0, chunks: 0, start: null }; // this attempt's, over its slices
   try {
-    let offset = await resync(upload);
-    const start = offset;
-    let done = false;
-    for (let tries = 0; !done; ) {
+    for (let tries = 0, done = false; !done; ) {
+      // upload.base: the document's bytes before this file's first byte, known once a slice of it was accepted
+      const { held: now, tokens } = await standing(upload);
+      if (upload.sentLast && now === 0 && tokens > upload.tokensBefore) {
+        // the last slice was taken in and the document ended (a cancel came after it): nothing is left to send
+        setPhase(upload, "done", "read");
+        return;
+      }
+      const offset = upload.base === null ? 0 : now - upload.base;
+      if (offset < 0 || offset > upload.blob.size) {
+        setPhase(upload, "failed", "failed: the session's document changed meanwhile (reset, or another upload)");
+        return;
+      }
+      progress.start ??= offset;
       const end = Math.min(upload.blob.size, offset + SLICE_BYTES);
       try {
-        done = await readSlice(upload, offset, end, start, progress);
-        offset = end;
+        done = await readSlice(upload, now, offset, end, progress);
         tries = 0;
       } catch (error) {
-        if (!(error instanceof ApiError && error.status === 409) || ++tries > BUSY_RETRIES) throw error;
+        if (!retryable(error) || ++tries > BUSY_RETRIES) throw error;
         await pause(500);
-        offset = await resync(upload);
       }
     }
   } catch (error) {
@@ -411,21 +430,27 @@ async function read(upload) {
   }
 }
 
-// One slice [offset, end) of the file, the document's end with the last one. True once the file is read.
-async function readSlice(upload, offset, end, start, progress) {
+// One slice [offset, end) of the file, ``documentOffset`` where it starts in the session's unfinished document;
+// the document's end with the last one. True once the file is read.
+async function readSlice(upload, documentOffset, offset, end, progress) {
   const last = end === upload.blob.size;
-  const query = `?document_offset=${upload.base + offset}&end_of_document=${last}`;
+  const query = `?document_offset=${documentOffset}&end_of_document=${last}`;
   const response = await request(sessionPath(upload.session, `/documents${query}`), {
     method: "POST", body: upload.blob.slice(offset, end), accept: "text/event-stream",
     signal: upload.controller.signal });
   for await (const event of events(response)) {
-    if (event.object === "document.chunk") {
+    if (event.object === "document.started") {
+      upload.base ??= documentOffset - offset; // accepted: from now on the server's count places this file
+      upload.tokensBefore ??= event.tokens_ingested + event.pending_tokens;
+      if (last) upload.sentLast = true;
+    } else if (event.object === "document.chunk") {
       curve.add(event);
       progress.trained += event.tokens;
       progress.chunks += 1;
       // tokens per byte so far tell how many tokens the rest of the file holds
       const rate = (progress.tokens + event.tokens_received) / Math.max(1, progress.bytes + event.bytes_read);
-      upload.bar.value = Math.min(0.99, (start + progress.trained / Math.max(rate, 1e-9)) / upload.blob.size);
+      const doneBytes = progress.start + progress.trained / Math.max(rate, 1e-9);
+      upload.bar.value = Math.min(0.99, doneBytes / Math.max(1, upload.blob.size));
       upload.status.textContent = `${progress.chunks} chunks, ${Math.round(event.tokens_per_second)} tokens/s`;
     } else if (event.object === "document.summary") {
       progress.tokens += event.tokens_received;
@@ -433,7 +458,7 @@ async function readSlice(upload, offset, end, start, progress) {
       if (last) {
         upload.bar.value = 1;
         setPhase(upload, "done", `read: ${progress.tokens} tokens, ${progress.chunks} chunks`);
-        notify(`${upload.name}: read into ${upload.session}.`, "ok");
+        announce(`${upload.name} read into ${upload.session}: ${progress.tokens} tokens.`);
       }
       return last;
     }
@@ -530,6 +555,7 @@ async function answer(pane, model, sampling, signal) {
     out.removeAttribute("aria-busy");
   }
   messages.push({ role: "assistant", content: out.textContent }); // stopped early: what came so far
+  announce(`${pane === "main" ? $("#pane-main-title").textContent : "Base model"} answered: ${out.textContent}`);
 }
 
 async function sendChat(event) {
