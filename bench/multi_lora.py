@@ -13,7 +13,7 @@ an ingest step); ``speedup`` is the loop's time over the row's:
   * triton: ``kernels.multi_lora.MultiLoRALinear`` (CUDA only: on CPU it would be interpreted).
 Engine (``--engine``): S sessions each with one full chunk ready (after one chunk of warm-up, so the
 rolling context is full), trained by ``Session.train_next_chunk`` one by one, then by
-``ttt.batch.train_sessions`` in one batch.
+``ttt.session.train_sessions`` in one batch.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def projection_rows(shape: Shape, device: torch.device, dtype: torch.dtype, repe
 def engine_rows(device: str, sessions: int, tokens: int) -> list[dict]:
     """train_next_chunk one session after another vs train_sessions, on the default model."""
     import ttt
-    from ttt.batch import train_sessions
+    from ttt.session import train_sessions
 
     engine = ttt.load_engine(device=device)
     cfg = {"ingest": {"chunk_tokens": tokens, "context_tokens": tokens}}

@@ -63,9 +63,8 @@ def _positive(text: str) -> int:
     return value
 
 
-def _connection_parent() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--server", metavar="HOST:PORT", help="gRPC address (default: $TTT_SERVER or 127.0.0.1:50051)")
+def _add_key_args(p: argparse.ArgumentParser) -> None:
+    """How a client command proves who it is to either door."""
     p.add_argument(
         "--api-key", metavar="KEY", help="bearer key (default: $TTT_API_KEY; an open loopback server needs none)"
     )
@@ -74,6 +73,12 @@ def _connection_parent() -> argparse.ArgumentParser:
         metavar="PEM",
         help="PEM file of the authority (or self-signed certificate) of a TLS server (default: $TTT_TLS_CA)",
     )
+
+
+def _connection_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--server", metavar="HOST:PORT", help="gRPC address (default: $TTT_SERVER or 127.0.0.1:50051)")
+    _add_key_args(p)
     return p
 
 
@@ -147,14 +152,7 @@ def _add_chat(sub) -> None:
     )
     p.add_argument("--session", "-s", metavar="ID", help="session id (default: the base model, no session)")
     p.add_argument("--http", metavar="URL", help="HTTP address (default: $TTT_HTTP or http://127.0.0.1:8000)")
-    p.add_argument(
-        "--api-key", metavar="KEY", help="bearer key (default: $TTT_API_KEY; an open loopback server needs none)"
-    )
-    p.add_argument(
-        "--tls-ca",
-        metavar="PEM",
-        help="PEM file of the authority (or self-signed certificate) of a TLS server (default: $TTT_TLS_CA)",
-    )
+    _add_key_args(p)
     p.add_argument("--system", metavar="TEXT", help="a system message at the start of the conversation")
     p.add_argument("--message", "-m", metavar="TEXT", help="send this one message, print the answer, exit")
     p.add_argument("--max-tokens", type=_positive, metavar="N", help="most tokens per answer (server default 512)")

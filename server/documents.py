@@ -17,10 +17,9 @@ from server.errors import QuotaExceeded
 from server.registry import SessionRegistry
 from server.scheduler import Scheduler
 from ttt import Session, SessionConfig
-from ttt.batch import train_sessions
 from ttt.config import PER_CHUNK, check_caps
 from ttt.ingest import ChunkReport
-from ttt.session import TokenLimit
+from ttt.session import TokenLimit, train_sessions
 
 
 class DocumentTooLarge(QuotaExceeded):

@@ -3,7 +3,7 @@ stream progress; exceptions become status codes through ``server.errors``.
 
 Where a chunk of text goes: ``Ingest`` -> ``DocumentFeed.add`` (server/documents.py) ->
 ``Session.append`` (tokenize, no device) -> ``scheduler.run_batchable(key, train_batch, ...)`` ->
-``ttt.batch.train_sessions`` -> ``ttt.batch.train_group`` (score, step; one session, or a batch with other
+``ttt.session.train_sessions`` -> ``ttt.batch.train_group`` (score, step; one session, or a batch with other
 sessions' chunks waiting at the same time) -> ``Session.record_chunk`` (window, surprising spans and their
 rehearsal: ``ttt.memory``) on the worker.
 """

@@ -18,7 +18,7 @@ answer waits at most one unit between its tokens and ingest never starves; and b
 at most ``max_batch_answering`` sessions, so that the unit an answer waits for is one chunk, not eight.
 
 A *batchable* unit (``submit_batchable``) names a function that runs several sessions' units of its
-kind in one call (``ttt.batch.train_sessions``: one forward and backward for many sessions' chunks).
+kind in one call (``ttt.session.train_sessions``: one forward and backward for many sessions' chunks).
 When such a unit reaches the front, the front units of up to ``max_batch - 1`` other sessions of the
 same kind join it; each of those sessions then goes to the back of the line as if it had had its turn.
 """

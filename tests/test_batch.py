@@ -1,7 +1,7 @@
 """Several sessions' chunks in one batch (ttt/batch.py) against training them one by one.
 
 Twin sessions (same config, seed and tokens) are trained with ``Session.train_next_chunk`` one after
-another, and with ``ttt.batch.train_sessions``: the reports, weights, optimizer states, windows and
+another, and with ``ttt.session.train_sessions``: the reports, weights, optimizer states, windows and
 stats must agree. Tolerances (fp32, CPU): losses and gradient norms within 1e-5 relative: the batched
 forward computes the same sums, only with other matmul shapes; weights and optimizer moments within
 1e-5 absolute, a thousandth of a step (lr 1e-2): AdamW's first steps divide a gradient by its own
@@ -19,7 +19,7 @@ import torch
 import kernels.multi_lora
 import ttt
 import ttt.batch
-from ttt.batch import train_sessions
+from ttt.session import train_sessions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -25,9 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Hashable, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +46,6 @@ from .ingest import (
     update,
 )
 from .model import Transformer
-
-if TYPE_CHECKING:
-    from .session import Session
 
 
 @dataclass
@@ -300,25 +295,3 @@ def train_chunks(model: Transformer, items: Sequence[ChunkItem]) -> list[ChunkRe
         for i, report in zip(rows, done, strict=True):
             reports[i] = report
     return reports
-
-
-def train_sessions(sessions: Sequence[Session], overrides: Sequence[dict] | None = None) -> list[ChunkReport | None]:
-    """``Session.train_next_chunk`` for several sessions at once: the ready ones train in shared batches.
-
-    Returns one report per session, None where no chunk was ready. ``overrides[i]`` are session i's
-    step settings for this chunk (as ``train_next_chunk``'s keyword arguments). The sessions must be
-    distinct and share one engine; their locks are held throughout.
-    """
-    if len({id(s) for s in sessions}) != len(sessions):
-        raise ValueError("a session can train only one chunk per batch")
-    overrides = overrides or [{}] * len(sessions)
-    with ExitStack() as stack:
-        for s in sorted(sessions, key=id):  # one global order: two batches never wait on each other
-            stack.enter_context(s.lock)
-        items = [s.take_chunk(**o) for s, o in zip(sessions, overrides, strict=True)]
-        ready = [i for i, item in enumerate(items) if item is not None]
-        reports = train_chunks(sessions[0].engine.base.model, [items[i] for i in ready]) if ready else []
-        out: list[ChunkReport | None] = [None] * len(sessions)
-        for i, report in zip(ready, reports, strict=True):
-            out[i] = sessions[i].record_chunk(items[i], report)
-        return out

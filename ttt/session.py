@@ -13,6 +13,8 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -183,11 +185,9 @@ class Session:
         """Score and train on the next ready chunk; None when no chunk is ready.
 
         ``overrides`` change step settings for this chunk only: ``lr``, ``steps_per_chunk``, ``max_grad_norm``.
-        Several sessions at once, in shared batches: ``ttt.batch.train_sessions``.
+        Several sessions at once, in shared batches: ``train_sessions`` (this is its case of one).
         """
-        with self.lock:
-            item = self.take_chunk(**overrides)
-            return None if item is None else self.record_chunk(item, train_chunks(self.engine.base.model, [item])[0])
+        return train_sessions([self], [overrides])[0]
 
     def take_chunk(self, **overrides) -> ChunkItem | None:
         """The next ready chunk and what trains on it (``train_next_chunk``'s overrides); None when none is ready.
@@ -451,3 +451,25 @@ class Session:
             "created_at": s.created_at,
             "updated_at": s.updated_at,
         }
+
+
+def train_sessions(sessions: Sequence[Session], overrides: Sequence[dict] | None = None) -> list[ChunkReport | None]:
+    """The next chunk of each session, the ready ones trained in shared batches (``ttt.batch.train_chunks``).
+
+    Returns one report per session, None where no chunk was ready. ``overrides[i]`` are session i's
+    step settings for this chunk (as ``train_next_chunk``'s keyword arguments). The sessions must be
+    distinct and share one engine; their locks are held throughout.
+    """
+    if len({id(s) for s in sessions}) != len(sessions):
+        raise ValueError("a session can train only one chunk per batch")
+    overrides = overrides or [{}] * len(sessions)
+    with ExitStack() as stack:
+        for s in sorted(sessions, key=id):  # one global order: two batches never wait on each other
+            stack.enter_context(s.lock)
+        items = [s.take_chunk(**o) for s, o in zip(sessions, overrides, strict=True)]
+        ready = [i for i, item in enumerate(items) if item is not None]
+        reports = train_chunks(sessions[0].engine.base.model, [items[i] for i in ready]) if ready else []
+        out: list[ChunkReport | None] = [None] * len(sessions)
+        for i, report in zip(ready, reports, strict=True):
+            out[i] = sessions[i].record_chunk(items[i], report)
+        return out
