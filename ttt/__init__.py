@@ -9,11 +9,12 @@ session.save("sessions/alice")
 same = engine.load_session("sessions/alice")
 """
 
+from .answers import Generation
 from .config import FastWeightConfig, IngestConfig, SessionConfig
 from .engine import Engine, load_engine
 from .generate import SamplingParams, TokenStream
 from .ingest import ChunkReport
-from .session import Generation, Session
+from .session import Session
 
 __all__ = [
     "ChunkReport",

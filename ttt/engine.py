@@ -6,10 +6,11 @@ import os
 import re
 from pathlib import Path
 
+from .answers import Generation
 from .config import SessionConfig
 from .generate import PrefixCache, SamplingParams, TokenStream, chat_prompt, stop_token_ids
 from .model import BaseModel, load_base_model
-from .session import Generation, Session
+from .session import Session
 
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
