@@ -1210,3 +1210,20 @@ def test_default_session_saved_and_reloaded_after_restart(kjv, default_model_dir
         after = chat(oai(server), "kjv", messages=ASK, max_tokens=MAX_TOKENS).choices[0].message.content
         assert after == before
         assert api.get("/v1/sessions/kjv").json()["residency"] == "device"
+
+
+def test_session_info_has_the_same_fields_in_memory_and_on_disk(tiny_model_dir, tmp_path):
+    """The typed SessionInfo of a loaded session and of one only on disk (read from its checkpoint) agree."""
+    from server.http.models import SessionInfo
+
+    with running(tiny_model_dir, tmp_path) as server, http(server) as api:
+        api.post("/v1/sessions", json={"id": "kept"})
+        assert upload(api, "kept", book(0, 400).encode()).status_code == 200
+        loaded = api.post("/v1/sessions/kept/save").json()
+    with running(tiny_model_dir, tmp_path) as server, http(server) as api:
+        on_disk = api.get("/v1/sessions/kept").json()
+        listed = api.get("/v1/sessions").json()["data"]
+    assert set(loaded) == set(on_disk) == set(SessionInfo.model_fields)
+    assert (loaded["residency"], on_disk["residency"]) == ("device", "disk") and listed == [on_disk]
+    for name in ("tokens_ingested", "chunks", "document_bytes", "memory", "memory_spans", "exact_tokens_read"):
+        assert loaded[name] == on_disk[name], name

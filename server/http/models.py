@@ -62,6 +62,38 @@ class SessionCreate(BaseModel):
 # ---- response bodies ----
 
 
+class SessionInfo(BaseModel):
+    """One session: what it has read and where it is (gRPC's SessionInfo)."""
+
+    id: str
+    tokens_ingested: int = Field(description="tokens trained on")
+    pending_tokens: int = Field(description="tokens received, not trained yet")
+    document_bytes: int = Field(
+        description="bytes of the unfinished document received: a resumed upload sends the "
+        "rest from here (its document_offset)"
+    )
+    chunks: int
+    rolled_back_chunks: int = Field(description="chunks whose update was not applied (non-finite)")
+    last_loss_before: float | None
+    last_loss_after: float | None
+    fast_weight_bytes: int = Field(description="0 while the session is only on disk")
+    memory: str = Field(description="the preset it started from")
+    memory_spans: int = Field(description="surprising spans kept")
+    exact_tokens_read: int = Field(description="of their tokens, those every answer reads now")
+    resident_bytes: int
+    restored_from: str | None = Field(description="the checkpoint loaded when the newest was damaged")
+    warnings: list[str]
+    created_at: float
+    updated_at: float
+    residency: str = Field(description='"device", "host" or "disk"')
+    disk_bytes: int
+
+
+class SessionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SessionInfo]
+
+
 class ChunkProgress(BaseModel):
     """One trained chunk (gRPC's ChunkProgress)."""
 

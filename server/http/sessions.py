@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from server.http.common import caller, finite, ready, user_of
-from server.http.models import SessionCreate, SettingsSchema, settings_document
+from server.http.models import SessionCreate, SessionInfo, SessionList, SettingsSchema, settings_document
 from ttt.engine import check_session_id
 
 router = APIRouter()
@@ -27,7 +27,7 @@ def zip_folder(files: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
-@router.post("/v1/sessions", status_code=201)
+@router.post("/v1/sessions", status_code=201, response_model=SessionInfo)
 async def create_session(body: SessionCreate, request: Request):
     state, user = ready(request), user_of(request)
     sid = check_session_id(body.id) if body.id is not None else None
@@ -41,13 +41,13 @@ async def create_session(body: SessionCreate, request: Request):
     return finite(await wrap_future(state.sessions.create(user, sid, settings, adapter)))
 
 
-@router.get("/v1/sessions")
+@router.get("/v1/sessions", response_model=SessionList)
 def list_sessions(request: Request):
     state, user = ready(request), user_of(request)
     return {"object": "list", "data": finite(state.sessions.list(user))}
 
 
-@router.get("/v1/sessions/{session_id}")
+@router.get("/v1/sessions/{session_id}", response_model=SessionInfo)
 def get_session(session_id: str, request: Request):
     state, user, sid = caller(request, session_id)
     return finite(state.sessions.info(user, sid))
@@ -60,13 +60,13 @@ async def delete_session(session_id: str, request: Request):
     return {"id": sid, "deleted": True}
 
 
-@router.post("/v1/sessions/{session_id}/save")
+@router.post("/v1/sessions/{session_id}/save", response_model=SessionInfo)
 async def save_session(session_id: str, request: Request):
     state, user, sid = caller(request, session_id)
     return finite(await wrap_future(state.sessions.save(user, sid)))
 
 
-@router.post("/v1/sessions/{session_id}/reset")
+@router.post("/v1/sessions/{session_id}/reset", response_model=SessionInfo)
 async def reset_session(session_id: str, request: Request):
     state, user, sid = caller(request, session_id)
     return finite(await wrap_future(state.sessions.reset(user, sid)))
