@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@contextmanager
+def started_server(model_dir: Path, data_dir: Path, defaults: dict, *, stop_grace: float = 10.0, **settings):
+    """An in-process ``server.main.Server`` on the CPU on free loopback ports (open mode unless ``api_keys_file``
+    is given), with ``defaults`` as its session defaults; stopped on exit."""
+    from server.main import Server
+    from server.settings import Settings
+
+    server = Server(
+        Settings(
+            model=str(model_dir),
+            device="cpu",
+            grpc_port=0,
+            http_port=0,
+            data_dir=data_dir,
+            session_defaults=defaults,
+            **settings,
+        )
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(grace=stop_grace)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import started_server
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -29,10 +30,8 @@ from texts import book, byte_pieces
 
 from server.auth import hash_key
 from server.documents import DocumentFeed
-from server.main import Server
 from server.proto.ttt.v1 import ttt_pb2 as pb
 from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
-from server.settings import Settings
 from ttt.tokenize import IncrementalTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,24 +51,12 @@ SERVICE = "ttt.v1.Sessions"
 @contextmanager
 def running(model_dir: Path, data_dir: Path, **settings):
     """A started Server (open mode unless api_keys_file is given) and a channel to it; stopped on exit."""
-    server = Server(
-        Settings(
-            model=str(model_dir),
-            device="cpu",
-            grpc_port=0,
-            http_port=0,
-            data_dir=data_dir,
-            session_defaults=DEFAULTS,
-            **settings,
-        )
-    )
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
-    try:
-        yield server, channel
-    finally:
-        channel.close()
-        server.stop()
+    with started_server(model_dir, data_dir, DEFAULTS, **settings) as server:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        try:
+            yield server, channel
+        finally:
+            channel.close()
 
 
 class Client:

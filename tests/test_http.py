@@ -28,7 +28,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import write_keys
+from conftest import started_server, write_keys
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load as load_safetensors
 from texts import book
@@ -54,25 +54,9 @@ MISSING = object()
 # ---- servers and clients ---------------------------------------------------------------------------------------------
 
 
-@contextmanager
 def running(model_dir: Path, data_dir: Path, *, defaults: dict = TINY, **settings):
     """A started Server (open mode unless api_keys_file is given); stopped on exit."""
-    server = Server(
-        Settings(
-            model=str(model_dir),
-            device="cpu",
-            grpc_port=0,
-            http_port=0,
-            data_dir=data_dir,
-            session_defaults=defaults,
-            **settings,
-        )
-    )
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    return started_server(model_dir, data_dir, defaults, **settings)
 
 
 def http(server: Server, key: str | None = None) -> httpx.Client:

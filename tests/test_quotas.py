@@ -11,17 +11,15 @@ from __future__ import annotations
 import base64
 import json
 import threading
-from contextlib import contextmanager
 
 import grpc
 import httpx
 import pytest
+from conftest import started_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.client import TTTClient, TTTError
 from server.auth import hash_key
-from server.main import Server
-from server.settings import Settings
 from ttt.peft import peft_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,27 +28,10 @@ KEYS = {"alice": "key-a", "bob": "key-b"}
 WORDS = "In the beginning God created the heaven and the earth. And the earth was without form, and void."
 
 
-@contextmanager
 def running(model_dir, data_dir, **settings):
     keys = data_dir / "keys.json"
     keys.write_text(json.dumps({user: [hash_key(k)] for user, k in KEYS.items()}))
-    server = Server(
-        Settings(
-            model=str(model_dir),
-            device="cpu",
-            grpc_port=0,
-            http_port=0,
-            data_dir=data_dir,
-            api_keys_file=keys,
-            session_defaults=DEFAULTS,
-            **settings,
-        )
-    )
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop(grace=2)
+    return started_server(model_dir, data_dir, DEFAULTS, stop_grace=2, api_keys_file=keys, **settings)
 
 
 def clients(server, user):

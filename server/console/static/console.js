@@ -384,10 +384,23 @@ async function readNext() {
 
 const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-// Where the session's unfinished document stands (the server's own count of its bytes), read before each slice.
-async function standing(upload) {
+// Where this file resumes in the session's unfinished document, by the server's own count: read when an attempt
+// starts and after a 409 (between slices the client knows it). null when nothing is left to send (the phase says).
+async function resync(upload) {
   const info = await getJson(sessionPath(upload.session));
-  return { held: info.document_bytes, tokens: info.tokens_ingested + info.pending_tokens };
+  const held = info.document_bytes;
+  if (upload.sentLast && held === 0 && info.tokens_ingested + info.pending_tokens > upload.tokensBefore) {
+    // the last slice was taken in and the document ended (a cancel came after it)
+    setPhase(upload, "done", "read");
+    return null;
+  }
+  // upload.base: the document's bytes before this file's first byte, known once a slice of it was accepted
+  const offset = upload.base === null ? 0 : held - upload.base;
+  if (offset < 0 || offset > upload.blob.size) {
+    setPhase(upload, "failed", "failed: the session's document changed meanwhile (reset, or another upload)");
+    return null;
+  }
+  return { offset, document: held };
 }
 
 // A 409 worth waiting out: another stream still feeds the session (a cancelled slice finishing), or it has moved
@@ -398,29 +411,20 @@ const retryable = (error) =>
 async function read(upload) {
   upload.controller = new AbortController();
   setPhase(upload, "reading", "reading");
-  const progress = { tokens: 0, bytes: 0, trained: 0, chunks: 0, start: null }; // this attempt's, over its slices
   try {
+    let at = await resync(upload);
+    if (at === null) return;
+    const progress = { tokens: 0, bytes: 0, trained: 0, chunks: 0, start: at.offset }; // this attempt's slices
     for (let tries = 0, done = false; !done; ) {
-      // upload.base: the document's bytes before this file's first byte, known once a slice of it was accepted
-      const { held: now, tokens } = await standing(upload);
-      if (upload.sentLast && now === 0 && tokens > upload.tokensBefore) {
-        // the last slice was taken in and the document ended (a cancel came after it): nothing is left to send
-        setPhase(upload, "done", "read");
-        return;
-      }
-      const offset = upload.base === null ? 0 : now - upload.base;
-      if (offset < 0 || offset > upload.blob.size) {
-        setPhase(upload, "failed", "failed: the session's document changed meanwhile (reset, or another upload)");
-        return;
-      }
-      progress.start ??= offset;
-      const end = Math.min(upload.blob.size, offset + SLICE_BYTES);
+      const end = Math.min(upload.blob.size, at.offset + SLICE_BYTES);
       try {
-        done = await readSlice(upload, now, offset, end, progress);
+        done = await readSlice(upload, at.document, at.offset, end, progress);
+        at = { offset: end, document: upload.base + end };
         tries = 0;
       } catch (error) {
         if (!retryable(error) || ++tries > BUSY_RETRIES) throw error;
         await pause(500);
+        if ((at = await resync(upload)) === null) return;
       }
     }
   } catch (error) {
