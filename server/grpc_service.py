@@ -96,29 +96,18 @@ def progress_message(report: ChunkReport, session) -> pb.ChunkProgress:
     )
 
 
+# SessionInfo fields the proto names otherwise; the rest keep their names.
+PROTO_NAMES = {"id": "session_id", "fast_weight_bytes": "bytes"}
+
+
 def info_message(info: dict) -> pb.SessionInfo:
-    nan_to_zero = lambda x: 0.0 if x is None or (isinstance(x, float) and math.isnan(x)) else x
-    return pb.SessionInfo(
-        session_id=info["id"],
-        tokens_ingested=info["tokens_ingested"],
-        pending_tokens=info["pending_tokens"],
-        chunks=info["chunks"],
-        rolled_back_chunks=info["rolled_back_chunks"],
-        last_loss_before=nan_to_zero(info["last_loss_before"]),
-        last_loss_after=nan_to_zero(info["last_loss_after"]),
-        bytes=info["fast_weight_bytes"],
-        created_at=info["created_at"],
-        updated_at=info["updated_at"],
-        residency=info["residency"],
-        document_bytes=info["document_bytes"],
-        resident_bytes=info["resident_bytes"],
-        disk_bytes=info["disk_bytes"],
-        restored_from=info["restored_from"] or "",
-        warnings=info["warnings"],
-        memory=info["memory"],
-        memory_spans=info["memory_spans"],
-        exact_tokens_read=info["exact_tokens_read"],
-    )
+    """A session's info (registry.info) as the proto message: no field is optional there, None becomes 0 or ""."""
+    fields = {PROTO_NAMES.get(k, k): v for k, v in info.items()}
+    for name in ("last_loss_before", "last_loss_after"):
+        loss = fields[name]
+        fields[name] = 0.0 if loss is None or math.isnan(loss) else loss
+    fields["restored_from"] = fields["restored_from"] or ""
+    return pb.SessionInfo(**fields)
 
 
 class Watchdog:

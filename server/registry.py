@@ -318,22 +318,15 @@ class SessionRegistry:
         with self._lock:
             entry = self._live.get(key)
         if entry is not None:
-            return {**entry.session.info(), "residency": entry.tier, "disk_bytes": disk_bytes(folder)}
-        if not has_checkpoint(folder):
+            info, residency = entry.session.info(), entry.tier
+        elif not has_checkpoint(folder):
             raise NotFound(f"no session {session_id!r}")
-        try:
-            saved = saved_info(folder)
-        except SessionFormatError as e:
-            raise _private(e, folder) from None
-        return {
-            "id": session_id,
-            "resident_bytes": 0,
-            "disk_bytes": disk_bytes(folder),
-            "residency": "disk",
-            "restored_from": None,
-            "warnings": [],
-            **saved,
-        }
+        else:
+            try:
+                info, residency = saved_info(folder), "disk"
+            except SessionFormatError as e:
+                raise _private(e, folder) from None
+        return {**info, "residency": residency, "disk_bytes": disk_bytes(folder)}
 
     def save(self, user: str, session_id: str) -> None:
         """Checkpoint a session held in memory (one only on disk is saved already)."""

@@ -782,3 +782,17 @@ def test_documents_waiting_together_train_in_one_batch(open_server):
         assert report.loss_after == pytest.approx(expected.loss_after, rel=1e-5)
         for (name, p), q in zip(sessions[sid].fast.named_parameters(), alone.fast.parameters(), strict=True):
             assert (p - q).abs().max() < 1e-5, name
+
+
+def test_session_info_has_the_same_fields_on_both_doors():
+    """One SessionInfo (ttt.session) behind the HTTP model and the proto message: a field added there and
+    forgotten on a door fails here."""
+    import dataclasses
+
+    from server.grpc_service import PROTO_NAMES
+    from server.http.models import SessionInfo as HttpSessionInfo
+    from ttt.session import SessionInfo
+
+    names = [f.name for f in dataclasses.fields(SessionInfo)] + ["residency", "disk_bytes"]
+    assert list(HttpSessionInfo.model_fields) == names
+    assert sorted(pb.SessionInfo.DESCRIPTOR.fields_by_name) == sorted(PROTO_NAMES.get(n, n) for n in names)

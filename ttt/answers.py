@@ -48,39 +48,18 @@ class Answering:
         with self.lock:
             return (self.exact_tokens() + self.recent_tokens())[-(self.engine.base.cfg.max_position_embeddings - 1) :]
 
-    def generate(
-        self,
-        messages: list[dict],
-        *,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: list[str] | str | None = None,
-        seed: int | None = None,
-        stream: bool = False,
-        **sampling,
-    ) -> Generation | TokenStream:
+    def generate(self, messages: list[dict], *, stream: bool = False, **sampling) -> Generation | TokenStream:
         """Answer chat ``messages`` ([{"role": ..., "content": ...}]) from the fast weights and recent window.
 
-        Greedy when ``temperature`` is 0. With ``stream=True`` returns a ``TokenStream``: iterate it for
-        text deltas; its ``finish_reason`` and token counts are set at the end. Never changes the weights.
-        ``sampling``: the other ``SamplingParams`` (``top_logprobs``, ``logit_bias``, penalties).
+        ``sampling``: the ``SamplingParams`` fields (``max_tokens`` 256, ``temperature`` 0 = greedy, ``top_p``,
+        ``stop``, ``seed``, ``top_logprobs``, ``logit_bias``, penalties). With ``stream=True`` returns a
+        ``TokenStream``: iterate it for text deltas; its ``finish_reason`` and token counts are set at the end.
+        Never changes the weights.
         """
-        params = SamplingParams(max_tokens, temperature, top_p, stop or [], seed, **sampling)
-        return self._answer(self.engine.chat_ids(messages), params, stream)
+        return self._answer(self.engine.chat_ids(messages), SamplingParams(**sampling), stream)
 
     def complete(
-        self,
-        prompt: str | list[int],
-        *,
-        max_tokens: int = 16,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: list[str] | str | None = None,
-        seed: int | None = None,
-        echo: bool = False,
-        stream: bool = False,
-        **sampling,
+        self, prompt: str | list[int], *, max_tokens: int = 16, echo: bool = False, stream: bool = False, **sampling
     ) -> Generation | TokenStream:
         """Continue ``prompt`` (text or token ids; no chat template) after the answer prefix, as ``generate``.
 
@@ -88,7 +67,7 @@ class Answering:
         each given the prefix and the tokens before it, as ``score``); ``max_tokens=0`` decodes nothing.
         """
         ids = self.engine.text_ids(prompt)
-        params = SamplingParams(max_tokens, temperature, top_p, stop or [], seed, **sampling)
+        params = SamplingParams(max_tokens, **sampling)
         return self._answer(ids, params, stream, echo=len(ids) if echo else 0)
 
     def _answer(self, ids: list[int], params: SamplingParams, stream: bool, echo: int = 0):

@@ -63,12 +63,13 @@ class Engine:
         return self.answer(self.chat_ids(messages), SamplingParams(**kwargs), None, [], stream)
 
     def complete(
-        self, prompt: str | list[int], *, echo: bool = False, stream: bool = False, **kwargs
+        self, prompt: str | list[int], *, max_tokens: int = 16, echo: bool = False, stream: bool = False, **kwargs
     ) -> Generation | TokenStream:
         """Continue ``prompt`` (text or token ids, no chat template) from the base model alone; arguments as
         ``Session.complete``."""
         ids = self.text_ids(prompt)
-        return self.answer(ids, SamplingParams(**kwargs), None, [], stream, echo=len(ids) if echo else 0)
+        params = SamplingParams(max_tokens, **kwargs)
+        return self.answer(ids, params, None, [], stream, echo=len(ids) if echo else 0)
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of chat ``messages`` through the chat template (ValueError for bad messages)."""

@@ -64,9 +64,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = [s for s in self.stop if s]
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        self.stop = [s for s in stops if s]
         if len(self.stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise ValueError(f"stop: at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each")
         if self.max_tokens < 0:

@@ -48,6 +48,37 @@ class SessionStats:
     updated_at: float = field(default_factory=time.time)
 
 
+@dataclass
+class SessionInfo:
+    """What a session has read and holds: the same fields for a session in memory (``Session.info``) and for one
+    only on disk (``store.saved_info``, without loading its weights). The server adds where it is (``residency``,
+    ``disk_bytes``); both doors show these fields, gRPC under its own names for two of them."""
+
+    id: str
+    tokens_ingested: int
+    pending_tokens: int
+    document_bytes: int  # of the unfinished document, received so far: a resumed stream sends the rest from here
+    chunks: int
+    rolled_back_chunks: int
+    last_loss_before: float | None
+    last_loss_after: float | None
+    fast_weight_bytes: int  # 0 while the session is only on disk
+    memory: str  # the preset its settings started from
+    memory_spans: int  # surprising spans kept (memory.py)
+    exact_tokens_read: int  # of their tokens, those every answer reads now
+    resident_bytes: int
+    restored_from: str | None  # set when loading had to skip a damaged newest checkpoint (store.load_session)
+    warnings: list[str]
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def describe(cls, session_id: str, stats: SessionStats, **held) -> dict:
+        """The info of a session with ``stats``; ``held``: the fields that are not statistics."""
+        counted = {f.name: getattr(stats, f.name) for f in dataclasses.fields(cls) if hasattr(stats, f.name)}
+        return dataclasses.asdict(cls(id=session_id, **counted, **held))
+
+
 def priced_bytes(config: SessionConfig, model) -> int:
     """The most a session of ``config`` on ``model`` holds, computed before anything is allocated: fp32 fast
     weights with their gradients and two optimizer moments, and the keys/values of every layer for the rolling
@@ -311,28 +342,20 @@ class Session(Answering):
             save_session(self, path)
 
     def info(self) -> dict:
-        s = self.stats
-        return {
-            "id": self.id,
-            "tokens_ingested": s.tokens_ingested,
-            "pending_tokens": len(self.pending),
-            # bytes of the unfinished document received so far: a resumed stream sends the rest from here
-            "document_bytes": self.text_stream.bytes_received,
-            "chunks": s.chunks,
-            "rolled_back_chunks": s.rolled_back_chunks,
-            "last_loss_before": s.last_loss_before,
-            "last_loss_after": s.last_loss_after,
-            "fast_weight_bytes": self.fast.num_bytes(),
-            "memory": self.config.memory,
-            "memory_spans": len(self.memory.spans),  # surprising spans kept (memory.py)
-            "exact_tokens_read": len(self.exact_tokens()),  # of their tokens, those every answer reads now
-            "resident_bytes": self.resident_bytes(),
-            # set when loading had to skip a damaged newest checkpoint (see store.load_session)
-            "restored_from": self.restored_from,
-            "warnings": list(self.warnings),
-            "created_at": s.created_at,
-            "updated_at": s.updated_at,
-        }
+        """``SessionInfo`` as a dict."""
+        return SessionInfo.describe(
+            self.id,
+            self.stats,
+            pending_tokens=len(self.pending),
+            document_bytes=self.text_stream.bytes_received,
+            fast_weight_bytes=self.fast.num_bytes(),
+            memory=self.config.memory,
+            memory_spans=len(self.memory.spans),
+            exact_tokens_read=len(self.exact_tokens()),
+            resident_bytes=self.resident_bytes(),
+            restored_from=self.restored_from,
+            warnings=list(self.warnings),
+        )
 
 
 def train_sessions(sessions: Sequence[Session], overrides: Sequence[dict] | None = None) -> list[ChunkReport | None]:

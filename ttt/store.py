@@ -35,7 +35,7 @@ from .config import SessionConfig
 from .memory import MIN_SPAN_TOKENS
 from .model import BaseModelMismatch
 from .peft import peft_files
-from .session import SessionStats
+from .session import SessionInfo, SessionStats
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -322,14 +322,14 @@ def saved_config(manifest: dict) -> dict:
 
 
 def saved_info(root: Path) -> dict:
-    """What ``Session.info`` says of the session saved under ``root`` (its newest checkpoint), without loading its
-    weights: the manifest and ``tokens.safetensors`` (token ids only) are read."""
+    """``Session.info`` of the session saved under ``root`` (its newest checkpoint), without loading its weights:
+    the manifest and ``tokens.safetensors`` (token ids only) are read."""
     from .memory import SpanMemory
 
     name, digest = (root / LATEST).read_text().split()
     manifest = read_manifest(root / name, digest)
     config = SessionConfig.from_dict(saved_config(manifest))
-    stats = manifest["stats"]
+    stats = SessionStats(**manifest["stats"])
     try:
         tokens = st_load((root / name / "tokens.safetensors").read_bytes())
     except Exception:  # unreadable: loading says why (or falls back to the previous checkpoint)
@@ -338,15 +338,19 @@ def saved_info(root: Path) -> dict:
     memory.load_tensors(tokens)
     pending = len(tokens.get("pending", ()))
     window = min(config.ingest.context_tokens, len(tokens.get("window", ())) + pending)
-    return {
-        "pending_tokens": pending,
-        "document_bytes": manifest["tokenizer_state"].get("bytes_received", 0),
-        "fast_weight_bytes": 0,
-        "memory": config.memory,
-        "memory_spans": len(memory.spans),
-        "exact_tokens_read": len(memory.exact_tokens(before=stats["tokens_ingested"] + pending - window)),
-        **stats,
-    }
+    return SessionInfo.describe(
+        manifest["session_id"],
+        stats,
+        pending_tokens=pending,
+        document_bytes=manifest["tokenizer_state"].get("bytes_received", 0),
+        fast_weight_bytes=0,
+        memory=config.memory,
+        memory_spans=len(memory.spans),
+        exact_tokens_read=len(memory.exact_tokens(before=stats.tokens_ingested + pending - window)),
+        resident_bytes=0,
+        restored_from=None,
+        warnings=[],
+    )
 
 
 def disk_bytes(path: Path) -> int:
