@@ -39,6 +39,10 @@ def add_serve(sub) -> None:
     p.add_argument("--http-port", type=int, help="default 8000")
     p.add_argument("--data-dir", help="where sessions are saved (default ~/.local/share/ttt)")
     p.add_argument(
+        "--store", metavar="URL", help="session store servers share: a folder or s3://bucket/prefix (any fsspec URL)"
+    )
+    p.add_argument("--replica-id", help="this server's name in session leases (each server sharing a store its own)")
+    p.add_argument(
         "--api-keys-file", help="JSON {user: [sha256 of key, ...]}; without it the server is open, loopback only"
     )
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS on both doors with this certificate (with --tls-key)")

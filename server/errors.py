@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ttt.lease import LeaseHeld, LeaseLost
 from ttt.model import BaseModelMismatch
 from ttt.store import SessionFormatError
 
@@ -70,10 +71,10 @@ STATUSES: list[tuple[type[Exception] | tuple[type[Exception], ...], Status]] = [
     (TooLarge, Status("RESOURCE_EXHAUSTED", 413, "invalid_request_error")),
     (NotFound, Status("NOT_FOUND", 404, "not_found_error")),
     (AlreadyExists, Status("ALREADY_EXISTS", 409, "conflict_error")),
-    (Conflict, Status("ABORTED", 409, "conflict_error")),
+    ((Conflict, LeaseLost), Status("ABORTED", 409, "conflict_error")),
     ((QuotaExceeded, QueueFull), Status("RESOURCE_EXHAUSTED", 429, "rate_limit_error")),
     ((SessionFormatError, BaseModelMismatch), Status("FAILED_PRECONDITION", 409, "conflict_error")),
-    (ShuttingDown, Status("UNAVAILABLE", 503, "service_unavailable")),
+    ((ShuttingDown, LeaseHeld), Status("UNAVAILABLE", 503, "service_unavailable")),
     (StreamIdle, Status("DEADLINE_EXCEEDED", 408, "timeout_error")),
     # a bad value; OverflowError: a number too big (e.g. in a layers spec); UnicodeDecodeError is a ValueError
     ((ValueError, OverflowError), Status("INVALID_ARGUMENT", 400, "invalid_request_error")),

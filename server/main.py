@@ -25,6 +25,7 @@ from server.scheduler import Scheduler
 from server.service import SessionService
 from server.settings import Settings
 from ttt.decode import DecodeBatch
+from ttt.storage import as_folder
 
 log = logging.getLogger("ttt.server")
 SERVICE_NAME = ttt_pb2.DESCRIPTOR.services_by_name["Sessions"].full_name
@@ -86,13 +87,14 @@ class Server:
         mode = "open (no API keys, loopback only)" if self.keyring.open else f"API keys from {s.api_keys_file}"
         mode += ", TLS" if s.tls_cert is not None else ", no TLS"
         log.info(
-            "serving %s on %s: gRPC %d, HTTP %d; %s; data in %s",
+            "serving %s on %s: gRPC %d, HTTP %d; %s; sessions in %s (as %s)",
             base.name,
             base.device,
             self.grpc_port,
             self.http_port,
             mode,
-            s.data_dir,
+            self.state.registry.root,
+            self.state.registry.owner,
         )
         log.info("web console: %s", self.console_url)
 
@@ -117,7 +119,15 @@ class Server:
             s.max_memory_bytes_per_user,
         )
         registry = SessionRegistry(
-            engine, s.data_dir, s.session_defaults, limits, self.state.metrics, busy=self.state.scheduler.waiting
+            engine,
+            s.data_dir,
+            s.session_defaults,
+            limits,
+            self.state.metrics,
+            busy=self.state.scheduler.waiting,
+            store=as_folder(s.store, **s.store_options) if s.store else None,
+            owner=s.replica_id,
+            lease_seconds=s.lease_seconds,
         )
         self.state.engine, self.state.registry = engine, registry
         self.state.sessions = SessionService(self.state)
@@ -188,6 +198,7 @@ class Server:
                     scheduler.submit((user, sid), registry.save, user, sid)
                 # Sessions grow after they are used (optimizer state, cached keys/values): re-check the budgets.
                 scheduler.submit(("", "residency"), registry.enforce_budgets)
+                registry.renew_leases()
             except Exception:  # queue full or shutting down: the next tick or shutdown saves them
                 log.warning("autosave or residency check deferred", exc_info=True)
 
@@ -208,6 +219,7 @@ class Server:
             except Exception:
                 log.exception("saving a session at shutdown failed")
         scheduler.shutdown()
+        registry.release_all()
         self._http_thread.join(5)
         log.info("stopped; %d sessions saved", len(saves))
 

@@ -1,9 +1,11 @@
 """Sessions by user: on the device while in use, parked in host memory or on disk when idle.
 
-Checkpoints live under ``<data_dir>/users/<user>/<session>/``; folder names come only from validated ids
-(``ttt.engine.check_session_id``), never from raw request text. Residency tiers, least recently used
-first out: "device" (ready to train and answer), "host" (tensors in host memory) and "disk" (saved, then
-dropped from memory). A session comes back on its next use (``get``). Methods that touch a session's
+Checkpoints live under ``<store>/<user>/<session>/`` (``<data_dir>/users`` or an fsspec URL, ``ttt.storage``);
+folder names come only from validated ids (``ttt.engine.check_session_id``), never from raw request text. A session
+in memory holds its lease (``ttt.lease``): servers sharing a store never write one session both; every save
+carries the lease's fencing number, and a session whose lease was taken over is dropped unsaved. Residency tiers,
+least recently used first out: "device" (ready to train and answer), "host" (tensors in host memory) and "disk"
+(saved, then dropped from memory). A session comes back on its next use (``get``). Methods that touch a session's
 tensors (``get``, ``create``, ``save``, ``enforce_budgets``, ...) are called on the scheduler's worker.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -26,17 +28,20 @@ from server.errors import AlreadyExists, Conflict, NotFound, QuotaExceeded
 from ttt import Engine, Session, SessionConfig
 from ttt.config import check_caps, merge
 from ttt.engine import check_session_id
+from ttt.lease import Lease, LeaseLost, release, renew
 from ttt.model import BaseModelMismatch
 from ttt.peft import import_peft
 from ttt.session import priced_bytes
+from ttt.storage import Folder, as_folder
 from ttt.store import (
     KEEP_CHECKPOINTS,
     SessionFormatError,
-    disk_bytes,
+    checkpoints,
     estimate_checkpoint_bytes,
     has_checkpoint,
     saved_info,
     saved_sessions,
+    take_lease,
 )
 
 __all__ = ["AlreadyExists", "Limits", "NotFound", "QuotaExceeded", "SessionRegistry"]
@@ -66,6 +71,7 @@ class Events:
 @dataclass
 class Entry:
     session: Session
+    lease: Lease  # held while the session is in memory
     saved_version: int  # session.version at the last checkpoint (or load)
     saved_chunks: int  # stats.chunks at the last checkpoint, for chunk-count autosave
     saved_at: float = field(default_factory=time.time)
@@ -74,17 +80,17 @@ class Entry:
     bytes: int = 0  # resident bytes when last measured on the worker (read by metrics from other threads)
 
     @classmethod
-    def saved(cls, session: Session) -> Entry:
-        return cls(session, session.version, session.stats.chunks)
+    def saved(cls, session: Session, lease: Lease) -> Entry:
+        return cls(session, lease, session.version, session.stats.chunks)
 
     @property
     def dirty(self) -> bool:
         return self.session.version != self.saved_version
 
 
-def _private(e: Exception, folder: Path) -> Exception:
+def _private(e: Exception, folder: Folder) -> Exception:
     """The same error with the server's paths cut to the session's own folder (clients see its message)."""
-    return type(e)(str(e).replace(f"{folder}{os.sep}", "").replace(str(folder), "session"))
+    return type(e)(str(e).replace(f"{folder}/", "").replace(str(folder), "session"))
 
 
 class SessionRegistry:
@@ -96,9 +102,17 @@ class SessionRegistry:
         limits: Limits | None = None,
         events: Events | None = None,
         busy: Callable[[Key], bool] = lambda key: False,
+        *,
+        store: str | os.PathLike | Folder | None = None,
+        owner: str | None = None,
+        lease_seconds: float = 30.0,
     ):
+        """``store``: where sessions are kept (default ``<data_dir>/users``); ``owner``: this registry's name in the
+        sessions' leases (default ``<host name>:<store>``: a restarted server takes its own sessions back at once)."""
         self.engine = engine
-        self.root = Path(data_dir) / "users"
+        self.root = as_folder(store if store is not None else Path(data_dir) / "users")
+        self.owner = owner or f"{socket.gethostname()}:{self.root}"
+        self.lease_seconds = lease_seconds
         self.defaults = defaults or {}
         self.limits = limits or Limits()
         self.events = events or Events()
@@ -108,12 +122,11 @@ class SessionRegistry:
         self._feeding: set[Key] = set()  # sessions a document stream feeds (``feeding``)
         self._lock = threading.Lock()
 
-    def folder(self, user: str, session_id: str) -> Path:
-        return self.root / check_session_id(user) / check_session_id(session_id)
+    def folder(self, user: str, session_id: str) -> Folder:
+        return self.root.child(check_session_id(user)).child(check_session_id(session_id))
 
     def _on_disk(self, user: str) -> set[str]:
-        d = self.root / check_session_id(user)
-        return {p.name for p in saved_sessions(d)}
+        return {sid for (sid,) in saved_sessions(self.root.child(check_session_id(user)))}
 
     def ids(self, user: str) -> list[str]:
         with self._lock:
@@ -196,9 +209,13 @@ class SessionRegistry:
         if need > self.limits.max_bytes_per_user:
             raise QuotaExceeded(f"over the disk quota of {self.limits.max_bytes_per_user} bytes per user")
         key = (user, session.id)
+        lease = take_lease(self.folder(*key), self.owner, self.lease_seconds)  # another server may create it too
+        if has_checkpoint(self.folder(*key)):
+            release(self.folder(*key), lease)
+            raise AlreadyExists(f"session {session.id!r} already exists")
         with self._lock:
             # A new session is dirty: nothing of it is on disk yet.
-            entry = Entry(session, saved_version=-1, saved_chunks=0, bytes=session.resident_bytes())
+            entry = Entry(session, lease, saved_version=-1, saved_chunks=0, bytes=session.resident_bytes())
             if self._live.setdefault(key, entry) is not entry:
                 raise AlreadyExists(f"session {session.id!r} already exists")
         self.enforce_budgets(keep=key)
@@ -211,7 +228,7 @@ class SessionRegistry:
         """
         with self._lock:
             unsaved = [e.session for (u, _), e in self._live.items() if u == user and e.saved_version == -1]
-        return disk_bytes(self.root / user) + KEEP_CHECKPOINTS * sum(map(estimate_checkpoint_bytes, unsaved))
+        return self.root.child(user).size() + KEEP_CHECKPOINTS * sum(map(estimate_checkpoint_bytes, unsaved))
 
     def check_exists(self, user: str, session_id: str) -> None:
         """NotFound unless the user has this session (in memory or on disk); no device work. Any thread."""
@@ -231,13 +248,15 @@ class SessionRegistry:
             folder = self.folder(user, session_id)
             if not has_checkpoint(folder):
                 raise NotFound(f"no session {session_id!r}")
+            lease = take_lease(folder, self.owner, self.lease_seconds)  # LeaseHeld: open on another server
             try:
                 session = self.engine.load_session(folder)
             except (SessionFormatError, BaseModelMismatch) as e:
+                release(folder, lease)
                 raise _private(e, folder) from None
             if session.restored_from:
                 self.events.fallback()
-            entry = Entry.saved(session)
+            entry = Entry.saved(session, lease)
             with self._lock:
                 entry = self._live.setdefault(key, entry)
             self.events.move("disk", "device")
@@ -291,10 +310,41 @@ class SessionRegistry:
                 log.warning("a session stays in memory: saving it before moving it to disk failed", exc_info=True)
                 return False
         with self._lock:
-            if self._live.get(key) is entry and key not in self._feeding:
+            if self._live.get(key) is not entry or key in self._feeding:
+                return False
+            del self._live[key]
+        release(self.folder(*key), entry.lease)
+        return True
+
+    def _forget(self, key: Key, entry: Entry) -> None:
+        """Drop a session whose lease was taken over, unsaved: another server owns it now."""
+        log.warning("session %s/%s: its lease was taken over; dropped from memory unsaved", *key)
+        with self._lock:
+            if self._live.get(key) is entry:
                 del self._live[key]
-                return True
-        return False
+
+    # ---- leases ----------------------------------------------------------------------------------
+
+    def renew_leases(self) -> None:
+        """Renew the leases of the sessions in memory that are past half their time; those taken over meanwhile are
+        dropped (their saves would be refused). Any thread."""
+        with self._lock:
+            held = list(self._live.items())
+        for key, entry in held:
+            if entry.lease.expires - time.time() > self.lease_seconds / 2:
+                continue
+            try:
+                entry.lease = renew(self.folder(*key), entry.lease, self.lease_seconds)
+            except LeaseLost:
+                self._forget(key, entry)
+
+    def release_all(self) -> None:
+        """Give up every lease held (at shutdown, after the last saves): other servers may take the sessions now."""
+        with self._lock:
+            held = list(self._live.items())
+            self._live.clear()
+        for key, entry in held:
+            release(self.folder(*key), entry.lease)
 
     def residency(self) -> dict[str, tuple[int, int]]:
         """tier -> (sessions, bytes): bytes in memory for device and host, checkpoint bytes for disk. Any thread."""
@@ -304,9 +354,8 @@ class SessionRegistry:
             for e in self._live.values():
                 n, b = out[e.tier]
                 out[e.tier] = (n + 1, b + e.bytes)
-        saved = saved_sessions(self.root, depth=2)
-        parked = [p for p in saved if (p.parent.name, p.name) not in live]
-        out["disk"] = (len(parked), sum(map(disk_bytes, parked)))
+        parked = [key for key in saved_sessions(self.root, depth=2) if key not in live]
+        out["disk"] = (len(parked), sum(self.folder(*key).size() for key in parked))
         return out
 
     # ---- info, save, delete, reset ---------------------------------------------------------------
@@ -326,7 +375,7 @@ class SessionRegistry:
                 info, residency = saved_info(folder), "disk"
             except SessionFormatError as e:
                 raise _private(e, folder) from None
-        return {**info, "residency": residency, "disk_bytes": disk_bytes(folder)}
+        return {**info, "residency": residency, "disk_bytes": folder.size()}
 
     def save(self, user: str, session_id: str) -> None:
         """Checkpoint a session held in memory (one only on disk is saved already)."""
@@ -341,11 +390,15 @@ class SessionRegistry:
         session = entry.session
         with session.lock:
             # After the save, the newest two checkpoints remain: older ones no longer count.
-            older = sorted(folder.glob("ckpt-*"), reverse=True)[1:]
-            need = disk_bytes(self.root / user) - sum(map(disk_bytes, older)) + estimate_checkpoint_bytes(session)
+            older = sum(folder.child(c).size() for c in checkpoints(folder)[1:])
+            need = self.root.child(user).size() - older + estimate_checkpoint_bytes(session)
             if need > self.limits.max_bytes_per_user:
                 raise QuotaExceeded(f"over the disk quota of {self.limits.max_bytes_per_user} bytes per user")
-            session.save(folder)
+            try:
+                session.save(folder, fence=entry.lease.fence)
+            except LeaseLost:
+                self._forget(key, entry)
+                raise
             entry.saved_version, entry.saved_chunks, entry.saved_at = session.version, session.stats.chunks, time.time()
 
     def delete(self, user: str, session_id: str) -> None:
@@ -353,8 +406,10 @@ class SessionRegistry:
         folder = self.folder(user, session_id)
         with self._lock:
             found = self._live.pop(key, None) is not None
-        if folder.is_dir():
-            shutil.rmtree(folder)
+        if folder.exists():
+            if not found:
+                take_lease(folder, self.owner, self.lease_seconds)  # LeaseHeld: in use on another server
+            folder.remove()
             found = True
         if not found:
             raise NotFound(f"no session {session_id!r}")

@@ -31,7 +31,17 @@ class Settings(BaseSettings):
     http_port: int = Field(8000, ge=0, le=65535)
     """0 picks a free port"""
     data_dir: Path = Field(default_factory=_default_data_dir)
-    """where sessions are saved"""
+    """where sessions are saved (under users/), unless ``store`` names another place"""
+    store: str | None = None
+    """the session store: a folder or an fsspec URL (``s3://bucket/prefix``; ttt.storage says what each backend
+    guarantees); empty: <data_dir>/users"""
+    store_options: dict = Field(default_factory=dict)
+    """fsspec storage options of ``store`` as JSON, e.g. {"client_kwargs": {"endpoint_url": "http://minio:9000"}}"""
+    replica_id: str | None = None
+    """this server's name in the sessions' leases (one writer per session); empty: <host name>:<store>, so that a
+    restarted server takes its own sessions back at once: give each server sharing a store its own"""
+    lease_seconds: float = Field(30.0, gt=0)
+    """how long a session's lease lasts without renewal: a server that vanished holds its sessions this long"""
     api_keys_file: Path | None = None
     """JSON {user: [sha256 of key, ...]}; none: open, loopback only"""
     tls_cert: Path | None = None

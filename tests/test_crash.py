@@ -59,10 +59,10 @@ def serving(model_dir: Path, data_dir: Path):
 
 def latest_manifest(folder: Path) -> dict:
     """The manifest ``LATEST`` names (checked against its sha256 by ``read_manifest``)."""
-    from ttt.store import read_manifest
+    from ttt.store import LATEST, Pointer, read_manifest
 
-    name, digest = (folder / "LATEST").read_text().split()
-    return read_manifest(folder / name, digest)
+    pointer = Pointer.parse((folder / LATEST).read_bytes())
+    return read_manifest(folder / pointer.checkpoint, pointer.manifest_sha256)
 
 
 def load_in_server(server: ServerProcess, sid: str) -> None:

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import ttt
-from ttt import peft, store
+from ttt import peft, storage, store
 from ttt.config import FastWeightConfig, SessionConfig
 from ttt.model import BaseModelMismatch
 
@@ -457,7 +457,7 @@ def test_failed_save_keeps_previous_checkpoint(engine, tmp_path, monkeypatch):
     session = trained_session(engine, text=DOC1[:200])
     root = tmp_path / "s"
     session.save(root)
-    real_write = store._write_file
+    real_write = storage._write_file
     for n, where in enumerate(FAILURES):
         before = dataclasses.asdict(session.stats)
         latest_before = (root / "LATEST").read_bytes()
@@ -477,11 +477,11 @@ def test_failed_save_keeps_previous_checkpoint(engine, tmp_path, monkeypatch):
             raise OSError("injected failure")
 
         with monkeypatch.context() as m:
-            m.setattr(store, "_write_file", failing_write)
+            m.setattr(storage, "_write_file", failing_write)
             if where == "rename":
-                m.setattr(store.os, "rename", failing)
+                m.setattr(storage.os, "rename", failing)
             if where == "latest":
-                m.setattr(store, "_write_atomic", failing)
+                m.setattr(storage, "_write_atomic", failing)
             with pytest.raises(OSError):
                 session.save(root)
 
@@ -511,7 +511,7 @@ def _save_then_die(engine, root: Path, conn) -> None:
     store.save_session(session, root)
     conn.send(dataclasses.asdict(session.stats))
     session.ingest(KJV[420:520])
-    real_write = store._write_file
+    real_write = storage._write_file
 
     def write_then_die(path, data):
         info = real_write(path, data)
@@ -519,7 +519,7 @@ def _save_then_die(engine, root: Path, conn) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return info
 
-    store._write_file = write_then_die  # the child's own copy of the module
+    storage._write_file = write_then_die  # the child's own copy of the module
     store.save_session(session, root)
     conn.send("not killed")
 
@@ -814,7 +814,7 @@ def test_saved_sessions_are_folders_with_a_latest_file(tmp_path):
     (tmp_path / "alice" / "kept" / store.LATEST).write_text("ckpt-000001 0\n")
     (tmp_path / "alice" / "odd" / store.LATEST).mkdir(parents=True)  # a folder named LATEST is no checkpoint
     (tmp_path / "alice" / "empty").mkdir()
-    assert store.saved_sessions(tmp_path, depth=2) == [tmp_path / "alice" / "kept"]
-    assert store.saved_sessions(tmp_path / "alice") == [tmp_path / "alice" / "kept"]
+    assert store.saved_sessions(tmp_path, depth=2) == [("alice", "kept")]
+    assert store.saved_sessions(tmp_path / "alice") == [("kept",)]
     assert store.has_checkpoint(tmp_path / "alice" / "kept") and not store.has_checkpoint(tmp_path / "alice" / "odd")
     assert store.saved_sessions(tmp_path / "nobody") == []

@@ -334,12 +334,13 @@ class Session(Answering):
 
     # ---- persistence --------------------------------------------------------------------------
 
-    def save(self, path) -> None:
-        """Checkpoint to folder ``path`` atomically (see ``store.py``); the previous save survives a crash."""
+    def save(self, path, fence: int | None = None) -> None:
+        """Checkpoint to folder ``path`` (or an fsspec URL) atomically (see ``store.py``); the previous save survives
+        a crash. ``fence``: the lease's fencing number of the writer (``lease.py``)."""
         from .store import save_session
 
         with self.lock:
-            save_session(self, path)
+            save_session(self, path, fence)
 
     def info(self) -> dict:
         """``SessionInfo`` as a dict."""

@@ -10,9 +10,11 @@ A session folder holds numbered checkpoints and a ``LATEST`` pointer::
                           adapter/                   LoRA sessions: peft's adapter layout
     <session>/ckpt-000006/...        the previous checkpoint, kept as a fallback
 
-A checkpoint is written into a temporary folder (each file fsynced), renamed into place, and only
-then does ``LATEST`` (itself written to a temp file, fsynced and renamed) point at it. A crash at any
-moment leaves ``LATEST`` naming a complete, verified checkpoint.
+A checkpoint is written complete first (a local folder: into a temporary folder, each file fsynced, then renamed
+into place; an object store: under a name no other save uses), and only then does ``LATEST`` point at it, moved by
+a compare-and-swap (``storage.py`` says what each backend guarantees). A crash at any moment leaves ``LATEST``
+naming a complete, verified checkpoint. Where a lease guards the session (``lease.py``), ``LATEST`` also carries
+the fencing number of the last writer (``ckpt-000007 <sha256> 12``): a save under an older number is refused.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,11 +33,14 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from . import storage
 from .config import SessionConfig
+from .lease import SWAP_ATTEMPTS, Lease, LeaseLost, acquire
 from .memory import MIN_SPAN_TOKENS
 from .model import BaseModelMismatch
 from .peft import peft_files
 from .session import SessionInfo, SessionStats
+from .storage import Folder, as_folder
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -49,32 +54,6 @@ log = logging.getLogger(__name__)
 
 class SessionFormatError(ValueError):
     """A saved session is missing, truncated, corrupted or of an unknown format."""
-
-
-# ---- low-level atomic writes ---------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> dict:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    _write_file(tmp, data)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # ---- save ----------------------------------------------------------------------------------------
@@ -99,96 +78,167 @@ def export_peft(session: Session, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        _write_file(folder / name, data)
+        storage._write_file(folder / name, data)
     return folder
 
 
-LATEST = "LATEST"  # names a session folder's newest complete checkpoint and its manifest's sha256
+LATEST = "LATEST"  # names a session folder's newest complete checkpoint, its manifest's sha256 (and fence)
 
 
-def has_checkpoint(folder: str | os.PathLike) -> bool:
+@dataclass(frozen=True)
+class Pointer:
+    """What ``LATEST`` says: ``ckpt-000007 <sha256 of its manifest.json>``, then the fence when one was given."""
+
+    checkpoint: str
+    manifest_sha256: str
+    fence: int = 0
+
+    @classmethod
+    def parse(cls, data: bytes | None) -> Pointer | None:
+        parts = data.decode(errors="replace").split() if data else []
+        if 2 <= len(parts) <= 3 and parts[0].startswith("ckpt-") and parts[-1].isdigit() == (len(parts) == 3):
+            return cls(parts[0], parts[1], int(parts[2]) if len(parts) == 3 else 0)
+        return None
+
+    def encode(self) -> bytes:
+        return f"{self.checkpoint} {self.manifest_sha256}{f' {self.fence}' if self.fence else ''}\n".encode()
+
+
+def has_checkpoint(folder: str | os.PathLike | Folder) -> bool:
     """Whether ``folder`` holds a saved session (a complete checkpoint that ``LATEST`` names)."""
-    return (Path(folder) / LATEST).is_file()
+    return as_folder(folder).exists(LATEST)
 
 
-def saved_sessions(root: str | os.PathLike, depth: int = 1) -> list[Path]:
-    """The session folders with a checkpoint ``depth`` levels below ``root`` (2: ``root/<user>/<session>``)."""
-    root = Path(root)
-    return [p.parent for p in root.glob("/".join(["*"] * depth + [LATEST])) if p.is_file()] if root.is_dir() else []
+def saved_sessions(root: str | os.PathLike | Folder, depth: int = 1) -> list[tuple[str, ...]]:
+    """The names of the session folders with a checkpoint ``depth`` levels below ``root`` (2: ``(user, session)``)."""
+    root = as_folder(root)
+    if depth == 1:
+        return [(name,) for name in root.subfolders() if root.child(name).exists(LATEST)]
+    return [(name, *below) for name in root.subfolders() for below in saved_sessions(root.child(name), depth - 1)]
 
 
-def _checkpoints(root: Path) -> list[Path]:
-    """Checkpoint folders, newest first."""
-    return sorted((p for p in root.glob("ckpt-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+def checkpoints(root: str | os.PathLike | Folder) -> list[str]:
+    """Checkpoint names, newest first."""
+    return sorted((n for n in as_folder(root).subfolders() if n.startswith("ckpt-")), reverse=True)
 
 
-def save_session(session: Session, path: str | os.PathLike) -> Path:
-    """Write a new checkpoint of ``session`` under folder ``path`` atomically; returns the checkpoint folder."""
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-ckpt-*"):  # left by a save that crashed: saves of a session never overlap
-        shutil.rmtree(stale, ignore_errors=True)
-    existing = _checkpoints(root)
-    number = int(existing[0].name.removeprefix("ckpt-")) + 1 if existing else 1
-    final = root / f"ckpt-{number:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=root))
+def _swap_latest(root: Folder, change: Callable[[Pointer | None], Pointer | None]) -> None:
+    """Replace ``LATEST`` by ``change(current)`` (None: leave it) in a compare-and-swap, again while others race."""
+    for _ in range(SWAP_ATTEMPTS):
+        data, version = root.read_versioned(LATEST)
+        new = change(Pointer.parse(data))
+        if new is None or root.swap(LATEST, new.encode(), version):
+            return
+    raise OSError(f"{root}/{LATEST}: other writers kept moving it; not moved")
+
+
+def fence_latest(root: Folder, fence: int) -> None:
+    """Stamp ``LATEST`` with ``fence`` (when above its own): from now on a save under an older fence is refused."""
+    _swap_latest(root, lambda p: replace(p, fence=fence) if p is not None and p.fence < fence else None)
+
+
+def take_lease(folder: str | os.PathLike | Folder, owner: str, seconds: float) -> Lease:
+    """The session's lease for ``owner`` with a new fencing number, ``LATEST`` stamped with it (``lease.py``)."""
+    folder = as_folder(folder)
+    lease = acquire(folder, owner, seconds)
+    fence_latest(folder, lease.fence)
+    return lease
+
+
+def _checkpoint_files(session: Session, fence: int | None, sums: dict) -> Iterator[tuple[str, bytes]]:
+    """The files of a checkpoint of ``session``, its manifest (with every other file's checksum) last."""
+
+    def checked(name: str, data: bytes) -> tuple[str, bytes]:
+        sums[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        return name, data
+
+    yield checked(
+        "fast_weights.safetensors",
+        st_save({k: v.detach().cpu().contiguous() for k, v in session.fast.state_dict().items()}),
+    )
+    opt_tensors, opt_json = _optimizer_tensors(session.optimizer)
+    yield checked("optimizer.safetensors", st_save(opt_tensors))
+    tokens = {
+        "window": torch.tensor(session.window, dtype=torch.int64),
+        "pending": torch.tensor(session.pending, dtype=torch.int64),
+        **session.memory.tensors(),
+    }
+    yield checked("tokens.safetensors", st_save(tokens))
+    if session.fast.kind == "lora":
+        for name, data in peft_files(session).items():
+            yield checked(f"adapter/{name}", data)
+    base = session.engine.base
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "session_id": session.id,
+        "base_model": {"name": base.name, "fingerprint": base.fingerprint},
+        "fast_weight_kind": session.fast.kind,
+        "config": session.config.to_dict(),
+        "stats": vars(session.stats),
+        "document_ended": session.document_ended,
+        "tokenizer_state": session.text_stream.state(),
+        "optimizer": opt_json,
+        "saved_at": time.time(),
+        "fence": fence,
+        "files": dict(sums),
+    }
+    data = json.dumps(manifest, indent=2, allow_nan=True).encode()
+    sums["manifest.json"] = {"sha256": hashlib.sha256(data).hexdigest()}
+    yield "manifest.json", data
+
+
+def save_session(session: Session, path: str | os.PathLike | Folder, fence: int | None = None) -> Path | str:
+    """Write a new checkpoint of ``session`` under ``path`` (a folder or an fsspec URL) and point ``LATEST`` at it;
+    returns the checkpoint (a Path, or a URL). ``fence``: the writer's lease fencing number (LeaseLost, nothing
+    kept, when ``LATEST`` carries a newer one)."""
+    root = as_folder(path)
+    root.clean()  # what a crashed save left: saves of a session never overlap
+    existing = checkpoints(root)
+    number = int(existing[0][5:11]) + 1 if existing else 1
+    name = root.unique(f"ckpt-{number:06d}")
+    sums: dict = {}
+    root.write_all(name, _checkpoint_files(session, fence, sums))
+    new = Pointer(name, sums["manifest.json"]["sha256"])
+    previous: list[Pointer | None] = [None]
+
+    def point(current: Pointer | None) -> Pointer:
+        held = current.fence if current is not None else 0
+        if fence is not None and held > fence:
+            raise LeaseLost(f"{root.name}: a newer writer (fence {held} > {fence}) owns the session; not saved")
+        previous[:] = [current]
+        return replace(new, fence=max(held, fence or 0))
+
     try:
-        files = {}
-        fast_state = {k: v.detach().cpu().contiguous() for k, v in session.fast.state_dict().items()}
-        files["fast_weights.safetensors"] = _write_file(tmp / "fast_weights.safetensors", st_save(fast_state))
-        opt_tensors, opt_json = _optimizer_tensors(session.optimizer)
-        files["optimizer.safetensors"] = _write_file(tmp / "optimizer.safetensors", st_save(opt_tensors))
-        tokens = {
-            "window": torch.tensor(session.window, dtype=torch.int64),
-            "pending": torch.tensor(session.pending, dtype=torch.int64),
-            **session.memory.tensors(),
-        }
-        files["tokens.safetensors"] = _write_file(tmp / "tokens.safetensors", st_save(tokens))
-        if session.fast.kind == "lora":
-            (tmp / "adapter").mkdir()
-            for name, data in peft_files(session).items():
-                files[f"adapter/{name}"] = _write_file(tmp / "adapter" / name, data)
-            _fsync_dir(tmp / "adapter")
-        base = session.engine.base
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "session_id": session.id,
-            "base_model": {"name": base.name, "fingerprint": base.fingerprint},
-            "fast_weight_kind": session.fast.kind,
-            "config": session.config.to_dict(),
-            "stats": vars(session.stats),
-            "document_ended": session.document_ended,
-            "tokenizer_state": session.text_stream.state(),
-            "optimizer": opt_json,
-            "saved_at": time.time(),
-            "files": files,
-        }
-        manifest_bytes = json.dumps(manifest, indent=2, allow_nan=True).encode()
-        manifest_sum = _write_file(tmp / "manifest.json", manifest_bytes)["sha256"]
-        _fsync_dir(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / LATEST, f"{final.name} {manifest_sum}\n".encode())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _swap_latest(root, point)
+    except LeaseLost:
+        root.remove(name)
         raise
-    # The checkpoints the load skipped as damaged go first, so that pruning keeps the good fallback, not them.
-    damaged = [c for c in existing if c.name in session.damaged_checkpoints]
-    for old in damaged + [c for c in _checkpoints(root) if c not in damaged][KEEP_CHECKPOINTS:]:
-        shutil.rmtree(old, ignore_errors=True)
+    # One fallback stays: the checkpoint this session was loaded from when the newer ones were damaged (its first
+    # save since), else the one LATEST named until now. The others before the new one go: older ones, damaged ones,
+    # those of failed saves.
+    last = previous[0].checkpoint if previous[0] else None
+    fallback = session.restored_from if session.damaged_checkpoints else last
+    for old in checkpoints(root):
+        if old < name and old != fallback:
+            root.remove(old)
     session.damaged_checkpoints = []
-    return final
+    return root.child(name).location
 
 
 # ---- load ----------------------------------------------------------------------------------------
 
 
-def _read_checked(ckpt: Path, name: str, files: dict) -> bytes:
-    file = ckpt / name
-    if not file.is_file():
-        raise SessionFormatError(f"{file}: missing")
-    data = file.read_bytes()
+def _read(folder: Folder, name: str) -> bytes:
+    try:
+        return folder.read(name)
+    except FileNotFoundError:
+        raise SessionFormatError(f"{folder}/{name}: missing") from None
+
+
+def _read_checked(ckpt: Folder, name: str, files: dict) -> bytes:
+    file = f"{ckpt}/{name}"
+    data = _read(ckpt, name)
     expected = files.get(name)
     if expected is None:
         raise SessionFormatError(f"{ckpt / 'manifest.json'}: no checksum for {name}")
@@ -199,11 +249,10 @@ def _read_checked(ckpt: Path, name: str, files: dict) -> bytes:
     return data
 
 
-def read_manifest(ckpt: Path, expected_sha256: str | None = None) -> dict:
-    file = ckpt / "manifest.json"
-    if not file.is_file():
-        raise SessionFormatError(f"{file}: missing")
-    data = file.read_bytes()
+def read_manifest(ckpt: str | os.PathLike | Folder, expected_sha256: str | None = None) -> dict:
+    ckpt = as_folder(ckpt)
+    file = f"{ckpt}/manifest.json"
+    data = _read(ckpt, "manifest.json")
     if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise SessionFormatError(f"{file}: checksum mismatch with LATEST (corrupted)")
     try:
@@ -217,7 +266,7 @@ def read_manifest(ckpt: Path, expected_sha256: str | None = None) -> dict:
     return manifest
 
 
-def _load_checkpoint(engine: Engine, ckpt: Path, manifest_sha256: str | None) -> Session:
+def _load_checkpoint(engine: Engine, ckpt: Folder, manifest_sha256: str | None) -> Session:
     from .session import Session
 
     manifest = read_manifest(ckpt, manifest_sha256)
@@ -267,33 +316,29 @@ def load_session(engine: Engine, path: str | os.PathLike, fallback: bool = True)
     A corrupted newest checkpoint falls back to the previous one (logged) when ``fallback``; a session
     of another base model is refused outright.
     """
-    root = Path(path)
-    if not root.is_dir():
+    root = as_folder(path)
+    if not root.exists():
         raise FileNotFoundError(f"{root}: no saved session there")
-    candidates: list[tuple[Path, str | None]] = []
-    latest = root / LATEST
-    if latest.is_file():
-        parts = latest.read_text().split()
-        if len(parts) == 2 and parts[0].startswith("ckpt-"):
-            candidates.append((root / parts[0], parts[1]))
-    candidates += [(c, None) for c in _checkpoints(root) if all(c != p for p, _ in candidates)]
+    pointer = Pointer.parse(root.read_versioned(LATEST)[0])
+    candidates: list[tuple[str, str | None]] = [(pointer.checkpoint, pointer.manifest_sha256)] if pointer else []
+    candidates += [(c, None) for c in checkpoints(root) if all(c != p for p, _ in candidates)]
     if not candidates:
         raise FileNotFoundError(f"{root}: no checkpoint (LATEST and ckpt-* are missing)")
     errors = []
     for ckpt, manifest_sum in candidates:
         try:
-            session = _load_checkpoint(engine, ckpt, manifest_sum)
+            session = _load_checkpoint(engine, root.child(ckpt), manifest_sum)
         except SessionFormatError as e:
             errors.append(e)
             if not fallback:
                 break
             continue
         if errors:
-            log.warning("%s: loaded %s after: %s", root, ckpt.name, "; ".join(map(str, errors)))
+            log.warning("%s: loaded %s after: %s", root, ckpt, "; ".join(map(str, errors)))
             # Reported with the session, relative to its folder: a client never sees server paths.
-            session.restored_from = ckpt.name
-            session.damaged_checkpoints = [c.name for c, _ in candidates[: candidates.index((ckpt, manifest_sum))]]
-            session.warnings = [str(e).replace(f"{root}{os.sep}", "") for e in errors]
+            session.restored_from = ckpt
+            session.damaged_checkpoints = [c for c, _ in candidates[: candidates.index((ckpt, manifest_sum))]]
+            session.warnings = [str(e).replace(f"{root}/", "") for e in errors]
         return session
     raise errors[0]
 
@@ -321,17 +366,21 @@ def saved_config(manifest: dict) -> dict:
     return config if "recall" in config else {**config, "memory": "off"}
 
 
-def saved_info(root: Path) -> dict:
+def saved_info(root: str | os.PathLike | Folder) -> dict:
     """``Session.info`` of the session saved under ``root`` (its newest checkpoint), without loading its weights:
     the manifest and ``tokens.safetensors`` (token ids only) are read."""
     from .memory import SpanMemory
 
-    name, digest = (root / LATEST).read_text().split()
-    manifest = read_manifest(root / name, digest)
+    root = as_folder(root)
+    pointer = Pointer.parse(_read(root, LATEST))
+    if pointer is None:
+        raise SessionFormatError(f"{root}/{LATEST}: not a checkpoint pointer")
+    ckpt = root.child(pointer.checkpoint)
+    manifest = read_manifest(ckpt, pointer.manifest_sha256)
     config = SessionConfig.from_dict(saved_config(manifest))
     stats = SessionStats(**manifest["stats"])
     try:
-        tokens = st_load((root / name / "tokens.safetensors").read_bytes())
+        tokens = st_load(ckpt.read("tokens.safetensors"))
     except Exception:  # unreadable: loading says why (or falls back to the previous checkpoint)
         tokens = {}
     memory = SpanMemory(config.recall)
@@ -353,12 +402,6 @@ def saved_info(root: Path) -> dict:
     )
 
 
-def disk_bytes(path: Path) -> int:
+def disk_bytes(path: str | os.PathLike | Folder) -> int:
     """Bytes of the files under ``path`` (0 when absent), but those of crashed saves (removed by the next save)."""
-    if not Path(path).is_dir():
-        return 0
-    return sum(
-        f.stat().st_size
-        for f in Path(path).rglob("*")
-        if f.is_file() and not any(part.startswith(".tmp-ckpt-") for part in f.parts)
-    )
+    return as_folder(path).size()

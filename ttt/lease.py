@@ -1,0 +1,90 @@
+"""One writer per session: a lease with an owner, an expiry and a fencing number, in the session's folder.
+
+    <session>/LEASE    {"owner": "replica-a", "fence": 7, "expires": 1764561234.5}
+
+``acquire`` takes the lease when it is free, expired or already the caller's, always with a new fencing number
+(the last one + 1); ``store.take_lease`` then stamps ``LATEST`` with it. ``store.save_session(...,
+fence=n)`` moves ``LATEST`` only while ``LATEST``'s fence is not above ``n``, in the same compare-and-swap: a
+holder that lost its lease (paused past its expiry, partitioned, presumed dead) can never replace a newer
+checkpoint, whatever the clocks say. Expiries are wall-clock times compared across machines: clocks skewed by
+more than a lease's length let two owners believe they hold it, but the fence still lets only the newer one write.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+
+from .storage import Folder
+
+LEASE = "LEASE"
+SWAP_ATTEMPTS = 16  # compare-and-swap retries while other writers race for the same object
+
+
+class LeaseHeld(Exception):
+    """Another owner holds the session's lease until ``expires`` (unix seconds)."""
+
+    def __init__(self, message: str, owner: str, expires: float):
+        super().__init__(message)
+        self.owner, self.expires = owner, expires
+
+
+class LeaseLost(Exception):
+    """This owner's lease was taken over: a newer fencing number owns the session now; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    owner: str
+    fence: int
+    expires: float
+
+    def held_by(self, owner: str, now: float) -> bool:
+        return self.owner == owner and now < self.expires
+
+
+def read_lease(folder: Folder) -> tuple[Lease | None, object]:
+    data, version = folder.read_versioned(LEASE)
+    return (Lease(**json.loads(data)) if data else None), version
+
+
+def acquire(folder: Folder, owner: str, seconds: float) -> Lease:
+    """Take the session's lease for ``seconds`` with a new fencing number; LeaseHeld if another owner holds it."""
+    for _ in range(SWAP_ATTEMPTS):
+        current, version = read_lease(folder)
+        now = time.time()
+        if current is not None and current.owner != owner and now < current.expires:
+            raise LeaseHeld(
+                f"session is open on {current.owner} for up to {current.expires - now:.0f} s more: retry then",
+                current.owner,
+                current.expires,
+            )
+        lease = Lease(owner, (current.fence if current else 0) + 1, now + seconds)
+        if folder.swap(LEASE, json.dumps(asdict(lease)).encode(), version):
+            return lease
+    raise LeaseHeld("session's lease is contended: retry", "", time.time())
+
+
+def renew(folder: Folder, lease: Lease, seconds: float) -> Lease:
+    """Extend a held lease (same fence); LeaseLost when another owner took it over meanwhile."""
+    for _ in range(SWAP_ATTEMPTS):
+        current, version = read_lease(folder)
+        if current is None or current.fence != lease.fence or current.owner != lease.owner:
+            raise LeaseLost(f"{folder.name}: lease {lease.fence} taken over (now {current})")
+        renewed = Lease(lease.owner, lease.fence, time.time() + seconds)
+        if folder.swap(LEASE, json.dumps(asdict(renewed)).encode(), version):
+            return renewed
+    raise LeaseLost(f"{folder.name}: could not renew lease {lease.fence}")
+
+
+def release(folder: Folder, lease: Lease) -> None:
+    """Give the lease up at once (it stays in the folder, expired, so that fencing numbers keep growing); nothing
+    happens if it was taken over already."""
+    for _ in range(SWAP_ATTEMPTS):
+        current, version = read_lease(folder)
+        if current is None or current.fence != lease.fence:
+            return
+        expired = Lease(lease.owner, lease.fence, 0.0)
+        if folder.swap(LEASE, json.dumps(asdict(expired)).encode(), version):
+            return
