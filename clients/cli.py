@@ -47,14 +47,27 @@ def add_serve(sub) -> None:
     )
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS on both doors with this certificate (with --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    ray = p.add_argument_group("Ray Serve (pip install .[ray]; docs/scale-out.md)")
+    ray.add_argument("--ray", action="store_true", help="serve through a Ray Serve cluster of engine replicas")
+    ray.add_argument("--ray-address", metavar="ADDR", help="the cluster to join (default: a local one)")
+    ray.add_argument("--replicas", type=_positive, default=2, help="engine replicas (default 2)")
+    ray.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (1 on GPU hosts; default 0)")
+
+
+RAY_FLAGS = ("ray", "ray_address", "replicas", "replica_gpus")
 
 
 def run_serve(args) -> None:
-    from server.main import serve
     from server.settings import Settings
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "handler") and v is not None}
-    serve(Settings(**flags))
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "handler", *RAY_FLAGS) and v is not None}
+    if not args.ray:
+        from server.main import serve
+
+        return serve(Settings(**flags))
+    from server.ray_app import serve_ray
+
+    serve_ray(Settings(**flags), args.replicas, args.ray_address, args.replica_gpus)
 
 
 # ---- client commands ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ttt.lease import LeaseHeld, LeaseLost
 from ttt.model import BaseModelMismatch
+from ttt.storage import StoreUnavailable
 from ttt.store import SessionFormatError
 
 
@@ -74,7 +75,7 @@ STATUSES: list[tuple[type[Exception] | tuple[type[Exception], ...], Status]] = [
     ((Conflict, LeaseLost), Status("ABORTED", 409, "conflict_error")),
     ((QuotaExceeded, QueueFull), Status("RESOURCE_EXHAUSTED", 429, "rate_limit_error")),
     ((SessionFormatError, BaseModelMismatch), Status("FAILED_PRECONDITION", 409, "conflict_error")),
-    ((ShuttingDown, LeaseHeld), Status("UNAVAILABLE", 503, "service_unavailable")),
+    ((ShuttingDown, LeaseHeld, StoreUnavailable), Status("UNAVAILABLE", 503, "service_unavailable")),
     (StreamIdle, Status("DEADLINE_EXCEEDED", 408, "timeout_error")),
     # a bad value; OverflowError: a number too big (e.g. in a layers spec); UnicodeDecodeError is a ValueError
     ((ValueError, OverflowError), Status("INVALID_ARGUMENT", 400, "invalid_request_error")),

@@ -112,6 +112,7 @@ class SessionRegistry:
         self.engine = engine
         self.root = as_folder(store if store is not None else Path(data_dir) / "users")
         self.owner = owner or f"{socket.gethostname()}:{self.root}"
+        self.address = ""  # said in the leases taken from now on: where this server answers for its sessions
         self.lease_seconds = lease_seconds
         self.defaults = defaults or {}
         self.limits = limits or Limits()
@@ -209,7 +210,7 @@ class SessionRegistry:
         if need > self.limits.max_bytes_per_user:
             raise QuotaExceeded(f"over the disk quota of {self.limits.max_bytes_per_user} bytes per user")
         key = (user, session.id)
-        lease = take_lease(self.folder(*key), self.owner, self.lease_seconds)  # another server may create it too
+        lease = self._take_lease(self.folder(*key))  # another server may create it too
         if has_checkpoint(self.folder(*key)):
             release(self.folder(*key), lease)
             raise AlreadyExists(f"session {session.id!r} already exists")
@@ -248,7 +249,7 @@ class SessionRegistry:
             folder = self.folder(user, session_id)
             if not has_checkpoint(folder):
                 raise NotFound(f"no session {session_id!r}")
-            lease = take_lease(folder, self.owner, self.lease_seconds)  # LeaseHeld: open on another server
+            lease = self._take_lease(folder)  # LeaseHeld: open on another server
             try:
                 session = self.engine.load_session(folder)
             except (SessionFormatError, BaseModelMismatch) as e:
@@ -316,6 +317,15 @@ class SessionRegistry:
         release(self.folder(*key), entry.lease)
         return True
 
+    def park(self, user: str, session_id: str) -> None:
+        """Save the session if it changed, drop it from memory and release its lease, so that another server may
+        take it (a session being fed stays). Nothing when it is not in memory."""
+        key = (user, check_session_id(session_id))
+        with self._lock:
+            entry = self._live.get(key)
+        if entry is not None and self._drop(key, entry):
+            self.events.move(entry.tier, "disk")
+
     def _forget(self, key: Key, entry: Entry) -> None:
         """Drop a session whose lease was taken over, unsaved: another server owns it now."""
         log.warning("session %s/%s: its lease was taken over; dropped from memory unsaved", *key)
@@ -324,6 +334,9 @@ class SessionRegistry:
                 del self._live[key]
 
     # ---- leases ----------------------------------------------------------------------------------
+
+    def _take_lease(self, folder: Folder) -> Lease:
+        return take_lease(folder, self.owner, self.lease_seconds, self.address)
 
     def renew_leases(self) -> None:
         """Renew the leases of the sessions in memory that are past half their time; those taken over meanwhile are
@@ -408,7 +421,7 @@ class SessionRegistry:
             found = self._live.pop(key, None) is not None
         if folder.exists():
             if not found:
-                take_lease(folder, self.owner, self.lease_seconds)  # LeaseHeld: in use on another server
+                self._take_lease(folder)  # LeaseHeld: in use on another server
             folder.remove()
             found = True
         if not found:

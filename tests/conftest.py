@@ -12,6 +12,11 @@ import functools
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -192,3 +197,60 @@ def started_server(model_dir: Path, data_dir: Path, defaults: dict, *, stop_grac
         yield server
     finally:
         server.stop(grace=stop_grace)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3-compatible endpoint on loopback (moto's standalone server, in memory, conditional writes included),
+    with the AWS variables that point boto3 and s3fs at it, for this test session and the servers it starts."""
+    import boto3
+
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                boto3.client("s3").list_buckets()
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_store(s3_endpoint) -> str:
+    """A fresh bucket on the loopback S3 endpoint; the store URL of a prefix in it."""
+    import boto3
+
+    bucket = f"ttt-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/sessions"

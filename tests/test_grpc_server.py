@@ -32,6 +32,7 @@ from server.auth import hash_key
 from server.documents import DocumentFeed
 from server.proto.ttt.v1 import ttt_pb2 as pb
 from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
+from ttt.store import has_checkpoint
 from ttt.tokenize import IncrementalTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -685,7 +686,7 @@ def test_shutdown_saves_changed_sessions(tiny_model_dir, tmp_path, tokenizer):
         _, done = client.ingest(start("unsaved"), [text])
         _, part = client.ingest(start("half", end=False), [text[:777]])
         assert part.pending_tokens > 0
-        assert not (tmp_path / "users" / "local" / "unsaved").exists()  # nothing saved yet
+        assert not has_checkpoint(tmp_path / "users" / "local" / "unsaved")  # nothing saved yet
     # server.stop() ran: both are on disk now
 
     with running(tiny_model_dir, tmp_path) as (_, channel):

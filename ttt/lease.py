@@ -1,6 +1,6 @@
 """One writer per session: a lease with an owner, an expiry and a fencing number, in the session's folder.
 
-    <session>/LEASE    {"owner": "replica-a", "fence": 7, "expires": 1764561234.5}
+    <session>/LEASE    {"owner": "replica-a", "fence": 7, "expires": 1764561234.5, "address": "..."}
 
 ``acquire`` takes the lease when it is free, expired or already the caller's, always with a new fencing number
 (the last one + 1); ``store.take_lease`` then stamps ``LATEST`` with it. ``store.save_session(...,
@@ -12,6 +12,7 @@ more than a lease's length let two owners believe they hold it, but the fence st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -23,11 +24,12 @@ SWAP_ATTEMPTS = 16  # compare-and-swap retries while other writers race for the 
 
 
 class LeaseHeld(Exception):
-    """Another owner holds the session's lease until ``expires`` (unix seconds)."""
+    """Another owner holds the session's lease until ``expires`` (unix seconds); ``address``: where it said it
+    serves the session (for a router that sends the request there)."""
 
-    def __init__(self, message: str, owner: str, expires: float):
+    def __init__(self, message: str, owner: str, expires: float, address: str = ""):
         super().__init__(message)
-        self.owner, self.expires = owner, expires
+        self.owner, self.expires, self.address = owner, expires, address
 
 
 class LeaseLost(Exception):
@@ -39,6 +41,7 @@ class Lease:
     owner: str
     fence: int
     expires: float
+    address: str = ""  # where the owner serves the session, as it chose to say it (ttt serve --ray: its doors)
 
     def held_by(self, owner: str, now: float) -> bool:
         return self.owner == owner and now < self.expires
@@ -49,18 +52,28 @@ def read_lease(folder: Folder) -> tuple[Lease | None, object]:
     return (Lease(**json.loads(data)) if data else None), version
 
 
-def acquire(folder: Folder, owner: str, seconds: float) -> Lease:
+def _refuse_unless_free(current: Lease | None, owner: str, now: float) -> None:
+    if current is not None and current.owner != owner and now < current.expires:
+        raise LeaseHeld(
+            f"session is open on {current.owner} for up to {current.expires - now:.0f} s more: retry then",
+            current.owner,
+            current.expires,
+            current.address,
+        )
+
+
+def check_free(folder: Folder, owner: str) -> None:
+    """LeaseHeld if another owner holds the session's lease now (one it created and has not saved yet included)."""
+    _refuse_unless_free(read_lease(folder)[0], owner, time.time())
+
+
+def acquire(folder: Folder, owner: str, seconds: float, address: str = "") -> Lease:
     """Take the session's lease for ``seconds`` with a new fencing number; LeaseHeld if another owner holds it."""
     for _ in range(SWAP_ATTEMPTS):
         current, version = read_lease(folder)
         now = time.time()
-        if current is not None and current.owner != owner and now < current.expires:
-            raise LeaseHeld(
-                f"session is open on {current.owner} for up to {current.expires - now:.0f} s more: retry then",
-                current.owner,
-                current.expires,
-            )
-        lease = Lease(owner, (current.fence if current else 0) + 1, now + seconds)
+        _refuse_unless_free(current, owner, now)
+        lease = Lease(owner, (current.fence if current else 0) + 1, now + seconds, address)
         if folder.swap(LEASE, json.dumps(asdict(lease)).encode(), version):
             return lease
     raise LeaseHeld("session's lease is contended: retry", "", time.time())
@@ -72,7 +85,7 @@ def renew(folder: Folder, lease: Lease, seconds: float) -> Lease:
         current, version = read_lease(folder)
         if current is None or current.fence != lease.fence or current.owner != lease.owner:
             raise LeaseLost(f"{folder.name}: lease {lease.fence} taken over (now {current})")
-        renewed = Lease(lease.owner, lease.fence, time.time() + seconds)
+        renewed = dataclasses.replace(lease, expires=time.time() + seconds)
         if folder.swap(LEASE, json.dumps(asdict(renewed)).encode(), version):
             return renewed
     raise LeaseLost(f"{folder.name}: could not renew lease {lease.fence}")
@@ -85,6 +98,6 @@ def release(folder: Folder, lease: Lease) -> None:
         current, version = read_lease(folder)
         if current is None or current.fence != lease.fence:
             return
-        expired = Lease(lease.owner, lease.fence, 0.0)
+        expired = dataclasses.replace(lease, expires=0.0)
         if folder.swap(LEASE, json.dumps(asdict(expired)).encode(), version):
             return

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import secrets
 import shutil
@@ -38,6 +39,12 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
+
+
+class StoreUnavailable(OSError):
+    """The session store did not answer (after the client library's own retries): nothing was changed by this
+    call that a later one cannot redo; try again."""
+
 
 TEMP_PREFIX = ".tmp-"  # a local write_all in progress (or killed): never listed, removed by ``clean``
 
@@ -225,6 +232,30 @@ class LocalFolder(Folder):
 _process_swap = threading.Lock()  # the compare-and-swap of stores without conditional writes
 
 
+@functools.cache
+def _unreachable() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the store did not answer (botocore's, when installed, are not OSErrors)."""
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:
+        return (ConnectionError, TimeoutError)
+    return (ConnectionError, TimeoutError, BotoConnectionError, HTTPClientError)
+
+
+def _answered(method):
+    """``method`` with the store's silence raised as StoreUnavailable (one type for both doors to map)."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except _unreachable() as e:
+            raise StoreUnavailable(f"session store unreachable ({type(e).__name__}): try again") from e
+
+    return call
+
+
 class ObjectFolder(Folder):
     """A directory of an fsspec filesystem; on S3 ``swap`` is a conditional PUT."""
 
@@ -334,6 +365,10 @@ async def _get_object(fs, bucket: str, key: str) -> tuple[bytes, str]:
     """An object's content and ETag from one response: the version is the content's."""
     reply = await fs._call_s3("get_object", Bucket=bucket, Key=key)
     return await reply["Body"].read(), reply["ETag"]
+
+
+for _name in ("read", "exists", "write_all", "read_versioned", "swap", "subfolders", "remove", "size"):
+    setattr(ObjectFolder, _name, _answered(getattr(ObjectFolder, _name)))
 
 
 def _refused_condition(e: OSError) -> bool:

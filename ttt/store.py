@@ -137,10 +137,10 @@ def fence_latest(root: Folder, fence: int) -> None:
     _swap_latest(root, lambda p: replace(p, fence=fence) if p is not None and p.fence < fence else None)
 
 
-def take_lease(folder: str | os.PathLike | Folder, owner: str, seconds: float) -> Lease:
+def take_lease(folder: str | os.PathLike | Folder, owner: str, seconds: float, address: str = "") -> Lease:
     """The session's lease for ``owner`` with a new fencing number, ``LATEST`` stamped with it (``lease.py``)."""
     folder = as_folder(folder)
-    lease = acquire(folder, owner, seconds)
+    lease = acquire(folder, owner, seconds, address)
     fence_latest(folder, lease.fence)
     return lease
 
