@@ -211,3 +211,27 @@ def test_store_unreachable_for_a_while(engine, s3_endpoint, s3_store, tmp_path):
     assert reg.dirty() == [] and pointer(f"{s3_store}/alice/notes") != saved
     reg.release_all()
     assert engine.load_session(f"{s3_store}/alice/notes").score(PROBE) == session.score(PROBE)
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(engine, store_url, monkeypatch):
+    url = f"{store_url}/alice/s1"
+    session = trained(engine)
+    store.save_session(session, url)
+    before, stats = pointer(url), dataclasses.asdict(session.stats)
+    session.ingest(KJV[300:500])
+    real_files = store._checkpoint_files
+
+    def dies_after_two_files(*args):
+        files = real_files(*args)
+        yield next(files)
+        yield next(files)
+        raise KeyboardInterrupt  # the process dies here: the rest of the checkpoint never reaches the store
+
+    monkeypatch.setattr(store, "_checkpoint_files", dies_after_two_files)
+    with pytest.raises(KeyboardInterrupt):
+        store.save_session(session, url)
+    monkeypatch.undo()
+    assert pointer(url) == before  # LATEST still names the complete checkpoint
+    assert dataclasses.asdict(engine.load_session(url).stats) == stats
+    store.save_session(session, url)  # the next save prunes what the killed one left (objects: no manifest)
+    assert store.checkpoints(url) == [pointer(url).checkpoint, before.checkpoint]
