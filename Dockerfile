@@ -52,9 +52,11 @@ RUN python3 -m venv "$VIRTUAL_ENV" \
 # read from pyproject.toml so there is no second list to keep in sync, and installed
 # before the source is copied so code edits do not reinstall them. torch is restated so the
 # resolver cannot swap the CUDA build for another version.
+# EXTRAS adds more of them, comma-separated: `--build-arg EXTRAS=ray` for `ttt serve --ray` and s3:// stores.
+ARG EXTRAS=""
 WORKDIR /src
 COPY pyproject.toml ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = p['optional-dependencies']; print('\n'.join(p['dependencies'] + extras['convert'] + extras['gpu'] + extras['bench']))" > /tmp/requirements.txt \
+RUN EXTRAS="convert,gpu,bench,${EXTRAS}" python -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = p['optional-dependencies']; names = [n for n in os.environ['EXTRAS'].split(',') if n]; print('\n'.join(p['dependencies'] + [r for n in names for r in extras[n]]))" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt "torch==${TORCH_VERSION}" \
     && rm /tmp/requirements.txt
 
