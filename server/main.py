@@ -18,9 +18,9 @@ from server.auth import KeyRing
 from server.grpc_service import SessionsService
 from server.http import create_app
 from server.metrics import Metrics
-from server.policy import StreamSlots
+from server.policy import Limits, StreamSlots
 from server.proto.ttt.v1 import ttt_pb2, ttt_pb2_grpc
-from server.registry import Limits, SessionRegistry
+from server.registry import SessionRegistry
 from server.scheduler import Scheduler
 from server.service import SessionService
 from server.settings import Settings

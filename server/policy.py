@@ -1,5 +1,6 @@
-"""What one user may hold open: ingest streams. (The caps on session settings live with the settings
-themselves, ``ttt.config.SCHEMA``, and both front doors apply them.)"""
+"""What one user may hold: sessions, bytes and memory (``Limits``, ``check_price``) and open ingest streams. (The
+caps on session settings live with the settings themselves, ``ttt.config.SCHEMA``, and both front doors apply
+them.)"""
 
 from __future__ import annotations
 
@@ -7,8 +8,37 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from server.errors import QuotaExceeded
+from ttt import SessionConfig
+from ttt.session import priced_bytes
+
+
+@dataclass
+class Limits:
+    max_sessions_per_user: int = 256
+    max_bytes_per_user: int = 16 << 30  # checkpoints on disk
+    device_budget_bytes: int = 8 << 30
+    host_budget_bytes: int = 32 << 30
+    max_session_bytes: int = 2 << 30  # a session's priced memory (ttt.session.priced_bytes)
+    max_memory_bytes_per_user: int = 8 << 30  # the priced memory of a user's sessions in memory, summed
+
+
+def check_price(model, limits: Limits, config: SessionConfig, held: list[SessionConfig]) -> None:
+    """QuotaExceeded if a session of ``config`` would hold more memory on ``model`` than one session may, or than
+    the user's sessions in memory (``held``: their configs) may together."""
+    price = priced_bytes(config, model)
+    if price > limits.max_session_bytes:
+        raise QuotaExceeded(
+            f"these settings need about {price} bytes of memory on this model; one session may "
+            f"hold {limits.max_session_bytes}: choose a smaller rank, fewer layers or targets"
+        )
+    if price + sum(priced_bytes(c, model) for c in held) > limits.max_memory_bytes_per_user:
+        raise QuotaExceeded(
+            f"a user's sessions in memory may hold {limits.max_memory_bytes_per_user} bytes; "
+            "this one would pass it (sessions idle long enough move to disk and free theirs)"
+        )
 
 
 class StreamSlots:

@@ -292,7 +292,7 @@ class GrpcFront(grpc.GenericRpcHandler):
         channel = self._channel(context, _authorization(metadata), getattr(message, "session_id", "") or None)
         call = channel.unary_unary(f"/{SERVICE.full_name}/{method}")
         try:
-            return call(request, metadata=metadata, timeout=context.time_remaining())
+            return call(request, metadata=metadata, timeout=_deadline(context))
         except grpc.RpcError as e:  # the replica's status and message, as this call's
             context.abort(e.code(), e.details())
 
@@ -315,12 +315,19 @@ class GrpcFront(grpc.GenericRpcHandler):
             yield first
             yield from requests
 
-        responses = stream(pieces(), metadata=metadata)
+        responses = stream(pieces(), metadata=metadata, timeout=_deadline(context))
         context.add_callback(responses.cancel)  # the client left: so does the stream to the replica
         try:
             yield from responses
         except grpc.RpcError as e:  # the replica's status (UNAVAILABLE when it died), as this stream's
             context.abort(e.code(), e.details())
+
+
+def _deadline(context) -> float | None:
+    """The caller's time left, for the call to the replica (None: the caller set no deadline, which gRPC reports
+    as a time left too large to pass on)."""
+    left = context.time_remaining()
+    return left if left is not None and left < 86_400 else None
 
 
 def _forwarded(metadata) -> list[tuple[str, str]]:

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from server.errors import AlreadyExists, Conflict, NotFound, QuotaExceeded
+from server.policy import Limits, check_price
 from ttt import Engine, Session, SessionConfig
 from ttt.config import check_caps, merge
 from ttt.engine import check_session_id
 from ttt.lease import Lease, LeaseLost, release, renew
 from ttt.model import BaseModelMismatch
 from ttt.peft import import_peft
-from ttt.session import priced_bytes
 from ttt.storage import Folder, as_folder
 from ttt.store import (
     KEEP_CHECKPOINTS,
@@ -48,16 +48,6 @@ __all__ = ["AlreadyExists", "Limits", "NotFound", "QuotaExceeded", "SessionRegis
 Key = tuple[str, str]  # (user, session id)
 TIERS = ("device", "host", "disk")
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Limits:
-    max_sessions_per_user: int = 256
-    max_bytes_per_user: int = 16 << 30  # checkpoints on disk
-    device_budget_bytes: int = 8 << 30
-    host_budget_bytes: int = 32 << 30
-    max_session_bytes: int = 2 << 30  # a session's priced memory (ttt.session.priced_bytes)
-    max_memory_bytes_per_user: int = 8 << 30  # the priced memory of a user's sessions in memory, summed
 
 
 class Events:
@@ -122,6 +112,7 @@ class SessionRegistry:
         self._live: OrderedDict[Key, Entry] = OrderedDict()  # least recently used first
         self._feeding: set[Key] = set()  # sessions a document stream feeds (``feeding``)
         self._lock = threading.Lock()
+        self._leases = threading.Lock()  # taken before _lock: one renewal or release of a lease at a time
 
     def folder(self, user: str, session_id: str) -> Folder:
         return self.root.child(check_session_id(user)).child(check_session_id(session_id))
@@ -161,22 +152,9 @@ class SessionRegistry:
         return self._add(user, session_id, lambda: self.engine.create_session(config, session_id))
 
     def _check_price(self, user: str, config: SessionConfig) -> None:
-        """QuotaExceeded if a session of ``config`` would hold more memory than one session, or than the user's
-        sessions in memory together, may."""
-        model, limits = self.engine.base.model, self.limits
-        price = priced_bytes(config, model)
-        if price > limits.max_session_bytes:
-            raise QuotaExceeded(
-                f"these settings need about {price} bytes of memory on this model; one session may "
-                f"hold {limits.max_session_bytes}: choose a smaller rank, fewer layers or targets"
-            )
         with self._lock:
             held = [e.session.config for (u, _), e in self._live.items() if u == user]
-        if price + sum(priced_bytes(c, model) for c in held) > limits.max_memory_bytes_per_user:
-            raise QuotaExceeded(
-                f"a user's sessions in memory may hold {limits.max_memory_bytes_per_user} bytes; "
-                "this one would pass it (sessions idle long enough move to disk and free theirs)"
-            )
+        check_price(self.engine.base.model, self.limits, config, held)
 
     def import_adapter(
         self, user: str, session_id: str | None, files: dict[str, bytes], settings: dict | None = None
@@ -310,11 +288,12 @@ class SessionRegistry:
             except Exception:
                 log.warning("a session stays in memory: saving it before moving it to disk failed", exc_info=True)
                 return False
-        with self._lock:
-            if self._live.get(key) is not entry or key in self._feeding:
-                return False
-            del self._live[key]
-        release(self.folder(*key), entry.lease)
+        with self._leases:
+            with self._lock:
+                if self._live.get(key) is not entry or key in self._feeding:
+                    return False
+                del self._live[key]
+            release(self.folder(*key), entry.lease)
         return True
 
     def park(self, user: str, session_id: str) -> None:
@@ -344,20 +323,22 @@ class SessionRegistry:
         with self._lock:
             held = list(self._live.items())
         for key, entry in held:
-            if entry.lease.expires - time.time() > self.lease_seconds / 2:
-                continue
-            try:
-                entry.lease = renew(self.folder(*key), entry.lease, self.lease_seconds)
-            except LeaseLost:
-                self._forget(key, entry)
+            with self._leases:  # not while _drop releases it: a renewed released lease would hold it on
+                if self._live.get(key) is not entry or entry.lease.expires - time.time() > self.lease_seconds / 2:
+                    continue
+                try:
+                    entry.lease = renew(self.folder(*key), entry.lease, self.lease_seconds)
+                except LeaseLost:
+                    self._forget(key, entry)
 
     def release_all(self) -> None:
         """Give up every lease held (at shutdown, after the last saves): other servers may take the sessions now."""
-        with self._lock:
-            held = list(self._live.items())
-            self._live.clear()
-        for key, entry in held:
-            release(self.folder(*key), entry.lease)
+        with self._leases:
+            with self._lock:
+                held = list(self._live.items())
+                self._live.clear()
+            for key, entry in held:
+                release(self.folder(*key), entry.lease)
 
     def residency(self) -> dict[str, tuple[int, int]]:
         """tier -> (sessions, bytes): bytes in memory for device and host, checkpoint bytes for disk. Any thread."""

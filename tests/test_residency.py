@@ -13,7 +13,8 @@ import torch
 
 import ttt
 from server.errors import Conflict
-from server.registry import Limits, SessionRegistry
+from server.policy import Limits
+from server.registry import SessionRegistry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # No recall memory: every trained session then has about the same size (the budgets below count sessions).
