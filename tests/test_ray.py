@@ -99,8 +99,10 @@ def test_one_session_through_both_doors(cluster, tokenizer):
     base = httpx.get(f"{http}/v1/models", timeout=60).json()["data"][0]["id"]
     r = httpx.post(f"{http}/v1/chat/completions", json={**chat, "model": base}, timeout=60)
     assert r.status_code == 200  # the base model, from any replica
-    with TTTClient(grpc_address, timeout=60) as client, pytest.raises(TTTError, match="NOT_FOUND"):
-        client.get_session("no-such-session")
+    with TTTClient(grpc_address) as client:  # no deadline: the front sets none on its call either
+        assert client.get_session(sid)["tokens_ingested"] == info["tokens_ingested"]
+        with pytest.raises(TTTError, match="NOT_FOUND"):
+            client.get_session("no-such-session")
 
 
 def test_replica_killed_mid_ingest_resumes_on_another(cluster, tokenizer):
