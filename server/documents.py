@@ -138,6 +138,7 @@ class DocumentFeed:
 
     def _train_ready(self) -> Iterator[ChunkReport]:
         while self.is_active() and self.session.chunks_ready:
+            self.registry.check_held(*self.key, self.session)  # LeaseLost: another server took the session over
             report = self.scheduler.run_batchable(self.key, train_batch, (self.session, self.step_settings))
             if report is None:
                 return

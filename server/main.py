@@ -191,16 +191,17 @@ class Server:
         self.http_port = self.http.servers[0].sockets[0].getsockname()[1]
 
     def _autosave_loop(self) -> None:
-        registry, scheduler = self.state.registry, self.state.scheduler
-        while not self.stopped.wait(min(5.0, self.settings.autosave_idle_seconds)):
+        registry, scheduler, s = self.state.registry, self.state.scheduler, self.settings
+        # A quarter of a lease at most: a lease is renewed at half its time, and one tick may be late.
+        while not self.stopped.wait(min(5.0, s.autosave_idle_seconds, s.lease_seconds / 4)):
             try:
-                for user, sid in registry.dirty(self.settings.autosave_idle_seconds):
+                for user, sid in registry.dirty(s.autosave_idle_seconds):
                     scheduler.submit((user, sid), registry.save, user, sid)
                 # Sessions grow after they are used (optimizer state, cached keys/values): re-check the budgets.
                 scheduler.submit(("", "residency"), registry.enforce_budgets)
-                registry.renew_leases()
             except Exception:  # queue full or shutting down: the next tick or shutdown saves them
                 log.warning("autosave or residency check deferred", exc_info=True)
+            registry.renew_leases()  # whatever the queue says: each session's errors are its own
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let in-flight chunks finish, save every changed session, exit."""

@@ -12,45 +12,35 @@ replica that holds the session (model multiplexing); that replica loads it on fi
 endpoint, stream, limit and error is the single-process server's own, and an ingest stream stays on the replica
 that holds the session's lease until it ends. When Serve's LRU drops a session from a replica, or the replica shuts
 down, the session is saved and its lease released; a replica that dies holds its sessions until their leases
-expire (``--lease-seconds``), after which any replica loads them from their last checkpoint. docs/scale-out.md
-has the failure model.
+expire (``TTT_LEASE_SECONDS``), after which any replica loads them from their last checkpoint. The fronts are in
+server/ray_fronts.py; docs/scale-out.md has the failure model.
 """
 
-# No ``from __future__ import annotations``: Serve's ingress rebuilds the route methods, and FastAPI must see
-# ``request: Request`` as a class, not a string, to hand the request over.
+from __future__ import annotations
+
 import asyncio
 import contextlib
 import json
 import logging
-import re
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent import futures
 
 import grpc
-import httpx
 import ray
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from google.protobuf import message_factory
 from ray import serve
-from starlette.background import BackgroundTask
 
 from server.auth import KeyRing
-from server.errors import AuthError, NotFound
-from server.proto.ttt.v1 import ttt_pb2 as pb
+from server.errors import NotFound
+from server.ray_fronts import MAX_ONGOING, Front, GrpcFront, Locator, Refused
 from server.settings import Settings
 from ttt.lease import LeaseHeld, check_free
 
 log = logging.getLogger(__name__)
 APP = "ttt"
 SESSIONS_PER_REPLICA = 256  # sessions a replica keeps for Serve's multiplexing before its LRU parks one
-SESSION_PATH = re.compile(r"^/v1/sessions/([^/]+)")
-CONNECT_SECONDS = 3.0  # a replica's door that does not connect within this is taken for dead
-HOP_HEADERS = {"host", "connection", "keep-alive", "transfer-encoding", "te", "upgrade", "content-length"}
 
 
 # ---- replicas --------------------------------------------------------------------------------------------------
@@ -73,7 +63,8 @@ class Held:
             state.scheduler.submit(self.key, state.registry.park, *self.key)
 
 
-@serve.deployment(max_ongoing_requests=1000)  # routing by session must not fall back for lack of room
+# Routing by session must not fall back for lack of room; stopping saves every changed session, which takes time.
+@serve.deployment(max_ongoing_requests=MAX_ONGOING, graceful_shutdown_timeout_s=300)
 class Replica:
     """One engine, its sessions and its private doors (``server.main.Server``)."""
 
@@ -122,221 +113,12 @@ class Replica:
             except LeaseHeld as e:  # Serve has not heard yet which replica holds it, or that one died
                 holder = json.loads(e.address) if e.address else None
                 return {"held": str(e), "retry_after": max(0.0, e.expires - time.time()), "holder": holder}
+            except Exception as e:  # what the door would answer: the store away, a damaged session, a full queue
+                return {"refused": vars(Refused.of(e))}
         return self.address
 
     def __del__(self):
         self.server.stop()
-
-
-class Locator:
-    """Finds the replica for a session through the deployment handle. Serve routes by session to the replica that
-    holds it once it has heard so; until then a replica that finds the lease taken answers with the holder's doors
-    (from the lease). A holder the front cannot reach (it died) is waited out: its lease expires, then any replica
-    loads the session. Gives up (LeaseHeld) after ``wait`` seconds."""
-
-    def __init__(self, replicas, keys: KeyRing, wait: float):
-        self.replicas, self.keys, self.wait = replicas, keys, wait
-        self.base_model: str | None = None
-
-    async def __call__(self, authorization: str | None, session_id: str | None, unreachable: set[str]) -> dict:
-        handle = self.replicas
-        if session_id and session_id != self.base_model:
-            user = self.keys.user_for(authorization)  # AuthError: 401 before any replica loads anything
-            handle = handle.options(multiplexed_model_id=f"{user}/{session_id}")
-        deadline = time.monotonic() + self.wait
-        while True:
-            found = await handle.locate.remote()
-            if "held" not in found:
-                self.base_model = found["base_model"]
-                return found
-            if found["holder"] and found["holder"]["replica"] not in unreachable:
-                return found["holder"]
-            if time.monotonic() + 0.5 > deadline:
-                raise LeaseHeld(found["held"], "", time.time() + found["retry_after"])
-            await asyncio.sleep(min(0.5 + found["retry_after"], 2.0, max(0.0, deadline - time.monotonic())))
-
-
-# ---- the HTTP front --------------------------------------------------------------------------------------------
-
-front_app = FastAPI(title="ttt (Ray Serve front)", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-def error_response(status: int, kind: str, message: str, **headers) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-@serve.deployment(max_ongoing_requests=1000)
-@serve.ingress(front_app)
-class Front:
-    """Sends each HTTP request to the replica that holds its session (any replica when it names none)."""
-
-    def __init__(self, replicas, settings: dict):
-        s = Settings(**settings)
-        self.locate = Locator(replicas, KeyRing(s.api_keys_file), s.lease_seconds + 5)
-        self.max_body = s.max_request_bytes
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=CONNECT_SECONDS))
-
-    @front_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
-    async def forward(self, request: Request, path: str):
-        body, session_id = await self._session_of(request)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_HEADERS]
-        unreachable: set[str] = set()
-        while True:
-            try:
-                target = await self.locate(request.headers.get("authorization"), session_id, unreachable)
-            except AuthError as e:
-                return error_response(401, "authentication_error", str(e))
-            except LeaseHeld as e:
-                wait = str(max(1, round(e.expires - time.time())))
-                return error_response(503, "service_unavailable", str(e), **{"retry-after": wait})
-            upstream = self.client.build_request(
-                request.method,
-                f"{target['http']}{request.url.path}",
-                params=request.query_params,
-                headers=headers,
-                content=body if body is not None else request.stream(),
-            )
-            try:
-                upstream = await self.client.send(upstream, stream=True)
-                break
-            except httpx.ConnectError:  # the holder died (nothing of the body was read): wait out its lease
-                unreachable.add(target["replica"])
-        return StreamingResponse(
-            upstream.aiter_raw(),
-            status_code=upstream.status_code,
-            headers={k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS - {"content-length"}},
-            background=BackgroundTask(upstream.aclose),
-        )
-
-    async def _session_of(self, request: Request) -> tuple[bytes | None, str | None]:
-        """The session the request is about, and its body when it had to be read to say (None: stream it on).
-
-        The path names it (``/v1/sessions/{id}/...``), or a small JSON body does: ``model`` of a chat or completion,
-        ``id`` of a new session (one is picked here when absent, so that the session is born where it is routed).
-        """
-        path = request.url.path
-        if match := SESSION_PATH.match(path):
-            return None, match.group(1)
-        if request.method != "POST" or path not in ("/v1/sessions", "/v1/chat/completions", "/v1/completions"):
-            return None, None
-        if int(request.headers.get("content-length") or 0) > self.max_body:
-            return None, None  # the replica refuses it (413) as it streams in
-        body = await request.body()
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            return body, None  # the replica says what is wrong with it
-        if not isinstance(doc, dict):
-            return body, None
-        if path == "/v1/sessions":
-            if doc.get("id") is None:
-                doc["id"] = uuid.uuid4().hex
-                body = json.dumps(doc).encode()
-            return body, str(doc["id"])
-        model = doc.get("model")
-        return body, model if isinstance(model, str) else None
-
-
-# ---- the gRPC front --------------------------------------------------------------------------------------------
-
-SERVICE = pb.DESCRIPTOR.services_by_name["Sessions"]
-
-
-def _request_type(method: str):
-    return message_factory.GetMessageClass(SERVICE.methods_by_name[method].input_type)
-
-
-class GrpcFront(grpc.GenericRpcHandler):
-    """The ``ttt.v1.Sessions`` service of every replica behind one port: each call (each ``Ingest`` stream, whole)
-    goes to the replica that holds its session, as bytes (nothing is parsed but the session id)."""
-
-    def __init__(self, locate: Locator, loop: asyncio.AbstractEventLoop):
-        self.locate, self.loop = locate, loop
-        self.channels: dict[str, grpc.Channel] = {}
-
-    def service(self, details):
-        service, _, method = details.method.rpartition("/")
-        if service != f"/{SERVICE.full_name}" or method not in SERVICE.methods_by_name:
-            return None
-        if method == "Ingest":
-            return grpc.stream_stream_rpc_method_handler(self._ingest)
-        return grpc.unary_unary_rpc_method_handler(lambda request, context: self._unary(method, request, context))
-
-    def _channel(self, context, authorization: str | None, session_id: str | None) -> grpc.Channel:
-        """A channel to the replica that holds the session (connected: nothing is sent to one that died)."""
-        unreachable: set[str] = set()
-        while True:
-            found = asyncio.run_coroutine_threadsafe(self.locate(authorization, session_id, unreachable), self.loop)
-            try:
-                target = found.result()
-            except AuthError as e:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
-            except LeaseHeld as e:
-                context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-            address = target["grpc"]
-            if address not in self.channels:
-                self.channels[address] = grpc.insecure_channel(address)
-            try:
-                grpc.channel_ready_future(self.channels[address]).result(timeout=CONNECT_SECONDS)
-                return self.channels[address]
-            except grpc.FutureTimeoutError:
-                unreachable.add(target["replica"])
-
-    def _unary(self, method: str, request: bytes, context):
-        message = _request_type(method).FromString(request)
-        if method == "CreateSession" and not message.session_id:  # named here: born where it is routed
-            message.session_id = uuid.uuid4().hex
-            request = message.SerializeToString()
-        metadata = _forwarded(context.invocation_metadata())
-        channel = self._channel(context, _authorization(metadata), getattr(message, "session_id", "") or None)
-        call = channel.unary_unary(f"/{SERVICE.full_name}/{method}")
-        try:
-            return call(request, metadata=metadata, timeout=_deadline(context))
-        except grpc.RpcError as e:  # the replica's status and message, as this call's
-            context.abort(e.code(), e.details())
-
-    def _ingest(self, requests, context):
-        first = next(requests, None)
-        if first is None:
-            return
-        message = pb.IngestRequest.FromString(first)
-        session_id = None
-        if message.WhichOneof("message") == "start":
-            if not message.start.session_id:  # named here: born where it is routed
-                message.start.session_id = uuid.uuid4().hex
-                first = message.SerializeToString()
-            session_id = message.start.session_id
-        metadata = _forwarded(context.invocation_metadata())
-        channel = self._channel(context, _authorization(metadata), session_id)
-        stream = channel.stream_stream(f"/{SERVICE.full_name}/Ingest")
-
-        def pieces():
-            yield first
-            yield from requests
-
-        responses = stream(pieces(), metadata=metadata, timeout=_deadline(context))
-        context.add_callback(responses.cancel)  # the client left: so does the stream to the replica
-        try:
-            yield from responses
-        except grpc.RpcError as e:  # the replica's status (UNAVAILABLE when it died), as this stream's
-            context.abort(e.code(), e.details())
-
-
-def _deadline(context) -> float | None:
-    """The caller's time left, for the call to the replica (None: the caller set no deadline, which gRPC reports
-    as a time left too large to pass on)."""
-    left = context.time_remaining()
-    return left if left is not None and left < 86_400 else None
-
-
-def _forwarded(metadata) -> list[tuple[str, str]]:
-    """The caller's metadata but what gRPC sets itself."""
-    return [(k, v) for k, v in metadata if not k.startswith((":", "grpc-")) and k != "user-agent"]
-
-
-def _authorization(metadata) -> str | None:
-    return next((v for k, v in metadata if k == "authorization"), None)
 
 
 # ---- ttt serve --ray -------------------------------------------------------------------------------------------
@@ -363,12 +145,14 @@ def start_grpc_front(settings: Settings, replicas) -> tuple[grpc.Server, int, Ca
     thread.start()
     locate = Locator(replicas, KeyRing(settings.api_keys_file), settings.lease_seconds + 5)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.grpc_threads))
-    server.add_generic_rpc_handlers([GrpcFront(locate, loop)])
+    front = GrpcFront(locate, loop)
+    server.add_generic_rpc_handlers([front])
     port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     server.start()
 
     def stop() -> None:
         server.stop(5).wait()
+        front.close()
         loop.call_soon_threadsafe(loop.stop)
 
     return server, port, stop

@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 from server.errors import AlreadyExists, Conflict, NotFound, QuotaExceeded
+from server.leases import Leasing
 from server.policy import Limits, check_price
 from ttt import Engine, Session, SessionConfig
 from ttt.config import check_caps, merge
 from ttt.engine import check_session_id
-from ttt.lease import Lease, LeaseLost, release, renew
+from ttt.lease import Lease, LeaseLost, release, renew, take_lease
 from ttt.model import BaseModelMismatch
 from ttt.peft import import_peft
 from ttt.storage import Folder, as_folder
@@ -39,9 +40,9 @@ from ttt.store import (
     checkpoints,
     estimate_checkpoint_bytes,
     has_checkpoint,
+    remove_checkpoints,
     saved_info,
     saved_sessions,
-    take_lease,
 )
 
 __all__ = ["AlreadyExists", "Limits", "NotFound", "QuotaExceeded", "SessionRegistry"]
@@ -83,7 +84,7 @@ def _private(e: Exception, folder: Folder) -> Exception:
     return type(e)(str(e).replace(f"{folder}/", "").replace(str(folder), "session"))
 
 
-class SessionRegistry:
+class SessionRegistry(Leasing):
     def __init__(
         self,
         engine: Engine,
@@ -188,15 +189,14 @@ class SessionRegistry:
         if need > self.limits.max_bytes_per_user:
             raise QuotaExceeded(f"over the disk quota of {self.limits.max_bytes_per_user} bytes per user")
         key = (user, session.id)
-        lease = self._take_lease(self.folder(*key))  # another server may create it too
-        if has_checkpoint(self.folder(*key)):
-            release(self.folder(*key), lease)
-            raise AlreadyExists(f"session {session.id!r} already exists")
-        with self._lock:
-            # A new session is dirty: nothing of it is on disk yet.
-            entry = Entry(session, lease, saved_version=-1, saved_chunks=0, bytes=session.resident_bytes())
-            if self._live.setdefault(key, entry) is not entry:
+        with self._leased(self.folder(*key)) as lease:  # another server may create it too
+            if has_checkpoint(self.folder(*key)):
                 raise AlreadyExists(f"session {session.id!r} already exists")
+            with self._lock:
+                # A new session is dirty: nothing of it is on disk yet.
+                entry = Entry(session, lease, saved_version=-1, saved_chunks=0, bytes=session.resident_bytes())
+                if self._live.setdefault(key, entry) is not entry:
+                    raise AlreadyExists(f"session {session.id!r} already exists")
         self.enforce_budgets(keep=key)
         return session
 
@@ -223,16 +223,17 @@ class SessionRegistry:
         key = (user, check_session_id(session_id))
         with self._lock:
             entry = self._live.get(key)
+        if entry is not None and not self._still_held(key, entry):
+            entry = None  # taken over: loaded again below once the other server lets it go (LeaseHeld until then)
         if entry is None:
             folder = self.folder(user, session_id)
             if not has_checkpoint(folder):
                 raise NotFound(f"no session {session_id!r}")
-            lease = self._take_lease(folder)  # LeaseHeld: open on another server
-            try:
-                session = self.engine.load_session(folder)
-            except (SessionFormatError, BaseModelMismatch) as e:
-                release(folder, lease)
-                raise _private(e, folder) from None
+            with self._leased(folder) as lease:  # LeaseHeld: open on another server
+                try:
+                    session = self.engine.load_session(folder)
+                except (SessionFormatError, BaseModelMismatch) as e:
+                    raise _private(e, folder) from None
             if session.restored_from:
                 self.events.fallback()
             entry = Entry.saved(session, lease)
@@ -305,41 +306,6 @@ class SessionRegistry:
         if entry is not None and self._drop(key, entry):
             self.events.move(entry.tier, "disk")
 
-    def _forget(self, key: Key, entry: Entry) -> None:
-        """Drop a session whose lease was taken over, unsaved: another server owns it now."""
-        log.warning("session %s/%s: its lease was taken over; dropped from memory unsaved", *key)
-        with self._lock:
-            if self._live.get(key) is entry:
-                del self._live[key]
-
-    # ---- leases ----------------------------------------------------------------------------------
-
-    def _take_lease(self, folder: Folder) -> Lease:
-        return take_lease(folder, self.owner, self.lease_seconds, self.address)
-
-    def renew_leases(self) -> None:
-        """Renew the leases of the sessions in memory that are past half their time; those taken over meanwhile are
-        dropped (their saves would be refused). Any thread."""
-        with self._lock:
-            held = list(self._live.items())
-        for key, entry in held:
-            with self._leases:  # not while _drop releases it: a renewed released lease would hold it on
-                if self._live.get(key) is not entry or entry.lease.expires - time.time() > self.lease_seconds / 2:
-                    continue
-                try:
-                    entry.lease = renew(self.folder(*key), entry.lease, self.lease_seconds)
-                except LeaseLost:
-                    self._forget(key, entry)
-
-    def release_all(self) -> None:
-        """Give up every lease held (at shutdown, after the last saves): other servers may take the sessions now."""
-        with self._leases:
-            with self._lock:
-                held = list(self._live.items())
-                self._live.clear()
-            for key, entry in held:
-                release(self.folder(*key), entry.lease)
-
     def residency(self) -> dict[str, tuple[int, int]]:
         """tier -> (sessions, bytes): bytes in memory for device and host, checkpoint bytes for disk. Any thread."""
         out = {tier: (0, 0) for tier in TIERS}
@@ -396,17 +362,22 @@ class SessionRegistry:
             entry.saved_version, entry.saved_chunks, entry.saved_at = session.version, session.stats.chunks, time.time()
 
     def delete(self, user: str, session_id: str) -> None:
+        """Forget the session here and in the store: its checkpoints go, its lease stays (released), so that the
+        fencing numbers of a session made again under this id keep growing past any stale writer's."""
         key = (user, check_session_id(session_id))
         folder = self.folder(user, session_id)
         with self._lock:
-            found = self._live.pop(key, None) is not None
-        if folder.exists():
-            if not found:
-                self._take_lease(folder)  # LeaseHeld: in use on another server
-            folder.remove()
-            found = True
-        if not found:
+            entry = self._live.pop(key, None)
+        if entry is None and not has_checkpoint(folder):
             raise NotFound(f"no session {session_id!r}")
+        if entry is not None:
+            lease = renew(folder, entry.lease, self.lease_seconds)  # LeaseLost: another server's now
+        else:
+            lease = take_lease(folder, self.owner, self.lease_seconds, self.address)  # LeaseHeld: in use elsewhere
+        try:
+            remove_checkpoints(folder)
+        finally:
+            release(folder, lease)
 
     def reset(self, user: str, session_id: str) -> Session:
         session = self.get(user, session_id)

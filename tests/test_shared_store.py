@@ -17,7 +17,7 @@ from conftest import free_port
 import ttt
 from server.registry import SessionRegistry
 from ttt import store
-from ttt.lease import LeaseHeld, LeaseLost, read_lease, release, renew
+from ttt.lease import LeaseHeld, LeaseLost, read_lease, release, renew, take_lease
 from ttt.storage import StoreUnavailable, as_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,13 +71,13 @@ def test_only_the_lease_holder_writes(engine, store_url):
     url = f"{store_url}/alice/s1"
     folder = as_folder(url)
     session = trained(engine)
-    first = store.take_lease(folder, "replica-a", seconds=2)
+    first = take_lease(folder, "replica-a", seconds=2)
     with pytest.raises(LeaseHeld, match="replica-a"):
-        store.take_lease(folder, "replica-b", seconds=30)
+        take_lease(folder, "replica-b", seconds=30)
     store.save_session(session, url, fence=first.fence)
 
     time.sleep(max(0.0, first.expires - time.time()) + 0.1)  # paused past its lease: replica-b takes over
-    second = store.take_lease(folder, "replica-b", seconds=30)
+    second = take_lease(folder, "replica-b", seconds=30)
     assert second.fence == first.fence + 1 and pointer(url).fence == second.fence
     before, stats = pointer(url), dataclasses.asdict(session.stats)
 
@@ -95,7 +95,7 @@ def test_only_the_lease_holder_writes(engine, store_url):
     assert pointer(url).fence == second.fence and engine.load_session(url).score(PROBE) == moved.score(PROBE)
 
     release(folder, second)  # given up: replica-a may come back at once, under a newer fence still
-    assert store.take_lease(folder, "replica-a", seconds=30).fence == second.fence + 1
+    assert take_lease(folder, "replica-a", seconds=30).fence == second.fence + 1
 
 
 def test_one_compare_and_swap_of_many_wins(store_url):
@@ -235,3 +235,61 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(engine, store_url, 
     assert dataclasses.asdict(engine.load_session(url).stats) == stats
     store.save_session(session, url)  # the next save prunes what the killed one left (objects: no manifest)
     assert store.checkpoints(url) == [pointer(url).checkpoint, before.checkpoint]
+
+
+def test_delete_keeps_fences_growing(engine, store_url):
+    a = SessionRegistry(engine, Path("unused"), SMALL, store=store_url, owner="replica-a")
+    stale = a.create("alice", "notes")
+    stale.ingest(KJV[:300])
+    a.save("alice", "notes")
+    old = read_lease(a.folder("alice", "notes"))[0]
+    a.delete("alice", "notes")
+    assert a.ids("alice") == [] and not store.has_checkpoint(a.folder("alice", "notes"))
+
+    b = SessionRegistry(engine, Path("unused"), SMALL, store=store_url, owner="replica-b")
+    b.create("alice", "notes")  # made again under the same id: a newer fence than any before the delete
+    assert read_lease(b.folder("alice", "notes"))[0].fence > old.fence
+    with pytest.raises(LeaseLost):  # a writer still holding the deleted session's lease cannot write over it
+        store.save_session(stale, a.folder("alice", "notes"), fence=old.fence)
+    assert not store.has_checkpoint(b.folder("alice", "notes"))
+    b.save("alice", "notes")
+    assert engine.load_session(b.folder("alice", "notes")).stats.tokens_ingested == 0
+
+
+def test_a_session_taken_over_stops_its_stream_and_moves(engine, s3_store):
+    a = SessionRegistry(engine, Path("unused"), SMALL, store=s3_store, owner="replica-a", lease_seconds=2)
+    b = SessionRegistry(engine, Path("unused"), SMALL, store=s3_store, owner="replica-b")
+    session = a.create("alice", "notes")
+    session.ingest(KJV[:300])
+    a.save("alice", "notes")
+    a.check_held("alice", "notes", session)  # a stream feeding it goes on
+    time.sleep(max(0.0, read_lease(a.folder("alice", "notes"))[0].expires - time.time()) + 0.1)  # a stops renewing
+    b.get("alice", "notes")
+    with pytest.raises(LeaseLost, match="document_bytes"):  # the stream on a stops before its next chunk
+        a.check_held("alice", "notes", session)
+    assert a.info("alice", "notes")["residency"] == "disk"  # dropped from a's memory, unsaved
+    with pytest.raises(LeaseHeld):
+        a.get("alice", "notes")  # b has it now
+
+
+def test_a_retried_pointer_swap_keeps_the_fallback(engine, store_url, monkeypatch):
+    url = f"{store_url}/alice/s1"
+    session = trained(engine)
+    store.save_session(session, url)
+    session.ingest(KJV[300:400])
+    store.save_session(session, url)
+    fallback = pointer(url).checkpoint
+    kind = type(as_folder(url))
+    real_swap, lost = kind.swap, []
+
+    def answer_lost_once(folder, name, data, version):
+        landed = real_swap(folder, name, data, version)
+        if name == store.LATEST and not lost:
+            lost.append(name)
+            return False  # it landed, but the client library retried it and saw its own write refused
+        return landed
+
+    monkeypatch.setattr(kind, "swap", answer_lost_once)
+    session.ingest(KJV[400:500])
+    store.save_session(session, url)
+    assert lost and store.checkpoints(url) == [pointer(url).checkpoint, fallback]

@@ -209,7 +209,11 @@ class LocalFolder(Folder):
         return [p.name for p in self.path.iterdir() if p.is_dir() and not p.name.startswith(TEMP_PREFIX)]
 
     def remove(self, name: str = "") -> None:
-        shutil.rmtree(self.path / name, ignore_errors=True)
+        path = self.path / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
     def size(self) -> int:
         if not self.path.is_dir():

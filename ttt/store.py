@@ -24,8 +24,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +35,7 @@ from safetensors.torch import save as st_save
 
 from . import storage
 from .config import SessionConfig
-from .lease import SWAP_ATTEMPTS, Lease, LeaseLost, acquire
+from .lease import LATEST, LeaseLost, Pointer, read_lease, swap_latest
 from .memory import MIN_SPAN_TOKENS
 from .model import BaseModelMismatch
 from .peft import peft_files
@@ -82,28 +82,6 @@ def export_peft(session: Session, folder: str | os.PathLike) -> Path:
     return folder
 
 
-LATEST = "LATEST"  # names a session folder's newest complete checkpoint, its manifest's sha256 (and fence)
-
-
-@dataclass(frozen=True)
-class Pointer:
-    """What ``LATEST`` says: ``ckpt-000007 <sha256 of its manifest.json>``, then the fence when one was given."""
-
-    checkpoint: str
-    manifest_sha256: str
-    fence: int = 0
-
-    @classmethod
-    def parse(cls, data: bytes | None) -> Pointer | None:
-        parts = data.decode(errors="replace").split() if data else []
-        if 2 <= len(parts) <= 3 and parts[0].startswith("ckpt-") and parts[-1].isdigit() == (len(parts) == 3):
-            return cls(parts[0], parts[1], int(parts[2]) if len(parts) == 3 else 0)
-        return None
-
-    def encode(self) -> bytes:
-        return f"{self.checkpoint} {self.manifest_sha256}{f' {self.fence}' if self.fence else ''}\n".encode()
-
-
 def has_checkpoint(folder: str | os.PathLike | Folder) -> bool:
     """Whether ``folder`` holds a saved session (a complete checkpoint that ``LATEST`` names)."""
     return as_folder(folder).exists(LATEST)
@@ -122,27 +100,14 @@ def checkpoints(root: str | os.PathLike | Folder) -> list[str]:
     return sorted((n for n in as_folder(root).subfolders() if n.startswith("ckpt-")), reverse=True)
 
 
-def _swap_latest(root: Folder, change: Callable[[Pointer | None], Pointer | None]) -> None:
-    """Replace ``LATEST`` by ``change(current)`` (None: leave it) in a compare-and-swap, again while others race."""
-    for _ in range(SWAP_ATTEMPTS):
-        data, version = root.read_versioned(LATEST)
-        new = change(Pointer.parse(data))
-        if new is None or root.swap(LATEST, new.encode(), version):
-            return
-    raise OSError(f"{root}/{LATEST}: other writers kept moving it; not moved")
-
-
-def fence_latest(root: Folder, fence: int) -> None:
-    """Stamp ``LATEST`` with ``fence`` (when above its own): from now on a save under an older fence is refused."""
-    _swap_latest(root, lambda p: replace(p, fence=fence) if p is not None and p.fence < fence else None)
-
-
-def take_lease(folder: str | os.PathLike | Folder, owner: str, seconds: float, address: str = "") -> Lease:
-    """The session's lease for ``owner`` with a new fencing number, ``LATEST`` stamped with it (``lease.py``)."""
+def remove_checkpoints(folder: str | os.PathLike | Folder) -> None:
+    """Delete a saved session: ``LATEST`` first (it is gone at once; a crash leaves only checkpoints nothing names,
+    which a later save prunes), then its checkpoints. Its ``LEASE`` stays, so that fencing numbers keep growing."""
     folder = as_folder(folder)
-    lease = acquire(folder, owner, seconds, address)
-    fence_latest(folder, lease.fence)
-    return lease
+    folder.remove(LATEST)
+    for name in checkpoints(folder):
+        folder.remove(name)
+    folder.clean()
 
 
 def _checkpoint_files(session: Session, fence: int | None, sums: dict) -> Iterator[tuple[str, bytes]]:
@@ -193,7 +158,9 @@ def save_session(session: Session, path: str | os.PathLike | Folder, fence: int 
     returns the checkpoint (a Path, or a URL). ``fence``: the writer's lease fencing number (LeaseLost, nothing
     kept, when ``LATEST`` carries a newer one)."""
     root = as_folder(path)
-    root.clean()  # what a crashed save left: saves of a session never overlap
+    if fence is not None and (lease := read_lease(root)[0]) is not None and lease.fence > fence:
+        raise LeaseLost(f"{root.name}: a newer writer (fence {lease.fence} > {fence}) owns the session; not saved")
+    root.clean()  # what a crashed save left: under a lease, saves of a session never overlap
     existing = checkpoints(root)
     number = int(existing[0][5:11]) + 1 if existing else 1
     name = root.unique(f"ckpt-{number:06d}")
@@ -202,7 +169,9 @@ def save_session(session: Session, path: str | os.PathLike | Folder, fence: int 
     new = Pointer(name, sums["manifest.json"]["sha256"])
     previous: list[Pointer | None] = [None]
 
-    def point(current: Pointer | None) -> Pointer:
+    def point(current: Pointer | None) -> Pointer | None:
+        if current is not None and current.checkpoint == name:
+            return None  # a retried swap whose first attempt landed: done, ``previous`` as that attempt saw it
         held = current.fence if current is not None else 0
         if fence is not None and held > fence:
             raise LeaseLost(f"{root.name}: a newer writer (fence {held} > {fence}) owns the session; not saved")
@@ -210,7 +179,7 @@ def save_session(session: Session, path: str | os.PathLike | Folder, fence: int 
         return replace(new, fence=max(held, fence or 0))
 
     try:
-        _swap_latest(root, point)
+        swap_latest(root, point)
     except LeaseLost:
         root.remove(name)
         raise
