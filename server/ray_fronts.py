@@ -98,6 +98,18 @@ def error_response(status: int, kind: str, message: str, **headers) -> JSONRespo
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+async def _relayed(upstream: httpx.Response):
+    """The replica's response as it comes; its connection is given back however the relay ends (a client that
+    leaves cancels it)."""
+    try:
+        async for piece in upstream.aiter_raw():
+            yield piece
+    finally:
+        await upstream.aclose()
+
+
+# What a route method calls is defined above it: Serve's ingress copies the class when it is defined (a helper
+# defined below it was a NameError at the first request).
 @serve.deployment(max_ongoing_requests=MAX_ONGOING)
 @serve.ingress(front_app)
 class Front:
@@ -169,16 +181,6 @@ class Front:
             return body, str(doc["id"])
         model = doc.get("model")
         return body, model if isinstance(model, str) else None
-
-
-async def _relayed(upstream: httpx.Response):
-    """The replica's response as it comes; its connection is given back however the relay ends (a client that
-    leaves cancels it)."""
-    try:
-        async for piece in upstream.aiter_raw():
-            yield piece
-    finally:
-        await upstream.aclose()
 
 
 # ---- the gRPC front --------------------------------------------------------------------------------------------
