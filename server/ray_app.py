@@ -134,7 +134,8 @@ def deploy(settings: Settings, replicas: int, gpus_per_replica: float = 0.0, cpu
     replica = Replica.options(
         num_replicas=replicas, ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica}
     ).bind(replica_settings)
-    serve.run(Front.bind(replica, replica_settings), name=APP, route_prefix="/")
+    front = Front.options(ray_actor_options={"num_cpus": 0})  # it only passes bytes on: no core of its own
+    serve.run(front.bind(replica, replica_settings), name=APP, route_prefix="/")
     return serve.get_deployment_handle("Replica", app_name=APP)
 
 
