@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 SESSION_PATH = re.compile(r"^/v1/sessions/([^/]+)")
 MAX_ONGOING = 1000  # requests one replica or front takes at once
 CONNECT_SECONDS = 3.0  # a replica's door that does not connect within this is taken for dead
-HOP_HEADERS = {"host", "connection", "keep-alive", "transfer-encoding", "te", "upgrade", "content-length"}
+# Headers of one connection, not passed on. The client's Host is: the replica's open-mode check of Host and Origin
+# (server/guard.py: DNS rebinding, foreign pages) must judge the client's request, not the front's.
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "content-length"}
 
 
 class Refused(Exception):

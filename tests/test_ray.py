@@ -80,6 +80,9 @@ def test_sessions_spread_over_replicas_and_stay_put(cluster):
     assert {sid: owner(settings, sid) for sid in ids} == placed  # no session moved (same owner, same fence)
     listed = httpx.get(f"{http}/v1/sessions", timeout=60).json()["data"]
     assert set(ids) <= {s["id"] for s in listed}
+    # The replica judges the client's Host, not the front's: an open server refuses a foreign name (DNS rebinding).
+    r = httpx.get(f"{http}/v1/sessions/{ids[0]}", headers={"host": "evil.example"}, timeout=60)
+    assert r.status_code == 403 and "not this machine" in r.json()["error"]["message"]
 
 
 def test_one_session_through_both_doors(cluster, tokenizer):
