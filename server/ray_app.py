@@ -30,11 +30,12 @@ from concurrent import futures
 
 import grpc
 import ray
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ray import serve
 
 from server.auth import KeyRing
 from server.errors import NotFound
-from server.ray_fronts import MAX_ONGOING, Front, GrpcFront, Locator, Refused
+from server.ray_fronts import MAX_ONGOING, SERVICE, Front, GrpcFront, Locator, Refused
 from server.settings import Settings
 from ttt.lease import LeaseHeld, check_free
 
@@ -148,10 +149,15 @@ def start_grpc_front(settings: Settings, replicas) -> tuple[grpc.Server, int, Ca
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.grpc_threads))
     front = GrpcFront(locate, loop)
     server.add_generic_rpc_handlers([front])
+    probes = health.HealthServicer()  # the same health service as `ttt serve`'s, for the same probes
+    health_pb2_grpc.add_HealthServicer_to_server(probes, server)
     port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     server.start()
+    for name in ("", SERVICE.full_name):
+        probes.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop() -> None:
+        probes.enter_graceful_shutdown()
         server.stop(5).wait()
         front.close()
         loop.call_soon_threadsafe(loop.stop)

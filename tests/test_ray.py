@@ -8,9 +8,11 @@ import threading
 import time
 import uuid
 
+import grpc
 import httpx
 import pytest
 from conftest import free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
@@ -102,6 +104,9 @@ def test_one_session_through_both_doors(cluster, tokenizer):
     base = httpx.get(f"{http}/v1/models", timeout=60).json()["data"][0]["id"]
     r = httpx.post(f"{http}/v1/chat/completions", json={**chat, "model": base}, timeout=60)
     assert r.status_code == 200  # the base model, from any replica
+    with grpc.insecure_channel(grpc_address) as channel:  # the probes of `ttt serve` work on the front too
+        probe = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="ttt.v1.Sessions"))
+        assert probe.status == health_pb2.HealthCheckResponse.SERVING
     with TTTClient(grpc_address) as client:  # no deadline: the front sets none on its call either
         assert client.get_session(sid)["tokens_ingested"] == info["tokens_ingested"]
         with pytest.raises(TTTError, match="NOT_FOUND"):
