@@ -25,7 +25,7 @@ from google.protobuf import message_factory
 from ray import serve
 
 from server.auth import KeyRing
-from server.errors import INTERNAL, AuthError, message_of, status_of
+from server.errors import INTERNAL, AuthError, TooLarge, message_of, status_of
 from server.proto.ttt.v1 import ttt_pb2 as pb
 from server.settings import Settings
 from ttt.lease import LeaseHeld
@@ -129,15 +129,18 @@ class Front:
 
     @front_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
     async def forward(self, request: Request, path: str):
+        try:
+            return await self._forward(request)
+        except Refused as e:
+            wait = {} if e.retry_after is None else {"retry-after": str(max(1, round(e.retry_after)))}
+            return error_response(e.http, e.kind, e.message, **wait)
+
+    async def _forward(self, request: Request) -> StreamingResponse:
         body, session_id = await self._session_of(request)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_HEADERS]
         unreachable: set[str] = set()
         while True:
-            try:
-                target = await self.locate(request.headers.get("authorization"), session_id, unreachable)
-            except Refused as e:
-                wait = {} if e.retry_after is None else {"retry-after": str(max(1, round(e.retry_after)))}
-                return error_response(e.http, e.kind, e.message, **wait)
+            target = await self.locate(request.headers.get("authorization"), session_id, unreachable)
             upstream = self.client.build_request(
                 request.method,
                 f"{target['http']}{request.url.path}",
@@ -169,7 +172,11 @@ class Front:
             return None, None
         if int(request.headers.get("content-length") or 0) > self.max_body:
             return None, None  # the replica refuses it (413) as it streams in
-        body = await request.body()
+        body = b""
+        async for piece in request.stream():  # bounded: a body without a length is read no further than the limit
+            body += piece
+            if len(body) > self.max_body:
+                raise Refused.of(TooLarge(f"request body over {self.max_body} bytes"))
         try:
             doc = json.loads(body)
         except ValueError:

@@ -45,6 +45,7 @@ def cluster(tiny_model_dir, s3_endpoint, tmp_path_factory):
         session_defaults=DEFAULTS,
         lease_seconds=LEASE_SECONDS,
         autosave_every_chunks=2,
+        max_request_bytes=1 << 20,
     )
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
@@ -82,6 +83,11 @@ def test_sessions_spread_over_replicas_and_stay_put(cluster):
     assert {sid: owner(settings, sid) for sid in ids} == placed  # no session moved (same owner, same fence)
     listed = httpx.get(f"{http}/v1/sessions", timeout=60).json()["data"]
     assert set(ids) <= {s["id"] for s in listed}
+    # A body without a length that the front reads to find its session: read no further than the limit.
+    pad = b"x" * (64 << 10)
+    chunked = (b'{"model": "spread-0", "pad": "' + pad if n == 0 else pad for n in range(20))  # 1.25 MiB
+    r = httpx.post(f"{http}/v1/chat/completions", content=chunked, timeout=60)
+    assert r.status_code == 413 and "request body over" in r.json()["error"]["message"]
     # The replica judges the client's Host, not the front's: an open server refuses a foreign name (DNS rebinding).
     r = httpx.get(f"{http}/v1/sessions/{ids[0]}", headers={"host": "evil.example"}, timeout=60)
     assert r.status_code == 403 and "not this machine" in r.json()["error"]["message"]
