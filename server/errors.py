@@ -89,5 +89,8 @@ def status_of(e: BaseException) -> Status:
 
 
 def message_of(e: BaseException) -> str:
-    """What the client is told (a KeyError's text would be its repr)."""
+    """What the client is told: the exception's own text (a KeyError's would be its repr), but nothing of an
+    unexpected one (INTERNAL: its text may name paths or internals; it is logged instead)."""
+    if status_of(e) is INTERNAL:
+        return "internal error"
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

@@ -42,7 +42,6 @@ def _abort(context, e: Exception):
     status = status_of(e)
     if status is INTERNAL:
         log.exception("internal error")
-        context.abort(grpc.StatusCode.INTERNAL, "internal error")
     context.abort(getattr(grpc.StatusCode, status.grpc), message_of(e))
 
 

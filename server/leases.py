@@ -24,10 +24,14 @@ log = logging.getLogger(__name__)
 class Leasing:
     """The lease side of ``server.registry.SessionRegistry`` (its ``_live`` entries each hold a ``lease``)."""
 
+    def _take_lease(self, folder: Folder) -> Lease:
+        """The session's lease for this server (LeaseHeld: another server holds it)."""
+        return take_lease(folder, self.owner, self.lease_seconds, self.address)
+
     @contextmanager
     def _leased(self, folder: Folder) -> Iterator[Lease]:
-        """The session's lease (LeaseHeld: another server holds it), released again if what the block does fails."""
-        lease = take_lease(folder, self.owner, self.lease_seconds, self.address)
+        """The session's lease, released again if what the block does fails."""
+        lease = self._take_lease(folder)
         try:
             yield lease
         except BaseException:

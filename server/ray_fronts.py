@@ -20,12 +20,13 @@ import uuid
 import grpc
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from google.protobuf import message_factory
 from ray import serve
 
 from server.auth import KeyRing
 from server.errors import INTERNAL, AuthError, TooLarge, message_of, status_of
+from server.http.common import error_response
 from server.proto.ttt.v1 import ttt_pb2 as pb
 from server.settings import Settings
 from ttt.lease import LeaseHeld
@@ -51,8 +52,7 @@ class Refused(Exception):
         status = status_of(e)
         if status is INTERNAL:
             log.error("locating a session failed", exc_info=e)
-        message = message_of(e) if status is not INTERNAL else "internal error"
-        return cls(status.http, status.grpc, status.kind, message, retry_after)
+        return cls(status.http, status.grpc, status.kind, message_of(e), retry_after)
 
 
 class Locator:
@@ -95,11 +95,6 @@ class Locator:
 front_app = FastAPI(title="ttt (Ray Serve front)", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-def error_response(status: int, kind: str, message: str, **headers) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 async def _relayed(upstream: httpx.Response):
     """The replica's response as it comes; its connection is given back however the relay ends (a client that
     leaves cancels it)."""
@@ -132,8 +127,10 @@ class Front:
         try:
             return await self._forward(request)
         except Refused as e:
-            wait = {} if e.retry_after is None else {"retry-after": str(max(1, round(e.retry_after)))}
-            return error_response(e.http, e.kind, e.message, **wait)
+            response = error_response(e.http, e.kind, e.message)
+            if e.retry_after is not None:
+                response.headers["retry-after"] = str(max(1, round(e.retry_after)))
+            return response
 
     async def _forward(self, request: Request) -> StreamingResponse:
         body, session_id = await self._session_of(request)

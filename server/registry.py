@@ -30,7 +30,7 @@ from server.policy import Limits, check_price
 from ttt import Engine, Session, SessionConfig
 from ttt.config import check_caps, merge
 from ttt.engine import check_session_id
-from ttt.lease import Lease, LeaseLost, release, renew, take_lease
+from ttt.lease import Lease, LeaseLost, release, renew
 from ttt.model import BaseModelMismatch
 from ttt.peft import import_peft
 from ttt.storage import Folder, as_folder
@@ -370,10 +370,8 @@ class SessionRegistry(Leasing):
             entry = self._live.pop(key, None)
         if entry is None and not has_checkpoint(folder):
             raise NotFound(f"no session {session_id!r}")
-        if entry is not None:
-            lease = renew(folder, entry.lease, self.lease_seconds)  # LeaseLost: another server's now
-        else:
-            lease = take_lease(folder, self.owner, self.lease_seconds, self.address)  # LeaseHeld: in use elsewhere
+        # Still ours (LeaseLost: another server's now), or taken for the delete (LeaseHeld: in use elsewhere).
+        lease = renew(folder, entry.lease, self.lease_seconds) if entry is not None else self._take_lease(folder)
         try:
             remove_checkpoints(folder)
         finally:

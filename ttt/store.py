@@ -158,8 +158,13 @@ def save_session(session: Session, path: str | os.PathLike | Folder, fence: int 
     returns the checkpoint (a Path, or a URL). ``fence``: the writer's lease fencing number (LeaseLost, nothing
     kept, when ``LATEST`` carries a newer one)."""
     root = as_folder(path)
-    if fence is not None and (lease := read_lease(root)[0]) is not None and lease.fence > fence:
-        raise LeaseLost(f"{root.name}: a newer writer (fence {lease.fence} > {fence}) owns the session; not saved")
+
+    def refuse_if_newer(held: int) -> None:
+        if fence is not None and held > fence:
+            raise LeaseLost(f"{root.name}: a newer writer (fence {held} > {fence}) owns the session; not saved")
+
+    lease = read_lease(root)[0] if fence is not None else None
+    refuse_if_newer(lease.fence if lease is not None else 0)
     root.clean()  # what a crashed save left: under a lease, saves of a session never overlap
     existing = checkpoints(root)
     number = int(existing[0][5:11]) + 1 if existing else 1
@@ -173,8 +178,7 @@ def save_session(session: Session, path: str | os.PathLike | Folder, fence: int 
         if current is not None and current.checkpoint == name:
             return None  # a retried swap whose first attempt landed: done, ``previous`` as that attempt saw it
         held = current.fence if current is not None else 0
-        if fence is not None and held > fence:
-            raise LeaseLost(f"{root.name}: a newer writer (fence {held} > {fence}) owns the session; not saved")
+        refuse_if_newer(held)
         previous[:] = [current]
         return replace(new, fence=max(held, fence or 0))
 
@@ -210,7 +214,7 @@ def _read_checked(ckpt: Folder, name: str, files: dict) -> bytes:
     data = _read(ckpt, name)
     expected = files.get(name)
     if expected is None:
-        raise SessionFormatError(f"{ckpt / 'manifest.json'}: no checksum for {name}")
+        raise SessionFormatError(f"{ckpt}/manifest.json: no checksum for {name}")
     if len(data) != expected["bytes"]:
         raise SessionFormatError(f"{file}: truncated or altered ({len(data)} bytes, manifest says {expected['bytes']})")
     if hashlib.sha256(data).hexdigest() != expected["sha256"]:

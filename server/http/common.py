@@ -26,9 +26,8 @@ def error_response(
 def refusal(e: Exception) -> JSONResponse:
     """The error response of an exception, in OpenAI's shape (an unexpected one: 500, its text not shown)."""
     status = status_of(e)
-    message = message_of(e) if status is not INTERNAL else "internal error"
     return error_response(
-        status.http, status.kind, message, code=getattr(e, "error_code", None), param=getattr(e, "param", None)
+        status.http, status.kind, message_of(e), code=getattr(e, "error_code", None), param=getattr(e, "param", None)
     )
 
 
@@ -52,8 +51,7 @@ def failure_event(request: Request, e: Exception) -> dict:
     status = status_of(e)
     log.log(logging.ERROR if status is INTERNAL else logging.WARNING, "stream failed after its 200", exc_info=e)
     request.state.status_after_start = status.http
-    message = message_of(e) if status is not INTERNAL else "internal error"
-    return {"error": {"message": message, "type": status.kind, "code": status.http}}
+    return {"error": {"message": message_of(e), "type": status.kind, "code": status.http}}
 
 
 def wants_events(request: Request) -> bool:
