@@ -4,8 +4,8 @@ A memory is the base model (optionally with a session's fast weights) after a pr
 a KV cache (``PrefixedLM``). The five memories compared:
   * ``none``: the base model with nothing read (the control: what it guesses without the document);
   * ``window``: the base model with the session's recent window only (no TTT);
-  * ``ttt``: what a session answers from: its fast weights and its answer prefix (exact spans + window),
-    exactly what ``Session.score`` and ``Session.generate`` use;
+  * ``ttt``: what a session answers from: its fast weights and its answer prefix (window + exact spans, those
+    related to the question asked), exactly what ``Session.generate`` uses;
   * ``weights``: the session's fast weights alone, nothing in context;
   * ``full``: the base model with the whole document in context, as far as the model's context allows.
 Each ``Item`` (bench/items.py) is asked three ways: ``statement`` and ``qa`` compare the likelihood of the
@@ -123,15 +123,35 @@ def contains(answer: str, value: str) -> bool:
     return f" {_normal(value)} " in f" {_normal(answer)} "
 
 
-def ask(lm: PrefixedLM, item: Item, answer_tokens: int = 16) -> dict:
-    """All three probes of one item on one memory."""
+class SessionLM:
+    """The ``ttt`` memory: what a session reads before a prompt depends on what is asked
+    (``Session.answer_prefix``), so each query gets the ``PrefixedLM`` of its own prefix (the last one is kept:
+    queries that read the same prefix share it)."""
+
+    def __init__(self, engine: ttt.Engine, session: ttt.Session, room: int):
+        self.engine, self.session, self.room = engine, session, room
+        self.last: tuple[list[int], PrefixedLM] | None = None
+
+    def __call__(self, query: str) -> PrefixedLM:
+        prefix = self.session.answer_prefix(query)
+        if self.last is None or self.last[0] != prefix:
+            self.last = prefix, PrefixedLM(self.engine, prefix, self.session.fast, room=self.room)
+        return self.last[1]
+
+
+def ask(memory: PrefixedLM | SessionLM, item: Item, answer_tokens: int = 16) -> dict:
+    """All three probes of one item on one memory (a session's reads what the statement's head, or the
+    question, asks about)."""
+    reading = memory if isinstance(memory, SessionLM) else lambda query: memory
     out: dict = {}
     candidates = [item.answer, *item.wrong]
     if item.cloze is not None:
         head = item.statement(item.answer)[0]
+        lm = reading(head)
         nll = lm.nll_after(lm.encode(head), [lm.encode(item.statement(c)[1]) for c in candidates])
         out["statement"] = nll[0] < min(nll[1:])
         out["statement_nll"] = nll
+    lm = reading(item.question)
     messages = [{"role": "user", "content": item.question}]
     prompt = chat_prompt(lm.tokenizer, messages)
     nll = lm.nll_after(prompt, [lm.encode(c) for c in candidates])
@@ -148,7 +168,7 @@ def memories(
     names: Sequence[str],
     session: ttt.Session | None = None,
     context_tokens: int = 512,
-) -> dict[str, PrefixedLM]:
+) -> dict[str, PrefixedLM | SessionLM]:
     """The memories ``names`` after reading ``doc`` (``session``: the one that read it, for "ttt" and "weights");
     "window" sees the last ``context_tokens`` tokens; each keeps the last tokens of its prefix that fit with a
     question (as ``Engine.prompt`` does)."""
@@ -158,7 +178,7 @@ def memories(
         "window": lambda: PrefixedLM(
             engine, doc[max(0, len(doc) - context_tokens) :] if context_tokens else [], room=room
         ),
-        "ttt": lambda: PrefixedLM(engine, session.answer_prefix(), session.fast, room=room),
+        "ttt": lambda: SessionLM(engine, session, room),
         "weights": lambda: PrefixedLM(engine, [], session.fast),
         "full": lambda: PrefixedLM(engine, doc, room=room),
     }

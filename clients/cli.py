@@ -115,8 +115,8 @@ def _add_ingest(sub, conn) -> None:
     p.add_argument(
         "--memory",
         metavar="PRESET",
-        help="how hard a new session works to recall what it reads: off, fast, "
-        "balanced (the default) or deep, trading ingest speed for recall (new sessions only)",
+        help="how hard a new session works to recall what it reads: off, fast (the default), "
+        "balanced or deep, trading ingest speed for recall (new sessions only)",
     )
     p.add_argument(
         "--piece-bytes",

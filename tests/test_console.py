@@ -261,8 +261,8 @@ def test_create_with_settings_download_and_import_an_adapter(tab, open_server, t
     page = tab.page
     tab.view("Sessions")
     page.get_by_label("Name (optional: the server picks one)").fill("tuned")
-    page.get_by_label("Memory").select_option("fast")
-    assert "fast: ingest.steps_per_chunk 1" in page.locator("#memory-help").inner_text()
+    page.get_by_label("Memory").select_option("balanced")
+    assert "balanced: ingest.steps_per_chunk 2" in page.locator("#memory-help").inner_text()
     page.get_by_text("Advanced settings").click()
     rank = page.locator("#setting-fast-rank")
     assert rank.get_attribute("placeholder") == "16" and rank.get_attribute("max") == "1024"
@@ -270,11 +270,11 @@ def test_create_with_settings_download_and_import_an_adapter(tab, open_server, t
     page.get_by_role("button", name="Create session").click()
     row(page, "tuned").wait_for()
     info = session_info(open_server, "tuned").json()
-    assert info["memory"] == "fast"
+    assert info["memory"] == "balanced"
     assert (
         info["fast_weight_bytes"]
         == httpx.post(  # rank 8: half the bytes of a default rank-16 session
-            f"{open_server.http}/v1/sessions", json={"id": "rank16", "settings": {"memory": "fast"}}
+            f"{open_server.http}/v1/sessions", json={"id": "rank16", "settings": {"memory": "balanced"}}
         ).json()["fast_weight_bytes"]
         // 2
     )

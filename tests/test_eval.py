@@ -65,16 +65,27 @@ def test_the_three_memories_agree_where_they_see_the_same_tokens(engine, ids):
     assert scored[1] != pytest.approx(window[1], abs=1e-6)  # chunk 1 is scored after a step on chunk 0
 
 
-def test_prefixed_lm_equals_session_score_and_generate(engine, ids):
-    # a session that keeps exact spans: the memory "ttt" reads its answer prefix (spans + window) as answers do
-    session = engine.create_session({**SMALL, "recall": {"exact_tokens": 24, "span_tokens": 8}})
+@pytest.mark.parametrize("select", ["surprise", "question"])
+def test_prefixed_lm_equals_session_score_and_generate(engine, ids, select):
+    # a session that keeps exact spans: the memory "ttt" reads its answer prefix as answers do: the window after
+    # the most surprising spans, or followed by the spans related to what is asked
+    recall = {"exact_tokens": 24, "span_tokens": 8, "exact_select": select}
+    session = engine.create_session({**SMALL, "recall": recall})
     session.append_tokens(ids)
     session.end_document()
     while session.train_next_chunk() is not None:
         pass
     assert session.exact_tokens()  # something kept beside the window
-    lm = memories(engine, ids, ["ttt"], session)["ttt"]
-    assert lm.prefix == session.answer_prefix() == session.exact_tokens() + session.recent_tokens()
+    asked = engine.base.tokenizer.decode(session.exact_tokens()[:8])  # a query sharing words with a kept span
+    notes = session.notes(asked)
+    assert bool(notes) == (select == "question") and len(notes) <= 24
+    reading = memories(engine, ids, ["ttt"], session)["ttt"]
+    lm = reading(asked)
+    if select == "surprise":
+        assert lm.prefix == session.answer_prefix() == session.exact_tokens() + session.recent_tokens()
+    else:
+        assert lm.prefix == session.answer_prefix(asked) == session.recent_tokens() + notes
+        assert session.answer_prefix("zzzz qqqq") == session.recent_tokens()  # nothing related: nothing read
     item = Item(
         "needle/code",
         ["The secret code of the amber heron is 48213."],
@@ -83,12 +94,13 @@ def test_prefixed_lm_equals_session_score_and_generate(engine, ids):
         ["11111"],
         "The secret code of the amber heron is {}.",
     )
-    sentence = item.facts[0]
+    sentence = asked + item.facts[0]
+    lm = reading(sentence)
     total, count = lm.nll(sentence)
     assert total / count == pytest.approx(session.score(sentence), abs=1e-4)
     assert lm.nll(sentence) == pytest.approx((total, count))  # the cache rewinds between questions
-    question = [{"role": "user", "content": item.question}]
-    assert lm.greedy(question, 6) == session.generate(question, max_tokens=6).text
+    question = [{"role": "user", "content": asked + " " + item.question}]
+    assert reading(question[0]["content"]).greedy(question, 6) == session.generate(question, max_tokens=6).text
     # Reading the prefix in pieces gives the same cache as reading it at once.
     pieces = PrefixedLM(engine, [], session.fast, capacity=len(lm.prefix) + 128)
     for i in range(0, len(lm.prefix), 7):
@@ -97,7 +109,8 @@ def test_prefixed_lm_equals_session_score_and_generate(engine, ids):
     # the statement probe is the same sentence cut at the answer
     head, tail = item.statement("48213")
     both = lm.nll_after(lm.encode(head), [lm.encode(tail), lm.encode(" 11111.")])
-    assert both[0] == pytest.approx(total - lm.nll(head)[0], abs=1e-3)  # the head read once for both
+    fact = lm.nll(item.facts[0])[0]
+    assert both[0] == pytest.approx(fact - lm.nll(head)[0], abs=1e-3)  # the head read once for both
     assert both[1] == pytest.approx(lm.nll(head + " 11111.")[0] - lm.nll(head)[0], abs=1e-3)
 
 

@@ -560,13 +560,13 @@ def test_adapter_download_is_a_peft_folder_that_imports_back(api):
 
 
 def test_settings_schema_is_the_config_schema_under_the_server_defaults(api):
-    from ttt.config import PRESETS, SCHEMA, SessionConfig
+    from ttt.config import DEFAULT_MEMORY, PRESETS, SCHEMA, SessionConfig
 
     r = api.get("/v1/settings")
 
     assert r.status_code == 200
     doc = r.json()
-    assert doc["memory"] == "balanced" and doc["presets"] == json.loads(json.dumps(PRESETS))
+    assert doc["memory"] == DEFAULT_MEMORY and doc["presets"] == json.loads(json.dumps(PRESETS))
     assert [(f["section"], f["name"]) for f in doc["fields"]] == [(s.section, s.name) for s in SCHEMA]
     fields = {(f["section"], f["name"]): f for f in doc["fields"]}
     assert fields["fast", "rank"] | {"doc": None} == {

@@ -63,6 +63,29 @@ def test_the_memory_keeps_the_best_within_its_budget_and_reads_them_in_document_
     assert inputs.tolist() == [[4, 5, 0], [6, 7, 8]] and targets.tolist() == [[5, -100, -100], [7, 8, -100]]
 
 
+def test_notes_are_the_kept_spans_that_share_the_rarest_words_with_the_question():
+    texts = {
+        1: "The code of the violet crane is 4821.",
+        2: "The crane flew over the river at dawn.",
+        3: "The river was cold and the crane was grey.",
+        4: "Mr. Tilney walked to the river with the crane.",
+    }
+    memory = SpanMemory(RecallConfig(exact_tokens=16, pool_tokens=64))
+    scores = {1: 1.0, 2: 1.0, 3: 3.0, 4: 2.0}
+    memory.add([Span([i] * 4, scores[i], 10 * i) for i in texts])  # token i stands for sentence i (decode below)
+    decode = lambda tokens: texts[tokens[0]]  # noqa: E731
+    # "violet" and "code" are in one span, "crane" in all four: the violet one comes first, then those that share
+    # only "crane", the most surprising first, as the budget allows; read in document order
+    asked = "What is the code of the violet crane?"
+    assert memory.notes(asked, 100, 4, decode) == [1] * 4
+    assert memory.notes(asked, 100, 8, decode) == [1] * 4 + [3] * 4
+    assert memory.notes(asked, 100, 16, decode) == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
+    assert memory.notes("Who walked with Mr. Tilney?", 100, 16, decode) == [4] * 4
+    assert memory.notes("What is it that was there?", 100, 16, decode) == []  # common words name nothing
+    assert memory.notes("Who walked with Mr. Tilney?", 43, 16, decode) == []  # still in the window: read there
+    assert memory.notes("the violet crane", 100, 0, decode) == []
+
+
 def test_rehearsal_learns_the_spans_and_rolls_back_a_nonfinite_step(engine):
     model = engine.base.model
     session = engine.create_session(SMALL)
@@ -149,7 +172,11 @@ def test_sessions_keep_spans_study_and_save_them(engine, tmp_path, monkeypatch):
         assert (memory == "off") == (not session.memory.spans)
         assert sum(len(sp.tokens) for sp in session.memory.spans) <= recall.pool_tokens
         exact = session.exact_tokens()
-        assert len(exact) <= recall.exact_tokens and session.answer_prefix() == exact + session.recent_tokens()
+        assert len(exact) <= recall.exact_tokens and session.answer_prefix() == session.recent_tokens()  # not asked
+        asked = "Who was Sir Walter Elliot of Kellynch Hall?"
+        notes = session.notes(asked)
+        assert (memory == "off") == (not notes) and len(notes) <= recall.exact_tokens
+        assert session.answer_prefix(asked) == session.recent_tokens() + notes
         assert session.info()["exact_tokens_read"] == len(exact) and session.info()["memory"] == memory
         assert session.stats.rehearsals_rolled_back == 0 and all(r.seconds > 0 for r in reports)
         session.save(tmp_path / memory)
@@ -168,8 +195,10 @@ def test_sessions_keep_spans_study_and_save_them(engine, tmp_path, monkeypatch):
 def test_presets_and_their_overrides():
     cfg = ttt.SessionConfig.from_dict({"memory": "fast", "recall": {"exact_tokens": 64}})
     assert cfg.memory == "fast" and cfg.recall.exact_tokens == 64 and cfg.recall.replay_steps == 0
-    assert ttt.SessionConfig.from_dict({}) == ttt.SessionConfig()  # no settings: "balanced"
-    assert ttt.SessionConfig().recall.exact_tokens > 0 and ttt.SessionConfig().recall.replay_steps > 0
+    assert ttt.SessionConfig.from_dict({}) == ttt.SessionConfig()  # no settings: DEFAULT_MEMORY, "fast"
+    default = ttt.SessionConfig().recall  # keeps spans and reads those a question asks about; no rehearsal
+    assert default.exact_tokens > 0 and default.exact_select == "question" and default.replay_steps == 0
+    assert ttt.SessionConfig.from_dict({"memory": "balanced"}).recall.replay_steps > 0
     off = ttt.SessionConfig.from_dict({"memory": "off"}).recall
     assert (off.exact_tokens, off.pool_tokens, off.replay_steps) == (0, 0, 0)
     with pytest.raises(ValueError, match="unknown memory preset"):
@@ -183,11 +212,11 @@ def test_presets_and_their_overrides():
 @pytest.mark.slow
 def test_a_fact_read_once_is_recalled_after_it_left_the_window(default_model_dir):
     """Two default sessions read the same 1.5K tokens of a novel but for one planted fact, 1K tokens before the
-    end: only the one that read it ranks the true value first, and it does so by a wide margin."""
+    end: only the one that read it ranks the true value first, by a wide margin, and says it in a chat answer."""
     import random
 
     from bench.items import make_needles, plant
-    from bench.recall import PrefixedLM, ask
+    from bench.recall import SessionLM, ask
     from bench.recall_cli import FILLER
 
     engine = ttt.load_engine(default_model_dir, "cpu")
@@ -195,7 +224,7 @@ def test_a_fact_read_once_is_recalled_after_it_left_the_window(default_model_dir
     filler = tok(FILLER.read_text()[30000:40000], add_special_tokens=False).input_ids[:1500]
     item = make_needles(random.Random(3), 1, kinds=["code"])[0]
     other = make_needles(random.Random(4), 1, kinds=["place"])[0]
-    margins = []
+    margins, answers = [], []
     for fact in (item.facts[0], other.facts[0]):
         doc, _ = plant(tok, filler, [(500, fact)])
         session = engine.create_session()
@@ -203,9 +232,11 @@ def test_a_fact_read_once_is_recalled_after_it_left_the_window(default_model_dir
         session.end_document()
         while session.train_next_chunk() is not None:
             pass
-        lm = PrefixedLM(engine, session.answer_prefix(), session.fast)
-        result = ask(lm, item, answer_tokens=4)
+        result = ask(SessionLM(engine, session, room=4096), item, answer_tokens=4)
         nll = result["statement_nll"]
         margins.append(min(nll[1:]) - nll[0])  # > 0: the true value is the likeliest
+        # the chat path (what HTTP chat and `ttt chat` call), greedy
+        answers.append(session.generate([{"role": "user", "content": item.question}], max_tokens=24).text)
     read, not_read = margins
     assert read > 2.0 and not_read < 1.0
+    assert item.answer in answers[0] and item.answer not in answers[1], answers

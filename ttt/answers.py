@@ -1,6 +1,7 @@
-"""What a session answers from, and how: every answer reads the exact spans and the window (``answer_prefix``)
-before its prompt, under a snapshot of the fast weights; ``generate`` (chat), ``complete`` (no template) and
-``score`` (mean NLL of a text). ``Session`` inherits these; the state they read is the session's (config, window,
+"""What a session answers from, and how: every answer reads the window and the exact spans (``answer_prefix``:
+those related to the question right before it, or the most surprising before the window) before its prompt,
+under a snapshot of the fast weights; ``generate`` (chat), ``complete`` (no template) and ``score`` (mean NLL of
+a text). ``Session`` inherits these; the state they read is the session's (config, window,
 pending tokens, span memory, fast weights, lock, version)."""
 
 from __future__ import annotations
@@ -37,16 +38,41 @@ class Answering:
         return (self.window + self.pending)[-n:] if n else []
 
     def exact_tokens(self) -> list[int]:
-        """The exact spans every answer reads (memory.py): the best kept spans that have left the window."""
+        """The most surprising kept spans that have left the window, within ``exact_tokens`` (memory.py): what
+        every answer reads before the window with ``exact_select="surprise"``."""
         with self.lock:
-            window_start = self.stats.tokens_ingested + len(self.pending) - len(self.recent_tokens())
-            return self.memory.exact_tokens(before=window_start)
+            return self.memory.exact_tokens(before=self._window_start())
 
-    def answer_prefix(self) -> list[int]:
-        """What every answer reads before its prompt: the exact spans, then the window (its last tokens that fit
-        the model's context; ``Engine.prompt`` cuts further to leave room for the prompt and the answer)."""
+    def notes(self, query: str, budget: int | None = None) -> list[int]:
+        """The kept spans related to ``query`` that have left the window, within ``exact_tokens`` (and
+        ``budget``): what an answer to ``query`` reads right before its prompt with ``exact_select="question"``
+        (memory.py; nothing with "surprise")."""
+        recall = self.config.recall
+        if recall.exact_select != "question":
+            return []
+        budget = recall.exact_tokens if budget is None else min(budget, recall.exact_tokens)
         with self.lock:
-            return (self.exact_tokens() + self.recent_tokens())[-(self.engine.base.cfg.max_position_embeddings - 1) :]
+            return self.memory.notes(query, self._window_start(), budget, self.engine.base.tokenizer.decode)
+
+    def _window_start(self) -> int:
+        """The stream index of the window's first token: what starts there is read in the window itself."""
+        return self.stats.tokens_ingested + len(self.pending) - len(self.recent_tokens())
+
+    def answer_prefix(self, query: str = "") -> list[int]:
+        """What an answer to ``query`` reads before its prompt: the window, after the most surprising spans or
+        followed by the spans related to ``query`` (``exact_select``), its last tokens that fit the model's
+        context (``Engine.prompt`` cuts further to leave room for the prompt and the answer)."""
+        with self.lock:
+            tokens = self._before_prompt() + self.notes(query)
+            return tokens[-(self.engine.base.cfg.max_position_embeddings - 1) :]
+
+    def _before_prompt(self) -> list[int]:
+        """The part of every answer's prefix that does not depend on the question (its keys/values are cached:
+        ``_prefix_cache``): the window, after the most surprising spans with ``exact_select="surprise"``."""
+        return self._exact_before_window() + self.recent_tokens()
+
+    def _exact_before_window(self) -> list[int]:
+        return self.exact_tokens() if self.config.recall.exact_select == "surprise" else []
 
     def generate(self, messages: list[dict], *, stream: bool = False, **sampling) -> Generation | TokenStream:
         """Answer chat ``messages`` ([{"role": ..., "content": ...}]) from the fast weights and recent window.
@@ -56,7 +82,9 @@ class Answering:
         ``TokenStream``: iterate it for text deltas; its ``finish_reason`` and token counts are set at the end.
         Never changes the weights.
         """
-        return self._answer(self.engine.chat_ids(messages), SamplingParams(**sampling), stream)
+        asked = [m.get("content") for m in messages if m.get("role") == "user"]
+        query = asked[-1] if asked and isinstance(asked[-1], str) else ""
+        return self._answer(self.engine.chat_ids(messages), SamplingParams(**sampling), stream, query=query)
 
     def complete(
         self, prompt: str | list[int], *, max_tokens: int = 16, echo: bool = False, stream: bool = False, **sampling
@@ -68,15 +96,18 @@ class Answering:
         """
         ids = self.engine.text_ids(prompt)
         params = SamplingParams(max_tokens, **sampling)
-        return self._answer(ids, params, stream, echo=len(ids) if echo else 0)
+        query = prompt if isinstance(prompt, str) else self.engine.base.tokenizer.decode(ids)
+        return self._answer(ids, params, stream, echo=len(ids) if echo else 0, query=query)
 
-    def _answer(self, ids: list[int], params: SamplingParams, stream: bool, echo: int = 0):
+    def _answer(self, ids: list[int], params: SamplingParams, stream: bool, echo: int = 0, query: str = ""):
         with self.lock:
             # A snapshot (a few MB): the answer stays consistent even if an ingest runs meanwhile.
             fast = copy.deepcopy(self.fast).requires_grad_(False)
-            prefix = self.answer_prefix()
+            prefix = self._before_prompt()[-(self.engine.base.cfg.max_position_embeddings - 1) :]
             cache = self._prefix_cache(prefix)
-        return self.engine.answer(ids, params, fast, prefix, stream, cache, echo)
+            # the notes come out of the window's room, never the prompt's or the answer's
+            notes = self.notes(query, self.engine.base.cfg.max_position_embeddings - params.max_tokens - len(ids))
+        return self.engine.answer(notes + ids, params, fast, prefix, stream, cache, echo)
 
     def _prefix_cache(self, prefix: list[int]) -> PrefixCache | None:
         """The answer prefix's keys/values under the current weights: computed at the first answer after a
@@ -89,17 +120,18 @@ class Answering:
 
     @torch.no_grad()
     def score(self, text: str) -> float:
-        """Mean NLL (nats/token) of ``text`` after the answer prefix (exact spans + window), under the fast
-        weights; no update."""
+        """Mean NLL (nats/token) of ``text`` after what an answer reads (the window, the exact spans: those
+        related to ``text`` itself with ``exact_select="question"``), under the fast weights; no update."""
         base = self.engine.base
         ids = base.tokenizer(text, add_special_tokens=False).input_ids
         with self.lock:
-            exact, window = self.exact_tokens(), self.recent_tokens()
+            before, window, notes = self._exact_before_window(), self.recent_tokens(), self.notes(text)
             cfg = self.config.ingest
             total, count = 0.0, 0
-            # Long texts go in chunks, each after the exact spans and the preceding context_tokens (as in ingest).
+            # Long texts go in chunks, each after the preceding context_tokens (as in ingest) and the exact spans.
             for start in range(0, len(ids), cfg.chunk_tokens):
-                context = exact + ((window + ids[:start])[-cfg.context_tokens :] if cfg.context_tokens else [])
+                recent = (window + ids[:start])[-cfg.context_tokens :] if cfg.context_tokens else []
+                context = before + recent + notes
                 piece = ids[start : start + cfg.chunk_tokens]
                 if len(context) + len(piece) < 2:
                     continue

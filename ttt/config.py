@@ -113,11 +113,11 @@ class IngestConfig:
         ge=0,
         le=1 << 16,
     )
-    steps_per_chunk: int = setting(2, "gradient steps per chunk", ge=1, le=100, per_chunk=True)
+    steps_per_chunk: int = setting(1, "gradient steps per chunk", ge=1, le=100, per_chunk=True)
     optimizer: str = setting("adamw", '"adamw" or "sgd"', max_length=64)
-    # 3e-3 is best for next-token prediction alone (off, fast); with the recall memory's extra updates 1.5e-3
-    # keeps the perplexity at the window's (docs/recall.md)
-    lr: float = setting(1.5e-3, "learning rate", per_chunk=True)
+    # 3e-3 is best for next-token prediction alone (off, fast); with balanced's extra updates 1.5e-3 keeps the
+    # perplexity at the window's (docs/recall.md)
+    lr: float = setting(3e-3, "learning rate", per_chunk=True)
     weight_decay: float = setting(0.0, "optimizer weight decay")
     betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas")
     max_grad_norm: float = setting(1.0, "gradient-norm clip; updates diverge without it", per_chunk=True)
@@ -156,15 +156,24 @@ class IngestConfig:
             raise ValueError("surprise_power must be a finite number >= 0")
 
 
+EXACT_SELECT = ("question", "surprise")
+
+
 @dataclass
 class RecallConfig:
     """What a session keeps so that it can answer about what left its window (``memory.py``, ``study.py``)."""
 
     exact_tokens: int = setting(
         512,
-        "tokens of the most surprising spans read verbatim before the window by every answer (0: none)",
+        "tokens of kept spans read verbatim by every answer (exact_select says which and where; 0: none)",
         ge=0,
         le=1 << 16,
+    )
+    exact_select: str = setting(
+        "question",
+        '"question": the kept spans that share the rarest words with the question, read right before it; '
+        '"surprise": the most surprising kept spans, read before the window whatever is asked',
+        max_length=16,
     )
     pool_tokens: int = setting(
         2048,
@@ -179,7 +188,7 @@ class RecallConfig:
     )
     replay_spans: int = setting(8, "older spans rehearsed with each chunk's new ones", ge=0, le=256)
     replay_steps: int = setting(
-        1, "gradient steps on the rehearsal batch after each chunk's step (0: none)", ge=0, le=100
+        0, "gradient steps on the rehearsal batch after each chunk's step (0: none)", ge=0, le=100
     )
     replay_lr: float | None = setting(None, "the rehearsal's learning rate (null: the ingest lr)")
     study_spans: int = setting(
@@ -197,6 +206,8 @@ class RecallConfig:
             raise ValueError("exact_tokens, pool_tokens, replay_spans, replay_steps and study_spans must be >= 0")
         if self.spans_per_chunk < 1 or self.span_tokens < 2 or self.peak_tokens < 1 or self.study_top_k < 1:
             raise ValueError("spans_per_chunk, peak_tokens and study_top_k must be >= 1, span_tokens >= 2")
+        if self.exact_select not in EXACT_SELECT:
+            raise ValueError(f"exact_select must be one of {', '.join(EXACT_SELECT)}")
         if self.replay_lr is not None and not 0 < self.replay_lr < float("inf"):
             raise ValueError("replay_lr must be a positive finite number (or null)")
         if self.study_spans and not self.replay_steps:
@@ -205,25 +216,23 @@ class RecallConfig:
 
 
 # Named trade-offs between ingest speed and recall: ``{"memory": name}`` starts a session from these settings,
-# and any other setting given overrides them. No settings at all means "balanced" (the dataclass defaults).
-# Chosen by measurement: README.md, "Memory that answers" (``ttt recall``).
+# and any other setting given overrides them. No settings at all means DEFAULT_MEMORY (the dataclass defaults).
+# Chosen by measurement: README.md, "Memory that answers" (``ttt recall``, ``ttt eval``).
 PRESETS: dict[str, dict[str, dict]] = {
     # one step of next-token prediction per chunk, nothing else (the defaults before recall was measured)
-    "off": {
-        "ingest": {"steps_per_chunk": 1, "lr": 3e-3},
-        "recall": {"exact_tokens": 0, "pool_tokens": 0, "replay_steps": 0},
-    },
-    # as "off", plus the exact memory: span selection costs next to nothing
-    "fast": {
-        "ingest": {"steps_per_chunk": 1, "lr": 3e-3},
-        "recall": {"exact_tokens": 256, "pool_tokens": 256, "replay_steps": 0},
-    },
-    "balanced": {},
+    "off": {"recall": {"exact_tokens": 0, "pool_tokens": 0}},
+    # as "off", plus the span memory and its exact spans (span selection costs next to nothing): the perplexity
+    # of "off" (the weights learn only the text) and the needles of "balanced" (the exact spans read them back)
+    "fast": {},
+    # the fast weights learn the kept spans too (a second step per chunk, rehearsal), so they alone recall more,
+    # at half the ingest speed and a perplexity no better than the window's
+    "balanced": {"ingest": {"steps_per_chunk": 2, "lr": 1.5e-3}, "recall": {"replay_steps": 1}},
     "deep": {
-        "ingest": {"lr": 3e-3},
+        "ingest": {"steps_per_chunk": 2},
         "recall": {"exact_tokens": 1024, "pool_tokens": 4096, "replay_spans": 16, "replay_steps": 2},
     },
 }
+DEFAULT_MEMORY = "fast"
 SECTIONS = {"fast": FastWeightConfig, "ingest": IngestConfig, "recall": RecallConfig}
 
 
@@ -359,7 +368,7 @@ class SessionConfig:
     fast: FastWeightConfig = field(default_factory=FastWeightConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     recall: RecallConfig = field(default_factory=RecallConfig)
-    memory: str = "balanced"  # the preset these settings started from (PRESETS)
+    memory: str = DEFAULT_MEMORY  # the preset these settings started from (PRESETS)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -367,14 +376,14 @@ class SessionConfig:
     @classmethod
     def from_dict(cls, d: dict | None) -> SessionConfig:
         """From a (possibly partial) dict such as ``{"memory": "fast", "ingest": {"lr": 1e-3}}``: the preset
-        ``memory`` (default "balanced"), then the given fields over it. Unknown keys are errors."""
+        ``memory`` (default DEFAULT_MEMORY), then the given fields over it. Unknown keys are errors."""
         d = d or {}
         if not isinstance(d, dict):
             raise ValueError("session settings must be a mapping of sections")
         unknown = set(d) - {*SECTIONS, "memory"}
         if unknown:
             raise ValueError(f"unknown session config sections {sorted(unknown)}")
-        memory = d.get("memory") or "balanced"
+        memory = d.get("memory") or DEFAULT_MEMORY
         if not isinstance(memory, str) or memory not in PRESETS:
             raise ValueError(f"unknown memory preset {memory!r}; choose from {sorted(PRESETS)}")
         given = {}

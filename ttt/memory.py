@@ -6,8 +6,10 @@ tells which of its tokens the session did not expect (their NLL before the updat
 around those tokens are what a later question is most likely to need and least likely to be learned by one
 step. A ``SpanMemory`` keeps the most surprising spans seen so far within a fixed token budget (memory stays
 flat in document length), and they are used two ways:
-  * **exact**: the ``exact_tokens`` most surprising of them are read, verbatim and in document order, before
-    the window by every answer (as SR-TTT's exact cache of high-surprise tokens);
+  * **exact**: up to ``exact_tokens`` of them are read verbatim by every answer (as SR-TTT's exact cache of
+    high-surprise tokens): by default those that share the rarest words with the question, right before it
+    (``notes``: a question names what it asks about); or the most surprising ones before the window
+    (``exact_select="surprise"``);
   * **replay**: after each chunk's step, one more step on a batch of spans, the chunk's new ones plus older ones
     drawn from the pool (spaced repetition, as Titans' surprise-driven memory), each span on its own (no context),
     so the fast weights learn the span itself and not its neighbourhood.
@@ -18,7 +20,9 @@ Shapes: T tokens in a chunk, N spans in a replay batch, L the longest of them.
 from __future__ import annotations
 
 import functools
+import math
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +35,15 @@ from .study import student_loss
 SENTENCE_END = (".", "!", "?", ";", ":")
 AFTER_PEAK = 3  # tokens kept after a span's most surprising one (a value's last digits, its full stop)
 MIN_SPAN_TOKENS = 4  # shorter "sentences" (a lone line break, a chunk's cut first token) are not kept
+# words that name nothing: a span sharing only these with a question is not about it
+COMMON_WORDS = frozenset(
+    str.split(
+        "a about after again all also am an and any are as at be been before being but by can could did do does "
+        "doing for from had has have having he her here hers him his how i if in into is it its me my no not of on "
+        "one or our out over she so some such than that the their them then there these they this those to too "
+        "under up very was we were what when where which while who whom whose why will with would you your"
+    )
+)
 
 
 @dataclass
@@ -111,6 +124,27 @@ class SpanMemory:
                 total += len(sp.tokens)
         return [t for sp in sorted(chosen, key=lambda sp: sp.position) for t in sp.tokens]
 
+    def notes(self, query: str, before: int, budget: int, decode) -> list[int]:
+        """The kept spans that end before stream index ``before`` and share words with ``query``, the most related
+        first, within ``budget`` tokens, in document order, as one token list. Related = the summed rarity
+        (log(1 + spans / spans holding the word)) of the words a span shares with the query, common words aside;
+        ``decode`` turns a span's tokens into text."""
+        spans = [sp for sp in self.spans if sp.position + len(sp.tokens) <= before]
+        asked = words(query)
+        if not spans or not asked or budget <= 0:
+            return []
+        held = [words(decode(sp.tokens)) for sp in spans]
+        holders = {w: sum(w in h for h in held) for w in asked}
+        related = [
+            (sum(math.log1p(len(spans) / holders[w]) for w in asked & h), i) for i, h in enumerate(held) if asked & h
+        ]
+        chosen, total = [], 0
+        for _, i in sorted(related, key=lambda r: (-r[0], -spans[r[1]].score)):
+            if total + len(spans[i].tokens) <= budget:
+                chosen.append(spans[i])
+                total += len(spans[i].tokens)
+        return [t for sp in sorted(chosen, key=lambda sp: sp.position) for t in sp.tokens]
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The spans as flat tensors (for a checkpoint); ``load_tensors`` reads them back."""
         return {
@@ -137,6 +171,11 @@ class SpanMemory:
         older = [sp for sp in self.spans if not any(sp is n for n in new)]
         drawn = random.Random(seed).sample(older, min(self.cfg.replay_spans, len(older)))
         return [*new, *drawn]
+
+
+def words(text: str) -> set[str]:
+    """The words of ``text`` that can name something: lower case, letters and digits, common words aside."""
+    return set(re.findall(r"[a-z0-9]+", text.lower())) - COMMON_WORDS
 
 
 def span_batch(spans: Sequence[Span], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,7 +65,7 @@ class SessionInfo:
     fast_weight_bytes: int  # 0 while the session is only on disk
     memory: str  # the preset its settings started from
     memory_spans: int  # surprising spans kept (memory.py)
-    exact_tokens_read: int  # of their tokens, those every answer reads now
+    exact_tokens_read: int  # of their tokens, about as many as an answer reads now (exact_select)
     resident_bytes: int
     restored_from: str | None  # set when loading had to skip a damaged newest checkpoint (store.load_session)
     warnings: list[str]

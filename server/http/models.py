@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, create_model
 
-from ttt.config import PRESETS, SCHEMA, SECTIONS, SessionConfig, describe, merge
+from ttt.config import DEFAULT_MEMORY, PRESETS, SCHEMA, SECTIONS, SessionConfig, describe, merge
 
 # ---- request bodies ----
 
@@ -33,7 +33,8 @@ class SessionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     memory: Literal[tuple(PRESETS)] = Field(
-        None, description="a named preset the other settings override: " + ", ".join(PRESETS) + ' (default "balanced")'
+        None,
+        description=f'a named preset the other settings override: {", ".join(PRESETS)} (default "{DEFAULT_MEMORY}")',
     )
     fast: FastSettings = Field(None)
     ingest: IngestSettings = Field(None)
