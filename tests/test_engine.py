@@ -21,7 +21,7 @@ import ttt.ingest
 from ttt import SessionConfig
 from ttt.cache import RollingContext
 from ttt.config import FastWeightConfig, IngestConfig
-from ttt.generate import chat_prompt
+from ttt.generate import PrefixCache, chat_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -422,7 +422,7 @@ def test_memory_stays_bounded(engine):
     assert s._rolling.length == 23
     for k, v in zip(s._rolling.k, s._rolling.v, strict=True):
         assert k.shape[2] <= 24 and v.shape[2] <= 24
-    assert s.recent_tokens() == ids[381:405]  # the query window includes untrained tokens
+    assert s.recent_tokens() == ids[376:405]  # the answers' window: the trained one, then the untrained tokens
 
 
 def test_bad_token_ids_and_session_ids(engine):
@@ -543,31 +543,35 @@ def test_session_window_is_part_of_prompt_and_weights_unchanged(engine):
     w = fast_snapshot(s)
     opt_state = copy.deepcopy(s.optimizer.state_dict())
     g = s.generate(MSGS, max_tokens=8)
-    assert g.prompt_tokens == len(s.window) + n_prompt == 24 + n_prompt
+    assert len(s.window) == 24 and len(s.pending) == 8  # 40 tokens: two chunks trained, 8 read
+    assert g.prompt_tokens == 24 + 8 + n_prompt
     ts = s.generate(MSGS, max_tokens=8, temperature=1.0, seed=3, stream=True)
     "".join(ts)
-    assert ts.prompt_tokens == 24 + n_prompt
+    assert ts.prompt_tokens == 24 + 8 + n_prompt
     assert same_tensors(w, fast_snapshot(s)) and same_state(opt_state, s.optimizer.state_dict())
     assert all(p.grad is None for p in s.fast.parameters())
     s.append_tokens([7, 8, 9])  # untrained tokens are part of the query window too
-    assert s.generate(MSGS, max_tokens=2).prompt_tokens == 24 + n_prompt
-    assert s.recent_tokens()[-3:] == [7, 8, 9]
+    assert s.generate(MSGS, max_tokens=2).prompt_tokens == 24 + 8 + 3 + n_prompt
+    assert s.recent_tokens() == s.window + PATTERN[32:40] + [7, 8, 9]
+    s.append_tokens(PATTERN[:13])  # as many untrained tokens as the window holds: the last 24 of them
+    assert s.recent_tokens() == [*PATTERN[32:40], 7, 8, 9, *PATTERN[:13]]
 
 
-def test_answers_reuse_the_windows_keys_and_values_until_the_session_changes(engine, monkeypatch):
-    s = make_session(engine, memory="balanced")  # answers read the exact spans kept, then the window
-    s.append_tokens(PATTERN[:40])
+def test_answers_reuse_the_windows_keys_and_values_until_the_weights_change(engine, monkeypatch):
+    s = make_session(engine, memory="balanced")  # answers read the most surprising spans kept, then the window
+    s.config.recall.exact_select = "surprise"
+    s.append_tokens(PATTERN[:48])
     train_all(s)
     prompt_tokens = len(chat_prompt(engine.base.tokenizer, MSGS))
-    prefilled = []  # tokens each answer's first forward runs over
-    forward = type(engine.base.model).forward
+    prefilled = []  # tokens each pass over the layers with a cache runs over, but for single decoded tokens
+    run_layers = type(engine.base.model).run_layers
 
-    def spy(model, tokens, adapters=None, cache=None, **kwargs):
-        if cache is not None and tokens.shape[1] > 1:
-            prefilled.append(tokens.shape[1])
-        return forward(model, tokens, adapters, cache, **kwargs)
+    def spy(model, h, start, end, adapters=None, cache=None):
+        if cache is not None and h.shape[1] > 1:
+            prefilled.append(h.shape[1])
+        return run_layers(model, h, start, end, adapters, cache)
 
-    monkeypatch.setattr(type(engine.base.model), "forward", spy)
+    monkeypatch.setattr(type(engine.base.model), "run_layers", spy)
     params = ttt.SamplingParams(max_tokens=6)
     # The same answer as prefilling window + prompt in one forward (no cache): same weights, same tokens.
     assert len(s.answer_prefix()) > len(s.recent_tokens())
@@ -578,11 +582,21 @@ def test_answers_reuse_the_windows_keys_and_values_until_the_session_changes(eng
     assert "".join(again) == first.text == expect.text
     prefix = len(s.answer_prefix())
     assert again.prompt_tokens == first.prompt_tokens == prefix + prompt_tokens
-    assert prefilled == [prefix + prompt_tokens, prompt_tokens, prompt_tokens]  # prefix + prompt once
+    # without a cache prefix + prompt at once; then the prefix once, and each answer its prompt
+    assert prefilled == [prefix + prompt_tokens, prefix, prompt_tokens, prompt_tokens]
     assert s._answer_prefix[1] is cached and s.resident_bytes() > cached.num_bytes() > 0
 
-    s.append_tokens(PATTERN[40:60])  # a change (pending tokens join the window): a new prefix
-    train_all(s)
+    s.append_tokens(PATTERN[48:58])  # read, not trained: the window grows, its keys/values are extended
+    prefilled.clear()
+    grown = s.generate(MSGS, max_tokens=6)
+    assert s._answer_prefix[1].tokens == s.answer_prefix() == cached.tokens + PATTERN[48:58]
+    assert prefilled == [10, prompt_tokens]  # only the new tokens, then the prompt
+    whole = PrefixCache.build(engine.base.model, s.fast, s.answer_prefix())
+    for extended, built in zip(s._answer_prefix[1].k + s._answer_prefix[1].v, whole.k + whole.v, strict=True):
+        torch.testing.assert_close(extended, built, rtol=1e-5, atol=1e-5)
+    assert grown.text == engine.answer(MSGS, params, s.fast, s.answer_prefix(), stream=False).text
+    s.append_tokens(PATTERN[58:64])
+    train_all(s)  # the weights change: a new prefix
     changed = s.generate(MSGS, max_tokens=6)
     assert s._answer_prefix[1] is not cached and s._answer_prefix[1].tokens == s.answer_prefix()
     assert changed.text == engine.answer(MSGS, params, s.fast, s.answer_prefix(), stream=False).text

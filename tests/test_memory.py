@@ -73,7 +73,7 @@ def test_notes_are_the_kept_spans_that_share_the_rarest_words_with_the_question(
     memory = SpanMemory(RecallConfig(exact_tokens=16, pool_tokens=64))
     scores = {1: 1.0, 2: 1.0, 3: 3.0, 4: 2.0}
     memory.add([Span([i] * 4, scores[i], 10 * i) for i in texts])  # token i stands for sentence i (decode below)
-    decode = lambda tokens: texts[tokens[0]]  # noqa: E731
+    decode = lambda tokens: texts[tokens[0]]
     # "violet" and "code" are in one span, "crane" in all four: the violet one comes first, then those that share
     # only "crane", the most surprising first, as the budget allows; read in document order
     asked = "What is the code of the violet crane?"

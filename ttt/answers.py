@@ -32,10 +32,13 @@ class Answering:
     ``_answer_prefix``)."""
 
     def recent_tokens(self) -> list[int]:
-        """The window: the last ``context_tokens`` tokens of the document, trained or not (answers read it after
-        the exact spans: ``answer_prefix``)."""
+        """The window answers read: the last ``context_tokens`` trained tokens, then those read since (or the last
+        ``context_tokens`` of these when there are as many). So between two trained chunks the window only grows,
+        and the answers' cached keys/values of it are extended, not rebuilt (``_prefix_cache``)."""
         n = self.config.ingest.context_tokens
-        return (self.window + self.pending)[-n:] if n else []
+        if not n:
+            return []
+        return self.window[-n:] + self.pending if len(self.pending) < n else self.pending[-n:]
 
     def exact_tokens(self) -> list[int]:
         """The most surprising kept spans that have left the window, within ``exact_tokens`` (memory.py): what
@@ -110,13 +113,20 @@ class Answering:
         return self.engine.answer(notes + ids, params, fast, prefix, stream, cache, echo)
 
     def _prefix_cache(self, prefix: list[int]) -> PrefixCache | None:
-        """The answer prefix's keys/values under the current weights: computed at the first answer after a
-        change, then reused by every answer until the next change (``version``). Call with the lock held."""
+        """The answer prefix's keys/values under the current weights: computed at the first answer after the
+        weights changed (``weights_version``), extended by the tokens read since (the window grows between
+        trained chunks), reused as it is otherwise. Call with the lock held."""
         if not prefix:
             return None
-        if self._answer_prefix is None or self._answer_prefix[0] != self.version:
-            self._answer_prefix = self.version, PrefixCache.build(self.engine.base.model, self.fast, prefix)
-        return self._answer_prefix[1]
+        model = self.engine.base.model
+        version, held = self._answer_prefix or (None, PrefixCache([], [], []))
+        n = len(held.tokens)
+        if version != self.weights_version or not n or prefix[:n] != held.tokens:
+            held = PrefixCache.build(model, self.fast, prefix)
+        elif len(prefix) > n:
+            held = held.extended(model, self.fast, prefix[n:])
+        self._answer_prefix = self.weights_version, held
+        return held
 
     @torch.no_grad()
     def score(self, text: str) -> float:

@@ -18,8 +18,9 @@ from .model import Transformer
 class PrefixCache:
     """Rotated keys and values of the tokens a session's answers start with (its window).
 
-    Computed once per state of the session, so that a chat prefills only its own prompt: the time to first
-    token stops depending on the window (and never depended on the document).
+    Computed once per state of the session's weights (and extended as the document grows), so that a chat
+    prefills only its own prompt: the time to first token stops depending on the window (and never depended on
+    the document).
     """
 
     tokens: list[int]
@@ -27,15 +28,24 @@ class PrefixCache:
     v: list[torch.Tensor]
 
     @classmethod
-    @torch.no_grad()
     def build(cls, model: Transformer, fast: FastWeights | None, tokens: list[int]) -> PrefixCache:
+        return cls([], [], []).extended(model, fast, tokens)
+
+    @torch.no_grad()
+    def extended(self, model: Transformer, fast: FastWeights | None, tokens: list[int]) -> PrefixCache:
+        """These keys/values followed by those of ``tokens``: only the new tokens run (``fast`` must be the weights
+        these were computed under)."""
         weight = model.embed_tokens.weight
-        cache = KVCache(model.cfg, 1, len(tokens), weight.device, weight.dtype)
+        held = len(self.tokens)
+        cache = KVCache(model.cfg, 1, held + len(tokens), weight.device, weight.dtype)
+        for layer, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            cache.k[layer][:, :, :held], cache.v[layer][:, :, :held] = k, v
+        cache.length = held
         adapters = fast.adapters() if fast is not None else None
         model.run_layers(
             model.embed(torch.tensor([tokens], device=weight.device)), 0, model.cfg.num_layers, adapters, cache
         )  # no LM head: only the keys and values are wanted
-        return cls(list(tokens), cache.k, cache.v)
+        return PrefixCache(self.tokens + list(tokens), cache.k, cache.v)
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))

@@ -104,6 +104,7 @@ class Session(Answering):
         self.lock = threading.RLock()  # one piece of work at a time on a session
         self.text_stream = IncrementalTokenizer(engine.base.tokenizer)
         self.version = 0  # bumped by every change of state: a saver compares it with the saved one
+        self.weights_version = 0  # bumped by every change of the fast weights (a trained chunk, a reset)
         self.restored_from: str | None = None  # the checkpoint loaded, when it was not the newest
         self.damaged_checkpoints: list[str] = []  # those the load skipped: the next save removes them
         self.warnings: list[str] = []  # why newer checkpoints were skipped at load
@@ -116,7 +117,8 @@ class Session(Answering):
             self.optimizer = make_optimizer(self.fast.parameters(), self.config.ingest)
             self.window: list[int] = []  # the most recent trained tokens, at most context_tokens (>= 1)
             self._rolling: RollingContext | None = None  # their keys/values; transient, rebuilt from window
-            self._answer_prefix: tuple[int, PrefixCache] | None = None  # (version, window's K/V for answers)
+            self._answer_prefix: tuple[int, PrefixCache] | None = None  # (weights_version, window's K/V for answers)
+            self.weights_version += 1
             self.pending: list[int] = []  # tokens received but not yet trained on
             self.memory = SpanMemory(self.config.recall)  # the most surprising spans read (memory.py)
             self.text_stream.reset()
@@ -246,6 +248,7 @@ class Session(Answering):
             s.rolled_back_chunks += report.rolled_back
             s.last_loss_before, s.last_loss_after = report.loss_before, report.loss_after
             self.version += 1
+            self.weights_version += 1
             t0 = time.perf_counter()
             try:
                 s.rehearsals_rolled_back += not self._remember(chunk_ids, position, report, item.cfg)
