@@ -82,11 +82,14 @@ class SessionInfo:
 def priced_bytes(config: SessionConfig, model) -> int:
     """The most a session of ``config`` on ``model`` holds, computed before anything is allocated: fp32 fast
     weights with their gradients and two optimizer moments, and the keys/values of every layer for the rolling
-    context (sinks + window) and for the answers' prefix (exact memory + window)."""
+    context (sinks + window) and for the answers' prefix (the exact spans read before the window, and the window:
+    the trained one and, until the next chunk trains, up to as many tokens read since). Spans read for a question
+    are an answer's own keys/values (the answer pool's budget)."""
     weights = 4 * 4 * fast_weight_kind(config.fast).count_parameters(config.fast, model)
     m, ingest = model.cfg, config.ingest
     per_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * model.embed_tokens.weight.element_size()
-    tokens = ingest.sink_tokens + 2 * ingest.context_tokens + config.recall.exact_tokens
+    before_window = config.recall.exact_tokens if config.recall.exact_select == "surprise" else 0
+    tokens = ingest.sink_tokens + 3 * ingest.context_tokens + before_window
     return weights + per_token * tokens
 
 
