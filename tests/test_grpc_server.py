@@ -432,6 +432,7 @@ def test_invalid_settings(client):
         "preset": (pb.SessionSettings(memory="huge"), "unknown memory preset 'huge'"),
         "exact": (pb.SessionSettings(recall=pb.RecallSettings(exact_tokens=1 << 20)), "recall.exact_tokens must be"),
         "replay_lr": (pb.SessionSettings(recall=pb.RecallSettings(replay_lr=float("nan"))), "replay_lr must be"),
+        "select": (pb.SessionSettings(recall=pb.RecallSettings(exact_select="all")), "exact_select must be one of"),
         "alpha": (pb.SessionSettings(fast=pb.FastWeightSettings(alpha=float("nan"))), "alpha must be a finite number"),
     }
     for name, (settings, message) in bad.items():
@@ -447,7 +448,7 @@ def test_invalid_settings(client):
 
 
 def test_memory_settings_on_create_and_fixed_afterwards(client):
-    settings = pb.SessionSettings(memory="fast", recall=pb.RecallSettings(exact_tokens=64))
+    settings = pb.SessionSettings(memory="fast", recall=pb.RecallSettings(exact_tokens=64, exact_select="surprise"))
     client.fails(
         Code.INVALID_ARGUMENT,
         client.create,

@@ -344,6 +344,7 @@ def test_session_settings(api, open_server):
         {"settings": {"recall": {"exact_tokens": 1 << 20}}},
         {"settings": {"recall": {"nope": 1}}},
         {"settings": {"recall": {"replay_lr": -1}}},
+        {"settings": {"recall": {"exact_select": "all"}}},
     ]
     before = {s["id"] for s in api.get("/v1/sessions").json()["data"]}
     for body in bad:
