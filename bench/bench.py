@@ -56,9 +56,10 @@ class Shape:
         return 2 * self.layers * self.kv_heads * self.head_dim * tokens * bytes_per_value
 
     def session_bytes(self, cfg: ttt.SessionConfig, bytes_per_value: int) -> int:
-        """A LoRA session's resident bytes once its exact memory is full (at most this, whatever it read): fp32
-        fast weights + AdamW's two moments + the window's K/V (the rolling context ingest attends to) + the
-        answers' prefix cache (the exact spans' and the window's K/V). The spans' token ids are not tensors."""
+        """A LoRA session's resident bytes once its exact memory is full and its document trained (at most this,
+        whatever it read): fp32 fast weights + AdamW's two moments + the window's K/V (the rolling context ingest
+        attends to) + the answers' prefix cache (the window's K/V, after the exact spans' with exact_select
+        "surprise"; spans a question names are the answer's own). The spans' token ids are not tensors."""
         fast = len(cfg.fast.layer_indices(self.layers))
         io = {
             "q_proj": (self.hidden, self.hidden),
@@ -72,7 +73,8 @@ class Shape:
         params = fast * sum(cfg.fast.rank * sum(io[t]) for t in cfg.fast.targets)
         # The rolling context caches context_tokens - 1 tokens: the last one is fed with the next chunk.
         rolling = self.kv_bytes(max(cfg.ingest.context_tokens - 1, 0), bytes_per_value)
-        answers = self.kv_bytes(cfg.recall.exact_tokens + cfg.ingest.context_tokens, bytes_per_value)
+        before_window = cfg.recall.exact_tokens if cfg.recall.exact_select == "surprise" else 0
+        answers = self.kv_bytes(before_window + cfg.ingest.context_tokens, bytes_per_value)
         return 3 * 4 * params + rolling + answers
 
 

@@ -23,15 +23,17 @@ def engine(tiny_model_dir):
     return ttt.load_engine(tiny_model_dir, "cpu")
 
 
-def test_session_bytes_formula_matches_a_real_session(engine):
-    session = engine.create_session(SMALL)
+@pytest.mark.parametrize("select", ["question", "surprise"])
+def test_session_bytes_formula_matches_a_real_session(engine, select):
+    session = engine.create_session({**SMALL, "recall": {"exact_select": select}})
     session.append_tokens(document_tokens(engine, DEFAULT_DOC, 96))
     while session.train_next_chunk() is not None:
         pass
     session.generate([{"role": "user", "content": "Hi"}], max_tokens=1)  # answers keep the prefix's K/V
     shape = Shape.of(engine.base.cfg)
     predicted = shape.session_bytes(session.config, 4)  # with the exact memory full
-    unused = shape.kv_bytes(session.config.recall.exact_tokens - len(session.exact_tokens()), 4)
+    read = session.config.recall.exact_tokens if session.config.recall.exact_select == "surprise" else 0
+    unused = shape.kv_bytes(read - len(session._exact_before_window()), 4)
     # AdamW also keeps a 4-byte step counter per parameter tensor.
     assert 0 <= session.resident_bytes() - (predicted - unused) <= 4 * len(list(session.fast.parameters()))
 

@@ -76,7 +76,7 @@ def test_logprobs_equal_a_plain_forward(engine):
 
 def test_generated_logprobs_under_the_fast_weights_and_window(read, engine):
     done = read.complete(TEXT, max_tokens=5, top_logprobs=2)
-    ids = read.answer_prefix() + engine.base.tokenizer(TEXT, add_special_tokens=False).input_ids
+    ids = read.answer_prefix(TEXT) + engine.base.tokenizer(TEXT, add_special_tokens=False).input_ids  # its spans too
     out = [e.token for e in done.logprobs]
     logp = forward_logprobs(engine, read.fast, ids + out)
     for j, e in enumerate(done.logprobs):

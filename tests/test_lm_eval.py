@@ -77,17 +77,18 @@ def evaluate(server, model: str, endpoint: str, task: str, tokenizer_dir: Path, 
 
 
 def session_view(server):
-    """(answer prefix, a copy of the fast weights) of the served session, read on the device thread."""
+    """(the answer prefix of a prompt, a copy of the fast weights) of the served session, read on the device
+    thread: the window, then the kept spans the prompt names (``Session.answer_prefix``)."""
     registry = server.state.registry
+    session = server.state.scheduler.run(("local", SESSION), lambda: registry.get("local", SESSION))
 
-    def view():
-        s = registry.get("local", SESSION)
-        return s.answer_prefix(), copy.deepcopy(s.fast)
+    def prefix(prompt: str) -> list[int]:
+        return server.state.scheduler.run(("local", SESSION), session.answer_prefix, prompt)
 
-    return server.state.scheduler.run(("local", SESSION), view)
+    return prefix, server.state.scheduler.run(("local", SESSION), lambda: copy.deepcopy(session.fast))
 
 
-def reference_loglikelihood(server, tokenizer, prefix, fast, context: str, continuation: str) -> float:
+def reference_loglikelihood(server, tokenizer, prefix_of, fast, context: str, continuation: str) -> float:
     """log p(continuation | prefix, context), tokens split as lm-eval does (trailing spaces move to the
     continuation; the continuation is what the whole string adds to the context's tokens); of the prefix, what
     fits the model's context before the prompt and one answer token (``Engine.prompt``)."""
@@ -95,6 +96,7 @@ def reference_loglikelihood(server, tokenizer, prefix, fast, context: str, conti
     context, continuation = context[: len(context) - n], context[len(context) - n :] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
     ctx = tokenizer(context, add_special_tokens=False).input_ids
+    prefix = prefix_of(tokenizer.decode(whole))  # the server decodes the prompt's ids to choose the spans
     model = server.state.engine.base.model
     room = model.cfg.max_position_embeddings - 1 - len(whole)  # as much of the prefix as fits (max_tokens 1)
     ids = prefix[-room:] + whole
@@ -106,13 +108,13 @@ def reference_loglikelihood(server, tokenizer, prefix, fast, context: str, conti
 
 def test_lm_eval_scores_a_session_like_the_python_api(served, offline, tiny_model_dir):
     tokenizer = served.state.engine.base.tokenizer
-    prefix, fast = session_view(served)
+    prefix_of, fast = session_view(served)
     samples = evaluate(served, "local-completions", "completions", "ttt_genesis_mc", tiny_model_dir)
     assert len(samples) == 6
     for sample in samples:
         for (context, continuation), response in zip(sample["arguments"], sample["resps"], strict=True):
             loglikelihood = response[0][0]
-            expected = reference_loglikelihood(served, tokenizer, prefix, fast, context, continuation)
+            expected = reference_loglikelihood(served, tokenizer, prefix_of, fast, context, continuation)
             assert loglikelihood == pytest.approx(expected, abs=TOLERANCE), (context, continuation)
 
 
@@ -172,7 +174,7 @@ def test_recall_needles_exported_as_an_lm_eval_task(served, offline, tiny_model_
         )
         assert r.status_code == 200
     tokenizer = served.state.engine.base.tokenizer
-    prefix, fast = session_view(served)
+    prefix_of, fast = session_view(served)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -197,5 +199,5 @@ def test_recall_needles_exported_as_an_lm_eval_task(served, offline, tiny_model_
     for sample in samples:
         assert len(sample["arguments"]) == 6  # the true value and five wrong ones
         for (context, continuation), response in zip(sample["arguments"], sample["resps"], strict=True):
-            expected = reference_loglikelihood(served, tokenizer, prefix, fast, context, continuation)
+            expected = reference_loglikelihood(served, tokenizer, prefix_of, fast, context, continuation)
             assert response[0][0] == pytest.approx(expected, abs=TOLERANCE)
