@@ -1159,11 +1159,14 @@ def test_default_base_model_answers_without_a_session(kjv):
     check_answer(plain, MAX_TOKENS)
     session = chat(client, "kjv", messages=ASK, max_tokens=MAX_TOKENS)
     assert plain.choices[0].message.content != session.choices[0].message.content
-    # the session's prompt starts with the exact spans it kept, then its 128-token window of the document
+    # the session's prompt starts with its 128-token window of the document, then the kept spans the question
+    # names (Joseph, Egypt, master)
     with http(kjv["server"]) as api:
-        exact = api.get("/v1/sessions/kjv").json()["exact_tokens_read"]
-    assert exact > 0
-    assert session.usage.prompt_tokens - plain.usage.prompt_tokens == exact + DEFAULT["ingest"]["context_tokens"]
+        assert api.get("/v1/sessions/kjv").json()["exact_tokens_read"] > 0
+    state = kjv["server"].state
+    notes = state.scheduler.run(("local", "kjv"), lambda: state.registry.get("local", "kjv").notes(ASK[0]["content"]))
+    assert 0 < len(notes) <= 512
+    assert session.usage.prompt_tokens - plain.usage.prompt_tokens == len(notes) + DEFAULT["ingest"]["context_tokens"]
 
 
 @pytest.mark.slow
