@@ -73,8 +73,7 @@ class Shape:
         params = fast * sum(cfg.fast.rank * sum(io[t]) for t in cfg.fast.targets)
         # The rolling context caches context_tokens - 1 tokens: the last one is fed with the next chunk.
         rolling = self.kv_bytes(max(cfg.ingest.context_tokens - 1, 0), bytes_per_value)
-        before_window = cfg.recall.exact_tokens if cfg.recall.exact_select == "surprise" else 0
-        answers = self.kv_bytes(before_window + cfg.ingest.context_tokens, bytes_per_value)
+        answers = self.kv_bytes(cfg.recall.tokens_before_window + cfg.ingest.context_tokens, bytes_per_value)
         return 3 * 4 * params + rolling + answers
 
 

@@ -75,7 +75,7 @@ class Answering:
         return self._exact_before_window() + self.recent_tokens()
 
     def _exact_before_window(self) -> list[int]:
-        return self.exact_tokens() if self.config.recall.exact_select == "surprise" else []
+        return self.exact_tokens() if self.config.recall.tokens_before_window else []
 
     def generate(self, messages: list[dict], *, stream: bool = False, **sampling) -> Generation | TokenStream:
         """Answer chat ``messages`` ([{"role": ..., "content": ...}]) from the fast weights and recent window.
@@ -85,9 +85,9 @@ class Answering:
         ``TokenStream``: iterate it for text deltas; its ``finish_reason`` and token counts are set at the end.
         Never changes the weights.
         """
-        asked = [m.get("content") for m in messages if m.get("role") == "user"]
-        query = asked[-1] if asked and isinstance(asked[-1], str) else ""
-        return self._answer(self.engine.chat_ids(messages), SamplingParams(**sampling), stream, query=query)
+        ids = self.engine.chat_ids(messages)  # bad messages: ValueError here
+        asked = [m["content"] for m in messages if m["role"] == "user"]
+        return self._answer(ids, SamplingParams(**sampling), stream, query=asked[-1] if asked else "")
 
     def complete(
         self, prompt: str | list[int], *, max_tokens: int = 16, echo: bool = False, stream: bool = False, **sampling

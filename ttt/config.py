@@ -201,6 +201,12 @@ class RecallConfig:
     )
     study_top_k: int = setting(16, "study: teacher logits kept per answer token", ge=1, le=1024)
 
+    @property
+    def tokens_before_window(self) -> int:
+        """Exact-span tokens every answer reads before the window, whatever is asked ("surprise"); spans chosen by
+        the question go with its prompt instead."""
+        return self.exact_tokens if self.exact_select == "surprise" else 0
+
     def __post_init__(self):
         if min(self.exact_tokens, self.pool_tokens, self.replay_spans, self.replay_steps, self.study_spans) < 0:
             raise ValueError("exact_tokens, pool_tokens, replay_spans, replay_steps and study_spans must be >= 0")

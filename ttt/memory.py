@@ -117,12 +117,7 @@ class SpanMemory:
     def exact_tokens(self, before: int) -> list[int]:
         """The most surprising spans that end before stream index ``before`` (where the window starts: what the
         window holds is read there already) within ``cfg.exact_tokens``, in document order, as one token list."""
-        chosen, total = [], 0
-        for sp in self.spans:
-            if sp.position + len(sp.tokens) <= before and total + len(sp.tokens) <= self.cfg.exact_tokens:
-                chosen.append(sp)
-                total += len(sp.tokens)
-        return [t for sp in sorted(chosen, key=lambda sp: sp.position) for t in sp.tokens]
+        return read_in_order([sp for sp in self.spans if sp.position + len(sp.tokens) <= before], self.cfg.exact_tokens)
 
     def notes(self, query: str, before: int, budget: int, decode) -> list[int]:
         """The kept spans that end before stream index ``before`` and share words with ``query``, the most related
@@ -138,12 +133,7 @@ class SpanMemory:
         related = [
             (sum(math.log1p(len(spans) / holders[w]) for w in asked & h), i) for i, h in enumerate(held) if asked & h
         ]
-        chosen, total = [], 0
-        for _, i in sorted(related, key=lambda r: (-r[0], -spans[r[1]].score)):
-            if total + len(spans[i].tokens) <= budget:
-                chosen.append(spans[i])
-                total += len(spans[i].tokens)
-        return [t for sp in sorted(chosen, key=lambda sp: sp.position) for t in sp.tokens]
+        return read_in_order([spans[i] for _, i in sorted(related, key=lambda r: (-r[0], -spans[r[1]].score))], budget)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The spans as flat tensors (for a checkpoint); ``load_tensors`` reads them back."""
@@ -171,6 +161,17 @@ class SpanMemory:
         older = [sp for sp in self.spans if not any(sp is n for n in new)]
         drawn = random.Random(seed).sample(older, min(self.cfg.replay_spans, len(older)))
         return [*new, *drawn]
+
+
+def read_in_order(ranked: Sequence[Span], budget: int) -> list[int]:
+    """The tokens of the first of ``ranked`` that fit ``budget`` tokens (each span whole or not at all), as one
+    list in document order."""
+    chosen, total = [], 0
+    for sp in ranked:
+        if total + len(sp.tokens) <= budget:
+            chosen.append(sp)
+            total += len(sp.tokens)
+    return [t for sp in sorted(chosen, key=lambda sp: sp.position) for t in sp.tokens]
 
 
 def words(text: str) -> set[str]:

@@ -88,8 +88,7 @@ def priced_bytes(config: SessionConfig, model) -> int:
     weights = 4 * 4 * fast_weight_kind(config.fast).count_parameters(config.fast, model)
     m, ingest = model.cfg, config.ingest
     per_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * model.embed_tokens.weight.element_size()
-    before_window = config.recall.exact_tokens if config.recall.exact_select == "surprise" else 0
-    tokens = ingest.sink_tokens + 3 * ingest.context_tokens + before_window
+    tokens = ingest.sink_tokens + 3 * ingest.context_tokens + config.recall.tokens_before_window
     return weights + per_token * tokens
 
 
