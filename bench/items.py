@@ -311,9 +311,31 @@ def make_needles(rng: random.Random, n: int, wrong: int = 5, kinds: Sequence[str
     return items
 
 
-PEOPLE = FIRST
+# the stories' people: none is a needle's person or in the filler novels, so "Where is P?" is about one story
+PEOPLE = (
+    "Aurelio",
+    "Benedikt",
+    "Cosima",
+    "Dariel",
+    "Emrys",
+    "Fiora",
+    "Hallam",
+    "Ines",
+    "Jasper",
+    "Kestrel",
+    "Marisol",
+    "Niamh",
+    "Orrin",
+    "Perpetua",
+    "Quentin",
+    "Soren",
+    "Thaddeus",
+    "Viggo",
+    "Xanthe",
+    "Yannick",
+)
 LOCATIONS = ("bathroom", "hallway", "kitchen", "garden", "office", "bedroom")
-THINGS = ("football", "apple", "milk", "umbrella", "lantern", "basket")
+THINGS = ("football", "apple", "milk", "umbrella", "lantern", "basket", "kettle", "violin", "satchel", "compass")
 GO = ("went to", "journeyed to", "moved to", "travelled to")
 
 
@@ -322,13 +344,16 @@ def make_stories(rng: random.Random, n: int, tasks: Sequence[str] = ("qa1", "qa2
 
     qa1 "Where is P?" after P moved twice (the later move counts) and Q moved once; qa2 "Where is the T?" after P
     picked the T up and then went somewhere; qa3 "Where was the T before the L?" after P picked it up and went to
-    two places. Wrong answers are the other locations, the stale one among them.
+    two places. Wrong answers are the other locations, the stale one among them. No person or thing is in two
+    stories (the stories share a document: a second story moving P would change where P is).
     """
+    people, things = rng.sample(PEOPLE, len(PEOPLE)), rng.sample(THINGS, len(THINGS))
+    if 2 * n > len(people) or n > len(things):
+        raise ValueError(f"at most {min(len(people) // 2, len(things))} stories share a document")
     items = []
     for i in range(n):
         task = tasks[i % len(tasks)]
-        p, q = rng.sample(PEOPLE, 2)
-        thing = rng.choice(THINGS)
+        p, q, thing = people.pop(), people.pop(), things.pop()
         a, b, c = rng.sample(LOCATIONS, 3)
         go = lambda: rng.choice(GO)
         if task == "qa1":

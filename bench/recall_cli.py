@@ -227,6 +227,7 @@ def main(argv=None) -> dict:
     bar.close()
     results = summarize(args, engine, configs, records, timing)
     write_json(args.out / "results.json", results)
+    has_needles = bool(results["needle_depths"]) and bool(args.lengths)  # a stories- or book-only run has none
     pngs = [
         recall_heatmap(
             args.out / f"needles_{probe}.png",
@@ -236,6 +237,7 @@ def main(argv=None) -> dict:
             f"needles recalled, by {probe} (likelihood chance 1/6)",
         )
         for probe in PROBES
+        if has_needles
     ]
     print_summary(results)
     print(f"wrote {args.out / 'results.json'}, {', '.join(p.name for p in pngs)}")

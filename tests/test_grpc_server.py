@@ -433,6 +433,10 @@ def test_invalid_settings(client):
         "exact": (pb.SessionSettings(recall=pb.RecallSettings(exact_tokens=1 << 20)), "recall.exact_tokens must be"),
         "replay_lr": (pb.SessionSettings(recall=pb.RecallSettings(replay_lr=float("nan"))), "replay_lr must be"),
         "select": (pb.SessionSettings(recall=pb.RecallSettings(exact_select="all")), "exact_select must be one of"),
+        "dense": (
+            pb.SessionSettings(recall=pb.RecallSettings(dense_spans_per_chunk=65)),
+            "recall.dense_spans_per_chunk must be",
+        ),
         "alpha": (pb.SessionSettings(fast=pb.FastWeightSettings(alpha=float("nan"))), "alpha must be a finite number"),
     }
     for name, (settings, message) in bad.items():

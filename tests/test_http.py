@@ -345,6 +345,7 @@ def test_session_settings(api, open_server):
         {"settings": {"recall": {"nope": 1}}},
         {"settings": {"recall": {"replay_lr": -1}}},
         {"settings": {"recall": {"exact_select": "all"}}},
+        {"settings": {"recall": {"dense_spans_per_chunk": -1}}},
     ]
     before = {s["id"] for s in api.get("/v1/sessions").json()["data"]}
     for body in bad:

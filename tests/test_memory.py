@@ -80,10 +80,48 @@ def test_notes_are_the_kept_spans_that_share_the_rarest_words_with_the_question(
     assert memory.notes(asked, 100, 4, decode) == [1] * 4
     assert memory.notes(asked, 100, 8, decode) == [1] * 4 + [3] * 4
     assert memory.notes(asked, 100, 16, decode) == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
-    assert memory.notes("Who walked with Mr. Tilney?", 100, 16, decode) == [4] * 4
+    # Tilney's span, then one hop further: the spans sharing its other words ("river" and "crane": 2 and 3; 1
+    # shares only "crane", less than half as related)
+    assert memory.notes("Who walked with Mr. Tilney?", 100, 16, decode) == [2] * 4 + [3] * 4 + [4] * 4
+    assert memory.notes("Who walked with Mr. Tilney?", 100, 4, decode) == [4] * 4  # the question's own first
     assert memory.notes("What is it that was there?", 100, 16, decode) == []  # common words name nothing
     assert memory.notes("Who walked with Mr. Tilney?", 43, 16, decode) == []  # still in the window: read there
     assert memory.notes("the violet crane", 100, 0, decode) == []
+
+
+def test_notes_follow_one_hop_from_the_question_to_the_fact_it_needs():
+    texts = {
+        1: "Mary picked up the milk.",
+        2: "John went to the kitchen.",
+        3: "The milk of human kindness was in short supply.",
+        4: "Mary went to the garden.",
+        5: "Anne went to the garden with a book.",
+    }
+    memory = SpanMemory(RecallConfig(exact_tokens=64, pool_tokens=64))
+    memory.add([Span([i] * 4, 1.0, 10 * i) for i in texts])
+    decode = lambda tokens: texts[tokens[0]]
+    # "milk": 1 and 3; the most related (1: ties by surprise, then the first kept) leads to "mary" and "picked":
+    # 4 ("mary"); 5 shares no word with 1, 2 neither
+    notes = memory.notes("Where is the milk?", 100, 64, decode)
+    assert sorted(set(notes)) == [1, 3, 4] and notes == sorted(notes)
+
+
+def test_spans_are_taken_by_their_peaks_then_by_their_density():
+    # sentences [0, 6) (a short fact: four surprising tokens of six), [6, 30) and [30, 54) (long: five peaks each
+    # among dull tokens, higher in the second)
+    tokens, ends = list(range(54)), torch.zeros(64, dtype=torch.bool)
+    ends[[5, 29, 53]] = True
+    surprise = torch.full((54,), 1.0)
+    surprise[1:5] = 6.0
+    surprise[[10, 14, 18, 22, 26]] = 8.0
+    surprise[[34, 38, 42, 46, 50]] = 9.0
+    by_peaks = RecallConfig(spans_per_chunk=1, dense_spans_per_chunk=0, span_tokens=24)
+    assert [sp.position for sp in select_spans(tokens, surprise, ends, by_peaks, position=0)] == [30]
+    both = RecallConfig(spans_per_chunk=1, dense_spans_per_chunk=1, span_tokens=24)
+    spans = select_spans(tokens, surprise, ends, both, position=0)
+    # the long one by peaks (5 x 9 = 45); then by density the fact (mean of its 3 best = 6, x 5 = 30) rather
+    # than the other long one (mean of its 12 best = (5 x 8 + 7) / 12, x 5 = 19.6)
+    assert [(sp.position, sp.score) for sp in spans] == [(30, 45.0), (0, 30.0)]
 
 
 def test_rehearsal_learns_the_spans_and_rolls_back_a_nonfinite_step(engine):

@@ -16,8 +16,11 @@ import ttt
 from bench.items import (
     BOOK,
     BOOK_QUESTIONS,
+    FIRST,
     KINDS,
     LOCATIONS,
+    PEOPLE,
+    THINGS,
     book_items,
     make_needles,
     make_stories,
@@ -62,6 +65,16 @@ def test_stories_need_one_two_or_three_facts():
     assert len(qa3.facts) == 4 and qa3.facts[2].endswith(f"the {qa3.answer}.")
     for it in (qa1, qa2, qa3):
         assert sorted([it.answer, *it.wrong]) == sorted(LOCATIONS)
+
+
+def test_stories_of_one_document_share_no_person_or_thing():
+    stories = make_stories(random.Random(3), 10)
+    named = [{w for fact in it.facts for w in fact.rstrip(".").split() if w in PEOPLE or w in THINGS} for it in stories]
+    assert all(a.isdisjoint(b) for i, a in enumerate(named) for b in named[i + 1 :])
+    filler = FILLER.read_text(encoding="utf-8")
+    assert set(PEOPLE).isdisjoint(FIRST) and not any(p in filler for p in PEOPLE)  # nobody else is called so
+    with pytest.raises(ValueError, match="stories share a document"):
+        make_stories(random.Random(3), 11)
 
 
 def test_planted_sentences_start_at_sentence_starts_where_recorded(tok):

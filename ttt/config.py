@@ -181,7 +181,16 @@ class RecallConfig:
         ge=0,
         le=1 << 20,
     )
-    spans_per_chunk: int = setting(4, "candidate spans (sentences) taken from each chunk", ge=1, le=64)
+    spans_per_chunk: int = setting(
+        4, "candidate spans (sentences) taken from each chunk by their peaks (a name, a number)", ge=1, le=64
+    )
+    dense_spans_per_chunk: int = setting(
+        2,
+        "more candidate spans taken from each chunk by their density of surprise (the mean of their most "
+        "surprising half): short facts, which never have as many peaks as a long sentence (0: none)",
+        ge=0,
+        le=64,
+    )
     span_tokens: int = setting(24, "a span's longest length in tokens", ge=2, le=512)
     peak_tokens: int = setting(
         5, "a span's score: the summed NLL of its this-many most surprising tokens", ge=1, le=512
@@ -208,8 +217,12 @@ class RecallConfig:
         return self.exact_tokens if self.exact_select == "surprise" else 0
 
     def __post_init__(self):
-        if min(self.exact_tokens, self.pool_tokens, self.replay_spans, self.replay_steps, self.study_spans) < 0:
-            raise ValueError("exact_tokens, pool_tokens, replay_spans, replay_steps and study_spans must be >= 0")
+        counts = (self.exact_tokens, self.pool_tokens, self.dense_spans_per_chunk, self.replay_spans)
+        if min(*counts, self.replay_steps, self.study_spans) < 0:
+            raise ValueError(
+                "exact_tokens, pool_tokens, dense_spans_per_chunk, replay_spans, replay_steps and study_spans "
+                "must be >= 0"
+            )
         if self.spans_per_chunk < 1 or self.span_tokens < 2 or self.peak_tokens < 1 or self.study_top_k < 1:
             raise ValueError("spans_per_chunk, peak_tokens and study_top_k must be >= 1, span_tokens >= 2")
         if self.exact_select not in EXACT_SELECT:

@@ -35,6 +35,7 @@ from .study import student_loss
 SENTENCE_END = (".", "!", "?", ";", ":")
 AFTER_PEAK = 3  # tokens kept after a span's most surprising one (a value's last digits, its full stop)
 MIN_SPAN_TOKENS = 4  # shorter "sentences" (a lone line break, a chunk's cut first token) are not kept
+HOP_CUT = 0.5  # notes' second hop: only spans at least this times as related as the best one (fewer strays)
 # words that name nothing: a span sharing only these with a question is not about it
 COMMON_WORDS = frozenset(
     str.split(
@@ -51,7 +52,7 @@ class Span:
     """A piece of the document, verbatim, with how surprising it was and where it was read."""
 
     tokens: list[int]
-    score: float  # the sum of its most surprising tokens' NLL (nats), when it was read
+    score: float  # the sum of its most surprising tokens' NLL (nats), when it was read (``select_spans``)
     position: int  # the index of its first token in the session's stream of trained tokens
 
 
@@ -69,10 +70,14 @@ def sentence_ends(tokenizer, vocab_size: int) -> torch.Tensor:
 def select_spans(
     tokens: Sequence[int], surprise: torch.Tensor, ends: torch.Tensor, cfg: RecallConfig, position: int
 ) -> list[Span]:
-    """The chunk's ``cfg.spans_per_chunk`` most surprising sentences, each cut to ``cfg.span_tokens`` around its
-    most surprising token, keeping what comes before it (a fact's key usually precedes its value) and
-    ``AFTER_PEAK`` tokens after it; a span's score is the summed surprise of its ``cfg.peak_tokens`` most
-    surprising tokens.
+    """The chunk's most surprising sentences, each cut to ``cfg.span_tokens`` around its most surprising token,
+    keeping what comes before it (a fact's key usually precedes its value) and ``AFTER_PEAK`` tokens after it.
+
+    Surprising two ways: ``cfg.spans_per_chunk`` by their peaks (score: the summed surprise of their
+    ``cfg.peak_tokens`` most surprising tokens: a name, a number), then ``cfg.dense_spans_per_chunk`` more by
+    their density (the mean surprise of their most surprising half, times ``cfg.peak_tokens``: the same scale).
+    A short fact ("Mary went to the kitchen.") never has as many peaks as a long sentence; by density it does
+    (measured: 6 of 120 story facts kept by peaks alone, 57 by density; but density alone keeps fewer needles).
 
     ``tokens`` [T] and ``surprise`` [T] (NLL of each token before the update; 0 where unscored); ``position`` is
     the stream index of ``tokens[0]``.
@@ -88,11 +93,14 @@ def select_spans(
         hi = min(b, peak + 1 + AFTER_PEAK)
         lo = max(a, hi - cfg.span_tokens)
         hi = min(b, lo + cfg.span_tokens)
-        score = torch.topk(surprise[lo:hi], min(cfg.peak_tokens, hi - lo)).values.sum().item()
-        if score > 0:
-            candidates.append(Span(list(tokens[lo:hi]), score, position + lo))
-    candidates.sort(key=lambda sp: -sp.score)
-    return candidates[: cfg.spans_per_chunk]
+        peaks = torch.topk(surprise[lo:hi], min(cfg.peak_tokens, hi - lo)).values.sum().item()
+        dense = torch.topk(surprise[lo:hi], (hi - lo + 1) // 2).values.mean().item() * cfg.peak_tokens
+        if peaks > 0:
+            candidates.append((Span(list(tokens[lo:hi]), peaks, position + lo), dense))
+    candidates.sort(key=lambda c: -c[0].score)
+    by_peaks, rest = candidates[: cfg.spans_per_chunk], candidates[cfg.spans_per_chunk :]
+    by_density = [Span(sp.tokens, dense, sp.position) for sp, dense in sorted(rest, key=lambda c: -c[1])]
+    return sorted([sp for sp, _ in by_peaks] + by_density[: cfg.dense_spans_per_chunk], key=lambda sp: -sp.score)
 
 
 class SpanMemory:
@@ -121,19 +129,23 @@ class SpanMemory:
 
     def notes(self, query: str, before: int, budget: int, decode) -> list[int]:
         """The kept spans that end before stream index ``before`` and share words with ``query``, the most related
-        first, within ``budget`` tokens, in document order, as one token list. Related = the summed rarity
-        (log(1 + spans / spans holding the word)) of the words a span shares with the query, common words aside;
-        ``decode`` turns a span's tokens into text."""
+        first, then those one hop further, within ``budget`` tokens, in document order, as one token list.
+
+        Related = the summed rarity (log(1 + spans / spans holding the word)) of the words a span shares with the
+        query, common words aside. One hop further: the spans sharing words with the most related span (not the
+        query's), at least half as related to those as the best of them: "Where is the milk?" finds "Mary picked
+        up the milk." and then "Mary went to the garden." (measured on two-fact stories: 0.42 vs 0.00 without
+        the hop). ``decode`` turns a span's tokens into text."""
         spans = [sp for sp in self.spans if sp.position + len(sp.tokens) <= before]
         asked = words(query)
         if not spans or not asked or budget <= 0:
             return []
         held = [words(decode(sp.tokens)) for sp in spans]
-        holders = {w: sum(w in h for h in held) for w in asked}
-        related = [
-            (sum(math.log1p(len(spans) / holders[w]) for w in asked & h), i) for i, h in enumerate(held) if asked & h
-        ]
-        return read_in_order([spans[i] for _, i in sorted(related, key=lambda r: (-r[0], -spans[r[1]].score))], budget)
+        first = related(asked, held, spans)
+        if not first:
+            return []
+        second = related(held[first[0]] - asked, held, spans, cut=HOP_CUT, skip=set(first))
+        return read_in_order([spans[i] for i in first + second], budget)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The spans as flat tensors (for a checkpoint); ``load_tensors`` reads them back."""
@@ -161,6 +173,23 @@ class SpanMemory:
         older = [sp for sp in self.spans if not any(sp is n for n in new)]
         drawn = random.Random(seed).sample(older, min(self.cfg.replay_spans, len(older)))
         return [*new, *drawn]
+
+
+def related(
+    asked: set[str], held: Sequence[set[str]], spans: Sequence[Span], cut: float = 0.0, skip: Sequence[int] = ()
+) -> list[int]:
+    """Indices of the spans (``held``: each one's words) sharing words with ``asked``, ``skip`` aside, the most
+    related first (the summed rarity of the shared words; ties: the more surprising first), only those at least
+    ``cut`` times as related as the best of them."""
+    holders = {w: sum(w in h for h in held) for w in asked}
+    scored = [
+        (sum(math.log1p(len(held) / holders[w]) for w in asked & h), i)
+        for i, h in enumerate(held)
+        if asked & h and i not in skip
+    ]
+    best = max((r for r, _ in scored), default=0.0)
+    ranked = sorted((r for r in scored if r[0] >= cut * best), key=lambda r: (-r[0], -spans[r[1]].score))
+    return [i for _, i in ranked]
 
 
 def read_in_order(ranked: Sequence[Span], budget: int) -> list[int]:
