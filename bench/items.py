@@ -337,6 +337,7 @@ PEOPLE = (
 LOCATIONS = ("bathroom", "hallway", "kitchen", "garden", "office", "bedroom")
 THINGS = ("football", "apple", "milk", "umbrella", "lantern", "basket", "kettle", "violin", "satchel", "compass")
 GO = ("went to", "journeyed to", "moved to", "travelled to")
+MAX_STORIES = min(len(PEOPLE) // 2, len(THINGS))  # stories one document can hold (each its own people and thing)
 
 
 def make_stories(rng: random.Random, n: int, tasks: Sequence[str] = ("qa1", "qa2", "qa3")) -> list[Item]:
@@ -348,8 +349,8 @@ def make_stories(rng: random.Random, n: int, tasks: Sequence[str] = ("qa1", "qa2
     stories (the stories share a document: a second story moving P would change where P is).
     """
     people, things = rng.sample(PEOPLE, len(PEOPLE)), rng.sample(THINGS, len(THINGS))
-    if 2 * n > len(people) or n > len(things):
-        raise ValueError(f"at most {min(len(people) // 2, len(things))} stories share a document")
+    if n > MAX_STORIES:
+        raise ValueError(f"at most {MAX_STORIES} stories share a document")
     items = []
     for i in range(n):
         task = tasks[i % len(tasks)]

@@ -36,7 +36,7 @@ import ttt
 from ttt.config import PRESETS
 
 from .common import run_metadata, settings_of, sync, write_json
-from .items import BOOK, book_items, needle_document
+from .items import BOOK, MAX_STORIES, book_items, needle_document
 from .plots import recall_heatmap
 from .recall import PROBES, PrefixedLM, accuracy, ask, memories
 
@@ -91,6 +91,8 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.needles_per_depth < 0 or args.stories < 0 or args.book_tokens < 0:
         ap.error("--seeds must be >= 1; --needles-per-depth, --stories and --book-tokens >= 0")
+    if args.stories > MAX_STORIES:
+        ap.error(f"--stories: at most {MAX_STORIES} per document (each story has its own people and thing)")
     return args
 
 

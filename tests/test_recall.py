@@ -19,6 +19,7 @@ from bench.items import (
     FIRST,
     KINDS,
     LOCATIONS,
+    MAX_STORIES,
     PEOPLE,
     THINGS,
     book_items,
@@ -67,14 +68,18 @@ def test_stories_need_one_two_or_three_facts():
         assert sorted([it.answer, *it.wrong]) == sorted(LOCATIONS)
 
 
-def test_stories_of_one_document_share_no_person_or_thing():
+def test_stories_of_one_document_share_no_person_or_thing(capsys):
     stories = make_stories(random.Random(3), 10)
     named = [{w for fact in it.facts for w in fact.rstrip(".").split() if w in PEOPLE or w in THINGS} for it in stories]
     assert all(a.isdisjoint(b) for i, a in enumerate(named) for b in named[i + 1 :])
-    filler = FILLER.read_text(encoding="utf-8")
-    assert set(PEOPLE).isdisjoint(FIRST) and not any(p in filler for p in PEOPLE)  # nobody else is called so
+    novels = FILLER.read_text(encoding="utf-8") + BOOK.read_text(encoding="utf-8")
+    assert set(PEOPLE).isdisjoint(FIRST) and not any(p in novels for p in PEOPLE)  # nobody else is called so
+    assert len(stories) == MAX_STORIES
     with pytest.raises(ValueError, match="stories share a document"):
-        make_stories(random.Random(3), 11)
+        make_stories(random.Random(3), MAX_STORIES + 1)
+    with pytest.raises(SystemExit):
+        cli.main(["recall", "--stories", str(MAX_STORIES + 1)])
+    assert f"--stories: at most {MAX_STORIES} per document" in capsys.readouterr().err
 
 
 def test_planted_sentences_start_at_sentence_starts_where_recorded(tok):
