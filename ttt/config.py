@@ -217,8 +217,15 @@ class RecallConfig:
         return self.exact_tokens if self.exact_select == "surprise" else 0
 
     def __post_init__(self):
-        counts = (self.exact_tokens, self.pool_tokens, self.dense_spans_per_chunk, self.replay_spans)
-        if min(*counts, self.replay_steps, self.study_spans) < 0:
+        counts = (
+            self.exact_tokens,
+            self.pool_tokens,
+            self.dense_spans_per_chunk,
+            self.replay_spans,
+            self.replay_steps,
+            self.study_spans,
+        )
+        if min(counts) < 0:
             raise ValueError(
                 "exact_tokens, pool_tokens, dense_spans_per_chunk, replay_spans, replay_steps and study_spans "
                 "must be >= 0"
