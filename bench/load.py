@@ -12,7 +12,10 @@ request has a timeout, each worker stops at the deadline (or after ``--max-reque
 loopback addresses are accepted.
 
 Chats are streamed: the time to the first token (TTFT) and to the end are both measured. Before the load
-starts, ``--idle-chats`` chats one at a time on the idle server give the TTFT baseline of the same run.
+starts, each session reads the first ``--warm-bytes`` of its slice (so that it has a window and kept spans, as
+the sessions under load have: an answer then reads up to the window plus the notes before its prompt), and
+``--idle-chats`` chats one at a time on the idle server give the TTFT baseline of the same run; the ingest
+workers go on from there.
 
 At the end it prints the error count (client timeouts among them), whether every token the streams sent is
 accounted for (sum of the streams' ``tokens_received`` == sum of the sessions' ``tokens_ingested +
@@ -91,14 +94,14 @@ class Tally:
                 self.errors.append("...")
 
 
-def ingest_worker(args, sid: str, data: bytes, deadline: float, tally: Tally) -> None:
+def ingest_worker(args, sid: str, data: bytes, deadline: float, tally: Tally, pos: int = 0) -> None:
     import grpc
 
     from server.proto.ttt.v1 import ttt_pb2 as pb
     from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
 
     metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
-    pos, count = 0, 0
+    count = 0
     with grpc.insecure_channel(args.server_grpc) as channel:
         stub = pb_grpc.SessionsStub(channel)
         while time.monotonic() < deadline and count < args.max_requests:
@@ -188,7 +191,8 @@ def chat_worker(args, index: int, sids: list[str], deadline: float, tally: Tally
 
 
 def idle_ttfts(args, sids: list[str]) -> list[float]:
-    """TTFTs of ``--idle-chats`` chats one at a time on the idle server (after one warm-up chat per session)."""
+    """TTFTs of ``--idle-chats`` chats one at a time on the idle server (after one warm-up chat per session: the
+    window's keys/values are then cached, as they mostly are under load)."""
     import httpx
 
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -217,8 +221,11 @@ def run(args) -> dict:
     tally = Tally()
 
     with TTTClient(args.server_grpc, args.api_key, timeout=args.request_timeout) as client:
-        for sid in sids:
+        warm = min(args.warm_bytes, size)
+        for i, sid in enumerate(sids):
             client.create_session(sid, settings)
+            for _ in client.ingest(sid, [book[i * size : i * size + warm]], end_of_document=False):
+                pass
         before = {sid: client.get_session(sid) for sid in sids}
         idle = idle_ttfts(args, sids)
 
@@ -227,7 +234,7 @@ def run(args) -> dict:
         threads = [
             threading.Thread(
                 target=ingest_worker,
-                args=(args, sid, book[i * size : (i + 1) * size], deadline, tally),
+                args=(args, sid, book[i * size : (i + 1) * size], deadline, tally, warm),
                 name=f"ingest-{i}",
                 daemon=True,
             )
@@ -285,6 +292,7 @@ def run(args) -> dict:
         "chat_mean_ms": round(statistics.fmean(lat) * 1000, 1) if lat else None,
         "ttft_p50_ms": _ms(ttft, 0.50),
         "ttft_p99_ms": _ms(ttft, 0.99),
+        "warm_bytes": warm,
         "idle_ttft_p50_ms": _ms(idle, 0.50),
         "idle_ttft_p99_ms": _ms(idle, 0.99),
     }
@@ -388,6 +396,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--max-tokens", type=int, default=8, help="per chat answer")
     p.add_argument("--idle-chats", type=int, default=8, help="chats on the idle server before the load (TTFT baseline)")
+    p.add_argument(
+        "--warm-bytes", type=int, default=4096, help="bytes each session reads before the idle chats (0: none)"
+    )
     p.add_argument("--answers", type=int, metavar="N", help="only N concurrent chats vs one alone (see above)")
     p.add_argument("--max-answer-rows", type=int, help="with --start: answers decoded together (1: batching off)")
     p.add_argument("--chunk-tokens", type=int, help="chunk size of the sessions created (default: the server's)")
