@@ -87,6 +87,11 @@ def test_notes_are_the_kept_spans_that_share_the_rarest_words_with_the_question(
     assert memory.notes("What is it that was there?", 100, 16, decode) == []  # common words name nothing
     assert memory.notes("Who walked with Mr. Tilney?", 43, 16, decode) == []  # still in the window: read there
     assert memory.notes("the violet crane", 100, 0, decode) == []
+    # each span's words are read once and forgotten with the span (the cache stays as flat as the pool)
+    texts[5] = "A violet heron."
+    memory.add([Span([5] * 60, 9.0, 60)])  # the best: with it only 3 (the next best) fits the 64 tokens
+    assert sorted(set(memory.notes(asked, 200, 64, decode))) == [3, 5]
+    assert sorted(memory._words) == [30, 60]
 
 
 def test_notes_follow_one_hop_from_the_question_to_the_fact_it_needs():

@@ -110,6 +110,7 @@ class SpanMemory:
     def __init__(self, cfg: RecallConfig):
         self.cfg = cfg
         self.spans: list[Span] = []  # by descending score
+        self._words: dict[int, set[str]] = {}  # span position -> its words (``notes`` reads them at every answer)
 
     def add(self, spans: Sequence[Span]) -> list[Span]:
         """Keep ``spans`` if they rank within the budget; returns those kept."""
@@ -120,6 +121,7 @@ class SpanMemory:
                 kept.append(sp)
                 total += len(sp.tokens)
         self.spans = kept
+        self._words = {sp.position: self._words[sp.position] for sp in kept if sp.position in self._words}
         return [sp for sp in spans if any(sp is k for k in kept)]
 
     def exact_tokens(self, before: int) -> list[int]:
@@ -141,7 +143,7 @@ class SpanMemory:
         asked = words(query)
         if not spans or not asked or budget <= 0:
             return []
-        held = [words(decode(sp.tokens)) for sp in spans]
+        held = [self._words_of(sp, decode) for sp in spans]
         first = related(asked, held, spans)
         if not first:
             return []
@@ -158,6 +160,7 @@ class SpanMemory:
         }
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._words = {}
         if "span_tokens" not in tensors:  # a checkpoint from before span memories: none kept
             self.spans = []
             return
@@ -168,6 +171,12 @@ class SpanMemory:
                 pieces, tensors["span_scores"].tolist(), tensors["span_positions"].tolist(), strict=True
             )
         ]
+
+    def _words_of(self, span: Span, decode) -> set[str]:
+        """``words`` of a kept span's text, computed once (positions are unique: each token is read once)."""
+        if span.position not in self._words:
+            self._words[span.position] = words(decode(span.tokens))
+        return self._words[span.position]
 
     def replay_batch(self, new: Sequence[Span], seed: int) -> list[Span]:
         """The chunk's new spans plus up to ``cfg.replay_spans`` older ones drawn at random (seeded)."""
