@@ -23,7 +23,9 @@ from server.auth import hash_key
 from ttt.peft import peft_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-DEFAULTS = {"ingest": {"chunk_tokens": 32, "context_tokens": 32}}
+# the 2048-token span pool of before: a tiny session's checkpoint is then estimated at about 140 KB (16384 tokens
+# of pool would add about 230 KB of token ids and span fields to the estimate, more than these quotas assume)
+DEFAULTS = {"ingest": {"chunk_tokens": 32, "context_tokens": 32}, "recall": {"pool_tokens": 2048}}
 KEYS = {"alice": "key-a", "bob": "key-b"}
 WORDS = "In the beginning God created the heaven and the earth. And the earth was without form, and void."
 

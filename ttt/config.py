@@ -176,16 +176,16 @@ class RecallConfig:
         max_length=16,
     )
     pool_tokens: int = setting(
-        2048,
+        16384,
         "tokens of surprising spans kept in all, the exact ones and those rehearsed (at least exact_tokens)",
         ge=0,
         le=1 << 20,
     )
     spans_per_chunk: int = setting(
-        4, "candidate spans (sentences) taken from each chunk by their peaks (a name, a number)", ge=1, le=64
+        8, "candidate spans (sentences) taken from each chunk by their peaks (a name, a number)", ge=1, le=64
     )
     dense_spans_per_chunk: int = setting(
-        2,
+        4,
         "more candidate spans taken from each chunk by their density of surprise (the mean of their most "
         "surprising half): short facts, which never have as many peaks as a long sentence (0: none)",
         ge=0,
@@ -244,6 +244,7 @@ class RecallConfig:
 # Named trade-offs between ingest speed and recall: ``{"memory": name}`` starts a session from these settings,
 # and any other setting given overrides them. No settings at all means DEFAULT_MEMORY (the dataclass defaults).
 # Chosen by measurement: README.md, "Memory that answers" (``ttt recall``, ``ttt eval``).
+REHEARSED_POOL = {"pool_tokens": 2048, "spans_per_chunk": 4, "dense_spans_per_chunk": 2}
 PRESETS: dict[str, dict[str, dict]] = {
     # one step of next-token prediction per chunk, nothing else (the defaults before recall was measured)
     "off": {"recall": {"exact_tokens": 0, "pool_tokens": 0}},
@@ -251,11 +252,12 @@ PRESETS: dict[str, dict[str, dict]] = {
     # of "off" (the weights learn only the text) and the needles of "balanced" (the exact spans read them back)
     "fast": {},
     # the fast weights learn the kept spans too (a second step per chunk, rehearsal), so they alone recall more,
-    # at half the ingest speed and a perplexity no better than the window's
-    "balanced": {"ingest": {"steps_per_chunk": 2, "lr": 1.5e-3}, "recall": {"replay_steps": 1}},
+    # at half the ingest speed and a perplexity no better than the window's; both keep the smaller pool they were
+    # measured with (rehearsal draws its older spans from the pool: a larger one rehearses each less often)
+    "balanced": {"ingest": {"steps_per_chunk": 2, "lr": 1.5e-3}, "recall": {"replay_steps": 1, **REHEARSED_POOL}},
     "deep": {
         "ingest": {"steps_per_chunk": 2},
-        "recall": {"exact_tokens": 1024, "pool_tokens": 4096, "replay_spans": 16, "replay_steps": 2},
+        "recall": {**REHEARSED_POOL, "exact_tokens": 1024, "pool_tokens": 4096, "replay_spans": 16, "replay_steps": 2},
     },
 }
 DEFAULT_MEMORY = "fast"
