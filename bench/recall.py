@@ -7,7 +7,9 @@ a KV cache (``PrefixedLM``). The five memories compared:
   * ``ttt``: what a session answers from: its fast weights and its answer prefix (window + exact spans, those
     related to the question asked), exactly what ``Session.generate`` uses;
   * ``weights``: the session's fast weights alone, nothing in context;
-  * ``full``: the base model with the whole document in context, as far as the model's context allows.
+  * ``full``: the base model with the whole document in context, as far as the model's context allows;
+  * ``evidence``: the base model with only the passages around the item's own facts (``around``): the ceiling of
+    a memory that kept and found exactly what the question needs (per item, not per document).
 Each ``Item`` (bench/items.py) is asked three ways: ``statement`` and ``qa`` compare the likelihood of the
 right answer with that of each wrong one (a tie is a miss), ``generate`` checks a greedy chat answer.
 """
@@ -26,8 +28,8 @@ from ttt.generate import chat_prompt, stop_token_ids
 
 from .items import Item
 
-MEMORIES = ("none", "window", "ttt", "weights", "full")
 PROBES = ("statement", "qa", "generate")
+EVIDENCE_BEFORE, EVIDENCE_AFTER = 64, 192  # tokens read around each of an item's facts by the ``evidence`` memory
 QUESTION_ROOM = 128  # KV-cache tokens kept free after a prefix: a question or a fact sentence plus the answer
 
 
@@ -183,6 +185,19 @@ def memories(
         "full": lambda: PrefixedLM(engine, doc, room=room),
     }
     return {name: makers[name]() for name in names}
+
+
+def around(doc: Sequence[int], positions: Sequence[int]) -> list[int]:
+    """The tokens of ``doc`` from ``EVIDENCE_BEFORE`` before to ``EVIDENCE_AFTER`` after each of ``positions``,
+    overlapping passages merged, in document order."""
+    spans: list[list[int]] = []
+    for at in sorted(positions):
+        lo, hi = max(0, at - EVIDENCE_BEFORE), min(len(doc), at + EVIDENCE_AFTER)
+        if spans and lo <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], hi)
+        else:
+            spans.append([lo, hi])
+    return [t for lo, hi in spans for t in doc[lo:hi]]
 
 
 def accuracy(records: list[dict], memory: str, probe: str, **where) -> float | None:

@@ -38,10 +38,10 @@ from ttt.config import PRESETS
 from .common import run_metadata, settings_of, sync, write_json
 from .items import BOOK, MAX_STORIES, book_items, needle_document
 from .plots import recall_heatmap
-from .recall import PROBES, PrefixedLM, accuracy, ask, memories
+from .recall import PROBES, PrefixedLM, accuracy, around, ask, memories
 
 FILLER = BOOK.with_name("northanger_abbey.txt")  # the needles' haystack: another Austen novel
-SHARED = ("none", "window", "full")  # memories that do not depend on the session's settings
+SHARED = ("none", "window", "full", "evidence")  # memories that do not depend on the session's settings
 TASKS = ("needle", "qa1", "qa2", "qa3", "book")
 
 
@@ -85,8 +85,8 @@ def parse_args(argv):
     ap.add_argument(
         "--memories",
         nargs="*",
-        default=["none", "window", "full", "ttt", "weights"],
-        choices=["none", "window", "full", "ttt", "weights"],
+        default=["none", "window", "full", "evidence", "ttt", "weights"],
+        choices=["none", "window", "full", "evidence", "ttt", "weights"],
     )
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.needles_per_depth < 0 or args.stories < 0 or args.book_tokens < 0:
@@ -182,9 +182,13 @@ def probe_documents(
         n, seconds = prefill_seconds(engine, doc, ttt.IngestConfig().chunk_tokens)
         timing["prefill"][0] += n
         timing["prefill"][1] += seconds
-        shared = [m for m in SHARED if m in names]
+        shared = [m for m in SHARED if m in names and m != "evidence"]
         for name, lm in memories(engine, doc, shared).items():
             ask_all(name, lm)
+        if "evidence" in names:  # each item reads its own passages
+            for rec, item in zip(recs, items, strict=True):
+                rec["evidence"] = ask(PrefixedLM(engine, around(doc, item.positions)), item, answer_tokens)
+                on_answer()
         for setting, config in configs.items():
             session, seconds = read(engine, config, doc)
             timing[setting][0] += len(doc)
@@ -267,7 +271,7 @@ def export_lm_eval(folder: Path, name: str, document: str, items: list) -> None:
 
 
 def memory_names(records: list[dict]) -> list[str]:
-    names = [m for m in ("none", "window", "full") if any(m in r for r in records)]
+    names = [m for m in SHARED if any(m in r for r in records)]
     return names + sorted({k for r in records for k in r if "/" in k}, key=lambda k: (k.split("/")[1], k))
 
 

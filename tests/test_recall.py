@@ -29,6 +29,7 @@ from bench.items import (
     plant,
     sentence_starts,
 )
+from bench.recall import EVIDENCE_AFTER, EVIDENCE_BEFORE, around
 from bench.recall_cli import FILLER
 from clients import cli
 
@@ -124,6 +125,13 @@ def test_book_questions_are_answered_by_their_evidence(tok):
         assert evidence[:20] in tok.decode(ids[it.positions[0] : it.positions[0] + 40])
 
 
+def test_the_evidence_memory_reads_the_passages_around_each_fact_merged_in_order():
+    doc = list(range(1000))
+    assert around(doc, [500]) == doc[500 - EVIDENCE_BEFORE : 500 + EVIDENCE_AFTER]
+    assert around(doc, [900, 10]) == doc[: 10 + EVIDENCE_AFTER] + doc[900 - EVIDENCE_BEFORE :]  # clipped at the ends
+    assert around(doc, [300, 400]) == doc[300 - EVIDENCE_BEFORE : 400 + EVIDENCE_AFTER]  # overlapping: merged
+
+
 def test_ttt_recall_cli_writes_results_and_heat_maps(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "recall"
     small = json.dumps({"ingest": {"chunk_tokens": 64, "context_tokens": 64}, "recall": {"exact_tokens": 32}})
@@ -156,7 +164,7 @@ def test_ttt_recall_cli_writes_results_and_heat_maps(tiny_model_dir, tmp_path, c
     ]
     assert cli.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
-    memories = ["none", "window", "full", "ttt/fast", "weights/fast", "ttt/small", "weights/small"]
+    memories = ["none", "window", "full", "evidence", "ttt/fast", "weights/fast", "ttt/small", "weights/small"]
     assert sorted(res["accuracy"]) == sorted(memories)
     for memory in memories:
         for probe in ("statement", "qa", "generate"):
