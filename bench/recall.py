@@ -1,7 +1,7 @@
 """Asking a memory about what was read: the probes of ``ttt recall`` and ``ttt eval``.
 
 A memory is the base model (optionally with a session's fast weights) after a prefix of tokens, read once into
-a KV cache (``PrefixedLM``). The five memories compared:
+a KV cache (``PrefixedLM``). The six memories compared:
   * ``none``: the base model with nothing read (the control: what it guesses without the document);
   * ``window``: the base model with the session's recent window only (no TTT);
   * ``ttt``: what a session answers from: its fast weights and its answer prefix (window + exact spans, those
