@@ -7,9 +7,12 @@
 Each of ``--ingest-streams`` workers owns one new session and feeds it its own slice of
 tests/data/kjv_genesis_exodus.txt as a series of short Ingest streams (``--stream-bytes`` each, the
 document kept open between them) until the time is up. Each of ``--chat-clients`` workers sends
-POST /v1/chat/completions (``--max-tokens`` small) on those sessions, one request at a time. Every
-request has a timeout, each worker stops at the deadline (or after ``--max-requests``), and only
-loopback addresses are accepted.
+POST /v1/chat/completions (``--max-tokens`` small) on those sessions, one request at a time (a closed loop:
+each sends its next chat as soon as the last one ends, so a slower server is asked less often). With
+``--chat-rate R`` the chats come instead at R per second (an open loop, Poisson arrivals, seeded; at most
+``--chat-clients`` in flight): each chat's times count from when it was due, so one that had to wait for a
+free client counts that wait too. Every request has a timeout, each worker stops at the deadline (or after
+``--max-requests``), and only loopback addresses are accepted.
 
 Chats are streamed: the time to the first token (TTFT) and to the end are both measured. Before the load
 starts, each session reads the first ``--warm-bytes`` of its slice (so that it has a window and kept spans, as
@@ -31,6 +34,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import math
+import random
 import statistics
 import sys
 import tempfile
@@ -136,8 +141,9 @@ def ingest_worker(args, sid: str, data: bytes, deadline: float, tally: Tally, po
                 tally.streams += 1
 
 
-def timed_chat(http, sid: str, content: str, max_tokens: int) -> tuple[float, float, int]:
-    """One streamed chat: (seconds to the first content, seconds to the end, completion tokens)."""
+def timed_chat(http, sid: str, content: str, max_tokens: int, due: float | None = None) -> tuple[float, float, int]:
+    """One streamed chat: (seconds to the first content, seconds to the end, completion tokens), counted from
+    ``due`` (a ``time.perf_counter`` time; default: now)."""
     body = {
         "model": sid,
         "messages": [{"role": "user", "content": content}],
@@ -146,7 +152,7 @@ def timed_chat(http, sid: str, content: str, max_tokens: int) -> tuple[float, fl
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if due is None else due
     first, tokens = None, None
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
@@ -167,17 +173,44 @@ def timed_chat(http, sid: str, content: str, max_tokens: int) -> tuple[float, fl
     return (first if first is not None else total), total, tokens
 
 
-def chat_worker(args, index: int, sids: list[str], deadline: float, tally: Tally) -> None:
+class Arrivals:
+    """The open loop's schedule: chat due times (``time.perf_counter``) of a Poisson process of ``rate`` per
+    second from ``start`` until ``deadline``, seeded; the workers take them in order."""
+
+    def __init__(self, rate: float, start: float, deadline: float, seed: int = 0):
+        self.rate, self.due, self.deadline = rate, start, deadline
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+
+    def take(self) -> float | None:
+        """The next chat's due time; None once it would be past the deadline."""
+        with self.lock:
+            self.due += self.rng.expovariate(self.rate)
+            return self.due if self.due < self.deadline else None
+
+
+def chat_worker(
+    args, index: int, sids: list[str], deadline: float, tally: Tally, arrivals: Arrivals | None = None
+) -> None:
+    """Closed loop: chats one after another until the deadline; open loop (``arrivals``): each due chat in turn,
+    sent when due (or as soon as this worker is free)."""
     import httpx
 
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     count = 0
     with httpx.Client(base_url=args.server_http, headers=headers, timeout=args.request_timeout) as http:
         while time.monotonic() < deadline and count < args.max_requests:
+            due = None
+            if arrivals is not None:
+                due = arrivals.take()
+                if due is None:
+                    return
+                time.sleep(max(0.0, due - time.perf_counter()))
             sid = sids[(index + count) % len(sids)]
             count += 1
             try:
-                ttft, latency, _ = timed_chat(http, sid, f"Who went out of Egypt? ({index}.{count})", args.max_tokens)
+                question = f"Who went out of Egypt? ({index}.{count})"
+                ttft, latency, _ = timed_chat(http, sid, question, args.max_tokens, due)
             except (httpx.HTTPError, RuntimeError, ValueError) as e:
                 if isinstance(e, httpx.TimeoutException):
                     with tally.lock:
@@ -231,6 +264,8 @@ def run(args) -> dict:
 
         started = time.monotonic()
         deadline = started + args.seconds
+        now = time.perf_counter()
+        arrivals = Arrivals(args.chat_rate, now, now + args.seconds, args.seed) if args.chat_rate else None
         threads = [
             threading.Thread(
                 target=ingest_worker,
@@ -241,7 +276,12 @@ def run(args) -> dict:
             for i, sid in enumerate(sids)
         ]
         threads += [
-            threading.Thread(target=chat_worker, args=(args, k, sids, deadline, tally), name=f"chat-{k}", daemon=True)
+            threading.Thread(
+                target=chat_worker,
+                args=(args, k, sids, deadline, tally, arrivals),
+                name=f"chat-{k}",
+                daemon=True,
+            )
             for k in range(args.chat_clients)
         ]
         for t in threads:
@@ -285,6 +325,7 @@ def run(args) -> dict:
         "tokens_accounted": received == held - held_before and len(after) == m,
         "ingest_tokens_per_s": round(trained / elapsed, 1) if elapsed > 0 else 0.0,
         "chat_clients": args.chat_clients,
+        "chat_rate": args.chat_rate,
         "chat_count": len(lat),
         "chat_timeouts": tally.timeouts,
         "chat_p50_ms": _ms(lat, 0.50),
@@ -371,8 +412,9 @@ def _print(result: dict) -> None:
         f"ingest:            {result['ingest_streams']} workers, {result['ingest_requests']} streams, "
         f"{result['tokens_trained']} tokens trained, {result['ingest_tokens_per_s']} tokens/s total"
     )
+    loop = f"open loop, {result['chat_rate']} chats/s due" if result["chat_rate"] else "closed loop"
     print(
-        f"chat:              {result['chat_clients']} clients, {result['chat_count']} answers, "
+        f"chat:              {result['chat_clients']} clients ({loop}), {result['chat_count']} answers, "
         f"p50 {result['chat_p50_ms']} ms, p99 {result['chat_p99_ms']} ms, {result['chat_timeouts']} timeouts"
     )
     print(
@@ -392,7 +434,11 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--model", help="with --start: model folder (default: the embedded default model)")
     p.add_argument("--device", help="with --start: cuda, cpu, ...")
     p.add_argument("--ingest-streams", type=int, default=8, metavar="M")
-    p.add_argument("--chat-clients", type=int, default=16, metavar="K")
+    p.add_argument("--chat-clients", type=int, default=16, metavar="K", help="chats in flight at most")
+    p.add_argument(
+        "--chat-rate", type=float, metavar="R", help="chats due per second (open loop; default: a closed loop)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="the open loop's arrival times")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--max-tokens", type=int, default=8, help="per chat answer")
     p.add_argument("--idle-chats", type=int, default=8, help="chats on the idle server before the load (TTFT baseline)")
@@ -413,6 +459,8 @@ def parse_args(argv: list[str] | None):
             p.error(f"--{name.replace('_', '-')} is too small")
     if args.seconds <= 0 or args.request_timeout <= 0:
         p.error("--seconds and --request-timeout must be positive")
+    if args.chat_rate is not None and not (args.chat_rate > 0 and math.isfinite(args.chat_rate)):
+        p.error("--chat-rate must be a positive number of chats per second")
     return args
 
 

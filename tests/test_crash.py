@@ -265,6 +265,26 @@ def test_load_bench_short(tiny_model_dir, tmp_path, one_thread):
                 "2",
             ]
         )
+        open_loop = load_main(
+            [
+                "--server-grpc",
+                f"127.0.0.1:{server.grpc_port}",
+                "--server-http",
+                f"http://127.0.0.1:{server.http_port}",
+                "--ingest-streams",
+                "2",
+                "--chat-clients",
+                "3",
+                "--chat-rate",
+                "3",
+                "--seconds",
+                "3",
+                "--max-tokens",
+                "4",
+                "--idle-chats",
+                "1",
+            ]
+        )
         together = load_main(
             [
                 "--server-grpc",
@@ -283,4 +303,22 @@ def test_load_bench_short(tiny_model_dir, tmp_path, one_thread):
     assert result["tokens_received"] == result["tokens_held"] > 0
     assert result["chat_count"] > 0 and result["ttft_p50_ms"] > 0 and result["idle_ttft_p50_ms"] > 0
     assert result["ttft_p50_vs_idle"] > 0
+    assert open_loop["errors"] == 0 and open_loop["tokens_received"] == open_loop["tokens_held"], open_loop
+    assert open_loop["chat_rate"] == 3 and open_loop["chat_count"] > 0 and open_loop["ttft_p50_ms"] > 0
     assert together["answers"] == 3 and together["together_tokens"] > 0 and together["together_vs_alone"] > 0
+
+
+def test_open_loop_arrivals_are_seeded_poisson_and_stop_at_the_deadline():
+    from bench.load import Arrivals, parse_args
+
+    def due_times(seed):
+        arrivals = Arrivals(rate=4.0, start=100.0, deadline=600.0, seed=seed)
+        return list(iter(arrivals.take, None))
+
+    times = due_times(1)
+    assert times == due_times(1) and times != due_times(2)
+    assert times == sorted(times) and times[0] > 100 and times[-1] < 600
+    assert abs(len(times) - 4 * 500) < 4 * 4 * 500**0.5  # Poisson: count 2000 +- 4 standard deviations
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            parse_args(["--chat-rate", bad])
