@@ -200,6 +200,27 @@ def around(doc: Sequence[int], positions: Sequence[int]) -> list[int]:
     return [t for lo, hi in spans for t in doc[lo:hi]]
 
 
+def coverage(session: ttt.Session, doc: Sequence[int], item: Item) -> dict[str, bool]:
+    """Where a session's memory of ``doc`` stands on ``item``, to tell a miss of the memory from one of the model:
+    ``kept``, its span pool holds a span that states the answer inside the passages ``around`` the item's facts;
+    ``read_statement`` / ``read_qa``, what the statement's head / the question reads holds the answer there (such
+    a span among its notes, or the passage in the window). ``doc`` is all the session read, from its start."""
+    decode = session.engine.base.tokenizer.decode
+    passages = [(at - EVIDENCE_BEFORE, at + EVIDENCE_AFTER) for at in item.positions]
+
+    def states(span) -> bool:
+        inside = any(lo < span.position + len(span.tokens) and span.position < hi for lo, hi in passages)
+        return inside and contains(decode(span.tokens), item.answer)
+
+    window = len(doc) - len(session.recent_tokens())
+    in_window = any(contains(decode(doc[max(lo, window) : hi]), item.answer) for lo, hi in passages if hi > window)
+    out = {"kept": any(states(sp) for sp in session.memory.spans)}
+    asked = {"qa": item.question} | ({"statement": item.statement(item.answer)[0]} if item.cloze else {})
+    for probe, query in asked.items():
+        out[f"read_{probe}"] = in_window or any(states(sp) for sp in session.noted(query))
+    return out
+
+
 def accuracy(records: list[dict], memory: str, probe: str, **where) -> float | None:
     """The fraction of ``records`` (matching ``where``) that ``memory`` got right by ``probe``; None if none."""
     hits = [

@@ -38,11 +38,12 @@ from ttt.config import PRESETS
 from .common import run_metadata, settings_of, sync, write_json
 from .items import BOOK, MAX_STORIES, book_items, needle_document
 from .plots import recall_heatmap
-from .recall import PROBES, PrefixedLM, accuracy, around, ask, memories
+from .recall import PROBES, PrefixedLM, accuracy, around, ask, coverage, memories
 
 FILLER = BOOK.with_name("northanger_abbey.txt")  # the needles' haystack: another Austen novel
 SHARED = ("none", "window", "full", "evidence")  # memories that do not depend on the session's settings
 TASKS = ("needle", "qa1", "qa2", "qa3", "book")
+COVERAGE = ("kept", "read_statement", "read_qa")  # of the ttt memories' records (``recall.coverage``)
 
 
 def parse_args(argv):
@@ -196,6 +197,9 @@ def probe_documents(
             own = [m for m in ("ttt", "weights") if m in names]
             for name, lm in memories(engine, doc, own, session).items():
                 ask_all(f"{name}/{setting}", lm)
+            if "ttt" in names:  # kept and read: was a miss the memory's or the model's?
+                for rec, item in zip(recs, items, strict=True):
+                    rec[f"ttt/{setting}"].update(coverage(session, doc, item))
         records += recs
     return records, {k: tuple(v) for k, v in timing.items()}
 
@@ -313,6 +317,12 @@ def summarize(args, engine, configs, records, timing) -> dict:
             m: {p: {t: [accuracy(records, m, p, task=t, seed=seed) for seed in seeds] for t in TASKS} for p in PROBES}
             for m in names
         },
+        # the fraction of items whose answer the session's pool kept / whose statement or question read it
+        "coverage": {
+            m: {c: {t: accuracy(records, m, c, task=t) for t in TASKS} for c in COVERAGE}
+            for m in names
+            if m.startswith("ttt/")
+        },
         "needles_2k_16k": {m: {p: accuracy(far, m, p) for p in PROBES} for m in names},
         "needle_depths": depths,
         "needles": needles,
@@ -336,6 +346,10 @@ def print_summary(results: dict) -> None:
                 f"{memory:>22s}"
                 + "".join("       -" if row[probe][t] is None else f"{row[probe][t]:8.2f}" for t in TASKS)
             )
+    for memory, row in results["coverage"].items():
+        print(f"\n{memory + ': answer':>22s}" + "".join(f"{t:>8s}" for t in TASKS))
+        for what, by_task in row.items():
+            print(f"{what:>22s}" + "".join("       -" if v is None else f"{v:8.2f}" for v in by_task.values()))
     far = results["needles_2k_16k"]
     print(
         "\nneedles 2K-16K tokens back: "

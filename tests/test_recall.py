@@ -22,6 +22,7 @@ from bench.items import (
     MAX_STORIES,
     PEOPLE,
     THINGS,
+    Item,
     book_items,
     make_needles,
     make_stories,
@@ -29,9 +30,10 @@ from bench.items import (
     plant,
     sentence_starts,
 )
-from bench.recall import EVIDENCE_AFTER, EVIDENCE_BEFORE, around
+from bench.recall import EVIDENCE_AFTER, EVIDENCE_BEFORE, around, coverage
 from bench.recall_cli import FILLER
 from clients import cli
+from ttt.memory import words
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -132,6 +134,33 @@ def test_the_evidence_memory_reads_the_passages_around_each_fact_merged_in_order
     assert around(doc, [300, 400]) == doc[300 - EVIDENCE_BEFORE : 400 + EVIDENCE_AFTER]  # overlapping: merged
 
 
+def test_coverage_says_whether_the_pool_kept_the_answer_and_the_question_read_it(tiny_model_dir):
+    engine = ttt.load_engine(tiny_model_dir, "cpu")
+    tok = engine.base.tokenizer
+    doc = tok(FILLER.read_text(encoding="utf-8")[:3000], add_special_tokens=False).input_ids
+    session = engine.create_session({"ingest": {"chunk_tokens": 64, "context_tokens": 64}})
+    session.append_tokens(doc)
+    session.end_document()
+    while session.train_next_chunk() is not None:
+        pass
+    spans = [sp for sp in session.memory.spans if sp.position + len(sp.tokens) <= len(doc) - 64]  # left the window
+    assert spans and all(doc[sp.position : sp.position + len(sp.tokens)] == sp.tokens for sp in spans)
+    span = spans[0]
+    word = sorted(words(tok.decode(span.tokens)))[0]
+
+    def item(answer: str, at: int) -> Item:
+        return Item("needle/x", [], f"What of {answer}?", answer, ["x"] * 5, "It was {}.", [at])
+
+    asked = coverage(session, doc, item(word, span.position))
+    assert asked["kept"] and asked["read_qa"]  # the question names the kept span's word: its notes hold it
+    assert any(sp is span for sp in session.noted(f"What of {word}?"))
+    assert asked["read_statement"] == any(sp is span for sp in session.noted("It was"))
+    assert not any(coverage(session, doc, item("zebra quagga", span.position)).values())  # not stated there
+    last = sorted(words(tok.decode(doc[-20:])))[0]
+    in_window = coverage(session, doc, item(last, len(doc) - 20))
+    assert in_window["read_qa"] and in_window["read_statement"]  # read in the window, kept or not
+
+
 def test_ttt_recall_cli_writes_results_and_heat_maps(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "recall"
     small = json.dumps({"ingest": {"chunk_tokens": 64, "context_tokens": 64}, "recall": {"exact_tokens": 32}})
@@ -175,6 +204,9 @@ def test_ttt_recall_cli_writes_results_and_heat_maps(tiny_model_dir, tmp_path, c
     assert len(grid) == 2 and all(len(row) == 2 for row in grid)
     for record in res["records"]:
         assert all(m in record for m in memories) and record["from_end"] > 0
+        assert isinstance(record["ttt/small"]["kept"], bool) and "read_qa" in record["ttt/fast"]
+    assert sorted(res["coverage"]) == ["ttt/fast", "ttt/small"]
+    assert set(res["coverage"]["ttt/fast"]) == {"kept", "read_statement", "read_qa"}
     assert res["session_configs"]["small"]["recall"]["exact_tokens"] == 32
     assert res["session_configs"]["fast"]["memory"] == "fast"
     cost = res["cost"]

@@ -13,6 +13,7 @@ import torch
 
 from .generate import PrefixCache, SamplingParams, TokenLogprob, TokenStream
 from .ingest import forward_hidden, next_token_nll
+from .memory import Span, tokens_of
 
 
 @dataclass
@@ -47,15 +48,18 @@ class Answering:
             return self.memory.exact_tokens(before=self._window_start())
 
     def notes(self, query: str, budget: int | None = None) -> list[int]:
+        """The tokens of the spans ``noted`` for ``query``: what an answer to it reads right before its prompt."""
+        return tokens_of(self.noted(query, budget))
+
+    def noted(self, query: str, budget: int | None = None) -> list[Span]:
         """The kept spans related to ``query`` that have left the window, within ``exact_tokens`` (and
-        ``budget``): what an answer to ``query`` reads right before its prompt with ``exact_select="question"``
-        (memory.py; nothing with "surprise")."""
+        ``budget``), in document order, with ``exact_select="question"`` (memory.py; none with "surprise")."""
         recall = self.config.recall
         if recall.exact_select != "question":
             return []
         budget = recall.exact_tokens if budget is None else min(budget, recall.exact_tokens)
         with self.lock:
-            return self.memory.notes(query, self._window_start(), budget, self.engine.base.tokenizer.decode)
+            return self.memory.noted(query, self._window_start(), budget, self.engine.base.tokenizer.decode)
 
     def _window_start(self) -> int:
         """The stream index of the window's first token: what starts there is read in the window itself."""

@@ -127,11 +127,16 @@ class SpanMemory:
     def exact_tokens(self, before: int) -> list[int]:
         """The most surprising spans that end before stream index ``before`` (where the window starts: what the
         window holds is read there already) within ``cfg.exact_tokens``, in document order, as one token list."""
-        return read_in_order([sp for sp in self.spans if sp.position + len(sp.tokens) <= before], self.cfg.exact_tokens)
+        gone = [sp for sp in self.spans if sp.position + len(sp.tokens) <= before]
+        return tokens_of(in_order(gone, self.cfg.exact_tokens))
 
     def notes(self, query: str, before: int, budget: int, decode) -> list[int]:
+        """The tokens of the spans ``noted`` for ``query``, as one list."""
+        return tokens_of(self.noted(query, before, budget, decode))
+
+    def noted(self, query: str, before: int, budget: int, decode) -> list[Span]:
         """The kept spans that end before stream index ``before`` and share words with ``query``, the most related
-        first, then those one hop further, within ``budget`` tokens, in document order, as one token list.
+        first, then those one hop further, within ``budget`` tokens, in document order.
 
         Related = the summed rarity (log(1 + spans / spans holding the word)) of the words a span shares with the
         query, common words aside. One hop further: the spans sharing words with the most related span (not the
@@ -148,7 +153,7 @@ class SpanMemory:
         if not first:
             return []
         second = related(held[first[0]] - asked, held, spans, cut=HOP_CUT, skip=set(first))
-        return read_in_order([spans[i] for i in first + second], budget)
+        return in_order([spans[i] for i in first + second], budget)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The spans as flat tensors (for a checkpoint); ``load_tensors`` reads them back."""
@@ -202,15 +207,19 @@ def related(
     return [i for _, i in ranked]
 
 
-def read_in_order(ranked: Sequence[Span], budget: int) -> list[int]:
-    """The tokens of the first of ``ranked`` that fit ``budget`` tokens (each span whole or not at all), as one
-    list in document order."""
+def in_order(ranked: Sequence[Span], budget: int) -> list[Span]:
+    """The first of ``ranked`` that fit ``budget`` tokens (each span whole or not at all), in document order."""
     chosen, total = [], 0
     for sp in ranked:
         if total + len(sp.tokens) <= budget:
             chosen.append(sp)
             total += len(sp.tokens)
-    return [t for sp in sorted(chosen, key=lambda sp: sp.position) for t in sp.tokens]
+    return sorted(chosen, key=lambda sp: sp.position)
+
+
+def tokens_of(spans: Sequence[Span]) -> list[int]:
+    """The spans' tokens as one list, in the order given."""
+    return [t for sp in spans for t in sp.tokens]
 
 
 def words(text: str) -> set[str]:
