@@ -65,6 +65,7 @@ class Server:
             unit_share=settings.ingest_share,
             on_answer_step=metrics.answer_rows.observe,
             max_batch_answering=settings.max_batch_sessions_answering,
+            max_unit_seconds=settings.max_unit_seconds,
         )
         self.state = ServerState(
             settings,

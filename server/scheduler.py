@@ -11,11 +11,15 @@ Two kinds of work:
   Requests join at the next step while the batch has room (rows and key/value bytes), in round robin
   between users; finished rows and those whose client has gone leave at once.
 
-Chat ahead of ingest: while answers are being decoded and units wait, units get the device only while
-their share of the device time (since both kinds last started to compete; what one long unit took beyond
-its share counts at most SHARE_DEBT_SECONDS) is under ``unit_share``, so an
-answer waits at most one unit between its tokens and ingest never starves; and batchable units then batch
-at most ``max_batch_answering`` sessions, so that the unit an answer waits for is one chunk, not eight.
+Chat ahead of ingest: while answers are being decoded and units wait, a unit starts only if, with what the
+next unit is expected to take (the running mean of the last units'), units' share of the device time (since
+both kinds last started to compete; what one long unit took beyond its share counts at most
+SHARE_DEBT_SECONDS) stays within ``unit_share``. So an answer that arrives while only units ran goes first
+(it waits at most for the unit in flight), answers then wait at most one unit between their tokens, and ingest
+never starves; and batchable units then batch at most ``max_batch_answering`` sessions, so that the unit an
+answer waits for is one chunk, not eight. A batch is also no longer than ``max_unit_seconds`` is expected to
+allow (by the running mean of its function's seconds per item; at least one item), whether answers run or not:
+the next answer to arrive waits for it.
 
 A *batchable* unit (``submit_batchable``) names a function that runs several sessions' units of its
 kind in one call (``ttt.session.train_sessions``: one forward and backward for many sessions' chunks).
@@ -38,6 +42,7 @@ from server.errors import QueueFull, ShuttingDown
 
 log = logging.getLogger("ttt.server.scheduler")
 SHARE_DEBT_SECONDS = 5.0  # units' device time past their share counts at most this much
+RECENT_WEIGHT = 0.3  # weight of the latest unit in the running means of units' durations
 ANSWER_GRACE_SECONDS = 1.0  # each kind counts as present this long after it last ran (its next piece of work comes)
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]  # items -> one result per item, same order
 
@@ -86,6 +91,11 @@ class AnswerRequest:
         self.future.cancel()
 
 
+def running_mean(mean: float, value: float) -> float:
+    """The running mean after ``value`` (the first value, when ``mean`` is 0)."""
+    return value if not mean else (1 - RECENT_WEIGHT) * mean + RECENT_WEIGHT * value
+
+
 def owner(key: Hashable) -> Hashable:
     """Whose work a key is: keys are (user, session) pairs; another key is its own owner."""
     return key[0] if isinstance(key, tuple) and key else key
@@ -103,6 +113,7 @@ class Scheduler:
         on_answer_step: Callable[[int], None] = lambda rows: None,
         clock: Callable[[], float] = time.perf_counter,
         max_batch_answering: int = 1,
+        max_unit_seconds: float | None = None,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -110,6 +121,9 @@ class Scheduler:
             raise ValueError("unit_share must be in (0, 1): 1 would keep answers out while any unit waits")
         self.max_queue, self.max_batch, self.unit_share = max_queue, max_batch, unit_share
         self.max_batch_answering = max_batch_answering  # max_batch while answers wait or decode
+        self.max_unit_seconds = max_unit_seconds  # a batch's expected seconds at most (None: no bound)
+        self._unit_seconds = 0.0  # running mean of a unit call's seconds: the next one's expected duration
+        self._item_seconds: dict[Callable, float] = {}  # batch function -> running mean of its seconds per item
         self.max_queue_per_user = max_queue_per_user or max_queue  # one user cannot fill the whole queue
         self._per_owner: Counter[Hashable] = Counter()
         self.on_batch = on_batch  # told the number of units in each batchable call (metrics)
@@ -227,6 +241,9 @@ class Scheduler:
         # slowest part times its size: keep it short
         answering = self._active or self._requests or self.clock() - self._answered < ANSWER_GRACE_SECONDS
         most = self.max_batch_answering if answering else self.max_batch
+        per_item = self._item_seconds.get(units[0].fn)
+        if per_item and self.max_unit_seconds is not None:
+            most = max(1, min(most, int(self.max_unit_seconds / per_item)))
         if units[0].batchable:
             for key in self._line():  # the others, in line order
                 if len(units) >= most:
@@ -247,8 +264,10 @@ class Scheduler:
             if not answers or self.clock() - self._units_done > ANSWER_GRACE_SECONDS:
                 self._spent = {"units": 0.0, "answers": 0.0}
             return "units" if units else "answers" if answers else None
-        spent = self._spent
-        return "units" if spent["units"] <= self.unit_share * (spent["units"] + spent["answers"]) else "answers"
+        # units' share after the next unit, d (expected; counted at most SHARE_DEBT_SECONDS, as a long unit is):
+        # (u + d) / (u + a + d) <= share. So when both start to compete, answers go first.
+        units_after = self._spent["units"] + min(self._unit_seconds, SHARE_DEBT_SECONDS)
+        return "units" if (1 - self.unit_share) * units_after <= self.unit_share * self._spent["answers"] else "answers"
 
     def _run(self) -> None:
         while True:
@@ -260,7 +279,7 @@ class Scheduler:
                 units = self._take_units() if kind == "units" else []
             started = self.clock()
             if kind == "units":
-                self._run_units(units)
+                units = self._run_units(units)
             else:
                 try:
                     self._answer_step()
@@ -268,19 +287,22 @@ class Scheduler:
                     log.exception("decode step failed")
                     self._fail_answers(e)
             with self._cond:
-                spent = self._spent
-                spent[kind] += self.clock() - started
+                spent, seconds = self._spent, self.clock() - started
+                spent[kind] += seconds
                 if kind == "units":
                     self._units_done = self.clock()
+                    if units:
+                        self._learn(units, seconds)
                 # units' time beyond their share, capped: one long unit keeps units out for a while, not for
                 # (1 - share) / share times its length
                 fair = spent["answers"] * self.unit_share / (1 - self.unit_share)
                 spent["units"] = min(spent["units"], fair + SHARE_DEBT_SECONDS)
 
-    def _run_units(self, units: list[Unit]) -> None:
+    def _run_units(self, units: list[Unit]) -> list[Unit]:
+        """Run ``units`` (one call for a batch), settle their futures; returns those that ran (not cancelled)."""
         units = [u for u in units if u.future.set_running_or_notify_cancel()]
         if not units:
-            return
+            return units
         try:
             if units[0].batchable:
                 self.on_batch(len(units))
@@ -290,9 +312,17 @@ class Scheduler:
         except BaseException as e:  # delivered to the waiting handlers
             for u in units:
                 u.future.set_exception(e)
-            return
+            return units
         for u, result in zip(units, results, strict=True):
             u.future.set_result(result)
+        return units
+
+    def _learn(self, units: list[Unit], seconds: float) -> None:
+        """Update the expected durations with ``units``' call, which took ``seconds``. Call with the lock held."""
+        self._unit_seconds = running_mean(self._unit_seconds, seconds)
+        if units[0].batchable:
+            fn = units[0].fn
+            self._item_seconds[fn] = running_mean(self._item_seconds.get(fn, 0.0), seconds / len(units))
 
     # ---- answers ----
 

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     a time)"""
     max_batch_sessions_answering: int = Field(1, ge=1)
     """max_batch_sessions while answers wait or decode: an answer waits for at most this many sessions' chunks"""
+    max_unit_seconds: float = Field(1.0, gt=0)
+    """a batch of sessions' chunks is cut to what is expected to train within this (by the last batches' seconds per
+    chunk; at least one chunk): an answer that arrives meanwhile waits for it"""
     ingest_share: float = Field(0.25, gt=0, lt=1)
     """share of the device time that ingest and other units get while answers are being decoded (answers come first;
     ingest never starves)"""

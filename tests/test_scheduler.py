@@ -372,8 +372,9 @@ def test_a_cancelled_request_never_starts_and_an_active_one_leaves_at_the_next_s
 
 
 def test_ingest_gets_its_share_while_answers_decode():
-    """Units (1 s each) and answer steps (1 s each) alternate by the device time each kind used: with a share of
-    0.25, one unit per three steps while both wait; the rest of the units run once the answers are done."""
+    """Units (1 s each) and answer steps (1 s each) alternate by the device time each kind used: a unit starts
+    when units' time with its own (expected: the last units', none at first) stays within 0.25 of the device's:
+    at once, then after 6 steps, then three steps per unit; the rest run once the answers are done."""
     clock = Clock()
     batch = FakeBatch(max_rows=4, clock=clock)
     s = Scheduler(answers=batch, unit_share=0.25, clock=clock)
@@ -393,7 +394,7 @@ def test_ingest_gets_its_share_while_answers_decode():
             u.result(TIMEOUT)
     finally:
         s.shutdown(TIMEOUT)
-    assert "".join(o[0] for o in order) == "UAAAUAAAUAAAUUU"
+    assert "".join(o[0] for o in order) == "UAAAAAAUAAAUUUU"
 
 
 def test_users_take_turns_before_their_sessions_do(scheduler):
@@ -497,8 +498,8 @@ def test_one_long_unit_keeps_units_out_for_a_while_not_for_three_times_its_lengt
         answer.future.result(TIMEOUT)
     finally:
         s.shutdown(TIMEOUT)
-    # 90 steps if all 30 s counted (3 x 30); counted at most 5 s past the share: 3 x 5
-    assert "".join(order).index("U", 1) - 1 == 15, "".join(order)
+    # 180 steps if all 30 s counted, spent and expected next (3 x 60); each counted at most 5 s: 3 x (5 + 5)
+    assert "".join(order).index("U", 1) - 1 == 30, "".join(order)
 
 
 def test_a_feeder_that_queues_its_next_chunk_after_the_last_one_still_gets_only_its_share():
@@ -527,7 +528,54 @@ def test_a_feeder_that_queues_its_next_chunk_after_the_last_one_still_gets_only_
         answer.future.result(TIMEOUT)
     finally:
         s.shutdown(TIMEOUT)
-    assert "".join(order).startswith("UAAAUAAAUAAAU"), "".join(order)
+    assert "".join(order).startswith("UAAAAAAUAAAUAAAU"), "".join(order)  # as in the share test above
+
+
+def test_an_answer_that_meets_waiting_units_goes_first():
+    """On an idle device, an answer and units (1 s each, as the last unit took) queued at once: the answer's
+    steps come first, until a unit fits the share with its expected second (before, the unit went first)."""
+    clock = Clock()
+    s = Scheduler(answers=FakeBatch(max_rows=4, clock=clock), unit_share=0.25, clock=clock)
+    order = []
+
+    def unit():
+        order.append("U")
+        clock.tick()
+
+    try:
+        s.run(("ingest", "doc"), clock.tick)  # the device learns that a unit takes 1 s, then idles
+        with s._cond:  # queued together: the worker sees both at its next look
+            units = [s.submit(("ingest", "doc"), unit) for _ in range(3)]
+            answer = s.submit_answers(("chat", "s"), [lambda: Row("a", 9)], lambda i, row: order.append("A"))
+        answer.future.result(TIMEOUT)
+        for u in units:
+            u.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    assert "".join(order) == "AAAUAAAUAAAU"
+
+
+def test_a_batch_is_cut_to_what_fits_max_unit_seconds():
+    """The first batch has no estimate (4 sessions); at 1 s per session, 2.5 s then allow two per call."""
+    clock = Clock()
+    s = Scheduler(max_batch=4, max_unit_seconds=2.5, clock=clock)
+    calls = []
+
+    def train(items):
+        calls.append(list(items))
+        clock.now += len(items)
+        return items
+
+    try:
+        for round_ in ("", "2"):
+            release = gated(s)
+            futures = [s.submit_batchable(key, train, key + round_) for key in "ABCD"]
+            release()
+            for f in futures:
+                f.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    assert calls == [["A", "B", "C", "D"], ["A2", "B2"], ["C2", "D2"]]
 
 
 def test_cancelled_requests_stop_counting_while_a_large_one_waits_in_front():
