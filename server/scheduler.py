@@ -123,7 +123,8 @@ class Scheduler:
         self.max_batch_answering = max_batch_answering  # max_batch while answers wait or decode
         self.max_unit_seconds = max_unit_seconds  # a batch's expected seconds at most (None: no bound)
         self._unit_seconds = 0.0  # running mean of a unit call's seconds: the next one's expected duration
-        self._item_seconds: dict[Callable, float] = {}  # batch function -> running mean of its seconds per item
+        # batch function (few, module-level: train_batch) -> running mean of its seconds per item
+        self._item_seconds: dict[Callable, float] = {}
         self.max_queue_per_user = max_queue_per_user or max_queue  # one user cannot fill the whole queue
         self._per_owner: Counter[Hashable] = Counter()
         self.on_batch = on_batch  # told the number of units in each batchable call (metrics)
