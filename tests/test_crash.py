@@ -246,57 +246,12 @@ def test_load_bench_short(tiny_model_dir, tmp_path, one_thread):
         )
     )
     server.start()
+    doors = ["--server-grpc", f"127.0.0.1:{server.grpc_port}", "--server-http", f"http://127.0.0.1:{server.http_port}"]
+    loaded = [*doors, "--ingest-streams", "2", "--chat-clients", "3", "--max-tokens", "4"]
     try:
-        result = load_main(
-            [
-                "--server-grpc",
-                f"127.0.0.1:{server.grpc_port}",
-                "--server-http",
-                f"http://127.0.0.1:{server.http_port}",
-                "--ingest-streams",
-                "2",
-                "--chat-clients",
-                "3",
-                "--seconds",
-                "4",
-                "--max-tokens",
-                "4",
-                "--idle-chats",
-                "2",
-            ]
-        )
-        open_loop = load_main(
-            [
-                "--server-grpc",
-                f"127.0.0.1:{server.grpc_port}",
-                "--server-http",
-                f"http://127.0.0.1:{server.http_port}",
-                "--ingest-streams",
-                "2",
-                "--chat-clients",
-                "3",
-                "--chat-rate",
-                "3",
-                "--seconds",
-                "3",
-                "--max-tokens",
-                "4",
-                "--idle-chats",
-                "1",
-            ]
-        )
-        together = load_main(
-            [
-                "--server-grpc",
-                f"127.0.0.1:{server.grpc_port}",
-                "--server-http",
-                f"http://127.0.0.1:{server.http_port}",
-                "--answers",
-                "3",
-                "--max-tokens",
-                "6",
-            ]
-        )
+        result = load_main([*loaded, "--seconds", "4", "--idle-chats", "2"])
+        open_loop = load_main([*loaded, "--chat-rate", "3", "--seconds", "3", "--idle-chats", "1"])
+        together = load_main([*doors, "--answers", "3", "--max-tokens", "6"])
     finally:
         server.stop()
     assert result["errors"] == 0 and result["chat_timeouts"] == 0, result
