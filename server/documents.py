@@ -2,18 +2,21 @@
 
 Pieces are tokenized in the caller's thread (no device), checked against the per-document limit,
 and every chunk they complete is trained on the scheduler's worker, one unit per chunk; chunks of
-several sessions that reach the device together train in one batched step (``ttt.batch``).
+several sessions that reach the device together train in one batched step (``ttt.batch``). A session asked
+while it reads has its answers' prefix rebuilt under the new weights in a unit after each chunk
+(``Session.warm_prefix``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
-from server.errors import QuotaExceeded
+from server.errors import QueueFull, QuotaExceeded
 from server.registry import SessionRegistry
 from server.scheduler import Scheduler
 from ttt import Session, SessionConfig
@@ -146,6 +149,9 @@ class DocumentFeed:
             self.on_chunk(report)
             if math.isfinite(report.loss_before):
                 self.loss_sum += report.loss_before
+            if self.session.talked_to:  # asked while it reads: the next question's prefix, ready before it comes
+                with contextlib.suppress(QueueFull):  # only a head start: the question builds it otherwise
+                    self.scheduler.submit(self.key, self.session.warm_prefix)
             if self.registry.chunks_since_save(*self.key) >= self.autosave_every:
                 self.scheduler.submit(self.key, self.registry.save, *self.key)
             yield report

@@ -577,31 +577,67 @@ def test_answers_reuse_the_windows_keys_and_values_until_the_weights_change(engi
     assert len(s.answer_prefix()) > len(s.recent_tokens())
     expect = engine.answer(MSGS, params, s.fast, s.answer_prefix(), stream=False)
     first = s.generate(MSGS, max_tokens=6)
-    cached = s._answer_prefix[1]
+    cached = s._answer_prefix.cache
     again = s.generate(MSGS, max_tokens=6, stream=True)
     assert "".join(again) == first.text == expect.text
     prefix = len(s.answer_prefix())
     assert again.prompt_tokens == first.prompt_tokens == prefix + prompt_tokens
     # without a cache prefix + prompt at once; then the prefix once, and each answer its prompt
     assert prefilled == [prefix + prompt_tokens, prefix, prompt_tokens, prompt_tokens]
-    assert s._answer_prefix[1] is cached and s.resident_bytes() > cached.num_bytes() > 0
+    assert s._answer_prefix.cache is cached and s.resident_bytes() > cached.num_bytes() > 0
 
     s.append_tokens(PATTERN[48:58])  # read, not trained: the window grows, its keys/values are extended
     prefilled.clear()
     grown = s.generate(MSGS, max_tokens=6)
-    assert s._answer_prefix[1].tokens == s.answer_prefix() == cached.tokens + PATTERN[48:58]
+    assert s._answer_prefix.cache.tokens == s.answer_prefix() == cached.tokens + PATTERN[48:58]
     assert prefilled == [10, prompt_tokens]  # only the new tokens, then the prompt
     whole = PrefixCache.build(engine.base.model, s.fast, s.answer_prefix())
-    for extended, built in zip(s._answer_prefix[1].k + s._answer_prefix[1].v, whole.k + whole.v, strict=True):
+    for extended, built in zip(s._answer_prefix.cache.k + s._answer_prefix.cache.v, whole.k + whole.v, strict=True):
         torch.testing.assert_close(extended, built, rtol=1e-5, atol=1e-5)
     assert grown.text == engine.answer(MSGS, params, s.fast, s.answer_prefix(), stream=False).text
     s.append_tokens(PATTERN[58:64])
     train_all(s)  # the weights change: a new prefix
     changed = s.generate(MSGS, max_tokens=6)
-    assert s._answer_prefix[1] is not cached and s._answer_prefix[1].tokens == s.answer_prefix()
+    assert s._answer_prefix.cache is not cached and s._answer_prefix.cache.tokens == s.answer_prefix()
     assert changed.text == engine.answer(MSGS, params, s.fast, s.answer_prefix(), stream=False).text
     s.to("cpu")  # a move drops the cache (it is rebuilt where the session is)
     assert s._answer_prefix is None
+
+
+def test_a_session_asked_while_it_reads_has_the_next_prefix_built_ahead(engine, monkeypatch):
+    s = make_session(engine)
+    s.append_tokens(PATTERN[:16])
+    train_all(s)
+    assert not s.talked_to and not s.warm_prefix() and s._answer_prefix is None  # never asked: nothing built
+    prompt_tokens = len(chat_prompt(engine.base.tokenizer, MSGS))
+    prefilled = []  # tokens of each pass over the layers with a cache, but for single decoded tokens
+    run_layers = type(engine.base.model).run_layers
+
+    def spy(model, h, start, end, adapters=None, cache=None):
+        if cache is not None and h.shape[1] > 1:
+            prefilled.append(h.shape[1])
+        return run_layers(model, h, start, end, adapters, cache)
+
+    monkeypatch.setattr(type(engine.base.model), "run_layers", spy)
+    params = ttt.SamplingParams(max_tokens=6)
+    s.generate(MSGS, max_tokens=6)  # asked: the prefix is built for the question (window, then prompt)
+    assert s.talked_to and prefilled == [len(s.recent_tokens()), prompt_tokens]
+    s.append_tokens(PATTERN[16:32])
+    train_all(s)
+    prefilled.clear()
+    assert s.warm_prefix() and prefilled == [len(s.recent_tokens())]  # the new weights' prefix, ahead
+    assert not s.warm_prefix()  # once per state of the weights
+    prefilled.clear()
+    ahead = s.generate(MSGS, max_tokens=6)
+    assert prefilled == [prompt_tokens]  # the question prefills only its prompt
+    assert ahead.text == engine.answer(MSGS, params, s.fast, s.answer_prefix(), stream=False).text
+    s.append_tokens(PATTERN[32:48])
+    train_all(s)
+    assert s.warm_prefix()  # read, so warmed again
+    s.append_tokens(PATTERN[48:64])
+    train_all(s)
+    prefilled.clear()
+    assert not s.talked_to and not s.warm_prefix() and not prefilled  # built ahead but never read: stop
 
 
 @pytest.mark.parametrize(

@@ -790,6 +790,32 @@ def test_documents_waiting_together_train_in_one_batch(open_server):
             assert (p - q).abs().max() < 1e-5, name
 
 
+def test_a_document_feed_builds_the_next_prefix_for_a_session_asked_while_it_reads(open_server):
+    """After each chunk a session that was asked since the last one has its answers' prefix built under the new
+    weights (a unit of its own, behind the chunk); one that is not asked in between stops being warmed."""
+    state = open_server[0].state
+    key = ("local", "warmed")
+    session = state.scheduler.run(key, state.registry.create, *key)
+    feed = DocumentFeed(
+        session, "local", state.scheduler, state.registry, max_tokens=10**6, max_pieces=10, autosave_every=10**6
+    )
+
+    def read_chunk(first: int) -> None:
+        [report] = feed.add([first + j for j in range(CHUNK)])
+        assert report.rolled_back is False
+        state.scheduler.run(key, lambda: None)  # a session's units run in order: any warming is done
+
+    read_chunk(100)
+    assert session._answer_prefix is None  # never asked: nothing built
+    state.scheduler.run(key, lambda: session.generate([{"role": "user", "content": "hi"}], max_tokens=2))
+    read_chunk(200)
+    held = session._answer_prefix
+    assert (held.weights_version, held.read) == (session.weights_version, False)  # built ahead, not read yet
+    assert held.cache.tokens == session.answer_prefix()
+    read_chunk(300)
+    assert session._answer_prefix is held  # not read since: the warming stopped
+
+
 def test_session_info_has_the_same_fields_on_both_doors():
     """One SessionInfo (ttt.session) behind the HTTP model and the proto message: a field added there and
     forgotten on a door fails here."""

@@ -28,9 +28,19 @@ class Generation:
     echo_logprobs: list[TokenLogprob] = field(default_factory=list)  # per prompt token, for an echoed completion
 
 
+@dataclass
+class HeldPrefix:
+    """The keys/values of every answer's prefix under one state of the fast weights (``weights_version``), and
+    whether an answer has read them: those built ahead (``warm_prefix``) and never read stop the warming."""
+
+    weights_version: int
+    cache: PrefixCache
+    read: bool
+
+
 class Answering:
     """The answer side of ``Session`` (a mixin: it adds no state of its own, only the prefix cache it keeps in
-    ``_answer_prefix``)."""
+    ``_answer_prefix``, a ``HeldPrefix`` or None)."""
 
     def recent_tokens(self) -> list[int]:
         """The window answers read: the last ``context_tokens`` trained tokens, then those read since (or the last
@@ -75,8 +85,10 @@ class Answering:
 
     def _before_prompt(self) -> list[int]:
         """The part of every answer's prefix that does not depend on the question (its keys/values are cached:
-        ``_prefix_cache``): the window, after the most surprising spans with ``exact_select="surprise"``."""
-        return self._exact_before_window() + self.recent_tokens()
+        ``_prefix_cache``): the window, after the most surprising spans with ``exact_select="surprise"``; its
+        last tokens that fit the model's context."""
+        tokens = self._exact_before_window() + self.recent_tokens()
+        return tokens[-(self.engine.base.cfg.max_position_embeddings - 1) :]
 
     def _exact_before_window(self) -> list[int]:
         return self.exact_tokens() if self.config.recall.tokens_before_window else []
@@ -110,27 +122,49 @@ class Answering:
         with self.lock:
             # A snapshot (a few MB): the answer stays consistent even if an ingest runs meanwhile.
             fast = copy.deepcopy(self.fast).requires_grad_(False)
-            prefix = self._before_prompt()[-(self.engine.base.cfg.max_position_embeddings - 1) :]
+            prefix = self._before_prompt()
             cache = self._prefix_cache(prefix)
             # the notes come out of the window's room, never the prompt's or the answer's
             notes = self.notes(query, self.engine.base.cfg.max_position_embeddings - params.max_tokens - len(ids))
         return self.engine.answer(notes + ids, params, fast, prefix, stream, cache, echo)
 
-    def _prefix_cache(self, prefix: list[int]) -> PrefixCache | None:
+    def _prefix_cache(self, prefix: list[int], read: bool = True) -> PrefixCache | None:
         """The answer prefix's keys/values under the current weights: computed at the first answer after the
-        weights changed (``weights_version``), extended by the tokens read since (the window grows between
-        trained chunks), reused as it is otherwise. Call with the lock held."""
+        weights changed (``weights_version``) or ahead of it (``warm_prefix``), extended by the tokens read since
+        (the window grows between trained chunks), reused as it is otherwise. ``read``: an answer reads them.
+        Call with the lock held."""
         if not prefix:
             return None
-        model = self.engine.base.model
-        version, held = self._answer_prefix or (None, PrefixCache([], [], []))
-        n = len(held.tokens)
-        if version != self.weights_version or not n or prefix[:n] != held.tokens:
-            held = PrefixCache.build(model, self.fast, prefix)
+        model, held = self.engine.base.model, self._answer_prefix
+        cache = held.cache if held is not None else PrefixCache([], [], [])
+        n = len(cache.tokens)
+        if held is None or held.weights_version != self.weights_version or not n or prefix[:n] != cache.tokens:
+            cache = PrefixCache.build(model, self.fast, prefix)
         elif len(prefix) > n:
-            held = held.extended(model, self.fast, prefix[n:])
-        self._answer_prefix = self.weights_version, held
-        return held
+            cache = cache.extended(model, self.fast, prefix[n:])
+        self._answer_prefix = HeldPrefix(self.weights_version, cache, read)
+        return cache
+
+    @property
+    def talked_to(self) -> bool:
+        """An answer read the prefix cached under the weights before the latest ones (or these): the session is
+        asked while it reads, so the prefix under new weights is worth building before the next question."""
+        held = self._answer_prefix
+        return held is not None and held.read
+
+    def warm_prefix(self) -> bool:
+        """Build the answer prefix under weights a trained chunk has just changed, before anyone asks, if the
+        session is ``talked_to``: a question that comes between two chunks then prefills only its own prompt
+        (rebuilding the 512-token window under the new weights was most of its wait under load). A prefix
+        built ahead and never read stops the warming until an answer reads one again, so a session that only
+        reads pays for one build at most. Returns whether it built one."""
+        with self.lock:
+            held = self._answer_prefix
+            if held is None or not held.read or held.weights_version == self.weights_version:
+                return False
+            if self._prefix_cache(self._before_prompt(), read=False) is None:
+                self._answer_prefix = None  # nothing to read before a prompt (an empty window)
+            return True
 
     @torch.no_grad()
     def score(self, text: str) -> float:

@@ -19,12 +19,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .answers import Answering
+from .answers import Answering, HeldPrefix
 from .batch import ChunkItem, train_chunks
 from .cache import RollingContext
 from .config import PER_CHUNK, IngestConfig, SessionConfig
 from .fast_weights import build_fast_weights, fast_weight_kind
-from .generate import PrefixCache
 from .ingest import ChunkReport, forward_hidden, make_optimizer
 from .memory import SpanMemory, rehearse, select_spans, sentence_ends
 from .study import questions, teacher
@@ -119,7 +118,7 @@ class Session(Answering):
             self.optimizer = make_optimizer(self.fast.parameters(), self.config.ingest)
             self.window: list[int] = []  # the most recent trained tokens, at most context_tokens (>= 1)
             self._rolling: RollingContext | None = None  # their keys/values; transient, rebuilt from window
-            self._answer_prefix: tuple[int, PrefixCache] | None = None  # (weights_version, window's K/V for answers)
+            self._answer_prefix: HeldPrefix | None = None  # the window's K/V for answers
             self.weights_version += 1
             self.pending: list[int] = []  # tokens received but not yet trained on
             self.memory = SpanMemory(self.config.recall)  # the most surprising spans read (memory.py)
@@ -334,7 +333,7 @@ class Session(Answering):
             if self._rolling is not None:
                 tensors += [t for t in (*self._rolling.k, *self._rolling.v) if t is not None]
             if self._answer_prefix is not None:
-                tensors += [*self._answer_prefix[1].k, *self._answer_prefix[1].v]
+                tensors += [*self._answer_prefix.cache.k, *self._answer_prefix.cache.v]
             return sum(t.numel() * t.element_size() for t in tensors)
 
     # ---- persistence --------------------------------------------------------------------------
