@@ -182,10 +182,10 @@ class RecallConfig:
         le=1 << 20,
     )
     spans_per_chunk: int = setting(
-        8, "candidate spans (sentences) taken from each chunk by their peaks (a name, a number)", ge=1, le=64
+        12, "candidate spans (sentences) taken from each chunk by their peaks (a name, a number)", ge=1, le=64
     )
     dense_spans_per_chunk: int = setting(
-        4,
+        8,
         "more candidate spans taken from each chunk by their density of surprise (the mean of their most "
         "surprising half): short facts, which never have as many peaks as a long sentence (0: none)",
         ge=0,
