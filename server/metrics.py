@@ -13,6 +13,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 TOKENS_PER_SECOND_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 
 
 class ResidencyCollector:
@@ -48,6 +49,13 @@ class Metrics:
         )
         self.decode_tps = Histogram(
             "ttt_decode_tokens_per_second", "Decode speed per answer", buckets=TOKENS_PER_SECOND_BUCKETS, registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "ttt_time_to_first_token_seconds",
+            "Seconds from a chat or completion queued for the device to its first token made (the HTTP side and the "
+            "client's own wait are not in it)",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
         )
         self.answer_rows = Histogram(
             "ttt_answer_step_rows", "Answers advanced by one decode step", buckets=BATCH_BUCKETS, registry=r
@@ -91,6 +99,9 @@ class Metrics:
         self.tokens_generated.inc(completion_tokens)
         if seconds > 0 and completion_tokens:
             self.decode_tps.observe(completion_tokens / seconds)
+
+    def first_token(self, seconds: float) -> None:
+        self.time_to_first_token.observe(seconds)
 
     def request(self, api: str, method: str, status: str) -> None:
         self.requests.labels(api, method, status).inc()

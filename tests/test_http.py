@@ -1013,6 +1013,7 @@ def test_metrics(api, open_server, tokenizer):
         "ttt_tokens_generated_total",
         "ttt_decode_tokens_per_second_bucket",
         "ttt_decode_tokens_per_second_count",
+        "ttt_time_to_first_token_seconds_bucket",
         "ttt_ingest_tokens_per_second_bucket",
         "ttt_ingest_tokens_per_second_count",
     } <= names
@@ -1024,6 +1025,7 @@ def test_metrics(api, open_server, tokenizer):
     assert delta("ttt_chunks_total", outcome="applied") == summary["chunks_trained"]
     assert delta("ttt_ingest_tokens_per_second_count") == summary["chunks_trained"]
     assert delta("ttt_decode_tokens_per_second_count") == 1 and delta("ttt_tokens_generated_total") > 0
+    assert delta("ttt_time_to_first_token_seconds_count") == 1 and delta("ttt_time_to_first_token_seconds_sum") > 0
     assert delta("ttt_errors_total", api="http", status="404") == 1
     assert delta("ttt_errors_total", api="http", status="400") == 1
     assert delta("ttt_requests_total", api="http", method="GET /v1/sessions/{session_id}", status="404") == 1

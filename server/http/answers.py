@@ -70,7 +70,8 @@ class Answers:
         self.request, self.loop, self.events = request, asyncio.get_running_loop(), asyncio.Queue()
         self.sent = [0] * len(makers)  # logprobs handed out, per row
         self.seen: set[int] = set()  # rows that have reported (the first report ends the prompt's prefill)
-        self.started: float | None = None
+        self.queued = time.perf_counter()
+        self.started: float | None = None  # when the first row reported: its prompt prefilled, its first token made
         # key (user, None): base-model answers count against the user's queue limit like the rest
         self.run = server_state(request).scheduler.submit_answers(key, makers, self._on_step)
         self.future = self.run.future
@@ -86,6 +87,7 @@ class Answers:
         """On the worker, after a step that changed ``row``: its news as Events."""
         if self.started is None:
             self.started = time.perf_counter()
+            self.metrics.first_token(self.started - self.queued)
         if index not in self.seen and row.echo:
             self._put(Event(index, echo=True, logprobs=row.echo_logprobs))
         self.seen.add(index)
