@@ -3,8 +3,8 @@
 Pieces are tokenized in the caller's thread (no device), checked against the per-document limit,
 and every chunk they complete is trained on the scheduler's worker, one unit per chunk; chunks of
 several sessions that reach the device together train in one batched step (``ttt.batch``). A session asked
-while it reads has its answers' prefix rebuilt under the new weights in a unit after each chunk
-(``Session.warm_prefix``).
+while it reads has its answers' prefix brought up to date (under the new weights, with the tokens read since)
+in a unit after each piece it reads (``Session.warm_prefix``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Future
 
 from server.errors import QueueFull, QuotaExceeded
 from server.registry import SessionRegistry
@@ -98,6 +99,7 @@ class DocumentFeed:
         self.on_chunk = on_chunk  # metrics
         self.received = 0  # tokens this document added
         self.trained = 0
+        self.warming: Future | None = None  # the last warm_prefix unit submitted
         self.loss_sum = 0.0
         self.started = time.perf_counter()
 
@@ -149,12 +151,17 @@ class DocumentFeed:
             self.on_chunk(report)
             if math.isfinite(report.loss_before):
                 self.loss_sum += report.loss_before
-            if self.session.talked_to:  # asked while it reads: the next question's prefix, ready before it comes
-                with contextlib.suppress(QueueFull):  # only a head start: the question builds it otherwise
-                    self.scheduler.submit(self.key, self.session.warm_prefix)
             if self.registry.chunks_since_save(*self.key) >= self.autosave_every:
                 self.scheduler.submit(self.key, self.registry.save, *self.key)
             yield report
+        self._warm()
+
+    def _warm(self) -> None:
+        """A session asked while it reads: the next question's prefix brought up to date in a unit of its own
+        (``Session.warm_prefix``), one at a time."""
+        if self.session.talked_to and (self.warming is None or self.warming.done()):
+            with contextlib.suppress(QueueFull):  # only a head start: the question builds it otherwise
+                self.warming = self.scheduler.submit(self.key, self.session.warm_prefix)
 
     def summary(self) -> dict:
         return {

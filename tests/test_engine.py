@@ -626,18 +626,21 @@ def test_a_session_asked_while_it_reads_has_the_next_prefix_built_ahead(engine, 
     train_all(s)
     prefilled.clear()
     assert s.warm_prefix() and prefilled == [len(s.recent_tokens())]  # the new weights' prefix, ahead
-    assert not s.warm_prefix()  # once per state of the weights
+    assert not s.warm_prefix()  # up to date: nothing to do
+    s.append_tokens(PATTERN[:5])  # read, not trained: the tokens read since join it ahead too
+    prefilled.clear()
+    assert s.warm_prefix() and prefilled == [5]
     prefilled.clear()
     ahead = s.generate(MSGS, max_tokens=6)
     assert prefilled == [prompt_tokens]  # the question prefills only its prompt
     assert ahead.text == engine.answer(MSGS, params, s.fast, s.answer_prefix(), stream=False).text
-    s.append_tokens(PATTERN[32:48])
+    s.append_tokens(PATTERN[32:43])
     train_all(s)
     assert s.warm_prefix()  # read, so warmed again
-    s.append_tokens(PATTERN[48:64])
+    s.append_tokens(PATTERN[43:64])
     train_all(s)
     prefilled.clear()
-    assert not s.talked_to and not s.warm_prefix() and not prefilled  # built ahead but never read: stop
+    assert not s.talked_to and not s.warm_prefix() and not prefilled  # kept up to date but never read: stop
 
 
 @pytest.mark.parametrize(

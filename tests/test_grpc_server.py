@@ -791,8 +791,9 @@ def test_documents_waiting_together_train_in_one_batch(open_server):
 
 
 def test_a_document_feed_builds_the_next_prefix_for_a_session_asked_while_it_reads(open_server):
-    """After each chunk a session that was asked since the last one has its answers' prefix built under the new
-    weights (a unit of its own, behind the chunk); one that is not asked in between stops being warmed."""
+    """After each piece a session asked while it reads has its answers' prefix brought up to date (rebuilt under
+    new weights, extended by what it read; a unit of its own, behind the chunk); one that is not asked before the
+    weights change again stops being warmed."""
     state = open_server[0].state
     key = ("local", "warmed")
     session = state.scheduler.run(key, state.registry.create, *key)
@@ -812,6 +813,10 @@ def test_a_document_feed_builds_the_next_prefix_for_a_session_asked_while_it_rea
     held = session._answer_prefix
     assert (held.weights_version, held.read) == (session.weights_version, False)  # built ahead, not read yet
     assert held.cache.tokens == session.answer_prefix()
+    assert list(feed.add([7, 8, 9])) == []  # read, not trained: extended ahead as well
+    state.scheduler.run(key, lambda: None)
+    held = session._answer_prefix
+    assert held.cache.tokens == session.answer_prefix() and held.cache.tokens[-3:] == [7, 8, 9]
     read_chunk(300)
     assert session._answer_prefix is held  # not read since: the warming stopped
 

@@ -147,22 +147,26 @@ class Answering:
 
     @property
     def talked_to(self) -> bool:
-        """An answer read the prefix cached under the weights before the latest ones (or these): the session is
-        asked while it reads, so the prefix under new weights is worth building before the next question."""
+        """The answers' prefix is worth keeping up to date ahead of the questions (``warm_prefix``): an answer read
+        the one cached under the weights before these (the session is asked while it reads), or it is of these."""
         held = self._answer_prefix
-        return held is not None and held.read
+        return held is not None and (held.read or held.weights_version == self.weights_version)
 
     def warm_prefix(self) -> bool:
-        """Build the answer prefix under weights a trained chunk has just changed, before anyone asks, if the
-        session is ``talked_to``: a question that comes between two chunks then prefills only its own prompt
-        (rebuilding the 512-token window under the new weights was most of its wait under load). A prefix
-        built ahead and never read stops the warming until an answer reads one again, so a session that only
-        reads pays for one build at most. Returns whether it built one."""
+        """Bring the answers' prefix up to date before anyone asks, if the session is ``talked_to``: rebuilt under
+        weights a trained chunk has just changed, extended by the tokens read since. A question then prefills only
+        its own prompt (the window's keys/values under new weights, and those of the tokens read since, were most
+        of its wait under ingest load). One kept up to date but not read before the weights change again stops the
+        warming until an answer reads one again, so a session that only reads pays for one chunk of it at most.
+        Returns whether it computed anything."""
         with self.lock:
-            held = self._answer_prefix
-            if held is None or not held.read or held.weights_version == self.weights_version:
+            if not self.talked_to:
                 return False
-            if self._prefix_cache(self._before_prompt(), read=False) is None:
+            held, prefix = self._answer_prefix, self._before_prompt()
+            current = held.weights_version == self.weights_version
+            if current and held.cache.tokens == prefix:
+                return False
+            if self._prefix_cache(prefix, read=current and held.read) is None:
                 self._answer_prefix = None  # nothing to read before a prompt (an empty window)
             return True
 
