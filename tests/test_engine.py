@@ -557,13 +557,9 @@ def test_session_window_is_part_of_prompt_and_weights_unchanged(engine):
     assert s.recent_tokens() == [*PATTERN[32:40], 7, 8, 9, *PATTERN[:13]]
 
 
-def test_answers_reuse_the_windows_keys_and_values_until_the_weights_change(engine, monkeypatch):
-    s = make_session(engine, memory="balanced")  # answers read the most surprising spans kept, then the window
-    s.config.recall.exact_select = "surprise"
-    s.append_tokens(PATTERN[:48])
-    train_all(s)
-    prompt_tokens = len(chat_prompt(engine.base.tokenizer, MSGS))
-    prefilled = []  # tokens each pass over the layers with a cache runs over, but for single decoded tokens
+def prefills(engine, monkeypatch) -> list[int]:
+    """A list that records the tokens of each pass over the layers with a cache, but for single decoded tokens."""
+    prefilled = []
     run_layers = type(engine.base.model).run_layers
 
     def spy(model, h, start, end, adapters=None, cache=None):
@@ -572,6 +568,16 @@ def test_answers_reuse_the_windows_keys_and_values_until_the_weights_change(engi
         return run_layers(model, h, start, end, adapters, cache)
 
     monkeypatch.setattr(type(engine.base.model), "run_layers", spy)
+    return prefilled
+
+
+def test_answers_reuse_the_windows_keys_and_values_until_the_weights_change(engine, monkeypatch):
+    s = make_session(engine, memory="balanced")  # answers read the most surprising spans kept, then the window
+    s.config.recall.exact_select = "surprise"
+    s.append_tokens(PATTERN[:48])
+    train_all(s)
+    prompt_tokens = len(chat_prompt(engine.base.tokenizer, MSGS))
+    prefilled = prefills(engine, monkeypatch)
     params = ttt.SamplingParams(max_tokens=6)
     # The same answer as prefilling window + prompt in one forward (no cache): same weights, same tokens.
     assert len(s.answer_prefix()) > len(s.recent_tokens())
@@ -610,15 +616,7 @@ def test_a_session_asked_while_it_reads_has_the_next_prefix_built_ahead(engine, 
     train_all(s)
     assert not s.talked_to and not s.warm_prefix() and s._answer_prefix is None  # never asked: nothing built
     prompt_tokens = len(chat_prompt(engine.base.tokenizer, MSGS))
-    prefilled = []  # tokens of each pass over the layers with a cache, but for single decoded tokens
-    run_layers = type(engine.base.model).run_layers
-
-    def spy(model, h, start, end, adapters=None, cache=None):
-        if cache is not None and h.shape[1] > 1:
-            prefilled.append(h.shape[1])
-        return run_layers(model, h, start, end, adapters, cache)
-
-    monkeypatch.setattr(type(engine.base.model), "run_layers", spy)
+    prefilled = prefills(engine, monkeypatch)
     params = ttt.SamplingParams(max_tokens=6)
     s.generate(MSGS, max_tokens=6)  # asked: the prefix is built for the question (window, then prompt)
     assert s.talked_to and prefilled == [len(s.recent_tokens()), prompt_tokens]
