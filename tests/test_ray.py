@@ -124,12 +124,18 @@ def test_replica_killed_mid_ingest_resumes_on_another(cluster, tokenizer):
     sid = "killed"
     text = ("In the beginning God created the heaven and the earth. " * 120).encode()
     folder = as_folder(settings.store).child("local").child(sid)
-    checkpointed = threading.Event()
+    checkpointed, killed = threading.Event(), threading.Event()
+    half = len(text) // 240 * 120
 
     def slowly():
         for start in range(0, len(text), 120):
-            if folder.exists("LATEST"):
-                checkpointed.set()
+            if start == half:  # the rest waits for a checkpoint, then for the kill: the replica dies mid-stream
+                deadline = time.monotonic() + 120
+                while not folder.exists("LATEST") and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if folder.exists("LATEST"):
+                    checkpointed.set()
+                killed.wait(120)
             yield text[start : start + 120]
             time.sleep(0.05)
 
@@ -147,6 +153,7 @@ def test_replica_killed_mid_ingest_resumes_on_another(cluster, tokenizer):
     assert checkpointed.wait(120), "no autosave came"
     holder, fence = owner(settings, sid)
     ray.kill(ray.get_actor(_replica_actor(holder), namespace="serve"), no_restart=False)
+    killed.set()
     reader.join(120)
     assert errors and errors[0].code.name in ("UNAVAILABLE", "CANCELLED", "INTERNAL", "UNKNOWN"), errors
 
