@@ -141,6 +141,11 @@ def ingest_worker(args, sid: str, data: bytes, deadline: float, tally: Tally, po
                 tally.streams += 1
 
 
+def http_headers(args) -> dict[str, str]:
+    """The HTTP requests' headers: the API key, when there is one."""
+    return {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
 def timed_chat(http, sid: str, content: str, max_tokens: int, due: float | None = None) -> tuple[float, float, int]:
     """One streamed chat: (seconds to the first content, seconds to the end, completion tokens), counted from
     ``due`` (a ``time.perf_counter`` time; default: now)."""
@@ -196,7 +201,7 @@ def chat_worker(
     sent when due (or as soon as this worker is free)."""
     import httpx
 
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = http_headers(args)
     count = 0
     with httpx.Client(base_url=args.server_http, headers=headers, timeout=args.request_timeout) as http:
         while time.monotonic() < deadline and count < args.max_requests:
@@ -228,7 +233,7 @@ def idle_ttfts(args, sids: list[str]) -> list[float]:
     window's keys/values are then cached, as they mostly are under load)."""
     import httpx
 
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = http_headers(args)
     with httpx.Client(base_url=args.server_http, headers=headers, timeout=args.request_timeout) as http:
         for sid in sids:
             timed_chat(http, sid, "Who went out of Egypt?", args.max_tokens)
@@ -243,8 +248,7 @@ def server_ttft(args) -> tuple[float, float]:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    text = httpx.get(f"{args.server_http}/metrics", headers=headers, timeout=args.request_timeout).text
+    text = httpx.get(f"{args.server_http}/metrics", headers=http_headers(args), timeout=args.request_timeout).text
     samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
     return samples.get("ttt_time_to_first_token_seconds_sum", 0.0), samples.get(
         "ttt_time_to_first_token_seconds_count", 0.0
@@ -370,7 +374,7 @@ def answers_run(args) -> dict:
     book = BOOK.read_bytes()
     n, run_id = args.answers, uuid.uuid4().hex[:8]
     sids = [f"answers-{run_id}-{i}" for i in range(n)]
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = http_headers(args)
     question = "Retell what you have read."
     with (
         TTTClient(args.server_grpc, args.api_key, timeout=args.request_timeout) as client,
