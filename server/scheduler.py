@@ -2,9 +2,9 @@
 
 Two kinds of work:
 * A *unit* is a short call (train one chunk, load or save a session). Units of one session run in the
-  order they were submitted. Users take turns unit by unit (round robin), and so do each user's
-  sessions, so a long ingest yields the device at every chunk boundary and one user's many sessions
-  weigh no more than another user's one.
+  order they were submitted (but for ``submit_next``'s, which go before every waiting unit). Users take
+  turns unit by unit (round robin), and so do each user's sessions, so a long ingest yields the device at
+  every chunk boundary and one user's many sessions weigh no more than another user's one.
 * An *answer* is one chat or completion request: one or more rows (``ttt.generate.TokenStream``) made on the
   worker when the request is admitted (so each sees one version of its session's weights) and decoded in
   the ``ttt.decode.DecodeBatch``: every step advances every admitted row by one token in one forward.
@@ -168,6 +168,12 @@ class Scheduler:
         """Queue ``fn(*args)`` behind the session ``key``'s earlier units; returns its Future."""
         return self._queue(key, Unit(fn, args, Future()))
 
+    def submit_next(self, key: Hashable, fn: Callable, *args) -> Future:
+        """Queue ``fn(*args)`` as the next unit to run, ahead of every waiting unit, session ``key``'s own included
+        (answers still go first; ``key`` then has had its turn). Only for short units whose order against the
+        session's others does not matter, that prepare for a question that may come soon (``warm_prefix``)."""
+        return self._queue(key, Unit(fn, args, Future()), first=True)
+
     def submit_batchable(self, key: Hashable, batch: BatchFn, item: Any) -> Future:
         """Queue ``batch([item, ...])[i]``: may run in one call with other sessions' items for ``batch``."""
         return self._queue(key, Unit(batch, (item,), Future(), batchable=True))
@@ -208,10 +214,17 @@ class Scheduler:
         if not self._per_owner[owner(key)]:
             del self._per_owner[owner(key)]
 
-    def _queue(self, key: Hashable, unit: Unit) -> Future:
+    def _queue(self, key: Hashable, unit: Unit, first: bool = False) -> Future:
         with self._cond:
             self._admit_check(key)
-            self._users.setdefault(owner(key), OrderedDict()).setdefault(key, deque()).append(unit)
+            keys = self._users.setdefault(owner(key), OrderedDict())
+            queue = keys.setdefault(key, deque())
+            if first:
+                queue.appendleft(unit)
+                self._users.move_to_end(owner(key), last=False)
+                keys.move_to_end(key, last=False)
+            else:
+                queue.append(unit)
             self._count(key, +1)
             self._cond.notify()
         return unit.future

@@ -414,6 +414,24 @@ def test_users_take_turns_before_their_sessions_do(scheduler):
     assert order == ["a1", "b1", "a2", "b1", "a1", "a2"]
 
 
+def test_a_unit_submitted_next_runs_before_every_waiting_unit(scheduler):
+    order = []
+    release = gated(scheduler)
+    futures = [
+        scheduler.submit(("alice", "s1"), order.append, "a1"),
+        scheduler.submit(("bob", "s1"), order.append, "b1"),
+        scheduler.submit(("carol", "s1"), order.append, "c1"),
+        scheduler.submit(("carol", "s1"), order.append, "c1 again"),
+        scheduler.submit(("carol", "s2"), order.append, "c2"),
+    ]
+    futures.append(scheduler.submit_next(("carol", "s1"), order.append, "c1 next"))
+    release()
+    for f in futures:
+        f.result(TIMEOUT)
+    # then the line as it was, carol and her s1 having had their turns
+    assert order == ["c1 next", "a1", "b1", "c2", "c1", "c1 again"], order
+
+
 def test_answer_requests_count_against_the_users_queue_limit():
     s = Scheduler(max_queue_per_user=2, answers=FakeBatch(max_rows=4))
     try:
