@@ -74,12 +74,17 @@ def test_notes_are_the_kept_spans_that_share_the_rarest_words_with_the_question(
     scores = {1: 1.0, 2: 1.0, 3: 3.0, 4: 2.0}
     memory.add([Span([i] * 4, scores[i], 10 * i) for i in texts])  # token i stands for sentence i (decode below)
     decode = lambda tokens: texts[tokens[0]]
-    # "violet" and "code" are in one span, "crane" in all four: the violet one comes first, then those that share
-    # only "crane", the most surprising first, as the budget allows; read in document order
+    # "violet" and "code" are in one span, "crane" in all four: those sharing only "crane" are less than half as
+    # related as the violet one, so it is read alone
     asked = "What is the code of the violet crane?"
     assert memory.notes(asked, 100, 4, decode) == [1] * 4
-    assert memory.notes(asked, 100, 8, decode) == [1] * 4 + [3] * 4
-    assert memory.notes(asked, 100, 16, decode) == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
+    assert memory.notes(asked, 100, 16, decode) == [1] * 4
+    # "river" in 2, 3 and 4 (each also "crane"), 1 only "crane": as related, the most surprising first, as the
+    # budget allows; read in document order
+    river = "Why was the crane at the river?"
+    assert memory.notes(river, 100, 4, decode) == [3] * 4
+    assert memory.notes(river, 100, 8, decode) == [3] * 4 + [4] * 4
+    assert memory.notes(river, 100, 16, decode) == [2] * 4 + [3] * 4 + [4] * 4
     # Tilney's span, then one hop further: the spans sharing its other words ("river" and "crane": 2 and 3; 1
     # shares only "crane", less than half as related)
     assert memory.notes("Who walked with Mr. Tilney?", 100, 16, decode) == [2] * 4 + [3] * 4 + [4] * 4
