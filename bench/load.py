@@ -243,16 +243,24 @@ def idle_ttfts(args, sids: list[str]) -> list[float]:
         ]
 
 
-def server_ttft(args) -> tuple[float, float]:
-    """The server's ``ttt_time_to_first_token_seconds`` (sum, count) so far: queued for the device to first token."""
+SERVER_COUNTS = {  # the server's metrics bench.load reports (differences over the run): name -> (sample, labels)
+    "ttft_sum": ("ttt_time_to_first_token_seconds_sum", {}),  # queued for the device to first token
+    "ttft_count": ("ttt_time_to_first_token_seconds_count", {}),
+    **{f"prefix_{found}": ("ttt_answer_prefixes_total", {"found": found}) for found in ("ready", "extended", "built")},
+}
+
+
+def server_counts(args) -> dict[str, float]:
+    """The ``SERVER_COUNTS`` so far, from the server's /metrics."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{args.server_http}/metrics", headers=http_headers(args), timeout=args.request_timeout).text
-    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
-    return samples.get("ttt_time_to_first_token_seconds_sum", 0.0), samples.get(
-        "ttt_time_to_first_token_seconds_count", 0.0
-    )
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    return {
+        key: sum(s.value for s in samples if s.name == name and s.labels == labels)
+        for key, (name, labels) in SERVER_COUNTS.items()
+    }
 
 
 def _ms(values: list[float], q: float) -> float | None:
@@ -278,7 +286,7 @@ def run(args) -> dict:
                 pass
         before = {sid: client.get_session(sid) for sid in sids}
         idle = idle_ttfts(args, sids)
-        server_before = server_ttft(args)
+        server_before = server_counts(args)
 
         started = time.monotonic()
         deadline = started + args.seconds
@@ -313,7 +321,7 @@ def run(args) -> dict:
         for name in stuck:
             tally.error(f"{name}: still running after the deadline plus the request timeout")
 
-        server_sum, server_count = (a - b for a, b in zip(server_ttft(args), server_before, strict=True))
+        server = {key: value - server_before[key] for key, value in server_counts(args).items()}
         after = {}
         for sid in sids:
             try:
@@ -354,7 +362,11 @@ def run(args) -> dict:
         "ttft_p99_ms": _ms(ttft, 0.99),
         "ttft_mean_ms": round(statistics.fmean(ttft) * 1000, 1) if ttft else None,
         # the server's part: queued for the device to first token made (not the HTTP side, nor the client's wait)
-        "server_ttft_mean_ms": round(server_sum / server_count * 1000, 1) if server_count else None,
+        "server_ttft_mean_ms": round(server["ttft_sum"] / server["ttft_count"] * 1000, 1)
+        if server["ttft_count"]
+        else None,
+        # how the answers found their window's keys/values: built = a prefill of the whole window in the wait
+        **{f"answer_prefixes_{found}": int(server[f"prefix_{found}"]) for found in ("ready", "extended", "built")},
         "warm_bytes": warm,
         "idle_ttft_p50_ms": _ms(idle, 0.50),
         "idle_ttft_p99_ms": _ms(idle, 0.99),
@@ -444,6 +456,10 @@ def _print(result: dict) -> None:
         f"p50 {result['idle_ttft_p50_ms']} ms, p99 {result['idle_ttft_p99_ms']} ms "
         f"(x{result.get('ttft_p50_vs_idle')}, x{result.get('ttft_p99_vs_idle')}); mean {result['ttft_mean_ms']} ms, "
         f"of which queued for the device to first token {result['server_ttft_mean_ms']} ms (the server's metric)"
+    )
+    print(
+        f"answers' window:   keys/values ready {result['answer_prefixes_ready']}, extended "
+        f"{result['answer_prefixes_extended']}, built {result['answer_prefixes_built']} (the server's metric)"
     )
     print(json.dumps({k: v for k, v in result.items() if k != "error_samples"}), flush=True)
 

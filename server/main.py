@@ -110,6 +110,7 @@ class Server:
             prefill_chunk=s.prefill_chunk_tokens,
         )
         self.state.metrics.watch_answers(answers)
+        self.state.metrics.watch_prefixes(engine.answer_prefixes)
         self.state.scheduler.answers = answers  # before the doors say ready: no answer is queued until then
         limits = Limits(
             s.max_sessions_per_user,

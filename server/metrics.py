@@ -9,7 +9,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TOKENS_PER_SECOND_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -31,6 +31,24 @@ class ResidencyCollector:
             sessions.add_metric([tier], n)
             nbytes.add_metric([tier], b)
         yield from (sessions, nbytes)
+
+
+class AnswerPrefixCollector:
+    """How answers found their window's keys/values (``ttt.Engine.answer_prefixes``), read at each scrape."""
+
+    def __init__(self, counts):
+        self.counts = counts  # {"ready" | "extended" | "built": answers}, kept up to date by the engine
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "ttt_answer_prefixes",
+            "Answers by how they found their window's keys/values: ready (kept up to date ahead of the question), "
+            "extended (by tokens read since) or built (the weights changed: a prefill of the whole window)",
+            labels=["found"],
+        )
+        for found in ("ready", "extended", "built"):
+            family.add_metric([found], self.counts.get(found, 0))
+        yield family
 
 
 class Metrics:
@@ -82,6 +100,10 @@ class Metrics:
         Gauge("ttt_answer_pool_budget_bytes", "The answer pool's budget (TTT_ANSWER_KV_BYTES)", registry=r).set(
             batch.pool.budget or 0
         )
+
+    def watch_prefixes(self, counts) -> None:
+        """Serve ``counts`` (``ttt.Engine.answer_prefixes``) as ttt_answer_prefixes_total."""
+        self.registry.register(AnswerPrefixCollector(counts))
 
     def move(self, source: str, target: str) -> None:
         self.moves.labels(source, target).inc()

@@ -260,6 +260,8 @@ def test_load_bench_short(tiny_model_dir, tmp_path, one_thread):
     assert result["ttft_p50_vs_idle"] > 0
     # the server's part of each chat's wait (queued to first token) lies within what its client waited
     assert 0 < result["server_ttft_mean_ms"] <= result["ttft_mean_ms"], result
+    # each answer found its window's keys/values one way (the sessions read before the run: none is empty)
+    assert sum(result[f"answer_prefixes_{f}"] for f in ("ready", "extended", "built")) == result["chat_count"], result
     assert open_loop["errors"] == 0 and open_loop["tokens_received"] == open_loop["tokens_held"], open_loop
     assert open_loop["chat_rate"] == 3 and open_loop["chat_count"] > 0 and open_loop["ttft_p50_ms"] > 0
     assert together["answers"] == 3 and together["together_tokens"] > 0 and together["together_vs_alone"] > 0

@@ -618,8 +618,10 @@ def test_a_session_asked_while_it_reads_has_the_next_prefix_built_ahead(engine, 
     prompt_tokens = len(chat_prompt(engine.base.tokenizer, MSGS))
     prefilled = prefills(engine, monkeypatch)
     params = ttt.SamplingParams(max_tokens=6)
+    found = engine.answer_prefixes.copy()
     s.generate(MSGS, max_tokens=6)  # asked: the prefix is built for the question (window, then prompt)
     assert s.talked_to and prefilled == [len(s.recent_tokens()), prompt_tokens]
+    assert engine.answer_prefixes - found == {"built": 1}
     s.append_tokens(PATTERN[16:32])
     train_all(s)
     prefilled.clear()
@@ -629,8 +631,10 @@ def test_a_session_asked_while_it_reads_has_the_next_prefix_built_ahead(engine, 
     prefilled.clear()
     assert s.warm_prefix() and prefilled == [5]
     prefilled.clear()
+    found = engine.answer_prefixes.copy()
     ahead = s.generate(MSGS, max_tokens=6)
     assert prefilled == [prompt_tokens]  # the question prefills only its prompt
+    assert engine.answer_prefixes - found == {"ready": 1}
     assert ahead.text == engine.answer(MSGS, params, s.fast, s.answer_prefix(), stream=False).text
     s.append_tokens(PATTERN[32:43])
     train_all(s)

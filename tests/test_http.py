@@ -1026,6 +1026,8 @@ def test_metrics(api, open_server, tokenizer):
     assert delta("ttt_ingest_tokens_per_second_count") == summary["chunks_trained"]
     assert delta("ttt_decode_tokens_per_second_count") == 1 and delta("ttt_tokens_generated_total") > 0
     assert delta("ttt_time_to_first_token_seconds_count") == 1 and delta("ttt_time_to_first_token_seconds_sum") > 0
+    # the session was never asked before: its window's keys/values were built for the question
+    assert [delta("ttt_answer_prefixes_total", found=f) for f in ("ready", "extended", "built")] == [0, 0, 1]
     assert delta("ttt_errors_total", api="http", status="404") == 1
     assert delta("ttt_errors_total", api="http", status="400") == 1
     assert delta("ttt_requests_total", api="http", method="GET /v1/sessions/{session_id}", status="404") == 1

@@ -123,27 +123,32 @@ class Answering:
             # A snapshot (a few MB): the answer stays consistent even if an ingest runs meanwhile.
             fast = copy.deepcopy(self.fast).requires_grad_(False)
             prefix = self._before_prompt()
-            cache = self._prefix_cache(prefix)
+            cache, found = self._prefix_cache(prefix)
+            if cache is not None:
+                self.engine.answer_prefixes[found] += 1
             # the notes come out of the window's room, never the prompt's or the answer's
             notes = self.notes(query, self.engine.base.cfg.max_position_embeddings - params.max_tokens - len(ids))
         return self.engine.answer(notes + ids, params, fast, prefix, stream, cache, echo)
 
-    def _prefix_cache(self, prefix: list[int], read: bool = True) -> PrefixCache | None:
+    def _prefix_cache(self, prefix: list[int], read: bool = True) -> tuple[PrefixCache | None, str]:
         """The answer prefix's keys/values under the current weights: computed at the first answer after the
         weights changed (``weights_version``) or ahead of it (``warm_prefix``), extended by the tokens read since
         (the window grows between trained chunks), reused as it is otherwise. ``read``: an answer reads them.
+        Returns them and how they were found: "ready", "extended" or "built" (None, "" for an empty prefix).
         Call with the lock held."""
         if not prefix:
-            return None
+            return None, ""
         model, held = self.engine.base.model, self._answer_prefix
         cache = held.cache if held is not None else PrefixCache([], [], [])
         n = len(cache.tokens)
         if held is None or held.weights_version != self.weights_version or not n or prefix[:n] != cache.tokens:
-            cache = PrefixCache.build(model, self.fast, prefix)
+            cache, found = PrefixCache.build(model, self.fast, prefix), "built"
         elif len(prefix) > n:
-            cache = cache.extended(model, self.fast, prefix[n:])
+            cache, found = cache.extended(model, self.fast, prefix[n:]), "extended"
+        else:
+            found = "ready"
         self._answer_prefix = HeldPrefix(self.weights_version, cache, read)
-        return cache
+        return cache, found
 
     @property
     def talked_to(self) -> bool:
@@ -166,7 +171,7 @@ class Answering:
             current = held.weights_version == self.weights_version
             if current and held.cache.tokens == prefix:
                 return False
-            if self._prefix_cache(prefix, read=current and held.read) is None:
+            if self._prefix_cache(prefix, read=current and held.read)[0] is None:
                 self._answer_prefix = None  # nothing to read before a prompt (an empty window)
             return True
 

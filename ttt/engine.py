@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 from .answers import Generation
@@ -30,6 +31,10 @@ class Engine:
     def __init__(self, base: BaseModel):
         self.base = base
         self._stop_ids = stop_token_ids(base.tokenizer, base.path)
+        # how every session's answers found their window's keys/values: "ready" (kept up to date ahead of the
+        # question, or unchanged), "extended" (by tokens read since), "built" (the weights changed): what a
+        # question waits for under ingest (served as /metrics ttt_answer_prefixes_total)
+        self.answer_prefixes: Counter[str] = Counter()
 
     def create_session(self, config: SessionConfig | dict | None = None, session_id: str | None = None) -> Session:
         """A new session with fresh fast weights. ``config`` is a SessionConfig or a partial dict of one."""
