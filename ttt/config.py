@@ -164,7 +164,7 @@ class RecallConfig:
     """What a session keeps so that it can answer about what left its window (``memory.py``, ``study.py``)."""
 
     exact_tokens: int = setting(
-        512,
+        128,
         "tokens of kept spans read verbatim by every answer (exact_select says which and where; 0: none)",
         ge=0,
         le=1 << 16,
@@ -252,9 +252,13 @@ PRESETS: dict[str, dict[str, dict]] = {
     # of "off" (the weights learn only the text) and the needles of "balanced" (the exact spans read them back)
     "fast": {},
     # the fast weights learn the kept spans too (a second step per chunk, rehearsal), so they alone recall more,
-    # at half the ingest speed and a perplexity no better than the window's; both keep the smaller pool they were
-    # measured with (rehearsal draws its older spans from the pool: a larger one rehearses each less often)
-    "balanced": {"ingest": {"steps_per_chunk": 2, "lr": 1.5e-3}, "recall": {"replay_steps": 1, **REHEARSED_POOL}},
+    # at half the ingest speed and a perplexity no better than the window's; both keep the smaller pool and the
+    # notes they were measured with (rehearsal draws its older spans from the pool: a larger one rehearses each
+    # less often)
+    "balanced": {
+        "ingest": {"steps_per_chunk": 2, "lr": 1.5e-3},
+        "recall": {"replay_steps": 1, **REHEARSED_POOL, "exact_tokens": 512},
+    },
     "deep": {
         "ingest": {"steps_per_chunk": 2},
         "recall": {**REHEARSED_POOL, "exact_tokens": 1024, "pool_tokens": 4096, "replay_spans": 16, "replay_steps": 2},
