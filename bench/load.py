@@ -243,10 +243,11 @@ def idle_ttfts(args, sids: list[str]) -> list[float]:
         ]
 
 
+PREFIX_FOUND = ("ready", "extended", "built")  # ttt_answer_prefixes_total's labels (server/metrics.py)
 SERVER_COUNTS = {  # the server's metrics bench.load reports (differences over the run): name -> (sample, labels)
     "ttft_sum": ("ttt_time_to_first_token_seconds_sum", {}),  # queued for the device to first token
     "ttft_count": ("ttt_time_to_first_token_seconds_count", {}),
-    **{f"prefix_{found}": ("ttt_answer_prefixes_total", {"found": found}) for found in ("ready", "extended", "built")},
+    **{f"prefix_{found}": ("ttt_answer_prefixes_total", {"found": found}) for found in PREFIX_FOUND},
 }
 
 
@@ -366,7 +367,7 @@ def run(args) -> dict:
         if server["ttft_count"]
         else None,
         # how the answers found their window's keys/values: built = a prefill of the whole window in the wait
-        **{f"answer_prefixes_{found}": int(server[f"prefix_{found}"]) for found in ("ready", "extended", "built")},
+        **{f"answer_prefixes_{found}": int(server[f"prefix_{found}"]) for found in PREFIX_FOUND},
         "warm_bytes": warm,
         "idle_ttft_p50_ms": _ms(idle, 0.50),
         "idle_ttft_p99_ms": _ms(idle, 0.99),
@@ -457,10 +458,8 @@ def _print(result: dict) -> None:
         f"(x{result.get('ttft_p50_vs_idle')}, x{result.get('ttft_p99_vs_idle')}); mean {result['ttft_mean_ms']} ms, "
         f"of which queued for the device to first token {result['server_ttft_mean_ms']} ms (the server's metric)"
     )
-    print(
-        f"answers' window:   keys/values ready {result['answer_prefixes_ready']}, extended "
-        f"{result['answer_prefixes_extended']}, built {result['answer_prefixes_built']} (the server's metric)"
-    )
+    found = ", ".join(f"{how} {result[f'answer_prefixes_{how}']}" for how in PREFIX_FOUND)
+    print(f"answers' window:   keys/values {found} (the server's metric)")
     print(json.dumps({k: v for k, v in result.items() if k != "error_samples"}), flush=True)
 
 
