@@ -14,12 +14,16 @@ Two kinds of work:
 Chat ahead of ingest: while answers are being decoded and units wait, a unit starts only if, with what the
 next unit is expected to take (the running mean of the last units'), units' share of the device time (since
 both kinds last started to compete; what one long unit took beyond its share counts at most
-SHARE_DEBT_SECONDS) stays within ``unit_share``. So an answer that arrives while only units ran goes first
-(it waits at most for the unit in flight), answers then wait at most one unit between their tokens, and ingest
-never starves; and batchable units then batch at most ``max_batch_answering`` sessions, so that the unit an
-answer waits for is one chunk, not eight. A batch is also no longer than ``max_unit_seconds`` is expected to
-allow (by the running mean of its function's seconds per item; at least one item), whether answers run or not:
-the next answer to arrive waits for it.
+SHARE_DEBT_SECONDS) stays within ``unit_share``. So an answer that arrives while only units ran goes first,
+answers then wait at most one unit between their tokens, and ingest never starves. While answers wait or
+decode, batchable units batch at most ``max_batch_answering`` sessions; a batch is also no longer than
+``max_unit_seconds`` is expected to allow (by the running mean of its function's seconds per item; at least one
+item), whether answers run or not.
+
+Pause points: a batchable unit (chunks in training) reaches one before each layer's forward and backward
+(``ttt.pause``). There the worker runs answer steps while answers are owed their share, so an answer that
+arrives meanwhile waits for a layer, not for the chunks. Requests of the unit's own sessions are not admitted
+at its pause points (their weights, window and lock are the unit's until it ends): they wait for its end.
 
 A *batchable* unit (``submit_batchable``) names a function that runs several sessions' units of its
 kind in one call (``ttt.session.train_sessions``: one forward and backward for many sessions' chunks).
@@ -35,10 +39,12 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from server.errors import QueueFull, ShuttingDown
+from ttt.pause import pausing
 
 log = logging.getLogger("ttt.server.scheduler")
 SHARE_DEBT_SECONDS = 5.0  # units' device time past their share counts at most this much
@@ -138,6 +144,9 @@ class Scheduler:
         self._answered = -ANSWER_GRACE_SECONDS  # when the last answer step ran
         self._units_done = -ANSWER_GRACE_SECONDS  # when the last unit ended
         self._waiting = 0
+        self._in_flight: set[Hashable] = set()  # the keys of the unit(s) running
+        self._mark = 0.0  # since when the device's time counts for the kind of work running
+        self._unit_own = 0.0  # the running unit's seconds so far, without the answer steps at its pause points
         self._cond = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="ttt-device", daemon=True)
@@ -160,9 +169,9 @@ class Scheduler:
         return len(self._active)
 
     def waiting(self, key: Hashable) -> bool:
-        """Units of session ``key`` are queued."""
+        """Units of session ``key`` are queued or running (it must stay where it is)."""
         with self._cond:
-            return key in self._users.get(owner(key), ())
+            return key in self._users.get(owner(key), ()) or key in self._in_flight
 
     def submit(self, key: Hashable, fn: Callable, *args) -> Future:
         """Queue ``fn(*args)`` behind the session ``key``'s earlier units; returns its Future."""
@@ -251,6 +260,7 @@ class Scheduler:
         """The next unit (and the batchable units that join it). Call with the lock held."""
         first = next(iter(next(iter(self._users.values()))))  # the user, then their session, that waited longest
         units = [self._pop_front(first)]
+        self._in_flight = {first}
         # while answers wait or decode (or did a moment ago: their clients ask again), a batch is as long as its
         # slowest part times its size: keep it short
         answering = self._active or self._requests or self.clock() - self._answered < ANSWER_GRACE_SECONDS
@@ -267,6 +277,7 @@ class Scheduler:
                 front = self._users[owner(key)][key][0]
                 if front.batchable and front.fn is units[0].fn:
                     units.append(self._pop_front(key))
+                    self._in_flight.add(key)
         return units
 
     def _pick(self) -> str | None:
@@ -291,26 +302,50 @@ class Scheduler:
                         return
                     self._cond.wait()
                 units = self._take_units() if kind == "units" else []
-            started = self.clock()
+                self._mark, self._unit_own = self.clock(), 0.0
             if kind == "units":
                 units = self._run_units(units)
             else:
-                try:
-                    self._answer_step()
-                except Exception as e:  # a failed step fails every answer in the batch; the batch starts empty
-                    log.exception("decode step failed")
-                    self._fail_answers(e)
+                self._answer_step()
             with self._cond:
-                spent, seconds = self._spent, self.clock() - started
-                spent[kind] += seconds
+                self._charge(kind)
+                self._in_flight = set()
                 if kind == "units":
                     self._units_done = self.clock()
                     if units:
-                        self._learn(units, seconds)
-                # units' time beyond their share, capped: one long unit keeps units out for a while, not for
-                # (1 - share) / share times its length
-                fair = spent["answers"] * self.unit_share / (1 - self.unit_share)
-                spent["units"] = min(spent["units"], fair + SHARE_DEBT_SECONDS)
+                        self._learn(units, self._unit_own)
+
+    def _charge(self, kind: str) -> None:
+        """The device's time since ``_mark`` goes to ``kind``. Call with the lock held."""
+        now = self.clock()
+        seconds, self._mark = now - self._mark, now
+        spent = self._spent
+        spent[kind] += seconds
+        if kind == "units":
+            self._unit_own += seconds
+        # units' time beyond their share, capped: one long unit keeps units out for a while, not for
+        # (1 - share) / share times its length
+        fair = spent["answers"] * self.unit_share / (1 - self.unit_share)
+        spent["units"] = min(spent["units"], fair + SHARE_DEBT_SECONDS)
+
+    def _pause(self) -> None:
+        """At a pause point of the batchable unit in flight (``ttt.pause``): answer steps while answers are owed
+        their share of the device. Requests of the unit's own sessions are not admitted (their weights, window
+        and lock are the unit's until it ends): they wait for its end."""
+        while True:
+            with self._cond:
+                self._charge("units")
+                owed = (
+                    bool(self._active or self._requests)
+                    and (1 - self.unit_share) * self._spent["units"] > self.unit_share * self._spent["answers"]
+                )
+            if not owed:
+                return
+            stepped = self._answer_step(busy=self._in_flight)
+            with self._cond:
+                self._charge("answers")
+            if not stepped:
+                return
 
     def _run_units(self, units: list[Unit]) -> list[Unit]:
         """Run ``units`` (one call for a batch), settle their futures; returns those that ran (not cancelled)."""
@@ -320,7 +355,9 @@ class Scheduler:
         try:
             if units[0].batchable:
                 self.on_batch(len(units))
-                results = units[0].fn([u.args[0] for u in units])
+                # answers decode at the batch's pause points (the chunks' layers): they wait for a layer, not a chunk
+                with pausing(self._pause) if self.answers is not None else nullcontext():
+                    results = units[0].fn([u.args[0] for u in units])
             else:
                 results = [units[0].fn(*units[0].args)]
         except BaseException as e:  # delivered to the waiting handlers
@@ -340,13 +377,24 @@ class Scheduler:
 
     # ---- answers ----
 
-    def _answer_step(self) -> None:
-        """Admit what fits, advance every row by one token, hand out what changed, end what finished."""
+    def _answer_step(self, busy: set[Hashable] = frozenset()) -> bool:
+        """Admit what fits (not requests of the ``busy`` sessions), advance every row by one token, hand out what
+        changed, end what finished. False: there was no row to advance. A failed step fails every answer in
+        the batch; the batch starts empty."""
+        try:
+            return self._try_answer_step(busy)
+        except Exception as e:
+            log.exception("decode step failed")
+            self._fail_answers(e)
+            return True
+
+    def _try_answer_step(self, busy: set[Hashable]) -> bool:
         batch = self.answers
         for request in [r for r in self._active if r.gone]:
             self._end(request)
-        self._admit()
-        changed = batch.step() if len(batch) else []
+        self._admit(busy)
+        stepped = len(batch) > 0
+        changed = batch.step() if stepped else []
         self.on_answer_step(len(batch))
         self._answered = self.clock()
         rows = {id(row): (request, i) for request in self._active for i, row in enumerate(request.rows)}
@@ -361,6 +409,7 @@ class Scheduler:
             self._end(request, error)
         for request in [r for r in self._active if all(row.finish_reason is not None for row in r.rows)]:
             self._end(request)
+        return stepped
 
     def _fail_answers(self, error: Exception) -> None:
         """Every admitted request ends with ``error``; the batch is emptied (its state is not trusted)."""
@@ -380,17 +429,18 @@ class Scheduler:
         else:
             request.future.set_result(request.rows)
 
-    def _admit(self) -> None:
+    def _admit(self, busy: set[Hashable]) -> None:
         """Requests join in turn between users while the batch has room. A request's rows are made once, when
         it first reaches the front (each then sees one version of its session); one that does not fit yet
-        waits there, with every request behind it, so that a large request is not overtaken forever."""
+        waits there, with every request behind it, so that a large request is not overtaken forever. A user
+        whose front request is for a ``busy`` session is passed over (its requests keep their places)."""
         self._forget_cancelled()
         while True:
             with self._cond:
-                if not self._requests:
+                user = next((u for u, line in self._requests.items() if line[0].key not in busy), None)
+                if user is None:
                     return
-                user, line = next(iter(self._requests.items()))
-                request = line[0]
+                request = self._requests[user][0]
             if request.future.cancelled():  # its client left while it waited
                 self._unqueue(user)
                 continue

@@ -19,6 +19,8 @@ import torch
 import kernels.multi_lora
 import ttt
 import ttt.batch
+import ttt.ingest
+import ttt.pause
 from ttt.session import train_sessions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -175,3 +177,63 @@ def test_a_session_twice_is_refused(engine):
     s = engine.create_session(config())
     with pytest.raises(ValueError, match="one chunk per batch"):
         train_sessions([s, s])
+
+
+def test_cuts_give_the_gradients_of_one_backward():
+    """A graph cut in three pieces: the same gradients as one backward, a pause point before each piece's."""
+    torch.manual_seed(0)
+    w = [torch.randn(5, 5, requires_grad=True) for _ in range(3)]
+    x = torch.randn(4, 5)
+
+    def loss(cuts):
+        h = x
+        for wi in w:
+            h = torch.tanh((cuts.cut(h) if cuts else h) @ wi)
+        return (h**2).sum()
+
+    loss(None).backward()
+    want = [wi.grad.clone() for wi in w]
+    for wi in w:
+        wi.grad = None
+    pauses = []
+    cuts = ttt.pause.Cuts()
+    with ttt.pause.pausing(lambda: pauses.append(sum(wi.grad is not None for wi in w))):
+        cuts.backward(loss(cuts))
+    for got, expected in zip([wi.grad for wi in w], want, strict=True):
+        torch.testing.assert_close(got, expected)
+    assert pauses == [1, 2]  # the first piece (x @ w[0]) needs no gradient below it: no cut there
+
+
+def test_pause_points_leave_training_unchanged(engine, monkeypatch):
+    """Chunks trained with a pause handler (where the server decodes answers) get the same reports and weights
+    as without one, to rounding; the handler runs before each layer's forward and backward and between pieces
+    of the loss; another session's answer decoded at the pause points is the one it gives alone."""
+    monkeypatch.setattr(ttt.ingest, "PAUSE_LOGITS", 4 * VOCAB)  # the loss of 16 tokens in pieces of 4
+    configs = [config(0, steps_per_chunk=2), config(1, lr=3e-2)]
+    plain, paused = twins(engine, configs, [50, 50])
+    other = engine.create_session(config(5))
+    other.append_tokens(rand_ids(40, seed=9))
+    other.end_document()
+    other.train_next_chunk()
+    msgs = [{"role": "user", "content": "What did you read?"}]
+    alone = other.generate(msgs, max_tokens=6, temperature=0).text
+    pauses, answers = [], []
+
+    def handler():
+        pauses.append(torch.is_grad_enabled())
+        if len(pauses) % 9 == 0:
+            answers.append(other.generate(msgs, max_tokens=6, temperature=0).text)
+
+    for _ in range(3):
+        want = [s.train_next_chunk() for s in plain]
+        before = len(pauses)
+        with ttt.pause.pausing(handler):
+            got = train_sessions(paused)
+        assert_same_reports(got, want, 1e-5)
+        # both chunks: 1 frozen + 2 fast layers, the loss of 2 x 16 tokens in 8 pieces (4 x VOCAB logits each);
+        # backward: the 8 pieces, the last layer, the one below. Session 0's second step alone: 2 layers, 4 pieces,
+        # backward 4 + 2. Measured after: 2 layers, 8 pieces.
+        assert len(pauses) - before == (1 + 2 + 8) + (8 + 2) + (2 + 4) + (4 + 2) + (2 + 8)
+    assert_same_sessions(paused, plain, 1e-5)
+    assert not any(pauses)  # the handler runs without autograd, even in the middle of a forward that has it
+    assert answers and all(a == alone for a in answers)

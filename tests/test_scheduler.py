@@ -12,6 +12,7 @@ import time
 import pytest
 
 from server.scheduler import QueueFull, Scheduler, ShuttingDown
+from ttt.pause import pause_point
 
 TIMEOUT = 10.0  # seconds; only reached when something is broken
 
@@ -632,3 +633,57 @@ def test_a_join_that_fails_fails_its_request_instead_of_stranding_it():
         assert s.depth == 0 and s.decoding == 0
     finally:
         s.shutdown(TIMEOUT)
+
+
+def test_answers_decode_at_the_pause_points_of_a_chunk_in_training():
+    """A batchable unit (chunks in training) reaches a pause point after each of its 8 "layers" (1 s each): an
+    answer of another session that arrives meanwhile decodes there while answers are owed their share (three
+    steps after two layers: 3 x 0.25 <= 2 x 0.75), before the unit ends; one of the unit's own session, queued
+    ahead of it, is passed over and waits for the unit's end. The unit's session counts as busy throughout."""
+    clock = Clock()
+    s = Scheduler(answers=FakeBatch(max_rows=4, clock=clock), unit_share=0.25, clock=clock)
+    order, busy, requests = [], [], []
+
+    def on_step(i, row):
+        order.append(row.name)
+
+    def train(items):
+        for layer in range(8):
+            order.append("L")
+            clock.tick()
+            if layer == 1:
+                for key, name in ((("ingest", "doc"), "o"), (("chat", "s"), "a")):
+                    requests.append(s.submit_answers(key, [lambda n=name: Row(n, 3 if n == "a" else 2)], on_step))
+            busy.append(s.waiting(("ingest", "doc")))
+            pause_point()
+        return items
+
+    try:
+        assert s.run_batchable(("ingest", "doc"), train, "chunk") == "chunk"
+        for r in requests:
+            r.future.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    assert "".join(order) == "LLaaaLLLLLLoo"
+    assert all(busy) and not s.waiting(("ingest", "doc"))
+
+
+def test_a_unit_that_is_not_batchable_does_not_pause():
+    """Loads, saves and the like run whole: their pause points (if any code they call has some) do nothing."""
+    clock = Clock()
+    s = Scheduler(answers=FakeBatch(max_rows=4, clock=clock), unit_share=0.25, clock=clock)
+    order, requests = [], []
+
+    def load():
+        order.append("U")
+        clock.tick()
+        requests.append(s.submit_answers(("chat", "s"), [lambda: Row("a", 2)], lambda i, row: order.append("a")))
+        pause_point()
+        order.append("U")
+
+    try:
+        s.run(("ingest", "doc"), load)
+        requests[0].future.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    assert "".join(order) == "UUaa"

@@ -7,6 +7,8 @@ in a ``RollingContext`` so each token passes the model once):
      (its weights have not seen the chunk yet) and each token's surprise;
   3. each session clips its gradient norm and steps; a non-finite loss, gradient or result is rolled back,
      never kept, and the others are untouched.
+Every forward and backward reaches a pause point before each layer and between pieces of the loss
+(``ttt.pause``): where the server's scheduler decodes waiting answers without changing what is learned.
 
 Several sessions' chunks that fit one rectangular batch are stacked into [S, T]: the frozen prefix and the
 fast layers run once over it, and every LoRA projection goes through ``kernels.multi_lora`` with each
@@ -46,6 +48,7 @@ from .ingest import (
     update,
 )
 from .model import Transformer
+from .pause import Cuts
 
 
 @dataclass
@@ -177,7 +180,7 @@ class _Group:
             return self.items[0].context
         return StackedContext([self.items[i].context for i in rows]) if self.has_context else None
 
-    def forward(self, rows: list[int]) -> torch.Tensor:
+    def forward(self, rows: list[int], cuts: Cuts | None = None) -> torch.Tensor:
         """Final hidden states [len(rows), T', D] of the sessions in ``rows``; each context records its keys/values."""
         items = self.items
         fast = (
@@ -187,7 +190,7 @@ class _Group:
         )
         checkpointing = items[0].cfg.activation_checkpointing
         return forward_hidden(
-            self.model, fast, self.inputs[rows], self._context(rows), self.h_prefix[rows], checkpointing
+            self.model, fast, self.inputs[rows], self._context(rows), self.h_prefix[rows], checkpointing, cuts
         )
 
     def step(self, step: int) -> bool:
@@ -197,7 +200,8 @@ class _Group:
         rows = [i for i in self.rows if runs[i].error is None and step < items[i].cfg.steps_per_chunk]
         if not rows:
             return False
-        nll = next_token_nll(self.model, self.forward(rows), self.inputs[rows])  # [len(rows), T' - 1]
+        cuts = Cuts()  # the backward pauses between layers, as the forward does
+        nll = next_token_nll(self.model, self.forward(rows, cuts), self.inputs[rows], cuts=cuts)  # [len(rows), T' - 1]
         losses = torch.stack(
             [surprise_weighted_mean(nll[j : j + 1], items[i].cfg.surprise_power)[0] for j, i in enumerate(rows)]
         )
@@ -212,7 +216,7 @@ class _Group:
             else:
                 runs[i].error = f"non-finite loss ({loss}) at step {step}"
         if finite:
-            losses[finite].sum().backward()
+            cuts.backward(losses[finite].sum())
         for j in finite:
             run = runs[rows[j]]
             run.grad_norm, run.error, stepped = update(run.params, run.item.optimizer, run.item.cfg, step)

@@ -17,6 +17,12 @@ from .cache import RollingContext
 from .config import IngestConfig
 from .fast_weights import FastWeights
 from .model import Transformer
+from .pause import Cuts, may_pause, pause_point
+
+# Where a pause handler may run, the loss goes in pieces of this many logits (tokens x vocabulary): 170 tokens at
+# SmolLM2's 49152 ids, whose forward or backward takes about 0.2 s on 2 CPU cores, like the rest of the chunk's
+# longest stretches between pause points (half of it saved little more there and cost up to 20% in speed)
+PAUSE_LOGITS = 1 << 23
 
 
 @dataclass
@@ -54,7 +60,11 @@ def token_nll(model: Transformer, h: torch.Tensor, targets: torch.Tensor) -> tor
 def prefix_hidden(model: Transformer, inputs: torch.Tensor, first_fast: int, context=None) -> torch.Tensor:
     """Hidden states after the frozen layers [0, first_fast): computed once per chunk, without autograd."""
     with torch.no_grad():
-        return model.run_layers(model.embed(inputs), 0, first_fast, None, context)
+        h = model.embed(inputs)
+        for i in range(first_fast):
+            pause_point()
+            h = model.run_layers(h, i, i + 1, None, context)
+        return h
 
 
 def forward_hidden(
@@ -64,21 +74,29 @@ def forward_hidden(
     context: RollingContext | None = None,
     h_prefix: torch.Tensor | None = None,
     checkpointing: str = "none",
+    cuts: Cuts | None = None,
 ) -> torch.Tensor:
     """Final hidden states [B, T, D] of ``inputs`` [B, T] after the ``context`` tokens.
 
     Layers below the first fast layer run without autograd (pass their output as ``h_prefix`` to
     reuse it across steps); only the fast layers build a graph, whose saved activations
     ``checkpointing`` ("none", "recompute", "offload": IngestConfig.activation_checkpointing) trims.
+    A pause point comes before each layer; ``cuts`` cuts the graph between the fast layers, so that
+    its backward pauses between them too.
     """
     first = fast.first_layer if fast is not None else model.cfg.num_layers
     if h_prefix is None:
         h_prefix = prefix_hidden(model, inputs, first, context)
     adapters = fast.adapters() if fast is not None else None
-    if checkpointing == "none" or not torch.is_grad_enabled():
-        return model.run_layers(h_prefix, first, model.cfg.num_layers, adapters, context)
+    recompute = checkpointing != "none" and torch.is_grad_enabled()
     h = h_prefix
     for i in range(first, model.cfg.num_layers):
+        pause_point()
+        if cuts is not None:
+            h = cuts.cut(h)
+        if not recompute:
+            h = model.run_layers(h, i, i + 1, adapters, context)
+            continue
         # Between forward and backward only the layer's input survives (in host memory when offloading:
         # the copy back to the device happens inside, so it is redone at recompute time); backward reruns
         # the layer. Its RollingContext.extend reruns too and records the same keys/values.
@@ -91,9 +109,24 @@ def _run_layer(model: Transformer, h: torch.Tensor, i: int, adapters, context, d
     return model.run_layers(h.to(device), i, i + 1, adapters, context)
 
 
-def next_token_nll(model: Transformer, h: torch.Tensor, inputs: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """NLL of inputs[:, start + 1:] each predicted from the hidden state before it -> [B, T - start - 1]."""
-    return token_nll(model, h[:, start:-1], inputs[:, start + 1 :])
+def next_token_nll(
+    model: Transformer, h: torch.Tensor, inputs: torch.Tensor, start: int = 0, cuts: Cuts | None = None
+) -> torch.Tensor:
+    """NLL of inputs[:, start + 1:] each predicted from the hidden state before it -> [B, T - start - 1].
+
+    Where a pause handler may run, the loss goes in pieces of about ``PAUSE_LOGITS`` logits with a pause point
+    between them, cut apart by ``cuts`` when given (so that its backward pauses between them too)."""
+    h, targets = h[:, start:-1], inputs[:, start + 1 :]
+    if not may_pause():
+        return token_nll(model, h, targets)
+    cut = cuts.cut if cuts is not None else lambda x: x
+    h = cut(h)
+    step = max(1, PAUSE_LOGITS // (h.shape[0] * model.cfg.vocab_size))
+    pieces = []
+    for t in range(0, h.shape[1], step):
+        pause_point()
+        pieces.append(cut(token_nll(model, h[:, t : t + step], targets[:, t : t + step])))
+    return torch.cat(pieces, dim=1)
 
 
 def surprise_weighted_mean(nll: torch.Tensor, power: float) -> torch.Tensor:
