@@ -18,6 +18,8 @@ Writes DIR/bench.json and DIR/bench.png (latency, decode speed and memory vs N).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +29,7 @@ from pathlib import Path
 import ttt
 from ttt.decode import DecodeBatch
 from ttt.model import ModelConfig
+from ttt.pause import pausing
 
 from .common import DEFAULT_DOC, document_tokens, run_metadata, settings_of, sync, write_json
 from .plots import bench_figure
@@ -132,6 +135,52 @@ def answers_together(engine: ttt.Engine, sessions: list[ttt.Session], max_tokens
         "together_tokens": tokens,
         "together_tokens_per_s": tokens / seconds,
         "together_vs_alone": (tokens / seconds) / (alone_tokens / alone_s),
+    }
+
+
+def chunk_pauses(engine: ttt.Engine, cfg: ttt.SessionConfig, ids: list[int], chunks: int = 3) -> dict:
+    """How a chunk in training yields the device (``ttt.pause``; the server decodes answers there): its pause
+    points per chunk and the stretches between them (from the chunk's start to its end, the device synchronised
+    at each), and its seconds with a pause handler that does nothing vs without one, alternating chunk by chunk."""
+    device, chunk = engine.base.device, cfg.ingest.chunk_tokens
+    need = (chunks + 1) * chunk
+    doc = (ids * (need // len(ids) + 1))[:need]  # the document, repeated if shorter
+    plain, paused, marked = (engine.create_session(cfg) for _ in range(3))
+    for s in (plain, paused, marked):
+        s.append_tokens(doc)
+        s.train_next_chunk()  # the first chunk has no window yet: not measured
+    marks: list[float] = []
+
+    def mark() -> None:
+        sync(device)
+        marks.append(time.perf_counter())
+
+    def timed(session: ttt.Session, handler: Callable[[], None] | None) -> float:
+        sync(device)
+        t = time.perf_counter()
+        with pausing(handler) if handler is not None else contextlib.nullcontext():
+            session.train_next_chunk()
+        sync(device)
+        return time.perf_counter() - t
+
+    seconds = {"plain": 0.0, "paused": 0.0}
+    stretches: list[float] = []
+    for _ in range(chunks):
+        seconds["plain"] += timed(plain, None)
+        seconds["paused"] += timed(paused, lambda: None)
+        mark()
+        timed(marked, mark)
+        mark()
+        stretches += [b - a for a, b in itertools.pairwise(marks)]
+        marks.clear()
+    return {
+        "chunks": chunks,
+        "pause_points_per_chunk": (len(stretches) - chunks) / chunks,
+        "longest_stretch_s": max(stretches),
+        "mean_stretch_s": sum(stretches) / len(stretches),
+        "chunk_s": seconds["plain"] / chunks,
+        "chunk_paused_s": seconds["paused"] / chunks,
+        "paused_vs_plain": seconds["paused"] / seconds["plain"],
     }
 
 
@@ -245,6 +294,7 @@ def main(argv=None) -> dict:
         while reader.train_next_chunk() is not None:
             pass
     together = answers_together(engine, readers, TOGETHER_TOKENS)
+    pauses = chunk_pauses(engine, cfg, ids)
     shapes = {
         name: {
             "kv_cache_bf16": {n: s.kv_bytes(n, 2) for n in LONG_CONTEXTS},
@@ -260,6 +310,7 @@ def main(argv=None) -> dict:
         "ingest": ingest,
         "chats": rows,
         "answers_together": together,
+        "chunk_pauses": pauses,
         "known_shapes": shapes,
     }
     write_json(args.out / "bench.json", results)
@@ -321,6 +372,12 @@ def print_summary(results: dict) -> None:
         f"answers together: {t['answers']} sessions' {t['max_tokens']}-token answers in one batch "
         f"{t['together_tokens_per_s']:.1f} tokens/s vs one alone {t['alone_tokens_per_s']:.1f} tokens/s "
         f"-> {t['together_vs_alone']:.2f}x"
+    )
+    p = results["chunk_pauses"]
+    print(
+        f"chunk pause points: {p['pause_points_per_chunk']:.0f} per chunk, at most {p['longest_stretch_s']:.3f} s"
+        f" apart (mean {p['mean_stretch_s']:.3f} s); a chunk {p['chunk_s']:.2f} s without a pause handler,"
+        f" {p['chunk_paused_s']:.2f} s with one -> {p['paused_vs_plain']:.2f}x"
     )
     head = (
         f"{'N':>7s} {'TTFT ttt':>9s} {'again':>9s} {'prefill':>9s} {'reuse':>9s} {'prefill/again':>14s}"

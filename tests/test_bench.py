@@ -100,8 +100,13 @@ def test_ttt_bench_cli_writes_json_and_plot(tiny_model_dir, tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
     together = res["answers_together"]
     assert together["answers"] == 3 and together["together_tokens"] > 0 and together["together_vs_alone"] > 0
+    pauses = res["chunk_pauses"]
+    # forward: 2 frozen layers, 1 fast, the loss in one piece; backward: the loss, the layer; measured after: 2
+    assert pauses["chunks"] == 3 and pauses["pause_points_per_chunk"] == 8
+    assert 0 < pauses["mean_stretch_s"] <= pauses["longest_stretch_s"] and pauses["paused_vs_plain"] > 0
     printed = capsys.readouterr().out
     assert "ingest: TTT" in printed and "Llama-3-8B" in printed and "answers together: 3 sessions" in printed
+    assert "chunk pause points:" in printed
 
 
 def test_passage_bench_runs_every_context_variant(tiny_model_dir, tmp_path):
