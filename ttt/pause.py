@@ -3,7 +3,7 @@ urgent work first.
 
 The server's scheduler decodes waiting answers at the pause points of a chunk in training, so an answer that
 arrives meanwhile waits for one layer's forward or backward, not for the whole chunk (server/scheduler.py).
-Without a handler (the Python API, tests) a pause point does nothing. A handler's own work never pauses.
+Without a handler (the Python API, the CLI) a pause point does nothing. A handler's own work never pauses.
 
 A backward pauses too when its graph is cut (``Cuts``): each cut tensor stands for the graph below it as a
 leaf of its own, and the backward goes through the pieces in reverse, one ``backward`` call each with a pause
