@@ -562,10 +562,10 @@ def prefills(engine, monkeypatch) -> list[int]:
     prefilled = []
     run_layers = type(engine.base.model).run_layers
 
-    def spy(model, h, start, end, adapters=None, cache=None):
+    def spy(model, h, start, end, adapters=None, cache=None, rope=None):
         if cache is not None and h.shape[1] > 1:
             prefilled.append(h.shape[1])
-        return run_layers(model, h, start, end, adapters, cache)
+        return run_layers(model, h, start, end, adapters, cache, rope)
 
     monkeypatch.setattr(type(engine.base.model), "run_layers", spy)
     return prefilled

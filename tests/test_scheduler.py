@@ -293,6 +293,13 @@ class Clock:
         return self.now
 
 
+def shared_device() -> tuple[Scheduler, Clock]:
+    """A scheduler whose decode batch (4 rows) and units share the device at 0.25 for units, timed by a fake
+    clock that moves only when a test's unit or an answer step (1 s each) moves it."""
+    clock = Clock()
+    return Scheduler(answers=FakeBatch(max_rows=4, clock=clock), unit_share=0.25, clock=clock), clock
+
+
 def gated(s: Scheduler):
     """Hold the worker with a unit until the returned release() is called (to queue work deterministically)."""
     started, release = threading.Event(), threading.Event()
@@ -499,8 +506,7 @@ def test_a_failed_step_fails_the_answers_in_it_and_the_worker_survives():
 
 
 def test_one_long_unit_keeps_units_out_for_a_while_not_for_three_times_its_length():
-    clock = Clock()
-    s = Scheduler(answers=FakeBatch(max_rows=4, clock=clock), unit_share=0.25, clock=clock)
+    s, clock = shared_device()
     order = []
     try:
         release = gated(s)
@@ -524,8 +530,7 @@ def test_one_long_unit_keeps_units_out_for_a_while_not_for_three_times_its_lengt
 def test_a_feeder_that_queues_its_next_chunk_after_the_last_one_still_gets_only_its_share():
     """A document feeder submits chunk i + 1 only once chunk i is done, so at that moment no unit waits; the
     shares must not start afresh then (or every chunk would run at once: a half or more of the device)."""
-    clock = Clock()
-    s = Scheduler(answers=FakeBatch(max_rows=4, clock=clock), unit_share=0.25, clock=clock)
+    s, clock = shared_device()
     order, queued = [], []
 
     def chunk():
@@ -553,8 +558,7 @@ def test_a_feeder_that_queues_its_next_chunk_after_the_last_one_still_gets_only_
 def test_an_answer_that_meets_waiting_units_goes_first():
     """On an idle device, an answer and units (1 s each, as the last unit took) queued at once: the answer's
     steps come first, until a unit fits the share with its expected second (before, the unit went first)."""
-    clock = Clock()
-    s = Scheduler(answers=FakeBatch(max_rows=4, clock=clock), unit_share=0.25, clock=clock)
+    s, clock = shared_device()
     order = []
 
     def unit():
@@ -640,8 +644,7 @@ def test_answers_decode_at_the_pause_points_of_a_chunk_in_training():
     answer of another session that arrives meanwhile decodes there while answers are owed their share (three
     steps after two layers: 3 x 0.25 <= 2 x 0.75), before the unit ends; one of the unit's own session, queued
     ahead of it, is passed over and waits for the unit's end. The unit's session counts as busy throughout."""
-    clock = Clock()
-    s = Scheduler(answers=FakeBatch(max_rows=4, clock=clock), unit_share=0.25, clock=clock)
+    s, clock = shared_device()
     order, busy, requests = [], [], []
 
     def on_step(i, row):
@@ -670,8 +673,7 @@ def test_answers_decode_at_the_pause_points_of_a_chunk_in_training():
 
 def test_a_unit_that_is_not_batchable_does_not_pause():
     """Loads, saves and the like run whole: their pause points (if any code they call has some) do nothing."""
-    clock = Clock()
-    s = Scheduler(answers=FakeBatch(max_rows=4, clock=clock), unit_share=0.25, clock=clock)
+    s, clock = shared_device()
     order, requests = [], []
 
     def load():

@@ -61,9 +61,10 @@ def prefix_hidden(model: Transformer, inputs: torch.Tensor, first_fast: int, con
     """Hidden states after the frozen layers [0, first_fast): computed once per chunk, without autograd."""
     with torch.no_grad():
         h = model.embed(inputs)
+        rope = model.positions(h, context)  # once: the layers run one at a time, with pause points between
         for i in range(first_fast):
             pause_point()
-            h = model.run_layers(h, i, i + 1, None, context)
+            h = model.run_layers(h, i, i + 1, None, context, rope)
         return h
 
 
@@ -89,24 +90,25 @@ def forward_hidden(
         h_prefix = prefix_hidden(model, inputs, first, context)
     adapters = fast.adapters() if fast is not None else None
     recompute = checkpointing != "none" and torch.is_grad_enabled()
+    rope = model.positions(h_prefix, context)  # once: the layers run one at a time, with pause points between
     h = h_prefix
     for i in range(first, model.cfg.num_layers):
         pause_point()
         if cuts is not None:
             h = cuts.cut(h)
         if not recompute:
-            h = model.run_layers(h, i, i + 1, adapters, context)
+            h = model.run_layers(h, i, i + 1, adapters, context, rope)
             continue
         # Between forward and backward only the layer's input survives (in host memory when offloading:
         # the copy back to the device happens inside, so it is redone at recompute time); backward reruns
         # the layer. Its RollingContext.extend reruns too and records the same keys/values.
         x = h.to("cpu") if checkpointing == "offload" else h
-        h = checkpoint(_run_layer, model, x, i, adapters, context, h.device, use_reentrant=False)
+        h = checkpoint(_run_layer, model, x, i, adapters, context, rope, h.device, use_reentrant=False)
     return h
 
 
-def _run_layer(model: Transformer, h: torch.Tensor, i: int, adapters, context, device) -> torch.Tensor:
-    return model.run_layers(h.to(device), i, i + 1, adapters, context)
+def _run_layer(model: Transformer, h: torch.Tensor, i: int, adapters, context, rope, device) -> torch.Tensor:
+    return model.run_layers(h.to(device), i, i + 1, adapters, context, rope)
 
 
 def next_token_nll(

@@ -215,6 +215,11 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
 
+    def positions(self, h: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for the cache's tokens and h's [B, T, D] after them: what every layer of one forward reads."""
+        past = cache.length if cache is not None else 0
+        return self.rope(0, past + h.shape[1], h.dtype)
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(tokens)
 
@@ -225,10 +230,11 @@ class Transformer(nn.Module):
         end: int,
         adapters: dict[int, LayerAdapter] | None = None,
         cache: KVCache | RaggedCache | RollingContext | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Layers [start, end) on hidden states h: [B, T, D], after the cache's tokens if one is given."""
-        past = cache.length if cache is not None else 0
-        rope = self.rope(0, past + h.shape[1], h.dtype)
+        """Layers [start, end) on hidden states h: [B, T, D], after the cache's tokens if one is given.
+        ``rope``: ``positions(h, cache)``, passed in by a caller that runs one forward a few layers at a time."""
+        rope = rope if rope is not None else self.positions(h, cache)
         adapters = adapters or {}
         for i in range(start, end):
             h = self.layers[i](h, rope, adapters.get(i), cache, i)
