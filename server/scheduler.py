@@ -22,8 +22,10 @@ item), whether answers run or not.
 
 Pause points: a batchable unit (chunks in training) reaches one before each layer's forward and backward
 (``ttt.pause``). There the worker runs answer steps while answers are owed their share, so an answer that
-arrives meanwhile waits for a layer, not for the chunks. Requests of the unit's own sessions are not admitted
-at its pause points (their weights, window and lock are the unit's until it ends): they wait for its end.
+arrives meanwhile waits for a layer, not for the chunks. Requests of the unit's own sessions are admitted there
+too until its first optimizer step (``ttt.pause.changed``: they see the session as it was before the unit, the
+chunk's tokens read but not yet learned, as if they had come a moment earlier); from that step to the unit's end
+they wait for its end (the weights are changing).
 
 A *batchable* unit (``submit_batchable``) names a function that runs several sessions' units of its
 kind in one call (``ttt.session.train_sessions``: one forward and backward for many sessions' chunks).
@@ -44,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from server.errors import QueueFull, ShuttingDown
-from ttt.pause import pausing
+from ttt.pause import changed, pausing
 
 log = logging.getLogger("ttt.server.scheduler")
 SHARE_DEBT_SECONDS = 5.0  # units' device time past their share counts at most this much
@@ -330,8 +332,8 @@ class Scheduler:
 
     def _pause(self) -> None:
         """At a pause point of the batchable unit in flight (``ttt.pause``): answer steps while answers are owed
-        their share of the device. Requests of the unit's own sessions are not admitted (their weights, window
-        and lock are the unit's until it ends): they wait for its end."""
+        their share of the device. Requests of the unit's own sessions are admitted only while it has not
+        changed them yet (the module's docstring)."""
         while True:
             with self._cond:
                 self._charge("units")
@@ -341,7 +343,7 @@ class Scheduler:
                 )
             if not owed:
                 return
-            stepped = self._answer_step(busy=self._in_flight)
+            stepped = self._answer_step(busy=self._in_flight if changed() else frozenset())
             with self._cond:
                 self._charge("answers")
             if not stepped:

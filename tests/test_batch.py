@@ -173,6 +173,39 @@ def test_rollback_in_a_batch_leaves_the_others_alone(engine, batch_sizes):
     assert batch_sizes == [4, 4, 4]
 
 
+def test_a_sessions_own_answer_before_the_first_step_reads_it_as_before_the_chunk(engine):
+    """Until a chunk's first optimizer step (``ttt.pause.changed()`` false) its session is as it was before the
+    chunk: its own answer made at those pause points (the server's scheduler admits it there) is the answer it
+    gives before the chunk, logprobs and all; the step then flags the change, and the answer after the chunk
+    differs (the weights did change: the check is not empty)."""
+    s = engine.create_session(config(3, lr=3e-2))
+    s.append_tokens(rand_ids(40, seed=4))
+    s.end_document()
+    s.train_next_chunk()
+    msgs = [{"role": "user", "content": "What did you read?"}]
+
+    def answer():
+        g = s.generate(msgs, max_tokens=6, temperature=0, top_logprobs=1)
+        return g.text, [e.logprob for e in g.logprobs]
+
+    before = answer()
+    made, flags = [], []
+
+    def handler():
+        flags.append(ttt.pause.changed())
+        if not flags[-1]:
+            made.append(answer())
+
+    with ttt.pause.pausing(handler):
+        (report,) = train_sessions([s])
+    assert not report.rolled_back and True in flags and False in flags
+    assert flags == sorted(flags)  # changed once, for the rest of the chunk
+    for text, logprobs in made:
+        assert text == before[0]
+        torch.testing.assert_close(logprobs, before[1], rtol=0, atol=1e-6)
+    assert answer()[1] != before[1]
+
+
 def test_a_session_twice_is_refused(engine):
     s = engine.create_session(config())
     with pytest.raises(ValueError, match="one chunk per batch"):

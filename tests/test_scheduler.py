@@ -12,7 +12,7 @@ import time
 import pytest
 
 from server.scheduler import QueueFull, Scheduler, ShuttingDown
-from ttt.pause import pause_point
+from ttt.pause import changing, pause_point
 
 TIMEOUT = 10.0  # seconds; only reached when something is broken
 
@@ -643,7 +643,8 @@ def test_answers_decode_at_the_pause_points_of_a_chunk_in_training():
     """A batchable unit (chunks in training) reaches a pause point after each of its 8 "layers" (1 s each): an
     answer of another session that arrives meanwhile decodes there while answers are owed their share (three
     steps after two layers: 3 x 0.25 <= 2 x 0.75), before the unit ends; one of the unit's own session, queued
-    ahead of it, is passed over and waits for the unit's end. The unit's session counts as busy throughout."""
+    ahead of it after the unit has begun to change its session (``changing``), is passed over and waits for the
+    unit's end. The unit's session counts as busy throughout."""
     s, clock = shared_device()
     order, busy, requests = [], [], []
 
@@ -651,6 +652,7 @@ def test_answers_decode_at_the_pause_points_of_a_chunk_in_training():
         order.append(row.name)
 
     def train(items):
+        changing()
         for layer in range(8):
             order.append("L")
             clock.tick()
@@ -669,6 +671,37 @@ def test_answers_decode_at_the_pause_points_of_a_chunk_in_training():
         s.shutdown(TIMEOUT)
     assert "".join(order) == "LLaaaLLLLLLoo"
     assert all(busy) and not s.waiting(("ingest", "doc"))
+
+
+def test_the_units_own_session_answers_at_its_pause_points_until_it_changes_the_session():
+    """Before the unit's first change to its sessions (a chunk's optimizer step), an answer of its own session
+    decodes at its pause points like any other (it sees the session as before the unit); one that arrives after
+    the change waits for the unit's end."""
+    s, clock = shared_device()
+    order, requests = [], []
+
+    def on_step(i, row):
+        order.append(row.name)
+
+    def train(items):
+        for layer in range(8):
+            order.append("L")
+            clock.tick()
+            if layer in (1, 4):
+                name = "o" if layer == 1 else "p"
+                requests.append(s.submit_answers(("ingest", "doc"), [lambda n=name: Row(n, 2)], on_step))
+            if layer == 3:
+                changing()
+            pause_point()
+        return items
+
+    try:
+        s.run_batchable(("ingest", "doc"), train, "chunk")
+        for r in requests:
+            r.future.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    assert "".join(order) == "LLooLLLLLLpp"
 
 
 def test_a_unit_that_is_not_batchable_does_not_pause():

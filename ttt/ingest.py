@@ -17,7 +17,7 @@ from .cache import RollingContext
 from .config import IngestConfig
 from .fast_weights import FastWeights
 from .model import Transformer
-from .pause import Cuts, may_pause, pause_point
+from .pause import Cuts, changing, may_pause, pause_point
 
 # Where a pause handler may run, the loss goes in pieces of this many logits (tokens x vocabulary): 170 tokens at
 # SmolLM2's 49152 ids, whose forward or backward takes about 0.2 s on 2 CPU cores, like the rest of the chunk's
@@ -157,6 +157,7 @@ def restore(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, saved)
 
 def update(params, optimizer: torch.optim.Optimizer, cfg: IngestConfig, step: int) -> tuple[float, str | None, bool]:
     """Clip the gradients of ``params`` and step: (norm before clipping, why it failed or None, whether it stepped)."""
+    changing()  # answers made at pause points from here on would see these weights mid-step (ttt.pause)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
     if not math.isfinite(grad_norm):
         return grad_norm, f"non-finite gradient norm ({grad_norm}) at step {step}", False

@@ -5,6 +5,9 @@ The server's scheduler decodes waiting answers at the pause points of a chunk in
 arrives meanwhile waits for one layer's forward or backward, not for the whole chunk (server/scheduler.py).
 Without a handler (the Python API, the CLI) a pause point does nothing. A handler's own work never pauses.
 
+Until the work first changes what it was given (``changing``: a chunk's first optimizer step), its sessions are
+as they were before it started, so a handler may read them too (``changed`` says whether it still may).
+
 A backward pauses too when its graph is cut (``Cuts``): each cut tensor stands for the graph below it as a
 leaf of its own, and the backward goes through the pieces in reverse, one ``backward`` call each with a pause
 point between them. The gradients are the same: each piece gets the gradient of its output in full first.
@@ -24,12 +27,23 @@ _local = threading.local()  # .handler: the thread's pause handler, None outside
 @contextmanager
 def pausing(handler: Callable[[], None]) -> Iterator[None]:
     """Run ``handler()`` (without autograd) at every pause point this thread reaches in the block."""
-    outer = getattr(_local, "handler", None)
-    _local.handler = handler
+    outer = getattr(_local, "handler", None), getattr(_local, "changed", False)
+    _local.handler, _local.changed = handler, False
     try:
         yield
     finally:
-        _local.handler = outer
+        _local.handler, _local.changed = outer
+
+
+def changing() -> None:
+    """The work in the ``pausing`` block starts changing its sessions (their weights): from here to the block's
+    end a handler must not read them (it would see them half trained)."""
+    _local.changed = True
+
+
+def changed() -> bool:
+    """Whether the work in the ``pausing`` block has changed its sessions yet (``changing``)."""
+    return getattr(_local, "changed", False)
 
 
 def may_pause() -> bool:
