@@ -555,6 +555,10 @@ def test_session_window_is_part_of_prompt_and_weights_unchanged(engine):
     assert s.recent_tokens() == s.window + PATTERN[32:40] + [7, 8, 9]
     s.append_tokens(PATTERN[:13])  # as many untrained tokens as the window holds: the last 24 of them
     assert s.recent_tokens() == [*PATTERN[32:40], 7, 8, 9, *PATTERN[:13]]
+    s.append_tokens([1, 2, 3])  # more: the window grows on (its keys/values are extended, not rebuilt)...
+    assert s.recent_tokens() == [*PATTERN[32:40], 7, 8, 9, *PATTERN[:13], 1, 2, 3]
+    s.append_tokens(PATTERN[:9])  # ... until 1.5 x 24 are read: then it starts half a window further on
+    assert s.recent_tokens() == [*PATTERN[1:13], 1, 2, 3, *PATTERN[:9]] == s.pending[12:]
 
 
 def prefills(engine, monkeypatch) -> list[int]:

@@ -43,13 +43,18 @@ class Answering:
     ``_answer_prefix``, a ``HeldPrefix`` or None)."""
 
     def recent_tokens(self) -> list[int]:
-        """The window answers read: the last ``context_tokens`` trained tokens, then those read since (or the last
-        ``context_tokens`` of these when there are as many). So between two trained chunks the window only grows,
-        and the answers' cached keys/values of it are extended, not rebuilt (``_prefix_cache``)."""
+        """The window answers read: the last ``context_tokens`` trained tokens, then those read since. So between
+        two trained chunks the window only grows, and the answers' cached keys/values of it are extended, not
+        rebuilt (``_prefix_cache``). A session that has read as many as the window holds and not trained them yet
+        (ingest behind the stream) reads them from a start that moves on by half the window at a time (the last n
+        to 1.5 n of them): a start that moved at every piece read would rebuild the keys/values at every piece."""
         n = self.config.ingest.context_tokens
         if not n:
             return []
-        return self.window[-n:] + self.pending if len(self.pending) < n else self.pending[-n:]
+        if len(self.pending) < n:
+            return self.window[-n:] + self.pending
+        stride = max(1, n // 2)
+        return self.pending[(len(self.pending) - n) // stride * stride :]
 
     def exact_tokens(self) -> list[int]:
         """The most surprising kept spans that have left the window, within ``exact_tokens`` (memory.py): what
