@@ -25,8 +25,7 @@ Pause points: a batchable unit (chunks in training) reaches one before each laye
 arrives meanwhile waits for a layer, not for the chunks. Requests of the unit's own sessions are admitted there
 too until its first optimizer step (``ttt.pause.changed``: they see the session as it was before the unit, the
 chunk's tokens read but not yet learned, as if they had come a moment earlier); from that step to the unit's end
-they wait for its end (the weights are changing), and while one waits the unit stops pausing: answer steps at
-its pause points would stretch the unit, by up to 1 / share, and that answer's wait with it.
+they wait for its end (the weights are changing).
 
 A *batchable* unit (``submit_batchable``) names a function that runs several sessions' units of its
 kind in one call (``ttt.session.train_sessions``: one forward and backward for many sessions' chunks).
@@ -334,19 +333,17 @@ class Scheduler:
     def _pause(self) -> None:
         """At a pause point of the batchable unit in flight (``ttt.pause``): answer steps while answers are owed
         their share of the device. Requests of the unit's own sessions are admitted only while it has not
-        changed them yet; once it has, one of them waiting ends the pausing (the module's docstring)."""
-        busy = self._in_flight if changed() else frozenset()
+        changed them yet (the module's docstring)."""
         while True:
             with self._cond:
                 self._charge("units")
                 owed = (
                     bool(self._active or self._requests)
                     and (1 - self.unit_share) * self._spent["units"] > self.unit_share * self._spent["answers"]
-                    and not any(r.key in busy for line in self._requests.values() for r in line)
                 )
             if not owed:
                 return
-            stepped = self._answer_step(busy)
+            stepped = self._answer_step(busy=self._in_flight if changed() else frozenset())
             with self._cond:
                 self._charge("answers")
             if not stepped:
