@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -25,8 +24,6 @@ from ttt import Session, SessionConfig
 from ttt.config import PER_CHUNK, check_caps
 from ttt.ingest import ChunkReport
 from ttt.session import TokenLimit, train_sessions
-
-log = logging.getLogger("ttt.server.documents")
 
 
 class DocumentTooLarge(QuotaExceeded):
@@ -78,12 +75,8 @@ def train_batch(items: Sequence[tuple[Session, dict]]) -> list[ChunkReport | Non
     sessions, settings = zip(*items, strict=True)
     reports = train_sessions(sessions, settings)
     for session, report in zip(sessions, reports, strict=True):
-        if report is None:
-            continue
-        try:
+        if report is not None:
             session.warm_prefix()
-        except Exception:  # only a head start (the question builds it otherwise): the chunk stays trained
-            log.exception("session %s: building the answers' prefix after chunk %d failed", session.id, report.index)
     return reports
 
 

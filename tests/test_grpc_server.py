@@ -822,29 +822,6 @@ def test_a_document_feed_builds_the_next_prefix_for_a_session_asked_while_it_rea
     assert session._answer_prefix is held  # not read since: the warming stopped
 
 
-def test_a_failed_prefix_build_after_a_chunk_leaves_the_chunk_trained(open_server, monkeypatch):
-    """The prefix built in a chunk's unit is a head start only: if it fails, the chunk is still reported trained
-    (and the question builds the prefix itself)."""
-    state = open_server[0].state
-    key = ("local", "warm-fails")
-    session = state.scheduler.run(key, state.registry.create, *key)
-    feed = DocumentFeed(
-        session, "local", state.scheduler, state.registry, max_tokens=10**6, max_pieces=10, autosave_every=10**6
-    )
-
-    calls = []
-
-    def broken():
-        calls.append(1)
-        raise RuntimeError("out of memory")
-
-    monkeypatch.setattr(session, "warm_prefix", broken)
-    [report] = feed.add(list(range(100, 100 + CHUNK)))
-    assert calls and report.rolled_back is False and session.stats.chunks == 1
-    reply = state.scheduler.run(key, lambda: session.generate([{"role": "user", "content": "hi"}], max_tokens=2))
-    assert reply.completion_tokens == 2
-
-
 def test_session_info_has_the_same_fields_on_both_doors():
     """One SessionInfo (ttt.session) behind the HTTP model and the proto message: a field added there and
     forgotten on a door fails here."""
