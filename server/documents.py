@@ -3,8 +3,8 @@
 Pieces are tokenized in the caller's thread (no device), checked against the per-document limit,
 and every chunk they complete is trained on the scheduler's worker, one unit per chunk; chunks of
 several sessions that reach the device together train in one batched step (``ttt.batch``). A session asked
-while it reads has its answers' prefix brought up to date (``Session.warm_prefix``): rebuilt under the new
-weights in each chunk's unit, extended by the tokens read since in a unit after each piece it reads.
+while it reads has its answers' prefix brought up to date (under the new weights, with the tokens read since)
+in a unit after each piece it reads (``Session.warm_prefix``).
 """
 
 from __future__ import annotations
@@ -68,16 +68,9 @@ def chunk_progress(report: ChunkReport, session: Session) -> dict:
 
 
 def train_batch(items: Sequence[tuple[Session, dict]]) -> list[ChunkReport | None]:
-    """The next chunk of each (session, step settings): compatible sessions train in one batched step. Then, in
-    the same unit, a session asked while it reads has its answers' prefix rebuilt under the new weights
-    (``Session.warm_prefix``): a question that comes next finds it ready, instead of building it itself when
-    admitted, which would hold up every answer being decoded (0.6-1.1 s on a CPU)."""
+    """The next chunk of each (session, step settings): compatible sessions train in one batched step."""
     sessions, settings = zip(*items, strict=True)
-    reports = train_sessions(sessions, settings)
-    for session, report in zip(sessions, reports, strict=True):
-        if report is not None:
-            session.warm_prefix()
-    return reports
+    return train_sessions(sessions, settings)
 
 
 class DocumentFeed:
@@ -164,8 +157,7 @@ class DocumentFeed:
         self._warm()
 
     def _warm(self) -> None:
-        """A session asked while it reads: the next question's prefix extended by what it read since the last
-        chunk (rebuilt under new weights by the chunk's own unit: ``train_batch``) in a unit of its own
+        """A session asked while it reads: the next question's prefix brought up to date in a unit of its own
         (``Session.warm_prefix``), one at a time, next in line: behind other sessions' units it came too late
         for half of the questions under load (each then built the prefix itself, 0.6-1.1 s on a CPU)."""
         if self.session.talked_to and (self.warming is None or self.warming.done()):

@@ -562,13 +562,12 @@ def test_session_window_is_part_of_prompt_and_weights_unchanged(engine):
 
 
 def prefills(engine, monkeypatch) -> list[int]:
-    """A list that records the tokens of each pass over the layers with a cache (at its first layer: some run
-    them one at a time), but for single decoded tokens."""
+    """A list that records the tokens of each pass over the layers with a cache, but for single decoded tokens."""
     prefilled = []
     run_layers = type(engine.base.model).run_layers
 
     def spy(model, h, start, end, adapters=None, cache=None, rope=None):
-        if cache is not None and h.shape[1] > 1 and start == 0:
+        if cache is not None and h.shape[1] > 1:
             prefilled.append(h.shape[1])
         return run_layers(model, h, start, end, adapters, cache, rope)
 

@@ -791,9 +791,9 @@ def test_documents_waiting_together_train_in_one_batch(open_server):
 
 
 def test_a_document_feed_builds_the_next_prefix_for_a_session_asked_while_it_reads(open_server):
-    """A session asked while it reads has its answers' prefix brought up to date: rebuilt under new weights by
-    the chunk's own unit (ready when the chunk's report is), extended by what it read after each piece (a unit
-    of its own, behind the chunk); one that is not asked before the weights change again stops being warmed."""
+    """After each piece a session asked while it reads has its answers' prefix brought up to date (rebuilt under
+    new weights, extended by what it read; a unit of its own, behind the chunk); one that is not asked before the
+    weights change again stops being warmed."""
     state = open_server[0].state
     key = ("local", "warmed")
     session = state.scheduler.run(key, state.registry.create, *key)
@@ -804,12 +804,12 @@ def test_a_document_feed_builds_the_next_prefix_for_a_session_asked_while_it_rea
     def read_chunk(first: int) -> None:
         [report] = feed.add([first + j for j in range(CHUNK)])
         assert report.rolled_back is False
+        state.scheduler.run(key, lambda: None)  # a session's units run in order: any warming is done
 
     read_chunk(100)
-    state.scheduler.run(key, lambda: None)  # a session's units run in order: any warming is done
     assert session._answer_prefix is None  # never asked: nothing built
     state.scheduler.run(key, lambda: session.generate([{"role": "user", "content": "hi"}], max_tokens=2))
-    read_chunk(200)  # no other unit waited for: the chunk's own rebuilt it
+    read_chunk(200)
     held = session._answer_prefix
     assert (held.weights_version, held.read) == (session.weights_version, False)  # built ahead, not read yet
     assert held.cache.tokens == session.answer_prefix()
@@ -818,7 +818,6 @@ def test_a_document_feed_builds_the_next_prefix_for_a_session_asked_while_it_rea
     held = session._answer_prefix
     assert held.cache.tokens == session.answer_prefix() and held.cache.tokens[-3:] == [7, 8, 9]
     read_chunk(300)
-    state.scheduler.run(key, lambda: None)
     assert session._answer_prefix is held  # not read since: the warming stopped
 
 

@@ -12,7 +12,6 @@ from .cache import KVCache
 from .decode import DecodeBatch
 from .fast_weights import FastWeights
 from .model import Transformer
-from .pause import pause_point
 
 
 @dataclass
@@ -43,11 +42,9 @@ class PrefixCache:
             cache.k[layer][:, :, :held], cache.v[layer][:, :, :held] = k, v
         cache.length = held
         adapters = fast.adapters() if fast is not None else None
-        h = model.embed(torch.tensor([tokens], device=weight.device))
-        rope = model.positions(h, cache)
-        for i in range(model.cfg.num_layers):  # no LM head: only the keys and values are wanted
-            pause_point()  # built in a chunk's unit (its session's next answers' prefix): answers decode between layers
-            h = model.run_layers(h, i, i + 1, adapters, cache, rope)
+        model.run_layers(
+            model.embed(torch.tensor([tokens], device=weight.device)), 0, model.cfg.num_layers, adapters, cache
+        )  # no LM head: only the keys and values are wanted
         return PrefixCache(self.tokens + list(tokens), cache.k, cache.v)
 
     def num_bytes(self) -> int:
