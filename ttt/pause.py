@@ -5,8 +5,9 @@ The server's scheduler decodes waiting answers at the pause points of a chunk in
 arrives meanwhile waits for one layer's forward or backward, not for the whole chunk (server/scheduler.py).
 Without a handler (the Python API, the CLI) a pause point does nothing. A handler's own work never pauses.
 
-Until the work first changes what it was given (``changing``: a chunk's first optimizer step), its sessions are
-as they were before it started, so a handler may read them too (``changed`` says whether it still may).
+Until the work first changes what it was given (``changing``: a chunk's first optimizer step, or its recording
+in the session), its sessions are as they were before it started, so a handler may read them too (``changed``
+says whether it still may).
 
 A backward pauses too when its graph is cut (``Cuts``): each cut tensor stands for the graph below it as a
 leaf of its own, and the backward goes through the pieces in reverse, one ``backward`` call each with a pause
@@ -36,8 +37,8 @@ def pausing(handler: Callable[[], None]) -> Iterator[None]:
 
 
 def changing() -> None:
-    """The work in the ``pausing`` block starts changing its sessions (their weights): from here to the block's
-    end a handler must not read them (it would see them half trained)."""
+    """The work in the ``pausing`` block starts changing its sessions (weights, window, memory): from here to
+    the block's end a handler must not read them (it would see them half trained)."""
     _local.changed = True
 
 

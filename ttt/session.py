@@ -26,6 +26,7 @@ from .config import PER_CHUNK, IngestConfig, SessionConfig
 from .fast_weights import build_fast_weights, fast_weight_kind
 from .ingest import ChunkReport, forward_hidden, make_optimizer
 from .memory import SpanMemory, rehearse, select_spans, sentence_ends
+from .pause import changing
 from .study import questions, teacher
 from .tokenize import IncrementalTokenizer
 
@@ -238,6 +239,7 @@ class Session(Answering):
     def record_chunk(self, item: ChunkItem, report: ChunkReport) -> ChunkReport:
         """After ``item`` (from ``take_chunk``) trained: its tokens join the window, the stats count it, and its
         surprising spans are kept and rehearsed (``_remember``; its time counts in ``report.seconds``)."""
+        changing()  # the session's window and memory (ttt.pause: not to be read at pause points from here on)
         with self.lock:
             chunk_ids = self.pending[: item.chunk.numel()]
             position = self.stats.tokens_ingested  # the stream index of the chunk's first token
