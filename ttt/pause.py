@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-_local = threading.local()  # .handler: the thread's pause handler, None outside ``pausing``
+_local = threading.local()  # .handler: the thread's pause handler, None outside ``pausing``; .changed: ``changing``
 
 
 @contextmanager
