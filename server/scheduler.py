@@ -434,17 +434,18 @@ class Scheduler:
     def _admit(self, busy: set[Hashable]) -> None:
         """Requests join in turn between users while the batch has room. A request's rows are made once, when
         it first reaches the front (each then sees one version of its session); one that does not fit yet
-        waits there, with every request behind it, so that a large request is not overtaken forever. A user
-        whose front request is for a ``busy`` session is passed over (its requests keep their places)."""
+        waits there, with every request behind it, so that a large request is not overtaken forever. Requests
+        of ``busy`` sessions are passed over and keep their places: a user's turn goes to its first request for
+        a session that is not busy (one session in training does not hold up the user's others)."""
         self._forget_cancelled()
         while True:
             with self._cond:
-                user = next((u for u, line in self._requests.items() if line[0].key not in busy), None)
-                if user is None:
+                found = next(((u, r) for u, line in self._requests.items() for r in line if r.key not in busy), None)
+                if found is None:
                     return
-                request = self._requests[user][0]
+                user, request = found
             if request.future.cancelled():  # its client left while it waited
-                self._unqueue(user)
+                self._unqueue(user, request)
                 continue
             if not request.rows:
                 try:
@@ -455,13 +456,13 @@ class Scheduler:
                             "(TTT_ANSWER_KV_BYTES, TTT_MAX_ANSWER_ROWS): ask for fewer max_tokens"
                         )
                 except Exception as e:
-                    self._unqueue(user)
+                    self._unqueue(user, request)
                     if request.future.set_running_or_notify_cancel():
                         request.future.set_exception(e)
                     continue
             if not self.answers.fits(request.rows):
                 return
-            self._unqueue(user)
+            self._unqueue(user, request)
             if request.future.set_running_or_notify_cancel():
                 self._active.append(request)  # first: a join that fails fails it with the batch, never strands it
                 for row in request.rows:
@@ -478,11 +479,11 @@ class Scheduler:
                 if not line:
                     del self._requests[user]
 
-    def _unqueue(self, user: Hashable) -> None:
-        """Remove ``user``'s front request; the user goes to the back of the line."""
+    def _unqueue(self, user: Hashable, request: AnswerRequest) -> None:
+        """Remove ``user``'s ``request``; the user goes to the back of the line."""
         with self._cond:
             line = self._requests.pop(user)
-            request = line.popleft()
+            line.remove(request)
             if line:
                 self._requests[user] = line
             self._count(request.key, -1)

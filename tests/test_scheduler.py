@@ -639,12 +639,14 @@ def test_a_join_that_fails_fails_its_request_instead_of_stranding_it():
         s.shutdown(TIMEOUT)
 
 
-def test_answers_decode_at_the_pause_points_of_a_chunk_in_training():
+@pytest.mark.parametrize("other_user", ["chat", "ingest"])
+def test_answers_decode_at_the_pause_points_of_a_chunk_in_training(other_user):
     """A batchable unit (chunks in training) reaches a pause point after each of its 8 "layers" (1 s each): an
     answer of another session that arrives meanwhile decodes there while answers are owed their share (three
     steps after two layers: 3 x 0.25 <= 2 x 0.75), before the unit ends; one of the unit's own session, queued
     ahead of it after the unit has begun to change its session (``changing``), is passed over and waits for the
-    unit's end. The unit's session counts as busy throughout."""
+    unit's end. The unit's session counts as busy throughout. The other session may be another user's or the
+    same user's: the busy session's request ahead of it in that user's line does not hold it up."""
     s, clock = shared_device()
     order, busy, requests = [], [], []
 
@@ -657,7 +659,7 @@ def test_answers_decode_at_the_pause_points_of_a_chunk_in_training():
             order.append("L")
             clock.tick()
             if layer == 1:
-                for key, name in ((("ingest", "doc"), "o"), (("chat", "s"), "a")):
+                for key, name in ((("ingest", "doc"), "o"), ((other_user, "s"), "a")):
                     requests.append(s.submit_answers(key, [lambda n=name: Row(n, 3 if n == "a" else 2)], on_step))
             busy.append(s.waiting(("ingest", "doc")))
             pause_point()
