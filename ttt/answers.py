@@ -157,15 +157,13 @@ class Answering:
 
     def _keep_prefix(self, weights_version: int, cache: PrefixCache) -> None:
         """An answer's prefill computed the keys/values of the whole window under ``weights_version``: held for the
-        next answers unless the weights have changed since, the session has moved to another device (``to``) or
-        as much is held already. Called by the device thread: it does not wait for the lock (the next answer
-        computes them again then)."""
+        next answers unless the weights have changed since or as much is held already. Called by the device
+        thread: it does not wait for the lock (the next answer computes them again then)."""
         if not self.lock.acquire(blocking=False):
             return
         try:
             held = self._answer_prefix
-            current = weights_version == self.weights_version and cache.k[0].device == self.device
-            if current and (
+            if weights_version == self.weights_version and (
                 held is None or held.weights_version != weights_version or len(held.cache.tokens) < len(cache.tokens)
             ):
                 self._answer_prefix = HeldPrefix(weights_version, cache, read=True)
