@@ -14,7 +14,6 @@ import torch
 import ttt
 from ttt.cache import KVCache, RaggedCache
 from ttt.decode import AnswerPool, DecodeBatch
-from ttt.generate import PrefixCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,41 +107,6 @@ def test_deltas_of_a_batched_row_are_its_text(engine, sessions):
         pieces += row.take()
     alone = sessions[0].generate(MSGS, max_tokens=12, stop=["e"])
     assert "".join(pieces) == row.text == alone.text and row.finish_reason == alone.finish_reason
-
-
-def test_a_row_that_prefills_its_window_in_pieces_keeps_it_for_the_next_answers(engine, sessions, monkeypatch):
-    """An answer that finds none of its session's window keys/values held (the weights changed, or the session
-    moved) prefills the window with its prompt, in the batch's pieces while another row decodes (no pass over
-    the layers is longer than a piece), and hands the window's keys/values to the session: those of a build
-    (1e-5), read by the next answer."""
-    s = sessions[1]
-    alone = s.generate(MSGS, max_tokens=8)
-    sessions[0].generate(MSGS, max_tokens=1)  # the other row's session holds its window's
-    s._answer_prefix = None  # nothing held, as after a move
-    window = s._before_prompt()
-    assert len(window) > 2 * 7  # three pieces or more
-    passes, run_layers = [], type(engine.base.model).run_layers
-
-    def spy(model, h, *args, **kwargs):
-        passes.append(h.shape[1])
-        return run_layers(model, h, *args, **kwargs)
-
-    monkeypatch.setattr(type(engine.base.model), "run_layers", spy)
-    found = engine.answer_prefixes.copy()
-    other, row = sessions[0].generate(MSGS, stream=True, max_tokens=8), s.generate(MSGS, stream=True, max_tokens=8)
-    assert engine.answer_prefixes - found == {"ready": 1, "built": 1}
-    run_batch(DecodeBatch(engine.base.model, prefill_chunk=7), [other, row], join_at=[0, 1])
-    assert max(passes) == 7
-    monkeypatch.undo()
-    assert row.text == alone.text
-    kept = s._answer_prefix
-    assert kept.cache.tokens == window and kept.weights_version == s.weights_version and kept.read
-    built = PrefixCache.build(engine.base.model, s.fast, window)
-    for k, b in zip(kept.cache.k + kept.cache.v, built.k + built.v, strict=True):
-        torch.testing.assert_close(k, b, rtol=1e-5, atol=1e-5)
-    found = engine.answer_prefixes.copy()
-    assert s.generate(MSGS, max_tokens=8).text == alone.text
-    assert engine.answer_prefixes - found == {"ready": 1} and s._answer_prefix.cache is kept.cache
 
 
 @pytest.mark.parametrize("max_tokens", [0, 3])

@@ -7,7 +7,6 @@ pending tokens, span memory, fast weights, lock, version)."""
 from __future__ import annotations
 
 import copy
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -129,59 +128,32 @@ class Answering:
             # A snapshot (a few MB): the answer stays consistent even if an ingest runs meanwhile.
             fast = copy.deepcopy(self.fast).requires_grad_(False)
             prefix = self._before_prompt()
-            cache, found = self._held_prefix(prefix)
-            if found:
+            cache, found = self._prefix_cache(prefix)
+            if cache is not None:
                 self.engine.answer_prefixes[found] += 1
-            if found == "ready":
-                self._answer_prefix.read = True
-            # What is missing of the window's keys/values is prefilled with the prompt, in the decode batch's
-            # pieces (a question never stalls the others for a whole window), and kept for the next answers.
-            missing = found in ("built", "extended")
-            keep = functools.partial(self._keep_prefix, self.weights_version) if missing else None
             # the notes come out of the window's room, never the prompt's or the answer's
             notes = self.notes(query, self.engine.base.cfg.max_position_embeddings - params.max_tokens - len(ids))
-        return self.engine.answer(notes + ids, params, fast, prefix, stream, cache, echo, keep)
+        return self.engine.answer(notes + ids, params, fast, prefix, stream, cache, echo)
 
-    def _held_prefix(self, prefix: list[int]) -> tuple[PrefixCache | None, str]:
-        """The answer prefix's keys/values held under the current weights, and how they stand: "ready" (all of
-        ``prefix``), "extended" (its start: the tokens read since are missing; the window grows between trained
-        chunks), "built" (None: the weights changed, ``weights_version``, or the window moved). ("" for an empty
-        prefix.) Call with the lock held."""
+    def _prefix_cache(self, prefix: list[int], read: bool = True) -> tuple[PrefixCache | None, str]:
+        """The answer prefix's keys/values under the current weights: computed at the first answer after the
+        weights changed (``weights_version``) or ahead of it (``warm_prefix``), extended by the tokens read since
+        (the window grows between trained chunks), reused as it is otherwise. ``read``: an answer reads them.
+        Returns them and how they were found: "ready", "extended" or "built" (None, "" for an empty prefix).
+        Call with the lock held."""
         if not prefix:
             return None, ""
-        held = self._answer_prefix
-        n = len(held.cache.tokens) if held is not None else 0
-        if held is None or held.weights_version != self.weights_version or not n or prefix[:n] != held.cache.tokens:
-            return None, "built"
-        return held.cache, "extended" if len(prefix) > n else "ready"
-
-    def _keep_prefix(self, weights_version: int, cache: PrefixCache) -> None:
-        """An answer's prefill computed the keys/values of the whole window under ``weights_version``: held for the
-        next answers unless the weights have changed since or as much is held already. Called by the device
-        thread: it does not wait for the lock (the next answer computes them again then)."""
-        if not self.lock.acquire(blocking=False):
-            return
-        try:
-            held = self._answer_prefix
-            if weights_version == self.weights_version and (
-                held is None or held.weights_version != weights_version or len(held.cache.tokens) < len(cache.tokens)
-            ):
-                self._answer_prefix = HeldPrefix(weights_version, cache, read=True)
-        finally:
-            self.lock.release()
-
-    def _prefix_cache(self, prefix: list[int], read: bool) -> PrefixCache | None:
-        """The answer prefix's keys/values under the current weights, computed now where missing (``_held_prefix``)
-        and held. ``read``: an answer has read them. Call with the lock held."""
-        cache, found = self._held_prefix(prefix)
-        model = self.engine.base.model
-        if found == "built":
-            cache = PrefixCache.build(model, self.fast, prefix)
-        elif found == "extended":
-            cache = cache.extended(model, self.fast, prefix[len(cache.tokens) :])
-        if cache is not None:
-            self._answer_prefix = HeldPrefix(self.weights_version, cache, read)
-        return cache
+        model, held = self.engine.base.model, self._answer_prefix
+        cache = held.cache if held is not None else PrefixCache([], [], [])
+        n = len(cache.tokens)
+        if held is None or held.weights_version != self.weights_version or not n or prefix[:n] != cache.tokens:
+            cache, found = PrefixCache.build(model, self.fast, prefix), "built"
+        elif len(prefix) > n:
+            cache, found = cache.extended(model, self.fast, prefix[n:]), "extended"
+        else:
+            found = "ready"
+        self._answer_prefix = HeldPrefix(self.weights_version, cache, read)
+        return cache, found
 
     @property
     def talked_to(self) -> bool:
@@ -204,7 +176,7 @@ class Answering:
             current = held.weights_version == self.weights_version
             if current and held.cache.tokens == prefix:
                 return False
-            if self._prefix_cache(prefix, read=current and held.read) is None:
+            if self._prefix_cache(prefix, read=current and held.read)[0] is None:
                 self._answer_prefix = None  # nothing to read before a prompt (an empty window)
             return True
 

@@ -249,12 +249,6 @@ class DecodeBatch:
             logits = self.model(tokens, adapters, cache, last_only=not row.scores_prompt)[0]
             budget -= len(piece)
             row.prefilled(piece, logits)
-            if 0 < row.window_to_keep <= row.filled:  # copies: the slot is reused by other rows
-                n = row.window_to_keep
-                row.window_prefilled(
-                    [k[slot : slot + 1, :, :n].clone() for k in self.pool.k],
-                    [v[slot : slot + 1, :, :n].clone() for v in self.pool.v],
-                )
             if row.filled == len(row.prompt):
                 self.decoding += 1
                 self._adapters = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 from .answers import Generation
@@ -121,16 +120,13 @@ class Engine:
         stream: bool,
         prefix: PrefixCache | None = None,
         echo: int = 0,
-        keep_window: Callable[[PrefixCache], None] | None = None,
     ):
         """The shared decoding path: ``window`` tokens (their keys/values from ``prefix`` when it holds
-        them), then the ``prompt`` ids, then sampled tokens; ``echo``: score the prompt's last ``echo`` tokens;
-        ``keep_window``: called with the keys/values of the whole window once prefilled (if it fits whole)."""
+        them), then the ``prompt`` ids, then sampled tokens; ``echo``: score the prompt's last ``echo`` tokens."""
         if params.max_tokens == 0 and not echo:
             raise ValueError("max_tokens must be >= 1 (0 only with echo: a completion that scores its prompt)")
         ids = self.prompt(prompt, params, window)
-        keeper = (len(window), keep_window) if keep_window and window and ids[: len(window)] == list(window) else None
-        ts = TokenStream(self.base.model, fast, self.base.tokenizer, ids, params, self._stop_ids, prefix, echo, keeper)
+        ts = TokenStream(self.base.model, fast, self.base.tokenizer, ids, params, self._stop_ids, prefix, echo)
         if stream:
             return ts
         text = "".join(ts)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -185,7 +185,6 @@ class TokenStream:
         stop_ids: set[int],
         prefix: PrefixCache | None = None,
         echo: int = 0,
-        window_keeper: tuple[int, Callable[[PrefixCache], None]] | None = None,
     ):
         self.model, self.fast, self.tokenizer = model, fast, tokenizer
         self.prompt, self.params, self.stop_ids = prompt, params, stop_ids
@@ -195,9 +194,6 @@ class TokenStream:
         fits = prefix is not None and keep > 0 and prompt[:keep] == prefix.tokens[:keep]
         self.prefix, self.filled = (prefix, keep) if fits else (None, 0)  # filled: tokens with keys/values
         self.echo = echo
-        # (n, keep): the prompt's first n tokens are its session's window, not cached (or not all of it): ``keep``
-        # is handed their keys/values once prefilled (``window_prefilled``), for the session's next answers
-        self.window_keeper = window_keeper if window_keeper is not None and window_keeper[0] > self.filled else None
         self.prompt_tokens = len(prompt)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
@@ -249,17 +245,6 @@ class TokenStream:
                     held = max(held, k)
                     break
         return n - held
-
-    @property
-    def window_to_keep(self) -> int:
-        """How many of the first prompt tokens' keys/values ``window_prefilled`` wants (0: none)."""
-        return self.window_keeper[0] if self.window_keeper is not None else 0
-
-    def window_prefilled(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
-        """The keys/values of the prompt's first ``window_to_keep`` tokens (per layer [1, kv_heads, n, head_dim],
-        copies), computed by this row's prefill: handed to the keeper, once."""
-        (n, keep), self.window_keeper = self.window_keeper, None
-        keep(PrefixCache(self.prompt[:n], k, v))
 
     def prefilled(self, piece: list[int], logits: torch.Tensor) -> None:
         """The keys/values of ``piece`` (the next prompt tokens) are stored; ``logits`` [T, V] are its
