@@ -19,7 +19,7 @@ from concurrent.futures import Future
 
 from server.errors import QueueFull, QuotaExceeded
 from server.registry import SessionRegistry
-from server.scheduler import Scheduler
+from server.scheduler import Scheduler, result_for_client
 from ttt import Session, SessionConfig
 from ttt.config import PER_CHUNK, check_caps
 from ttt.ingest import ChunkReport
@@ -144,7 +144,9 @@ class DocumentFeed:
     def _train_ready(self) -> Iterator[ChunkReport]:
         while self.is_active() and self.session.chunks_ready:
             self.registry.check_held(*self.key, self.session)  # LeaseLost: another server took the session over
-            report = self.scheduler.run_batchable(self.key, train_batch, (self.session, self.step_settings))
+            unit = self.scheduler.submit_batchable(self.key, train_batch, (self.session, self.step_settings))
+            # a client gone before its chunk's turn: the chunk stays pending for its next stream
+            report = result_for_client(unit, self.is_active)
             if report is None:
                 return
             self.trained += 1

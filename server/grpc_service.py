@@ -2,7 +2,7 @@
 stream progress; exceptions become status codes through ``server.errors``.
 
 Where a chunk of text goes: ``Ingest`` -> ``DocumentFeed.add`` (server/documents.py) ->
-``Session.append`` (tokenize, no device) -> ``scheduler.run_batchable(key, train_batch, ...)`` ->
+``Session.append`` (tokenize, no device) -> ``scheduler.submit_batchable(key, train_batch, ...)`` ->
 ``ttt.session.train_sessions`` -> ``ttt.batch.train_group`` (score, step; one session, or a batch with other
 sessions' chunks waiting at the same time) -> ``Session.record_chunk`` (window, surprising spans and their
 rehearsal: ``ttt.memory``) on the worker.
@@ -24,6 +24,7 @@ from server.documents import DocumentFeed, chunk_progress
 from server.errors import INTERNAL, StreamIdle, message_of, status_of
 from server.proto.ttt.v1 import ttt_pb2 as pb
 from server.proto.ttt.v1 import ttt_pb2_grpc as pb_grpc
+from server.scheduler import result_for_client
 from ttt.config import SECTIONS, check_caps
 from ttt.engine import check_session_id
 from ttt.ingest import ChunkReport
@@ -216,13 +217,16 @@ class SessionsService(pb_grpc.SessionsServicer):
             start = first.start
             sid = check_session_id(start.session_id)
             with self.sessions.feeding(user, sid):
-                feed = self.sessions.open_feed(
+                opening = self.sessions.open_feed(
                     user,
                     sid,
                     requested=settings_dict(start.settings),
                     create_if_missing=start.create_if_missing,
                     is_active=context.is_active,
-                ).result()
+                )
+                feed = result_for_client(opening, context.is_active)
+                if feed is None:
+                    return  # the client has gone while the device was busy
                 yield from self._ingest(feed, start, requests, context)
 
     def _ingest(self, feed: DocumentFeed, start: pb.IngestStart, request_iterator, context):

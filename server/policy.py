@@ -50,6 +50,11 @@ class StreamSlots:
         self._open: Counter[str] = Counter()
         self._lock = threading.Lock()
 
+    def open(self, user: str) -> int:
+        """The user's streams open now."""
+        with self._lock:
+            return self._open[user]
+
     @contextmanager
     def hold(self, user: str) -> Iterator[None]:
         with self._lock:

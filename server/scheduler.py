@@ -52,6 +52,7 @@ log = logging.getLogger("ttt.server.scheduler")
 SHARE_DEBT_SECONDS = 5.0  # units' device time past their share counts at most this much
 RECENT_WEIGHT = 0.3  # weight of the latest unit in the running means of units' durations
 ANSWER_GRACE_SECONDS = 1.0  # each kind counts as present this long after it last ran (its next piece of work comes)
+CLIENT_CHECK_SECONDS = 0.25  # how often a handler waiting for a unit asks whether its client is still there
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]  # items -> one result per item, same order
 
 
@@ -102,6 +103,19 @@ class AnswerRequest:
 def running_mean(mean: float, value: float) -> float:
     """The running mean after ``value`` (the first value, when ``mean`` is 0)."""
     return value if not mean else (1 - RECENT_WEIGHT) * mean + RECENT_WEIGHT * value
+
+
+def result_for_client(future: Future, is_active: Callable[[], bool]) -> Any:
+    """``future``'s result while the client that waits for it is there; None once ``is_active()`` says it has
+    gone: a unit not started yet is cancelled (it never runs), one running ends unseen. So a handler never holds
+    its client's resources (a stream slot, the session's feed) for a unit nobody waits for."""
+    while True:
+        try:
+            return future.result(timeout=CLIENT_CHECK_SECONDS)
+        except TimeoutError:
+            if not is_active():
+                future.cancel()
+                return None
 
 
 def owner(key: Hashable) -> Hashable:

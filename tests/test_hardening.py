@@ -19,7 +19,7 @@ import pydantic
 import pytest
 import torch
 from conftest import write_keys
-from test_grpc_server import Client, Code
+from test_grpc_server import CHUNK, Client, Code
 from test_grpc_server import running as grpc_running
 from test_grpc_server import start as grpc_start
 from test_http import (
@@ -367,6 +367,44 @@ def test_a_stream_silent_mid_document_is_cancelled_and_keeps_what_came(keyed_grp
     more = " And the earth was without form."
     alice.ingest(grpc_start("silent", create=False), [more])  # and ends it
     assert alice.get("silent").tokens_ingested == len(tokenizer(text + more, add_special_tokens=False).input_ids)
+
+
+def test_a_client_gone_while_its_chunk_waits_frees_its_stream_slot_and_loses_nothing(keyed_grpc):
+    """A client whose deadline passes while its chunk waits for a busy device: the stream's handler stops waiting
+    (the chunk, not started, is taken off the queue and its tokens stay pending) and gives back the user's stream
+    slot then, not when the device comes to the chunk. A resumed stream trains what was left."""
+    server, channel = keyed_grpc
+    alice = Client(channel, KEY_A)
+    alice.create("gave-up")
+    ids = list(range(100, 100 + 2 * CHUNK))
+    busy, release = threading.Event(), threading.Event()
+
+    def requests():
+        yield grpc_start("gave-up", create=False, end=False)
+        yield pb.IngestRequest(tokens=pb.TokenIds(ids=ids[:CHUNK]))  # a chunk: trains at once
+        busy.wait(30)
+        yield pb.IngestRequest(tokens=pb.TokenIds(ids=ids[CHUNK:]))  # a chunk: waits behind the busy device
+        release.wait(30)
+
+    blocker = None
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            for response in alice.stub.Ingest(requests(), timeout=3.0, metadata=alice.metadata):
+                if response.WhichOneof("message") == "chunk" and blocker is None:
+                    blocker = server.state.scheduler.submit(("bob", "busy"), release.wait, 60)
+                    busy.set()
+        assert info.value.code() == Code.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 30
+        while server.state.streams.open("alice") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.state.streams.open("alice") == 0 and not blocker.done()  # freed with the device still busy
+    finally:
+        release.set()
+    blocker.result(30)
+    info = alice.get("gave-up")
+    assert (info.tokens_ingested, info.pending_tokens) == (CHUNK, CHUNK)  # the second chunk was never trained
+    alice.ingest(grpc_start("gave-up", create=False), [])
+    assert alice.get("gave-up").tokens_ingested == 2 * CHUNK
 
 
 # ---- session settings priced before anything is allocated -----------------------------------------
