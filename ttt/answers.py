@@ -28,21 +28,14 @@ class Generation:
     echo_logprobs: list[TokenLogprob] = field(default_factory=list)  # per prompt token, for an echoed completion
 
 
-# Prefixes built ahead (``warm_prefix``) in a row that no answer read before the weights changed again, after
-# which the warming stops until an answer reads one: 1 left a session asked about twice per chunk without a
-# prefix ready for about one question in six under load (no question in a chunk's time, then the warming off).
-UNREAD_WARMS = 2
-
-
 @dataclass
 class HeldPrefix:
-    """The keys/values of every answer's prefix under one state of the fast weights (``weights_version``),
-    whether an answer has read them, and how many prefixes built ahead before them in a row went unread."""
+    """The keys/values of every answer's prefix under one state of the fast weights (``weights_version``), and
+    whether an answer has read them: those built ahead (``warm_prefix``) and never read stop the warming."""
 
     weights_version: int
     cache: PrefixCache
     read: bool
-    unread_before: int = 0
 
 
 class Answering:
@@ -142,9 +135,7 @@ class Answering:
             notes = self.notes(query, self.engine.base.cfg.max_position_embeddings - params.max_tokens - len(ids))
         return self.engine.answer(notes + ids, params, fast, prefix, stream, cache, echo)
 
-    def _prefix_cache(
-        self, prefix: list[int], read: bool = True, unread_before: int = 0
-    ) -> tuple[PrefixCache | None, str]:
+    def _prefix_cache(self, prefix: list[int], read: bool = True) -> tuple[PrefixCache | None, str]:
         """The answer prefix's keys/values under the current weights: computed at the first answer after the
         weights changed (``weights_version``) or ahead of it (``warm_prefix``), extended by the tokens read since
         (the window grows between trained chunks), reused as it is otherwise. ``read``: an answer reads them.
@@ -161,26 +152,22 @@ class Answering:
             cache, found = cache.extended(model, self.fast, prefix[n:]), "extended"
         else:
             found = "ready"
-        self._answer_prefix = HeldPrefix(self.weights_version, cache, read, unread_before)
+        self._answer_prefix = HeldPrefix(self.weights_version, cache, read)
         return cache, found
 
     @property
     def talked_to(self) -> bool:
         """The answers' prefix is worth keeping up to date ahead of the questions (``warm_prefix``): an answer read
-        the one cached under the weights before these (the session is asked while it reads), or fewer than
-        ``UNREAD_WARMS`` built ahead went unread since one was, or it is of these."""
+        the one cached under the weights before these (the session is asked while it reads), or it is of these."""
         held = self._answer_prefix
-        return held is not None and (
-            held.read or held.unread_before < UNREAD_WARMS - 1 or held.weights_version == self.weights_version
-        )
+        return held is not None and (held.read or held.weights_version == self.weights_version)
 
     def warm_prefix(self) -> bool:
         """Bring the answers' prefix up to date before anyone asks, if the session is ``talked_to``: rebuilt under
         weights a trained chunk has just changed, extended by the tokens read since. A question then prefills only
         its own prompt (the window's keys/values under new weights, and those of the tokens read since, were most
-        of its wait under ingest load). ``UNREAD_WARMS`` in a row kept up to date but not read before the weights
-        changed again stop the warming until an answer reads one again, so a session that only reads pays for
-        that many chunks of it at most.
+        of its wait under ingest load). One kept up to date but not read before the weights change again stops the
+        warming until an answer reads one again, so a session that only reads pays for one chunk of it at most.
         Returns whether it computed anything."""
         with self.lock:
             if not self.talked_to:
@@ -189,11 +176,7 @@ class Answering:
             current = held.weights_version == self.weights_version
             if current and held.cache.tokens == prefix:
                 return False
-            if current:  # the tokens read since: the same prefix, extended
-                read, unread_before = held.read, held.unread_before
-            else:  # under new weights: one more built ahead if the last went unread
-                read, unread_before = False, 0 if held.read else held.unread_before + 1
-            if self._prefix_cache(prefix, read, unread_before)[0] is None:
+            if self._prefix_cache(prefix, read=current and held.read)[0] is None:
                 self._answer_prefix = None  # nothing to read before a prompt (an empty window)
             return True
 
