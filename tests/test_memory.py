@@ -12,7 +12,7 @@ import ttt
 from ttt.cache import RollingContext
 from ttt.config import RecallConfig
 from ttt.ingest import forward_hidden
-from ttt.memory import Span, SpanMemory, rehearse, select_spans, span_batch
+from ttt.memory import Span, SpanMemory, TokenMarks, rehearse, select_spans, span_batch
 from ttt.study import StudyBatch, questions, student_loss, teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,6 +29,13 @@ def encode(engine, text: str) -> list[int]:
     return engine.base.tokenizer(text, add_special_tokens=False).input_ids
 
 
+def marks(ends: torch.Tensor, joins: list[int] = ()) -> TokenMarks:
+    """``ends`` and no token that goes on with a word, but ``joins``."""
+    word = torch.zeros_like(ends)
+    word[list(joins)] = True
+    return TokenMarks(ends, word)
+
+
 def test_spans_are_the_most_surprising_sentences_cut_around_their_peak():
     # sentences [0, 4), [4, 10), [10, 22), [22, 24) (ends[t] marks a sentence end; the last one is too short)
     tokens = list(range(24))
@@ -37,13 +44,33 @@ def test_spans_are_the_most_surprising_sentences_cut_around_their_peak():
     surprise = torch.zeros(24)
     surprise[6], surprise[14], surprise[20], surprise[23] = 5.0, 9.0, 4.0, 50.0
     cfg = RecallConfig(spans_per_chunk=3, span_tokens=5, peak_tokens=2)
-    spans = select_spans(tokens, surprise, ends, cfg, position=100)
+    spans = select_spans(tokens, surprise, marks(ends), cfg, position=100)
     # [10, 22): peak 14, 5 tokens ending AFTER_PEAK = 3 after it: [13, 18), scored by its own 2 best tokens only
     # (the 4.0 at 20 is cut off); [4, 10): peak 6 -> [5, 10) cut by the sentence end; [0, 4) scores 0: not kept
     assert [(sp.position, sp.tokens, sp.score) for sp in spans] == [
         (113, [13, 14, 15, 16, 17], 9.0),
         (105, [5, 6, 7, 8, 9], 5.0),
     ]
+
+
+def test_a_long_sentence_gives_a_span_around_each_peak_and_a_span_ends_with_its_word():
+    # one 40-token sentence stating two facts far apart: peaks at 5 and 30; tokens 34 and 35 go on with a word
+    tokens, ends = list(range(40)), torch.zeros(48, dtype=torch.bool)
+    ends[39] = True
+    surprise = torch.zeros(40)
+    surprise[5], surprise[30] = 9.0, 8.0
+    cfg = RecallConfig(spans_per_chunk=4, dense_spans_per_chunk=0, span_tokens=8, peak_tokens=1)
+    spans = select_spans(tokens, surprise, marks(ends, joins=[34, 35]), cfg, position=0)
+    # [1, 9): 5 and AFTER_PEAK = 3 after it; [28, 36): 30, 3 after it, then on to the word's end (34, 35); the
+    # rest of the sentence ([9, 28), [36, 40)) holds no surprise: no span (once cut around 5 only: [1, 9) alone)
+    assert [(sp.position, sp.tokens, sp.score) for sp in spans] == [
+        (1, list(range(1, 9)), 9.0),
+        (28, list(range(28, 36)), 8.0),
+    ]
+    # by density only a sentence's first span (the one around its highest peak): the rest of a long sentence is
+    # not a short fact
+    one_each = RecallConfig(spans_per_chunk=1, dense_spans_per_chunk=1, span_tokens=8, peak_tokens=1)
+    assert [sp.position for sp in select_spans(tokens, surprise, marks(ends, [34, 35]), one_each, 0)] == [1]
 
 
 def test_the_memory_keeps_the_best_within_its_budget_and_reads_them_in_document_order():
@@ -126,9 +153,9 @@ def test_spans_are_taken_by_their_peaks_then_by_their_density():
     surprise[[10, 14, 18, 22, 26]] = 8.0
     surprise[[34, 38, 42, 46, 50]] = 9.0
     by_peaks = RecallConfig(spans_per_chunk=1, dense_spans_per_chunk=0, span_tokens=24)
-    assert [sp.position for sp in select_spans(tokens, surprise, ends, by_peaks, position=0)] == [30]
+    assert [sp.position for sp in select_spans(tokens, surprise, marks(ends), by_peaks, position=0)] == [30]
     both = RecallConfig(spans_per_chunk=1, dense_spans_per_chunk=1, span_tokens=24)
-    spans = select_spans(tokens, surprise, ends, both, position=0)
+    spans = select_spans(tokens, surprise, marks(ends), both, position=0)
     # the long one by peaks (5 x 9 = 45); then by density the fact (mean of its 3 best = 6, x 5 = 30) rather
     # than the other long one (mean of its 12 best = (5 x 8 + 7) / 12, x 5 = 19.6)
     assert [(sp.position, sp.score) for sp in spans] == [(30, 45.0), (0, 30.0)]

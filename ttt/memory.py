@@ -35,6 +35,8 @@ from .study import student_loss
 SENTENCE_END = (".", "!", "?", ";", ":")
 AFTER_PEAK = 3  # tokens kept after a span's most surprising one (a value's last digits, its full stop)
 MIN_SPAN_TOKENS = 4  # shorter "sentences" (a lone line break, a chunk's cut first token) are not kept
+MIN_PIECE_TOKENS = 8  # what is left of a sentence beside its spans is taken only from this long
+WORD_REACH = 6  # tokens a span may grow by past AFTER_PEAK to end its last word
 # notes: only spans at least this times as related as the best one of theirs (the question's, the hop's): fewer
 # strays. On the question's own matches it is what the book needs (12 + 8 spans: 13 -> 15 of 45 by statement; no
 # answer of 72 stories or 20 needles by statement or question changed, greedy needles 11 -> 11 of 20)
@@ -59,22 +61,57 @@ class Span:
     position: int  # the index of its first token in the session's stream of trained tokens
 
 
+@dataclass(frozen=True)
+class TokenMarks:
+    """What ``select_spans`` needs to know of each vocabulary entry ([V] bool each; V covers the tokenizer and
+    the model's, possibly padded, vocabulary)."""
+
+    ends: torch.Tensor  # its text ends a sentence or a line (without closing quotes: . ! ? ; : or a newline)
+    joins: torch.Tensor  # its text goes on with the word before it (starts with a letter, a digit, - or ')
+
+
 @functools.lru_cache(maxsize=4)
-def sentence_ends(tokenizer, vocab_size: int) -> torch.Tensor:
-    """[V] bool: the token ends a sentence or a line (its text, without closing quotes, ends in . ! ? ; : or has
-    a newline). V covers the tokenizer and the model's (possibly padded) vocabulary. Computed once."""
-    ends = torch.zeros(max(len(tokenizer), vocab_size), dtype=torch.bool)
+def token_marks(tokenizer, vocab_size: int) -> TokenMarks:
+    """The ``TokenMarks`` of a tokenizer, computed once."""
+    size = max(len(tokenizer), vocab_size)
+    ends, joins = torch.zeros(size, dtype=torch.bool), torch.zeros(size, dtype=torch.bool)
     for i in range(len(tokenizer)):
         text = tokenizer.decode([i])
         ends[i] = "\n" in text or text.rstrip(" \"')").endswith(SENTENCE_END)
-    return ends
+        joins[i] = text[:1].isalnum() or text[:1] in ("-", "'")
+    return TokenMarks(ends, joins)
+
+
+def pieces(
+    tokens: Sequence[int], surprise: torch.Tensor, joins: torch.Tensor, start: int, stop: int, length: int
+) -> list[tuple[int, int]]:
+    """Spans of the sentence ``tokens[start:stop]``, as (lo, hi) pairs: the ``length`` tokens around its most
+    surprising one (keeping what comes before it: a fact's key usually precedes its value; ``AFTER_PEAK`` tokens
+    after it, more to finish its word), then the same in what is left on either side, down to pieces of
+    ``MIN_PIECE_TOKENS``. A long sentence states several facts; cut once around its peak it kept one ("daughter of
+    James Stevenson" lost to "(who died 1800)" later in the same sentence)."""
+    found, todo = [], [(start, stop)]
+    while todo:
+        a, b = todo.pop()
+        if b - a < (MIN_SPAN_TOKENS if (a, b) == (start, stop) else MIN_PIECE_TOKENS):
+            continue
+        peak = a + int(surprise[a:b].argmax())
+        hi = min(b, peak + 1 + AFTER_PEAK)
+        reach = min(b, hi + WORD_REACH, peak + length)  # never past the peak's own span
+        while hi < reach and joins[tokens[hi]]:  # "eight-and-" + "thirty"
+            hi += 1
+        lo = max(a, hi - length)
+        hi = min(b, lo + length)
+        found.append((lo, hi))
+        todo += [(a, lo), (hi, b)]
+    return found
 
 
 def select_spans(
-    tokens: Sequence[int], surprise: torch.Tensor, ends: torch.Tensor, cfg: RecallConfig, position: int
+    tokens: Sequence[int], surprise: torch.Tensor, marks: TokenMarks, cfg: RecallConfig, position: int
 ) -> list[Span]:
-    """The chunk's most surprising sentences, each cut to ``cfg.span_tokens`` around its most surprising token,
-    keeping what comes before it (a fact's key usually precedes its value) and ``AFTER_PEAK`` tokens after it.
+    """The chunk's most surprising spans: its sentences, a long one cut into ``pieces`` of at most
+    ``cfg.span_tokens`` around its peaks.
 
     Surprising two ways: ``cfg.spans_per_chunk`` by their peaks (score: the summed surprise of their
     ``cfg.peak_tokens`` most surprising tokens: a name, a number), then ``cfg.dense_spans_per_chunk`` more by
@@ -85,25 +122,21 @@ def select_spans(
     ``tokens`` [T] and ``surprise`` [T] (NLL of each token before the update; 0 where unscored); ``position`` is
     the stream index of ``tokens[0]``.
     """
-    bounds = (torch.nonzero(ends[torch.as_tensor(tokens)]).flatten() + 1).tolist()
+    bounds = (torch.nonzero(marks.ends[torch.as_tensor(tokens)]).flatten() + 1).tolist()
     starts = [0] + [b for b in bounds if b < len(tokens)]
     stops = [*starts[1:], len(tokens)]
     candidates = []
     for a, b in zip(starts, stops, strict=True):
-        if b - a < MIN_SPAN_TOKENS:
-            continue
-        peak = a + int(surprise[a:b].argmax())
-        hi = min(b, peak + 1 + AFTER_PEAK)
-        lo = max(a, hi - cfg.span_tokens)
-        hi = min(b, lo + cfg.span_tokens)
-        peaks = torch.topk(surprise[lo:hi], min(cfg.peak_tokens, hi - lo)).values.sum().item()
-        dense = torch.topk(surprise[lo:hi], (hi - lo + 1) // 2).values.mean().item() * cfg.peak_tokens
-        if peaks > 0:
-            candidates.append((Span(list(tokens[lo:hi]), peaks, position + lo), dense))
+        for k, (lo, hi) in enumerate(pieces(tokens, surprise, marks.joins, a, b, cfg.span_tokens)):
+            peaks = torch.topk(surprise[lo:hi], min(cfg.peak_tokens, hi - lo)).values.sum().item()
+            dense = torch.topk(surprise[lo:hi], (hi - lo + 1) // 2).values.mean().item() * cfg.peak_tokens
+            if peaks > 0:  # by density only a sentence's first span: the rest of a long one is not a short fact
+                candidates.append((Span(list(tokens[lo:hi]), peaks, position + lo), dense, k == 0))
     candidates.sort(key=lambda c: -c[0].score)
     by_peaks, rest = candidates[: cfg.spans_per_chunk], candidates[cfg.spans_per_chunk :]
-    by_density = [Span(sp.tokens, dense, sp.position) for sp, dense in sorted(rest, key=lambda c: -c[1])]
-    return sorted([sp for sp, _ in by_peaks] + by_density[: cfg.dense_spans_per_chunk], key=lambda sp: -sp.score)
+    firsts = sorted((c for c in rest if c[2]), key=lambda c: -c[1])
+    by_density = [Span(sp.tokens, dense, sp.position) for sp, dense, _ in firsts]
+    return sorted([sp for sp, _, _ in by_peaks] + by_density[: cfg.dense_spans_per_chunk], key=lambda sp: -sp.score)
 
 
 class SpanMemory:

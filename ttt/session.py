@@ -25,7 +25,7 @@ from .cache import RollingContext
 from .config import PER_CHUNK, IngestConfig, SessionConfig
 from .fast_weights import build_fast_weights, fast_weight_kind
 from .ingest import ChunkReport, forward_hidden, make_optimizer
-from .memory import SpanMemory, rehearse, select_spans, sentence_ends
+from .memory import SpanMemory, rehearse, select_spans, token_marks
 from .pause import changing
 from .study import questions, teacher
 from .tokenize import IncrementalTokenizer
@@ -269,8 +269,8 @@ class Session(Answering):
         if not recall.pool_tokens or report.surprise is None or not torch.isfinite(report.surprise).all():
             return True
         base = self.engine.base
-        ends = sentence_ends(base.tokenizer, base.cfg.vocab_size)
-        spans = select_spans(chunk_ids, report.surprise, ends, recall, position)
+        marks = token_marks(base.tokenizer, base.cfg.vocab_size)
+        spans = select_spans(chunk_ids, report.surprise, marks, recall, position)
         kept = self.memory.add(spans)
         if not recall.replay_steps or report.rolled_back:  # a chunk whose update was undone is not rehearsed on
             return True
