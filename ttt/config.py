@@ -182,7 +182,10 @@ class RecallConfig:
         le=1 << 20,
     )
     spans_per_chunk: int = setting(
-        12, "candidate spans (sentences) taken from each chunk by their peaks (a name, a number)", ge=1, le=64
+        12,
+        "candidate spans (sentences, pieces of long ones) taken from each chunk by their peaks (a name, a number)",
+        ge=1,
+        le=64,
     )
     dense_spans_per_chunk: int = setting(
         8,
