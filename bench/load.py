@@ -45,6 +45,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from server.metrics import PREFIX_FOUND  # ttt_answer_prefixes_total's labels
+
 ERROR_BACKOFF = 0.2  # seconds a worker waits after a failed request
 BOOK = Path(__file__).resolve().parent.parent / "tests" / "data" / "kjv_genesis_exodus.txt"
 
@@ -243,7 +245,6 @@ def idle_ttfts(args, sids: list[str]) -> list[float]:
         ]
 
 
-PREFIX_FOUND = ("ready", "extended", "built")  # ttt_answer_prefixes_total's labels (server/metrics.py)
 SERVER_COUNTS = {  # the server's metrics bench.load reports (differences over the run): name -> (sample, labels)
     "ttft_sum": ("ttt_time_to_first_token_seconds_sum", {}),  # queued for the device to first token
     "ttft_count": ("ttt_time_to_first_token_seconds_count", {}),

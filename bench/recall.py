@@ -126,18 +126,18 @@ def contains(answer: str, value: str) -> bool:
 
 
 class SessionLM:
-    """The ``ttt`` memory: what a session reads before a prompt depends on what is asked
-    (``Session.answer_prefix``), so each query gets the ``PrefixedLM`` of its own prefix (the last one is kept:
+    """The ``ttt`` memory: what a session reads before a prompt, and with which weights, depends on what is asked
+    (``Session.reading``), so each query gets the ``PrefixedLM`` of its own prefix (the last one is kept:
     queries that read the same prefix share it)."""
 
     def __init__(self, engine: ttt.Engine, session: ttt.Session, room: int):
         self.engine, self.session, self.room = engine, session, room
-        self.last: tuple[list[int], PrefixedLM] | None = None
+        self.last: tuple[tuple[list[int], object], PrefixedLM] | None = None
 
     def __call__(self, query: str) -> PrefixedLM:
-        prefix = self.session.answer_prefix(query)
-        if self.last is None or self.last[0] != prefix:
-            self.last = prefix, PrefixedLM(self.engine, prefix, self.session.fast, room=self.room)
+        prefix, fast = self.session.reading(query)
+        if self.last is None or self.last[0] != (prefix, fast):
+            self.last = (prefix, fast), PrefixedLM(self.engine, prefix, fast, room=self.room)
         return self.last[1]
 
 

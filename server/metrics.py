@@ -33,20 +33,24 @@ class ResidencyCollector:
         yield from (sessions, nbytes)
 
 
+PREFIX_FOUND = ("ready", "extended", "built", "notes_alone")
+
+
 class AnswerPrefixCollector:
     """How answers found their window's keys/values (``ttt.Engine.answer_prefixes``), read at each scrape."""
 
     def __init__(self, counts):
-        self.counts = counts  # {"ready" | "extended" | "built": answers}, kept up to date by the engine
+        self.counts = counts  # {PREFIX_FOUND's kind: answers}, kept up to date by the engine
 
     def collect(self):
         family = CounterMetricFamily(
             "ttt_answer_prefixes",
             "Answers by how they found their window's keys/values: ready (kept up to date ahead of the question), "
-            "extended (by tokens read since) or built (the weights changed: a prefill of the whole window)",
+            "extended (by tokens read since), built (the weights changed: a prefill of the whole window) or "
+            "notes_alone (no window read: the question's notes alone, with the base model)",
             labels=["found"],
         )
-        for found in ("ready", "extended", "built"):
+        for found in PREFIX_FOUND:
             family.add_metric([found], self.counts.get(found, 0))
         yield family
 

@@ -76,9 +76,10 @@ def test_logprobs_equal_a_plain_forward(engine):
 
 def test_generated_logprobs_under_the_fast_weights_and_window(read, engine):
     done = read.complete(TEXT, max_tokens=5, top_logprobs=2)
-    ids = read.answer_prefix(TEXT) + engine.base.tokenizer(TEXT, add_special_tokens=False).input_ids  # its spans too
+    prefix, fast = read.reading(TEXT)  # the window and its spans, or its spans alone under the base model
+    ids = prefix + engine.base.tokenizer(TEXT, add_special_tokens=False).input_ids
     out = [e.token for e in done.logprobs]
-    logp = forward_logprobs(engine, read.fast, ids + out)
+    logp = forward_logprobs(engine, fast, ids + out)
     for j, e in enumerate(done.logprobs):
         assert e.logprob == pytest.approx(logp[len(ids) - 1 + j, e.token].item(), abs=1e-4)
 

@@ -65,11 +65,11 @@ def test_the_three_memories_agree_where_they_see_the_same_tokens(engine, ids):
     assert scored[1] != pytest.approx(window[1], abs=1e-6)  # chunk 1 is scored after a step on chunk 0
 
 
-@pytest.mark.parametrize("select", ["surprise", "question"])
-def test_prefixed_lm_equals_session_score_and_generate(engine, ids, select):
+@pytest.mark.parametrize(("select", "alone"), [("surprise", True), ("question", False), ("question", True)])
+def test_prefixed_lm_equals_session_answers(engine, ids, select, alone):
     # a session that keeps exact spans: the memory "ttt" reads its answer prefix as answers do: the window after
-    # the most surprising spans, or followed by the spans related to what is asked
-    recall = {"exact_tokens": 24, "span_tokens": 8, "exact_select": select}
+    # the most surprising spans, or followed by the spans related to what is asked, or those alone
+    recall = {"exact_tokens": 24, "span_tokens": 8, "exact_select": select, "notes_alone": alone}
     session = engine.create_session({**SMALL, "recall": recall})
     session.append_tokens(ids)
     session.end_document()
@@ -84,8 +84,10 @@ def test_prefixed_lm_equals_session_score_and_generate(engine, ids, select):
     if select == "surprise":
         assert lm.prefix == session.answer_prefix() == session.exact_tokens() + session.recent_tokens()
     else:
-        assert lm.prefix == session.answer_prefix(asked) == session.recent_tokens() + notes
-        assert session.answer_prefix("zzzz qqqq") == session.recent_tokens()  # nothing related: nothing read
+        read = notes if alone else session.recent_tokens() + notes
+        assert lm.prefix == session.answer_prefix(asked) == read
+        assert (lm.adapters is None) == alone  # the notes alone are read by the base model
+        assert session.reading("zzzz qqqq") == (session.recent_tokens(), session.fast)  # nothing related
     item = Item(
         "needle/code",
         ["The secret code of the amber heron is 48213."],
@@ -97,12 +99,14 @@ def test_prefixed_lm_equals_session_score_and_generate(engine, ids, select):
     sentence = asked + item.facts[0]
     lm = reading(sentence)
     total, count = lm.nll(sentence)
+    echoed = session.complete(sentence, max_tokens=0, echo=True, top_logprobs=0).echo_logprobs
+    assert total == pytest.approx(-sum(t.logprob for t in echoed), abs=1e-3) and count == len(echoed)
     assert total / count == pytest.approx(session.score(sentence), abs=1e-4)
     assert lm.nll(sentence) == pytest.approx((total, count))  # the cache rewinds between questions
     question = [{"role": "user", "content": asked + " " + item.question}]
     assert reading(question[0]["content"]).greedy(question, 6) == session.generate(question, max_tokens=6).text
     # Reading the prefix in pieces gives the same cache as reading it at once.
-    pieces = PrefixedLM(engine, [], session.fast, capacity=len(lm.prefix) + 128)
+    pieces = PrefixedLM(engine, [], session.reading(sentence)[1], capacity=len(lm.prefix) + 128)
     for i in range(0, len(lm.prefix), 7):
         pieces.extend(lm.prefix[i : i + 7])
     assert pieces.nll(sentence)[0] == pytest.approx(total, abs=1e-3)

@@ -77,18 +77,19 @@ def evaluate(server, model: str, endpoint: str, task: str, tokenizer_dir: Path, 
 
 
 def session_view(server):
-    """(the answer prefix of a prompt, a copy of the fast weights) of the served session, read on the device
-    thread: the window, then the kept spans the prompt names (``Session.answer_prefix``)."""
+    """What the served session's answer to a prompt reads before it, and a copy of the weights it reads with
+    (None: the base model), read on the device thread (``Session.reading``: the window, then the kept spans the
+    prompt names, or those spans alone)."""
     registry = server.state.registry
     session = server.state.scheduler.run(("local", SESSION), lambda: registry.get("local", SESSION))
 
-    def prefix(prompt: str) -> list[int]:
-        return server.state.scheduler.run(("local", SESSION), session.answer_prefix, prompt)
+    def reading(prompt: str) -> tuple[list[int], object]:
+        return server.state.scheduler.run(("local", SESSION), lambda: copy.deepcopy(session.reading(prompt)))
 
-    return prefix, server.state.scheduler.run(("local", SESSION), lambda: copy.deepcopy(session.fast))
+    return reading
 
 
-def reference_loglikelihood(server, tokenizer, prefix_of, fast, context: str, continuation: str) -> float:
+def reference_loglikelihood(server, tokenizer, reading, context: str, continuation: str) -> float:
     """log p(continuation | prefix, context), tokens split as lm-eval does (trailing spaces move to the
     continuation; the continuation is what the whole string adds to the context's tokens); of the prefix, what
     fits the model's context before the prompt and one answer token (``Engine.prompt``)."""
@@ -96,25 +97,26 @@ def reference_loglikelihood(server, tokenizer, prefix_of, fast, context: str, co
     context, continuation = context[: len(context) - n], context[len(context) - n :] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
     ctx = tokenizer(context, add_special_tokens=False).input_ids
-    prefix = prefix_of(tokenizer.decode(whole))  # the server decodes the prompt's ids to choose the spans
+    prefix, fast = reading(tokenizer.decode(whole))  # the server decodes the prompt's ids to choose the spans
     model = server.state.engine.base.model
     room = model.cfg.max_position_embeddings - 1 - len(whole)  # as much of the prefix as fits (max_tokens 1)
     ids = prefix[-room:] + whole
     with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([ids]), fast.adapters())[0].float(), -1)
+        adapters = fast.adapters() if fast is not None else None
+        logp = torch.log_softmax(model(torch.tensor([ids]), adapters)[0].float(), -1)
     start = len(ids) - len(whole) + len(ctx)
     return sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
 
 
 def test_lm_eval_scores_a_session_like_the_python_api(served, offline, tiny_model_dir):
     tokenizer = served.state.engine.base.tokenizer
-    prefix_of, fast = session_view(served)
+    reading = session_view(served)
     samples = evaluate(served, "local-completions", "completions", "ttt_genesis_mc", tiny_model_dir)
     assert len(samples) == 6
     for sample in samples:
         for (context, continuation), response in zip(sample["arguments"], sample["resps"], strict=True):
             loglikelihood = response[0][0]
-            expected = reference_loglikelihood(served, tokenizer, prefix_of, fast, context, continuation)
+            expected = reference_loglikelihood(served, tokenizer, reading, context, continuation)
             assert loglikelihood == pytest.approx(expected, abs=TOLERANCE), (context, continuation)
 
 
@@ -174,7 +176,7 @@ def test_recall_needles_exported_as_an_lm_eval_task(served, offline, tiny_model_
         )
         assert r.status_code == 200
     tokenizer = served.state.engine.base.tokenizer
-    prefix_of, fast = session_view(served)
+    reading = session_view(served)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -199,5 +201,5 @@ def test_recall_needles_exported_as_an_lm_eval_task(served, offline, tiny_model_
     for sample in samples:
         assert len(sample["arguments"]) == 6  # the true value and five wrong ones
         for (context, continuation), response in zip(sample["arguments"], sample["resps"], strict=True):
-            expected = reference_loglikelihood(served, tokenizer, prefix_of, fast, context, continuation)
+            expected = reference_loglikelihood(served, tokenizer, reading, context, continuation)
             assert response[0][0] == pytest.approx(expected, abs=TOLERANCE)

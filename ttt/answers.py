@@ -1,8 +1,9 @@
-"""What a session answers from, and how: every answer reads the window and the exact spans (``answer_prefix``:
+"""What a session answers from, and how: every answer reads the window and the exact spans (``reading``:
 those related to the question right before it, or the most surprising before the window) before its prompt,
-under a snapshot of the fast weights; ``generate`` (chat), ``complete`` (no template) and ``score`` (mean NLL of
-a text). ``Session`` inherits these; the state they read is the session's (config, window,
-pending tokens, span memory, fast weights, lock, version)."""
+under a snapshot of the fast weights, or the spans related to its question alone under the base model
+(``notes_alone``); ``generate`` (chat), ``complete`` (no template) and ``score`` (mean NLL of a text).
+``Session`` inherits these; the state they read is the session's (config, window, pending tokens, span memory,
+fast weights, lock, version)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .fast_weights import FastWeights
 from .generate import PrefixCache, SamplingParams, TokenLogprob, TokenStream
 from .ingest import forward_hidden, next_token_nll
 from .memory import Span, tokens_of
@@ -81,12 +83,27 @@ class Answering:
         return self.stats.tokens_ingested + len(self.pending) - len(self.recent_tokens())
 
     def answer_prefix(self, query: str = "") -> list[int]:
-        """What an answer to ``query`` reads before its prompt: the window, after the most surprising spans or
-        followed by the spans related to ``query`` (``exact_select``), its last tokens that fit the model's
-        context (``Engine.prompt`` cuts further to leave room for the prompt and the answer)."""
+        """What an answer to ``query`` reads before its prompt (``reading``)."""
+        return self.reading(query)[0]
+
+    def reading(self, query: str = "") -> tuple[list[int], FastWeights | None]:
+        """What an answer to ``query`` reads before its prompt, and the fast weights it reads with (None: the base
+        model): the window, after the most surprising spans or followed by the spans related to ``query``
+        (``exact_select``), under the fast weights; or those spans alone under the base model (``notes_alone``).
+        Its last tokens that fit the model's context (``Engine.prompt`` cuts further to leave room for the
+        prompt and the answer)."""
         with self.lock:
-            tokens = self._before_prompt() + self.notes(query)
-            return tokens[-(self.engine.base.cfg.max_position_embeddings - 1) :]
+            notes = self.notes(query)
+            tokens, fast = (notes, None) if self._notes_alone(notes) else (self._before_prompt() + notes, self.fast)
+            return tokens[-(self.engine.base.cfg.max_position_embeddings - 1) :], fast
+
+    def _notes_alone(self, notes: list[int]) -> bool:
+        """Whether an answer that found ``notes`` reads them alone, with the base model (``notes_alone``). On the
+        book of ``ttt recall`` the fast weights (next-token learning of 64 chunks) pulled answers toward its
+        frequent names ("Charles" for the rector "Dr Shirley", whose span the notes held) and the window's 512
+        unrelated tokens distracted: the notes alone under the base model ranked 5 more statements and 4 more
+        questions first of 45, the stories as before (docs/recall.md, thirteenth session)."""
+        return bool(notes) and self.config.recall.notes_alone
 
     def _before_prompt(self) -> list[int]:
         """The part of every answer's prefix that does not depend on the question (its keys/values are cached:
@@ -125,14 +142,18 @@ class Answering:
 
     def _answer(self, ids: list[int], params: SamplingParams, stream: bool, echo: int = 0, query: str = ""):
         with self.lock:
-            # A snapshot (a few MB): the answer stays consistent even if an ingest runs meanwhile.
-            fast = copy.deepcopy(self.fast).requires_grad_(False)
-            prefix = self._before_prompt()
-            cache, found = self._prefix_cache(prefix)
-            if cache is not None:
-                self.engine.answer_prefixes[found] += 1
             # the notes come out of the window's room, never the prompt's or the answer's
             notes = self.notes(query, self.engine.base.cfg.max_position_embeddings - params.max_tokens - len(ids))
+            if self._notes_alone(notes):
+                fast, prefix, cache = None, [], None
+                self.engine.answer_prefixes["notes_alone"] += 1
+            else:
+                # A snapshot (a few MB): the answer stays consistent even if an ingest runs meanwhile.
+                fast = copy.deepcopy(self.fast).requires_grad_(False)
+                prefix = self._before_prompt()
+                cache, found = self._prefix_cache(prefix)
+                if cache is not None:
+                    self.engine.answer_prefixes[found] += 1
         return self.engine.answer(notes + ids, params, fast, prefix, stream, cache, echo)
 
     def _prefix_cache(self, prefix: list[int], read: bool = True) -> tuple[PrefixCache | None, str]:
@@ -182,12 +203,17 @@ class Answering:
 
     @torch.no_grad()
     def score(self, text: str) -> float:
-        """Mean NLL (nats/token) of ``text`` after what an answer reads (the window, the exact spans: those
-        related to ``text`` itself with ``exact_select="question"``), under the fast weights; no update."""
+        """Mean NLL (nats/token) of ``text`` after what an answer to it reads (``reading``: the window and the
+        exact spans under the fast weights, or the spans related to ``text`` alone under the base model); no
+        update."""
         base = self.engine.base
         ids = base.tokenizer(text, add_special_tokens=False).input_ids
         with self.lock:
-            before, window, notes = self._exact_before_window(), self.recent_tokens(), self.notes(text)
+            notes = self.notes(text)
+            if self._notes_alone(notes):
+                before, window, fast = [], [], None
+            else:
+                before, window, fast = self._exact_before_window(), self.recent_tokens(), self.fast
             cfg = self.config.ingest
             total, count = 0.0, 0
             # Long texts go in chunks, each after the preceding context_tokens (as in ingest) and the exact spans.
@@ -199,7 +225,7 @@ class Answering:
                     continue
                 tokens = torch.tensor([context + piece], device=base.device)
                 nll = next_token_nll(
-                    base.model, forward_hidden(base.model, self.fast, tokens), tokens, max(len(context) - 1, 0)
+                    base.model, forward_hidden(base.model, fast, tokens), tokens, max(len(context) - 1, 0)
                 )
                 total += nll.sum().item()
                 count += nll.numel()

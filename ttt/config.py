@@ -175,6 +175,12 @@ class RecallConfig:
         '"surprise": the most surprising kept spans, read before the window whatever is asked',
         max_length=16,
     )
+    notes_alone: bool = setting(
+        True,
+        'an answer whose question finds notes (exact_select "question") reads them alone, with the base model: '
+        "no window and no fast weights, whose next-token learning pulls answers toward the document's frequent "
+        "names (false: the window, then the notes, under the fast weights)",
+    )
     pool_tokens: int = setting(
         16384,
         "tokens of surprising spans kept in all, the exact ones and those rehearsed (at least exact_tokens)",
@@ -247,7 +253,7 @@ class RecallConfig:
 # Named trade-offs between ingest speed and recall: ``{"memory": name}`` starts a session from these settings,
 # and any other setting given overrides them. No settings at all means DEFAULT_MEMORY (the dataclass defaults).
 # Chosen by measurement: README.md, "Memory that answers" (``ttt recall``, ``ttt eval``).
-REHEARSED_POOL = {"pool_tokens": 2048, "spans_per_chunk": 4, "dense_spans_per_chunk": 2}
+REHEARSED_NOTES = {"pool_tokens": 2048, "spans_per_chunk": 4, "dense_spans_per_chunk": 2, "notes_alone": False}
 PRESETS: dict[str, dict[str, dict]] = {
     # one step of next-token prediction per chunk, nothing else (the defaults before recall was measured)
     "off": {"recall": {"exact_tokens": 0, "pool_tokens": 0}},
@@ -257,14 +263,14 @@ PRESETS: dict[str, dict[str, dict]] = {
     # the fast weights learn the kept spans too (a second step per chunk, rehearsal), so they alone recall more,
     # at half the ingest speed and a perplexity no better than the window's; both keep the smaller pool and the
     # notes they were measured with (rehearsal draws its older spans from the pool: a larger one rehearses each
-    # less often)
+    # less often), read after the window under the fast weights that learned them
     "balanced": {
         "ingest": {"steps_per_chunk": 2, "lr": 1.5e-3},
-        "recall": {"replay_steps": 1, **REHEARSED_POOL, "exact_tokens": 512},
+        "recall": {"replay_steps": 1, **REHEARSED_NOTES, "exact_tokens": 512},
     },
     "deep": {
         "ingest": {"steps_per_chunk": 2},
-        "recall": {**REHEARSED_POOL, "exact_tokens": 1024, "pool_tokens": 4096, "replay_spans": 16, "replay_steps": 2},
+        "recall": {**REHEARSED_NOTES, "exact_tokens": 1024, "pool_tokens": 4096, "replay_spans": 16, "replay_steps": 2},
     },
 }
 DEFAULT_MEMORY = "fast"

@@ -33,7 +33,8 @@ class Engine:
         self._stop_ids = stop_token_ids(base.tokenizer, base.path)
         # how every session's answers found their window's keys/values: "ready" (kept up to date ahead of the
         # question, or unchanged), "extended" (by tokens read since), "built" (the weights changed): what a
-        # question waits for under ingest (served as /metrics ttt_answer_prefixes_total)
+        # question waits for under ingest; "notes_alone": none read, the question's notes instead (served as
+        # /metrics ttt_answer_prefixes_total)
         self.answer_prefixes: Counter[str] = Counter()
 
     def create_session(self, config: SessionConfig | dict | None = None, session_id: str | None = None) -> Session:

@@ -53,7 +53,7 @@ class IngestSettings(_message.Message):
     def __init__(self, chunk_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., steps_per_chunk: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., max_grad_norm: _Optional[float] = ..., sink_tokens: _Optional[int] = ..., weight_decay: _Optional[float] = ..., measure_loss_after: _Optional[bool] = ..., activation_checkpointing: _Optional[str] = ..., surprise_power: _Optional[float] = ..., betas: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RecallSettings(_message.Message):
-    __slots__ = ("exact_tokens", "pool_tokens", "spans_per_chunk", "span_tokens", "peak_tokens", "replay_spans", "replay_steps", "replay_lr", "study_spans", "study_top_k", "exact_select", "dense_spans_per_chunk")
+    __slots__ = ("exact_tokens", "pool_tokens", "spans_per_chunk", "span_tokens", "peak_tokens", "replay_spans", "replay_steps", "replay_lr", "study_spans", "study_top_k", "exact_select", "dense_spans_per_chunk", "notes_alone")
     EXACT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     POOL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPANS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class RecallSettings(_message.Message):
     STUDY_TOP_K_FIELD_NUMBER: _ClassVar[int]
     EXACT_SELECT_FIELD_NUMBER: _ClassVar[int]
     DENSE_SPANS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    NOTES_ALONE_FIELD_NUMBER: _ClassVar[int]
     exact_tokens: int
     pool_tokens: int
     spans_per_chunk: int
@@ -78,7 +79,8 @@ class RecallSettings(_message.Message):
     study_top_k: int
     exact_select: str
     dense_spans_per_chunk: int
-    def __init__(self, exact_tokens: _Optional[int] = ..., pool_tokens: _Optional[int] = ..., spans_per_chunk: _Optional[int] = ..., span_tokens: _Optional[int] = ..., peak_tokens: _Optional[int] = ..., replay_spans: _Optional[int] = ..., replay_steps: _Optional[int] = ..., replay_lr: _Optional[float] = ..., study_spans: _Optional[int] = ..., study_top_k: _Optional[int] = ..., exact_select: _Optional[str] = ..., dense_spans_per_chunk: _Optional[int] = ...) -> None: ...
+    notes_alone: bool
+    def __init__(self, exact_tokens: _Optional[int] = ..., pool_tokens: _Optional[int] = ..., spans_per_chunk: _Optional[int] = ..., span_tokens: _Optional[int] = ..., peak_tokens: _Optional[int] = ..., replay_spans: _Optional[int] = ..., replay_steps: _Optional[int] = ..., replay_lr: _Optional[float] = ..., study_spans: _Optional[int] = ..., study_top_k: _Optional[int] = ..., exact_select: _Optional[str] = ..., dense_spans_per_chunk: _Optional[int] = ..., notes_alone: _Optional[bool] = ...) -> None: ...
 
 class SessionSettings(_message.Message):
     __slots__ = ("fast", "ingest", "memory", "recall")
