@@ -88,6 +88,7 @@ class DocumentFeed:
         autosave_every: int,
         step_settings: dict | None = None,
         is_active: Callable[[], bool] = lambda: True,
+        time_left: Callable[[], float | None] = lambda: None,
         on_chunk: Callable[[ChunkReport], None] = lambda report: None,
     ):
         self.session, self.user, self.scheduler, self.registry = session, user, scheduler, registry
@@ -96,6 +97,7 @@ class DocumentFeed:
         self.pieces = 0
         self.step_settings = step_settings or {}
         self.is_active = is_active  # False once the client has gone: stop before the next chunk
+        self.time_left = time_left  # seconds until the client gives up (its deadline; None: no deadline)
         self.on_chunk = on_chunk  # metrics
         self.received = 0  # tokens this document added
         self.trained = 0
@@ -106,7 +108,7 @@ class DocumentFeed:
     @classmethod
     def for_server(cls, state, session: Session, user: str, **options) -> DocumentFeed:
         """A feed under the running server's limits (``state``: ``server.main.ServerState``), counted in its
-        metrics; ``options``: ``step_settings``, ``is_active``."""
+        metrics; ``options``: ``step_settings``, ``is_active``, ``time_left``."""
         s = state.settings
         return cls(
             session,
@@ -144,7 +146,9 @@ class DocumentFeed:
     def _train_ready(self) -> Iterator[ChunkReport]:
         while self.is_active() and self.session.chunks_ready:
             self.registry.check_held(*self.key, self.session)  # LeaseLost: another server took the session over
-            unit = self.scheduler.submit_batchable(self.key, train_batch, (self.session, self.step_settings))
+            item = (self.session, self.step_settings)
+            # a client with a deadline has its chunk run before it gives up (``Scheduler``: due units)
+            unit = self.scheduler.submit_batchable(self.key, train_batch, item, self.time_left())
             # a client gone before its chunk's turn: the chunk stays pending for its next stream
             report = result_for_client(unit, self.is_active)
             if report is None:

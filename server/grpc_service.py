@@ -223,6 +223,7 @@ class SessionsService(pb_grpc.SessionsServicer):
                     requested=settings_dict(start.settings),
                     create_if_missing=start.create_if_missing,
                     is_active=context.is_active,
+                    time_left=context.time_remaining,  # grpc: ~1e19 s without a deadline (never due)
                 )
                 feed = result_for_client(opening, context.is_active)
                 if feed is None:

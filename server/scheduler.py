@@ -27,6 +27,12 @@ too until its first optimizer step (``ttt.pause.changed``: they see the session 
 chunk's tokens read but not yet learned, as if they had come a moment earlier); from that step to the unit's end
 they wait for its end (the weights are changing).
 
+A unit whose client has a deadline (``time_left``: a gRPC stream's) is due once it has waited half the time its
+client had left: from then on it goes ahead of answers, whatever the share, and of the other units (the earliest
+due first), so that it still has the other half to run. A client's deadline is a promise to wait that long and
+no longer: under a full device the share alone let a chunk wait past it (8 streams sharing a quarter of the
+device wait about 100 s each for a chunk on a CPU, against the load test's 120-s deadline).
+
 A *batchable* unit (``submit_batchable``) names a function that runs several sessions' units of its
 kind in one call (``ttt.session.train_sessions``: one forward and backward for many sessions' chunks).
 When such a unit reaches the front, the front units of up to ``max_batch - 1`` other sessions of the
@@ -52,6 +58,7 @@ log = logging.getLogger("ttt.server.scheduler")
 SHARE_DEBT_SECONDS = 5.0  # units' device time past their share counts at most this much
 RECENT_WEIGHT = 0.3  # weight of the latest unit in the running means of units' durations
 ANSWER_GRACE_SECONDS = 1.0  # each kind counts as present this long after it last ran (its next piece of work comes)
+DUE_AFTER = 0.5  # of the time its client had left when a unit was submitted: then it goes next
 CLIENT_CHECK_SECONDS = 0.25  # how often a handler waiting for a unit asks whether its client is still there
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]  # items -> one result per item, same order
 
@@ -62,6 +69,7 @@ class Unit:
     args: tuple  # batchable: (item,)
     future: Future
     batchable: bool = False
+    due: float | None = None  # clock time from which it goes next (its client's deadline nears); None: never
 
 
 class Rows(Protocol):
@@ -193,15 +201,21 @@ class Scheduler:
         """Queue ``fn(*args)`` behind the session ``key``'s earlier units; returns its Future."""
         return self._queue(key, Unit(fn, args, Future()))
 
+    def _due(self, time_left: float | None) -> float | None:
+        """When a unit whose client gives up in ``time_left`` seconds (None: never) goes next: once it has waited
+        ``DUE_AFTER`` of them."""
+        return None if time_left is None else self.clock() + DUE_AFTER * max(time_left, 0.0)
+
     def submit_next(self, key: Hashable, fn: Callable, *args) -> Future:
         """Queue ``fn(*args)`` as the next unit to run, ahead of every waiting unit, session ``key``'s own included
         (answers still go first; ``key`` then has had its turn). Only for short units whose order against the
         session's others does not matter, that prepare for a question that may come soon (``warm_prefix``)."""
         return self._queue(key, Unit(fn, args, Future()), first=True)
 
-    def submit_batchable(self, key: Hashable, batch: BatchFn, item: Any) -> Future:
-        """Queue ``batch([item, ...])[i]``: may run in one call with other sessions' items for ``batch``."""
-        return self._queue(key, Unit(batch, (item,), Future(), batchable=True))
+    def submit_batchable(self, key: Hashable, batch: BatchFn, item: Any, time_left: float | None = None) -> Future:
+        """Queue ``batch([item, ...])[i]``: may run in one call with other sessions' items for ``batch``.
+        ``time_left``: seconds until the client waiting for it gives up (the module's docstring)."""
+        return self._queue(key, Unit(batch, (item,), Future(), batchable=True, due=self._due(time_left)))
 
     def run(self, key: Hashable, fn: Callable, *args) -> Any:
         """``submit`` and wait for the result (exceptions are re-raised in the caller's thread)."""
@@ -272,9 +286,22 @@ class Scheduler:
         """Keys with units waiting, in turn order: users in turn, each user's sessions in turn."""
         return [key for keys in self._users.values() for key in keys]
 
+    def _most_due(self) -> Hashable | None:
+        """The key whose front unit has been due longest (its client's deadline nears); None while none is due.
+        Call with the lock held."""
+        now, found = self.clock(), None
+        for keys in self._users.values():
+            for key, queue in keys.items():
+                due = queue[0].due
+                if due is not None and due <= now and (found is None or due < found[0]):
+                    found = due, key
+        return found and found[1]
+
     def _take_units(self) -> list[Unit]:
         """The next unit (and the batchable units that join it). Call with the lock held."""
-        first = next(iter(next(iter(self._users.values()))))  # the user, then their session, that waited longest
+        first = self._most_due()
+        if first is None:
+            first = next(iter(next(iter(self._users.values()))))  # the user, then their session, that waited longest
         units = [self._pop_front(first)]
         self._in_flight = {first}
         # while answers wait or decode (or did a moment ago: their clients ask again), a batch is as long as its
@@ -305,6 +332,8 @@ class Scheduler:
             if not answers or self.clock() - self._units_done > ANSWER_GRACE_SECONDS:
                 self._spent = {"units": 0.0, "answers": 0.0}
             return "units" if units else "answers" if answers else None
+        if self._most_due() is not None:
+            return "units"
         # units' share after the next unit, d (expected; counted at most SHARE_DEBT_SECONDS, as a long unit is):
         # (u + d) / (u + a + d) <= share. So when both start to compete, answers go first.
         units_after = self._spent["units"] + min(self._unit_seconds, SHARE_DEBT_SECONDS)

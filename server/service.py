@@ -101,11 +101,13 @@ class SessionService:
         create_if_missing: bool = False,
         document_offset: int | None = None,
         is_active: Callable[[], bool] = lambda: True,
+        time_left: Callable[[], float | None] = lambda: None,
     ) -> Future:
         """-> the DocumentFeed of a stream into the session (inside ``feeding``). ``requested``: step settings for
         this stream's chunks, or all settings of a session created because ``create_if_missing``;
         ``document_offset``: where the stream's bytes start in the session's unfinished document (Conflict
-        otherwise, before anything is read: a resumed upload never repeats or skips bytes)."""
+        otherwise, before anything is read: a resumed upload never repeats or skips bytes); ``is_active`` and
+        ``time_left``: the client's (``DocumentFeed``)."""
         registry, requested = self.state.registry, requested or {}
 
         def build() -> DocumentFeed:
@@ -123,6 +125,8 @@ class SessionService:
                     "document_offset",
                 )
             step = stream_settings(session.config, requested)
-            return DocumentFeed.for_server(self.state, session, user, step_settings=step, is_active=is_active)
+            return DocumentFeed.for_server(
+                self.state, session, user, step_settings=step, is_active=is_active, time_left=time_left
+            )
 
         return self._unit(user, sid, build)

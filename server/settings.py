@@ -97,9 +97,9 @@ class Settings(BaseSettings):
     answer_kv_bytes: int = Field(2 << 30, gt=0)
     """keys/values of the answers being decoded (their prompts and tokens); a request that does not fit waits, one
     that never can is a 400"""
-    prefill_chunk_tokens: int = Field(256, gt=0)
+    prefill_chunk_tokens: int = Field(512, gt=0)
     """prompt tokens prefilled per step, between decode steps (a long prompt delays the other answers by one piece at
-    a time)"""
+    a time; 256 split most of the default model's chat prompts, 130-170 tokens, across two steps)"""
     max_batch_sessions_answering: int = Field(1, ge=1)
     """max_batch_sessions while answers wait or decode: an answer waits for at most this many sessions' chunks"""
     max_unit_seconds: float = Field(1.0, gt=0)

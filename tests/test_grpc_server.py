@@ -234,6 +234,26 @@ def test_long_text_in_odd_byte_pieces(client, tokenizer):
     assert info.residency == "device" and info.bytes > 0 and info.updated_at >= info.created_at > 0
 
 
+def test_a_streams_deadline_reaches_the_scheduler_with_each_chunk(client, open_server, monkeypatch):
+    """Each chunk a stream completes is queued with the seconds its client has left (``Scheduler``: a chunk whose
+    client has waited half of them goes next); a stream without a deadline is never in a hurry."""
+    scheduler = open_server[0].state.scheduler
+    seen = []
+
+    def recording(key, batch, item, time_left=None):
+        seen.append(time_left)
+        return submit(key, batch, item, time_left)
+
+    submit = scheduler.submit_batchable
+    monkeypatch.setattr(scheduler, "submit_batchable", recording)
+    pieces = [pb.IngestRequest(tokens=pb.TokenIds(ids=list(range(5, 5 + 2 * CHUNK))))]
+    client.ingest(start("deadline"), pieces)
+    assert len(seen) == 2 and all(0 < left <= STREAM_TIMEOUT for left in seen)
+    seen.clear()
+    list(client.stub.Ingest(iter([start("no-deadline"), *pieces])))  # no timeout: no deadline
+    assert len(seen) == 2 and all(left > 3e7 for left in seen)  # grpc's "no deadline": more than a year left
+
+
 def test_mixed_text_utf8_and_token_messages(client, open_server, tokenizer):
     middle = token_ids(tokenizer, " and the earth")
     pieces = ["In the begin", b"ning God cr\xc3", b"\xa9", "ated the heaven", middle, b" Am", "en.\n"]

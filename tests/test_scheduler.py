@@ -578,6 +578,35 @@ def test_an_answer_that_meets_waiting_units_goes_first():
     assert "".join(order) == "AAAUAAAUAAAU"
 
 
+@pytest.mark.parametrize(("time_left", "expected"), [(None, "AAAaAAAbAAA"), (4.0, "AAbAAAAaAAA")])
+def test_a_unit_whose_client_has_waited_half_its_time_left_goes_next(time_left, expected):
+    """Chunks ``a`` and ``b`` (1 s each) queued with an answer of 9 steps: in turn by their share (a, then b); but
+    ``b``'s client gives up 4 s after it was queued (a gRPC deadline), so from 2 s on ``b`` goes ahead of the
+    answer's share and of ``a``, and the shares go on from there."""
+    s, clock = shared_device()
+    order = []
+
+    def train(items):
+        order.extend(items)
+        clock.tick()
+        return items
+
+    try:
+        s.run(("ingest", "learn"), clock.tick)  # the device learns that a unit takes 1 s; the clock is at 1
+        with s._cond:  # queued together: the worker sees them all at its next look
+            units = [
+                s.submit_batchable(("ingest", "a"), train, "a"),
+                s.submit_batchable(("ingest", "b"), train, "b", time_left),  # due at 1 + 4 / 2 = 3
+            ]
+            answer = s.submit_answers(("chat", "s"), [lambda: Row("x", 9)], lambda i, row: order.append("A"))
+        answer.future.result(TIMEOUT)
+        for u in units:
+            u.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    assert "".join(order) == expected
+
+
 def test_a_batch_is_cut_to_what_fits_max_unit_seconds():
     """The first batch has no estimate (4 sessions); at 1 s per session, 2.5 s then allow two per call."""
     clock = Clock()

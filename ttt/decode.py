@@ -153,7 +153,7 @@ class DecodeBatch:
     """The answers being decoded; ``step`` advances each by one token (and prefills new ones in pieces)."""
 
     def __init__(
-        self, model: Transformer, *, kv_budget: int | None = None, max_rows: int = 64, prefill_chunk: int = 256
+        self, model: Transformer, *, kv_budget: int | None = None, max_rows: int = 64, prefill_chunk: int = 512
     ):
         weight = model.embed_tokens.weight
         self.model, self.max_rows, self.prefill_chunk = model, max_rows, prefill_chunk
