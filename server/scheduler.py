@@ -27,11 +27,13 @@ too until its first optimizer step (``ttt.pause.changed``: they see the session 
 chunk's tokens read but not yet learned, as if they had come a moment earlier); from that step to the unit's end
 they wait for its end (the weights are changing).
 
-A unit whose client has a deadline (``time_left``: a gRPC stream's) is due once it has waited half the time its
-client had left: from then on it goes ahead of answers, whatever the share, and of the other units (the earliest
-due first), so that it still has the other half to run. A client's deadline is a promise to wait that long and
-no longer: under a full device the share alone let a chunk wait past it (8 streams sharing a quarter of the
-device wait about 100 s each for a chunk on a CPU, against the load test's 120-s deadline).
+A unit whose client has a deadline (``time_left``: a gRPC stream's, for opening its feed and for each chunk) is
+due once it has waited half the time its client had left: from then on its session goes ahead of answers, whatever
+the share, and of the other sessions (the earliest due first; the session's units before it, an autosave or a
+prefix warming, run first, as they must), so that it still has the other half to run. A client's deadline is a
+promise to wait that long and no longer: under a full device the share alone let a stream wait past it (8
+streams sharing a quarter of a CPU wait about a minute each to open and again for their chunk, against the load
+test's 120-s deadline).
 
 A *batchable* unit (``submit_batchable``) names a function that runs several sessions' units of its
 kind in one call (``ttt.session.train_sessions``: one forward and backward for many sessions' chunks).
@@ -169,6 +171,7 @@ class Scheduler:
         self._units_done = -ANSWER_GRACE_SECONDS  # when the last unit ended
         self._waiting = 0
         self._in_flight: set[Hashable] = set()  # the keys of the unit(s) running
+        self._due_in_flight: float | None = None  # when the unit(s) running became or become due (None: never)
         self._mark = 0.0  # since when the device's time counts for the kind of work running
         self._unit_own = 0.0  # the running unit's seconds so far, without the answer steps at its pause points
         self._cond = threading.Condition()
@@ -197,9 +200,10 @@ class Scheduler:
         with self._cond:
             return key in self._users.get(owner(key), ()) or key in self._in_flight
 
-    def submit(self, key: Hashable, fn: Callable, *args) -> Future:
-        """Queue ``fn(*args)`` behind the session ``key``'s earlier units; returns its Future."""
-        return self._queue(key, Unit(fn, args, Future()))
+    def submit(self, key: Hashable, fn: Callable, *args, time_left: float | None = None) -> Future:
+        """Queue ``fn(*args)`` behind the session ``key``'s earlier units; returns its Future. ``time_left``:
+        seconds until the client waiting for it gives up (the module's docstring)."""
+        return self._queue(key, Unit(fn, args, Future(), due=self._due(time_left)))
 
     def _due(self, time_left: float | None) -> float | None:
         """When a unit whose client gives up in ``time_left`` seconds (None: never) goes next: once it has waited
@@ -287,12 +291,12 @@ class Scheduler:
         return [key for keys in self._users.values() for key in keys]
 
     def _most_due(self) -> Hashable | None:
-        """The key whose front unit has been due longest (its client's deadline nears); None while none is due.
-        Call with the lock held."""
+        """The key with the unit due longest (its client's deadline nears; the units before it in the key's line
+        run first, as they must), None while none is due. Call with the lock held."""
         now, found = self.clock(), None
         for keys in self._users.values():
             for key, queue in keys.items():
-                due = queue[0].due
+                due = min((u.due for u in queue if u.due is not None), default=None)
                 if due is not None and due <= now and (found is None or due < found[0]):
                     found = due, key
         return found and found[1]
@@ -321,6 +325,7 @@ class Scheduler:
                 if front.batchable and front.fn is units[0].fn:
                     units.append(self._pop_front(key))
                     self._in_flight.add(key)
+        self._due_in_flight = min((u.due for u in units if u.due is not None), default=None)
         return units
 
     def _pick(self) -> str | None:
@@ -354,7 +359,7 @@ class Scheduler:
                 self._answer_step()
             with self._cond:
                 self._charge(kind)
-                self._in_flight = set()
+                self._in_flight, self._due_in_flight = set(), None
                 if kind == "units":
                     self._units_done = self.clock()
                     if units:
@@ -375,14 +380,18 @@ class Scheduler:
 
     def _pause(self) -> None:
         """At a pause point of the batchable unit in flight (``ttt.pause``): answer steps while answers are owed
-        their share of the device. Requests of the unit's own sessions are admitted only while it has not
-        changed them yet (the module's docstring)."""
+        their share of the device and no unit is due (the one in flight or one waiting: its client's deadline
+        nears, and answers at every pause point stretch a chunk to four times its length). Requests of the unit's
+        own sessions are admitted only while it has not changed them yet (the module's docstring)."""
         while True:
             with self._cond:
                 self._charge("units")
+                due = self._due_in_flight is not None and self._due_in_flight <= self.clock()
                 owed = (
                     bool(self._active or self._requests)
                     and (1 - self.unit_share) * self._spent["units"] > self.unit_share * self._spent["answers"]
+                    and not due
+                    and self._most_due() is None
                 )
             if not owed:
                 return

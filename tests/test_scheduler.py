@@ -578,11 +578,15 @@ def test_an_answer_that_meets_waiting_units_goes_first():
     assert "".join(order) == "AAAUAAAUAAAU"
 
 
-@pytest.mark.parametrize(("time_left", "expected"), [(None, "AAAaAAAbAAA"), (4.0, "AAbAAAAaAAA")])
-def test_a_unit_whose_client_has_waited_half_its_time_left_goes_next(time_left, expected):
+@pytest.mark.parametrize(
+    ("time_left", "before_b", "expected"),
+    [(None, [], "AAAaAAAbAAA"), (4.0, [], "AAbAAAAaAAA"), (None, ["c"], "AAAaAAAcAAAb"), (4.0, ["c"], "AAcbAAAAAAAa")],
+)
+def test_a_unit_whose_client_has_waited_half_its_time_left_goes_next(time_left, before_b, expected):
     """Chunks ``a`` and ``b`` (1 s each) queued with an answer of 9 steps: in turn by their share (a, then b); but
     ``b``'s client gives up 4 s after it was queued (a gRPC deadline), so from 2 s on ``b`` goes ahead of the
-    answer's share and of ``a``, and the shares go on from there."""
+    answer's share and of ``a``, and the shares go on from there. A unit ``c`` of b's session queued before it
+    (an autosave) goes first, then ``b``: the session's units run in order."""
     s, clock = shared_device()
     order = []
 
@@ -594,10 +598,9 @@ def test_a_unit_whose_client_has_waited_half_its_time_left_goes_next(time_left, 
     try:
         s.run(("ingest", "learn"), clock.tick)  # the device learns that a unit takes 1 s; the clock is at 1
         with s._cond:  # queued together: the worker sees them all at its next look
-            units = [
-                s.submit_batchable(("ingest", "a"), train, "a"),
-                s.submit_batchable(("ingest", "b"), train, "b", time_left),  # due at 1 + 4 / 2 = 3
-            ]
+            units = [s.submit_batchable(("ingest", "a"), train, "a")]
+            units += [s.submit(("ingest", "b"), train, [name]) for name in before_b]
+            units.append(s.submit_batchable(("ingest", "b"), train, "b", time_left))  # due at 1 + 4 / 2 = 3
             answer = s.submit_answers(("chat", "s"), [lambda: Row("x", 9)], lambda i, row: order.append("A"))
         answer.future.result(TIMEOUT)
         for u in units:
@@ -702,6 +705,39 @@ def test_answers_decode_at_the_pause_points_of_a_chunk_in_training(other_user):
         s.shutdown(TIMEOUT)
     assert "".join(order) == "LLaaaLLLLLLoo"
     assert all(busy) and not s.waiting(("ingest", "doc"))
+
+
+@pytest.mark.parametrize(("time_left", "expected"), [(None, "LLaaaLLLLLLU"), (0.0, "LLLLLLLLUaaa")])
+def test_no_answer_decodes_at_a_pause_point_while_a_unit_is_due(time_left, expected):
+    """A chunk of 8 "layers" (1 s each, a pause point after each); after its second layer an answer (3 steps) and
+    another session's unit ``U`` arrive. Owed their share, the answer's steps come at the pause points and ``U``
+    after the chunk; but a ``U`` whose client has no time left is due at once: the chunk runs on without pausing
+    for answers (they would stretch it to four times its length), ``U`` follows it, then the answer."""
+    s, clock = shared_device()
+    order, requests = [], []
+
+    def other():
+        order.append("U")
+        clock.tick()
+
+    def train(items):
+        for layer in range(8):
+            order.append("L")
+            clock.tick()
+            if layer == 1:
+                requests.append(s.submit(("ingest", "other"), other, time_left=time_left))
+                answer = s.submit_answers(("chat", "s"), [lambda: Row("a", 3)], lambda i, row: order.append("a"))
+                requests.append(answer.future)
+            pause_point()
+        return items
+
+    try:
+        s.run_batchable(("ingest", "doc"), train, "chunk")
+        for r in requests:
+            r.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    assert "".join(order) == expected
 
 
 def test_the_units_own_session_answers_at_its_pause_points_until_it_changes_the_session():
