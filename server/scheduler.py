@@ -27,13 +27,13 @@ too until its first optimizer step (``ttt.pause.changed``: they see the session 
 chunk's tokens read but not yet learned, as if they had come a moment earlier); from that step to the unit's end
 they wait for its end (the weights are changing).
 
-A unit whose client has a deadline (``time_left``: a gRPC stream's, for opening its feed and for each chunk) is
-due once it has waited half the time its client had left: from then on its session goes ahead of answers, whatever
-the share, and of the other sessions (the earliest due first; the session's units before it, an autosave or a
-prefix warming, run first, as they must), so that it still has the other half to run. A client's deadline is a
-promise to wait that long and no longer: under a full device the share alone let a stream wait past it (8
-streams sharing a quarter of a CPU wait about a minute each to open and again for their chunk, against the load
-test's 120-s deadline).
+A unit whose client has a deadline (``time_left``: a gRPC stream's, for each chunk) is due once it has waited
+half the time its client had left: from then on its session goes ahead of answers, whatever the share, and of the
+other sessions (the earliest due first; the session's units before it, an autosave or a prefix warming, run first,
+as they must), and no answer decodes at pause points while a unit is due, so that it still has the other half to
+run. A client's deadline is a promise to wait that long and no longer: under a full device the share alone let a
+stream wait past it (8 streams sharing a quarter of a CPU wait about a minute each for their chunk, against the
+load test's 120-s deadline; answers at every pause point stretch a chunk to four times its length).
 
 A *batchable* unit (``submit_batchable``) names a function that runs several sessions' units of its
 kind in one call (``ttt.session.train_sessions``: one forward and backward for many sessions' chunks).
@@ -200,10 +200,9 @@ class Scheduler:
         with self._cond:
             return key in self._users.get(owner(key), ()) or key in self._in_flight
 
-    def submit(self, key: Hashable, fn: Callable, *args, time_left: float | None = None) -> Future:
-        """Queue ``fn(*args)`` behind the session ``key``'s earlier units; returns its Future. ``time_left``:
-        seconds until the client waiting for it gives up (the module's docstring)."""
-        return self._queue(key, Unit(fn, args, Future(), due=self._due(time_left)))
+    def submit(self, key: Hashable, fn: Callable, *args) -> Future:
+        """Queue ``fn(*args)`` behind the session ``key``'s earlier units; returns its Future."""
+        return self._queue(key, Unit(fn, args, Future()))
 
     def _due(self, time_left: float | None) -> float | None:
         """When a unit whose client gives up in ``time_left`` seconds (None: never) goes next: once it has waited
@@ -213,7 +212,9 @@ class Scheduler:
     def submit_next(self, key: Hashable, fn: Callable, *args) -> Future:
         """Queue ``fn(*args)`` as the next unit to run, ahead of every waiting unit, session ``key``'s own included
         (answers still go first; ``key`` then has had its turn). Only for short units whose order against the
-        session's others does not matter, that prepare for a question that may come soon (``warm_prefix``)."""
+        session's others does not matter: those that prepare for a question that may come soon (``warm_prefix``)
+        and those a client waits for before it can send anything (opening a stream's feed: behind the other
+        sessions' chunks, under a full device it waited a minute)."""
         return self._queue(key, Unit(fn, args, Future()), first=True)
 
     def submit_batchable(self, key: Hashable, batch: BatchFn, item: Any, time_left: float | None = None) -> Future:

@@ -23,8 +23,8 @@ class SessionService:
         """``state``: the running ``server.main.ServerState`` (its registry, scheduler, stream slots, limits)."""
         self.state = state
 
-    def _unit(self, user: str, sid: str | None, fn: Callable, *args, time_left: float | None = None) -> Future:
-        return self.state.scheduler.submit((user, sid), fn, *args, time_left=time_left)
+    def _unit(self, user: str, sid: str | None, fn: Callable, *args) -> Future:
+        return self.state.scheduler.submit((user, sid), fn, *args)
 
     # ---- what needs no device ----
 
@@ -129,4 +129,4 @@ class SessionService:
                 self.state, session, user, step_settings=step, is_active=is_active, time_left=time_left
             )
 
-        return self._unit(user, sid, build, time_left=time_left())
+        return self.state.scheduler.submit_next((user, sid), build)  # the client waits for it: next in line

@@ -716,16 +716,17 @@ def test_no_answer_decodes_at_a_pause_point_while_a_unit_is_due(time_left, expec
     s, clock = shared_device()
     order, requests = [], []
 
-    def other():
-        order.append("U")
+    def other(items):
+        order.extend(items)
         clock.tick()
+        return items
 
     def train(items):
         for layer in range(8):
             order.append("L")
             clock.tick()
             if layer == 1:
-                requests.append(s.submit(("ingest", "other"), other, time_left=time_left))
+                requests.append(s.submit_batchable(("ingest", "other"), other, "U", time_left))
                 answer = s.submit_answers(("chat", "s"), [lambda: Row("a", 3)], lambda i, row: order.append("a"))
                 requests.append(answer.future)
             pause_point()
