@@ -28,12 +28,14 @@ chunk's tokens read but not yet learned, as if they had come a moment earlier); 
 they wait for its end (the weights are changing).
 
 A unit whose client has a deadline (``time_left``: a gRPC stream's, for each chunk) is due once it has waited
-half the time its client had left: from then on its session goes ahead of answers, whatever the share, and of the
-other sessions (the earliest due first; the session's units before it, an autosave or a prefix warming, run first,
-as they must), and no answer decodes at pause points while a unit is due, so that it still has the other half to
-run. A client's deadline is a promise to wait that long and no longer: under a full device the share alone let a
-stream wait past it (8 streams sharing a quarter of a CPU wait about a minute each for their chunk, against the
-load test's 120-s deadline; answers at every pause point stretch a chunk to four times its length).
+half the time its client had left: from then on its session goes ahead of the other sessions (the earliest due
+first; the session's units before it, an autosave or a prefix warming, run first, as they must), and units' share
+of the device is ``DUE_SHARE`` (a half) instead of ``unit_share`` while any unit is due, at picks and at pause
+points alike, so that it still has the other half of its time to run. A client's deadline is a promise to wait
+that long and no longer: under a full device the share alone let a stream wait past it (8 streams sharing a
+quarter of a CPU wait about a minute each for their chunk, against the load test's 120-s deadline, and answers at
+every pause point stretch a chunk to four times its length). Strict priority met the deadlines too, but chains of
+due chunks then kept every answer out for up to 24 s.
 
 A *batchable* unit (``submit_batchable``) names a function that runs several sessions' units of its
 kind in one call (``ttt.session.train_sessions``: one forward and backward for many sessions' chunks).
@@ -61,6 +63,7 @@ SHARE_DEBT_SECONDS = 5.0  # units' device time past their share counts at most t
 RECENT_WEIGHT = 0.3  # weight of the latest unit in the running means of units' durations
 ANSWER_GRACE_SECONDS = 1.0  # each kind counts as present this long after it last ran (its next piece of work comes)
 DUE_AFTER = 0.5  # of the time its client had left when a unit was submitted: then it goes next
+DUE_SHARE = 0.5  # units' share of the device while one is due (answers still get the other half)
 CLIENT_CHECK_SECONDS = 0.25  # how often a handler waiting for a unit asks whether its client is still there
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]  # items -> one result per item, same order
 
@@ -338,12 +341,17 @@ class Scheduler:
             if not answers or self.clock() - self._units_done > ANSWER_GRACE_SECONDS:
                 self._spent = {"units": 0.0, "answers": 0.0}
             return "units" if units else "answers" if answers else None
-        if self._most_due() is not None:
-            return "units"
         # units' share after the next unit, d (expected; counted at most SHARE_DEBT_SECONDS, as a long unit is):
         # (u + d) / (u + a + d) <= share. So when both start to compete, answers go first.
         units_after = self._spent["units"] + min(self._unit_seconds, SHARE_DEBT_SECONDS)
-        return "units" if (1 - self.unit_share) * units_after <= self.unit_share * self._spent["answers"] else "answers"
+        share = self._share()
+        return "units" if (1 - share) * units_after <= share * self._spent["answers"] else "answers"
+
+    def _share(self) -> float:
+        """Units' share of the device now: ``unit_share``, or ``DUE_SHARE`` while a unit is due (the one in flight
+        or one waiting). Call with the lock held."""
+        flight = self._due_in_flight is not None and self._due_in_flight <= self.clock()
+        return max(self.unit_share, DUE_SHARE) if flight or self._most_due() is not None else self.unit_share
 
     def _run(self) -> None:
         while True:
@@ -381,18 +389,15 @@ class Scheduler:
 
     def _pause(self) -> None:
         """At a pause point of the batchable unit in flight (``ttt.pause``): answer steps while answers are owed
-        their share of the device and no unit is due (the one in flight or one waiting: its client's deadline
-        nears, and answers at every pause point stretch a chunk to four times its length). Requests of the unit's
-        own sessions are admitted only while it has not changed them yet (the module's docstring)."""
+        their share of the device (half of it while a unit is due: ``_share``). Requests of the unit's own sessions
+        are admitted only while it has not changed them yet (the module's docstring)."""
         while True:
             with self._cond:
                 self._charge("units")
-                due = self._due_in_flight is not None and self._due_in_flight <= self.clock()
+                share = self._share()
                 owed = (
                     bool(self._active or self._requests)
-                    and (1 - self.unit_share) * self._spent["units"] > self.unit_share * self._spent["answers"]
-                    and not due
-                    and self._most_due() is None
+                    and (1 - share) * self._spent["units"] > share * self._spent["answers"]
                 )
             if not owed:
                 return

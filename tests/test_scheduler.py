@@ -707,12 +707,13 @@ def test_answers_decode_at_the_pause_points_of_a_chunk_in_training(other_user):
     assert all(busy) and not s.waiting(("ingest", "doc"))
 
 
-@pytest.mark.parametrize(("time_left", "expected"), [(None, "LLaaaLLLLLLU"), (0.0, "LLLLLLLLUaaa")])
-def test_no_answer_decodes_at_a_pause_point_while_a_unit_is_due(time_left, expected):
+@pytest.mark.parametrize(("time_left", "expected"), [(None, "LLaaaLLLLLLU"), (0.0, "LLaaLaLLLLLU")])
+def test_answers_get_half_the_device_at_pause_points_while_a_unit_is_due(time_left, expected):
     """A chunk of 8 "layers" (1 s each, a pause point after each); after its second layer an answer (3 steps) and
-    another session's unit ``U`` arrive. Owed their share, the answer's steps come at the pause points and ``U``
-    after the chunk; but a ``U`` whose client has no time left is due at once: the chunk runs on without pausing
-    for answers (they would stretch it to four times its length), ``U`` follows it, then the answer."""
+    another session's unit ``U`` arrive. Owed their share (3/4 of the device), the answer's three steps come at
+    the next pause point and ``U`` after the chunk; but while a ``U`` whose client has no time left is due,
+    answers are owed only half of the device: two steps there, the third after one more layer (a due unit must
+    not be stretched to four times its length by answers at every pause point)."""
     s, clock = shared_device()
     order, requests = [], []
 
