@@ -174,8 +174,9 @@ def test_ragged_cache_equals_one_kv_cache_per_row(engine):
 
 
 def test_the_pool_grows_within_its_budget_as_rows_of_longer_answers_join(engine):
-    """Slots double as rows join, but never past max_rows; a longer row then leaves room for fewer slots, and the
-    rows held keep their keys/values (their answers are those they give alone)."""
+    """Rows that join together take their slots at once (one growth of the pool, not one per doubling); a row that
+    takes a freed slot grows nothing; a longer row then leaves room for fewer slots, and the rows held keep their
+    keys/values (their answers are those they give alone)."""
     model = engine.base.model
     rows = [engine.generate(MSGS, stream=True, max_tokens=4) for _ in range(5)]
     longer = engine.generate(MSGS, stream=True, max_tokens=14)
@@ -187,7 +188,12 @@ def test_the_pool_grows_within_its_budget_as_rows_of_longer_answers_join(engine)
     for row in rows:
         batch.join(row)
     batch.step()  # the five prefill and take their first token
-    assert batch.pool.slots == 7 and batch.pool.capacity == short  # doubled 1, 2, 4, then capped at max_rows
+    assert batch.pool.slots == 5 and batch.pool.capacity == short  # room for the five at the first one's start
+    batch.drop(rows[4])
+    rows[4] = engine.generate(MSGS, stream=True, max_tokens=4)
+    batch.join(rows[4])
+    batch.step()
+    assert batch.pool.slots == 5  # a row that takes a freed slot: no growth
     assert batch.fits([longer])
     batch.join(longer)
     batch.step()  # its prefill takes a slot
