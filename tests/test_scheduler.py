@@ -584,9 +584,10 @@ def test_an_answer_that_meets_waiting_units_goes_first():
 )
 def test_a_unit_whose_client_has_waited_half_its_time_left_goes_next(time_left, before_b, expected):
     """Chunks ``a`` and ``b`` (1 s each) queued with an answer of 9 steps: in turn by their share (a, then b); but
-    ``b``'s client gives up 4 s after it was queued (a gRPC deadline), so from 2 s on ``b`` goes ahead of the
-    answer's share and of ``a``, and the shares go on from there. A unit ``c`` of b's session queued before it
-    (an autosave) goes first, then ``b``: the session's units run in order."""
+    ``b``'s client gives up 4 s after it was queued (a gRPC deadline), so 2 s on ``b`` is due: it goes ahead of
+    ``a``, and units may take half the device instead of a quarter, so it runs at once; then the quarter again. A
+    unit ``c`` of b's session queued before it (an autosave) goes first, then ``b``: a session's units run in
+    order."""
     s, clock = shared_device()
     order = []
 
