@@ -96,6 +96,44 @@ def test_batched_answers_equal_answers_alone(engine, sessions, sampling):
     assert len({r.text for r in rows}) == len(rows)  # the sessions really answer differently
 
 
+def test_rows_in_line_prefill_together_in_one_forward(engine, sessions, monkeypatch):
+    """Rows that join at once (LoRA of ranks 4, 8 and 2, extra-MLP, the base model; questions of different
+    lengths) prefill in ONE forward padded to the longest piece, then decode; an echoed completion, which scores
+    every prompt token, is prefilled in a forward of its own. Each answers as it does alone."""
+    long = "Who is there, and what do they want from us now, so late at night, in the rain, with every lamp out?"
+    asked = ["Why?", "What did you read today?", "Hi", "And?", long]  # the long one to the base model: no window
+    prompt = "Once upon a time there was a"
+
+    def fresh(stream: bool):
+        chats = [
+            who.generate([{"role": "user", "content": q}], max_tokens=8, stream=stream)
+            for who, q in zip([*sessions, engine], asked, strict=True)
+        ]
+        return [*chats, sessions[1].complete(prompt, echo=True, top_logprobs=1, stream=stream)]
+
+    alone, rows = fresh(stream=False), fresh(stream=True)
+    pieces = [len(r.prompt) - r.filled for r in rows[:-1]]
+    assert len(set(pieces)) > 1  # pieces of different lengths: the shorter ones padded
+    # a row with a window's keys/values (filled) and a short question: its pads run past its slot's last column
+    assert max(r.filled + max(pieces) for r in rows[:-1]) > max(len(r.prompt) + 8 for r in rows[:-1])
+    model, forwards = engine.base.model, []
+    run_layers = model.run_layers
+    monkeypatch.setattr(
+        model, "run_layers", lambda h, *a, **k: forwards.append(tuple(h.shape[:2])) or run_layers(h, *a, **k)
+    )
+    batch = DecodeBatch(model, prefill_chunk=4096)
+    for row in rows:
+        batch.join(row)
+    batch.step()
+    assert forwards == [(len(pieces), max(pieces)), (len(pieces), 1)]  # prefilled together, then one decode step
+    run_batch(batch, rows, join_at=[-1] * len(rows))
+    assert [r.text for r in rows] == [a.text for a in alone]
+    assert len({r.text for r in rows[:-1]}) > 1
+    assert [lp.token for lp in rows[-1].echo_logprobs] == [lp.token for lp in alone[-1].echo_logprobs]
+    for x, y in zip(alone[-1].echo_logprobs, rows[-1].echo_logprobs, strict=True):
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
 def test_deltas_of_a_batched_row_are_its_text(engine, sessions):
     row = sessions[0].generate(MSGS, stream=True, max_tokens=12, stop=["e"])
     other = sessions[1].generate(MSGS, stream=True, max_tokens=12)

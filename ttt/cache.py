@@ -74,9 +74,13 @@ class RaggedCache:
         cos, sin = rope[0][pos][:, None], rope[1][pos][:, None]  # [B, 1, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         rows = torch.arange(B, device=q.device)[:, None]
-        self.k[layer][rows, :, pos] = k.transpose(1, 2)  # advanced indices first: [B, T, kvh, hd]
-        self.v[layer][rows, :, pos] = v.transpose(1, 2)
-        n = self.length + T
+        # rows prefilled together are padded to the longest piece: a pad past the slot's end writes its last
+        # column (``DecodeBatch._prefill_together``); a row's own token there is written before it is read
+        capacity = self.k[layer].shape[2]
+        at = pos.clamp(max=capacity - 1)
+        self.k[layer][rows, :, at] = k.transpose(1, 2)  # advanced indices first: [B, T, kvh, hd]
+        self.v[layer][rows, :, at] = v.transpose(1, 2)
+        n = min(self.length + T, capacity)
         keys = torch.arange(n, device=q.device)
         visible = keys <= pos[:, :, None]  # [B, T, n]
         if window is not None:

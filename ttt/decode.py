@@ -2,13 +2,14 @@
 
 Shape legend:
     B  rows: answers in the batch, each with its own session's fast weights (or none: the base model)
-    T  new tokens per row in a forward (1 when decoding; a prefill piece is one row of up to ``prefill_chunk``)
+    T  new tokens per row in a forward (1 when decoding; the longest prefill piece, up to ``prefill_chunk``)
     C  tokens of keys/values a pool slot holds (the longest row's prompt + max_tokens)
     R  LoRA rank, padded with zeros to the largest in the batch (zero rows add exactly nothing)
 
 A row is a ``generate.TokenStream``: it owns its prompt, sampling state and text, and a slot of the
 ``AnswerPool`` holds its keys and values. ``DecodeBatch.step`` prefills new rows in pieces (so that a long
-prompt delays the others by at most one piece per step) and then runs one forward over every decoding row:
+prompt delays the others by at most one piece per step; the pieces of several rows in one forward, padded to
+the longest) and then runs one forward over every decoding row:
 its LoRA projections go through ``kernels.multi_lora`` with each row's own A and B, and its attention
 through ``cache.RaggedCache``, which masks each row to its own keys. Rows join at any step and leave as
 soon as they finish or are dropped. Slots stay compact: rows [0, decoding) decode, at most one row after
@@ -102,21 +103,28 @@ class RowsLayer:
     stacked tensor (zeros where its session has none), and the extra-MLP layers of the rows that have them."""
 
     def __init__(
-        self, lora: dict[str, tuple[torch.Tensor, torch.Tensor]], mlp: list[tuple[int, ExtraMLPLayer]], rows: int
+        self,
+        lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        mlp: list[tuple[int, ExtraMLPLayer]],
+        rows: int,
+        tokens: int = 1,
     ):
         self.lora = lora  # name -> (A [B, R, in], B [B, out, R] with the row's scale folded in)
         self.mlp = mlp
-        self.seg_offsets = torch.arange(rows + 1, device=next(iter(lora.values()))[0].device) if lora else None
+        device = next(iter(lora.values()))[0].device if lora else None
+        # row b's tokens are rows [b * T, (b + 1) * T) of the flattened input
+        self.seg_offsets = torch.arange(0, (rows + 1) * tokens, tokens, device=device) if lora else None
 
     def linear(self, name: str, x: torch.Tensor, base) -> torch.Tensor:
-        # x: [B, 1, in] -> [B, 1, out]
+        # x: [B, T, in] -> [B, T, out]
         if name not in self.lora:
             return base(x)
         a, b = self.lora[name]
-        return multi_lora_linear(x.flatten(0, 1), base.weight, base.bias, a, b, self.seg_offsets, 1.0)[:, None]
+        y = multi_lora_linear(x.flatten(0, 1), base.weight, base.bias, a, b, self.seg_offsets, 1.0)
+        return y.view(*x.shape[:2], -1)
 
     def after_block(self, h: torch.Tensor) -> torch.Tensor:
-        # h: [B, 1, D]
+        # h: [B, T, D]
         if self.mlp:
             h = h.clone()
             for row, layer in self.mlp:
@@ -124,8 +132,9 @@ class RowsLayer:
         return h
 
 
-def stack_rows(model: Transformer, fasts: list[FastWeights | None], dtype) -> dict[int, RowsLayer]:
-    """The fast weights of B rows (None: the base model) as one adapter per layer any of them has."""
+def stack_rows(model: Transformer, fasts: list[FastWeights | None], dtype, tokens: int = 1) -> dict[int, RowsLayer]:
+    """The fast weights of B rows (None: the base model) of ``tokens`` tokens each as one adapter per layer any
+    of them has."""
     layers = sorted({i for f in fasts if f is not None for i in f.layer_ids})
     out = {}
     for i in layers:
@@ -145,7 +154,7 @@ def stack_rows(model: Transformer, fasts: list[FastWeights | None], dtype) -> di
                     b[row, :, :r] = m.lora_B[n] * m.scale
             lora[n] = (a, b)
         mlp = [(row, m) for row, m in enumerate(mine) if isinstance(m, ExtraMLPLayer)]
-        out[i] = RowsLayer(lora, mlp, len(fasts))
+        out[i] = RowsLayer(lora, mlp, len(fasts), tokens)
     return out
 
 
@@ -241,23 +250,60 @@ class DecodeBatch:
         return changed
 
     def _prefill(self) -> list[TokenStream]:
-        changed, budget = [], self.prefill_chunk
-        while budget > 0 and (self.decoding < len(self.rows) or self.waiting):
-            if self.decoding == len(self.rows):
-                self._start(self.waiting.popleft())
-            slot, row = self.decoding, self.rows[self.decoding]
-            piece = row.prompt[row.filled : row.filled + budget]
-            cache = self.pool.view(slot, slot + 1, [row.filled])
-            adapters = row.fast.adapters() if row.fast is not None else None
-            tokens = torch.tensor([piece], device=self.pool.device)
-            logits = self.model(tokens, adapters, cache, last_only=not row.scores_prompt)[0]
-            budget -= len(piece)
-            row.prefilled(piece, logits)
-            if row.filled == len(row.prompt):
+        """The next prompt pieces of the rows in line, up to ``prefill_chunk`` tokens in all, in one forward;
+        the rows whose prompt is done start decoding."""
+        pieces = self._pieces()
+        logits = self._prefill_together(pieces) if len(pieces) > 1 else [self._prefill_alone(*p) for p in pieces]
+        changed = []
+        for (row, piece), row_logits in zip(pieces, logits, strict=True):
+            row.prefilled(piece, row_logits)
+            if row.filled == len(row.prompt):  # only the last piece can be cut short: slots stay compact
                 self.decoding += 1
                 self._adapters = None
                 changed.append(row)
         return changed
+
+    def _pieces(self) -> list[tuple[TokenStream, list[int]]]:
+        """(row, its next prompt tokens) for the rows from slot ``decoding`` on, in line order, starting the
+        rows in line as the budget reaches them; a row ``_alone`` goes alone."""
+        pieces, budget, slot = [], self.prefill_chunk, self.decoding
+        while budget > 0 and (slot < len(self.rows) or self.waiting):
+            row = self.rows[slot] if slot < len(self.rows) else self.waiting[0]
+            if pieces and (self._alone(row) or self._alone(pieces[0][0])):
+                break
+            if slot == len(self.rows):
+                self._start(self.waiting.popleft())
+            piece = row.prompt[row.filled : row.filled + budget]
+            pieces.append((row, piece))
+            budget -= len(piece)
+            slot += 1
+        return pieces
+
+    @staticmethod
+    def _alone(row: TokenStream) -> bool:
+        """A row prefilled in a forward of its own: one scoring its prompt (echo) needs every position's logits,
+        and one that samples nothing may fill its slot to the last column, where padded rows write."""
+        return row.scores_prompt or row.params.max_tokens == 0
+
+    def _prefill_alone(self, row: TokenStream, piece: list[int]) -> torch.Tensor:
+        cache = self.pool.view(self.decoding, self.decoding + 1, [row.filled])
+        adapters = row.fast.adapters() if row.fast is not None else None
+        tokens = torch.tensor([piece], device=self.pool.device)
+        return self.model(tokens, adapters, cache, last_only=not row.scores_prompt)[0]  # [T or 1, V]
+
+    def _prefill_together(self, pieces: list[tuple[TokenStream, list[int]]]) -> list[torch.Tensor]:
+        """Pieces of B rows in one forward, padded to the longest (T): on a GPU, B prompts cost about what one
+        does. A pad's key and value land in its slot's last column (``RaggedCache``), which the row's own
+        tokens never reach during its prefill, and its output is not read. Returns each row's last logits
+        [1, V]."""
+        rows, lengths = [r for r, _ in pieces], [len(p) for _, p in pieces]
+        B, T = len(pieces), max(lengths)
+        tokens = torch.tensor([p + [0] * (T - len(p)) for _, p in pieces], device=self.pool.device)  # [B, T]
+        cache = self.pool.view(self.decoding, self.decoding + B, [r.filled for r in rows])
+        adapters = stack_rows(self.model, [r.fast for r in rows], self.pool.dtype, T)
+        h = self.model.run_layers(self.model.embed(tokens), 0, self.model.cfg.num_layers, adapters, cache)
+        last = h[torch.arange(B), torch.tensor(lengths) - 1]  # [B, D]: each row's last real token
+        return list(self.model.logits(last[:, None]))
 
     def _decode(self) -> list[TokenStream]:
         rows = self.rows[: self.decoding]
