@@ -244,8 +244,10 @@ def test_the_pool_grows_within_its_budget_as_rows_of_longer_answers_join(engine)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_batched_answers_equal_answers_alone_on_cuda(tiny_model_dir):
-    """The same check on a GPU (fp32): LoRA rows through the compiled Triton multi-LoRA kernel, SDPA with a mask."""
+@pytest.mark.parametrize("prefill_chunk", [7, 4096])
+def test_batched_answers_equal_answers_alone_on_cuda(tiny_model_dir, prefill_chunk):
+    """The same check on a GPU (fp32): LoRA rows through the compiled Triton multi-LoRA kernel, SDPA with a mask;
+    prompts in pieces of 7 tokens, or whole and those in line in one forward."""
     from ttt.model import load_base_model
 
     engine = ttt.Engine(load_base_model(tiny_model_dir, "cuda", torch.float32))
@@ -265,7 +267,7 @@ def test_batched_answers_equal_answers_alone_on_cuda(tiny_model_dir):
         sessions.append(s)
     texts = ["".join(s) for s in streams(engine, sessions, max_tokens=12)]
     rows = streams(engine, sessions, max_tokens=12)
-    run_batch(DecodeBatch(engine.base.model, prefill_chunk=7), rows, join_at=[0, 0, 2, 5, 9])
+    run_batch(DecodeBatch(engine.base.model, prefill_chunk=prefill_chunk), rows, join_at=[0, 0, 2, 5, 9])
     assert [r.text for r in rows] == texts
 
 
