@@ -302,7 +302,8 @@ class DecodeBatch:
         cache = self.pool.view(self.decoding, self.decoding + B, [r.filled for r in rows])
         adapters = stack_rows(self.model, [r.fast for r in rows], self.pool.dtype, T)
         h = self.model.run_layers(self.model.embed(tokens), 0, self.model.cfg.num_layers, adapters, cache)
-        last = h[torch.arange(B), torch.tensor(lengths) - 1]  # [B, D]: each row's last real token
+        ends = torch.tensor(lengths, device=h.device) - 1
+        last = h[torch.arange(B, device=h.device), ends]  # [B, D]: each row's last real token
         return list(self.model.logits(last[:, None]))
 
     def _decode(self) -> list[TokenStream]:
