@@ -30,13 +30,20 @@ EOF
 # version that generated server/proto; fastapi needs opentelemetry-api).
 pins=$("$BIN/python" - "$PY_VERSION" <<'EOF'
 import sys
-from importlib.metadata import distribution
+from importlib.metadata import PackageNotFoundError, distribution
 from packaging.requirements import Requirement
 
 env = {"python_version": sys.argv[1], "sys_platform": "linux", "platform_system": "Linux", "extra": ""}
-todo, pins = ["fastapi", "uvicorn", "pydantic-settings", "grpcio-health-checking", "grpcio-reflection"], {}
+todo = ["fastapi", "uvicorn", "pydantic-settings", "grpcio-health-checking", "grpcio-reflection"]
+todo += ["prometheus-client", "httpx"]  # in the image when last read, but the server cannot start without them
+pins = {}
 while todo:
-    dist = distribution(todo.pop())
+    wanted = todo.pop()
+    try:
+        dist = distribution(wanted)
+    except PackageNotFoundError:  # needed on that Python only: not installed here, so no version to pin
+        print(f"gpu_prepare: {wanted} is not installed here; not carried", file=sys.stderr)
+        continue
     name = dist.metadata["Name"].lower().replace("_", "-")
     if name not in pins:
         pins[name] = dist.version

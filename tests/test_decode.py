@@ -134,6 +134,24 @@ def test_rows_in_line_prefill_together_in_one_forward(engine, sessions, monkeypa
         assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
 
 
+def test_a_forward_of_prompts_holds_prefill_chunk_tokens_pads_included(engine, monkeypatch):
+    """A long prompt shares a forward with as many short ones as its length times the rows fits the budget."""
+    asked = ["Who is there, and what do they want from us now, so late at night, in the rain?", "Hi", "Why?", "And?"]
+    rows = [engine.generate([{"role": "user", "content": q}], max_tokens=2, stream=True) for q in asked]
+    longest = len(rows[0].prompt)
+    model, forwards = engine.base.model, []
+    run_layers = model.run_layers
+    monkeypatch.setattr(
+        model, "run_layers", lambda h, *a, **k: forwards.append(tuple(h.shape[:2])) or run_layers(h, *a, **k)
+    )
+    batch = DecodeBatch(model, prefill_chunk=3 * longest - 1)  # the real tokens of all four would fit
+    assert sum(len(r.prompt) for r in rows) <= batch.prefill_chunk
+    for row in rows:
+        batch.join(row)
+    batch.step()
+    assert forwards[0] == (2, longest)  # not (4, longest): 4 x longest tokens, over a quarter of them pads
+
+
 def test_deltas_of_a_batched_row_are_its_text(engine, sessions):
     row = sessions[0].generate(MSGS, stream=True, max_tokens=12, stop=["e"])
     other = sessions[1].generate(MSGS, stream=True, max_tokens=12)

@@ -83,8 +83,8 @@ class RaggedCache:
         n = min(self.length + T, capacity)
         keys = torch.arange(n, device=q.device)
         visible = keys <= pos[:, :, None]  # [B, T, n]
-        if window is not None:
-            visible &= keys > pos[:, :, None] - window
+        if window is not None:  # from the column written: a pad past the slot's end sees at least its own
+            visible &= keys > at[:, :, None] - window
         return F.scaled_dot_product_attention(
             q, self.k[layer][:, :, :n], self.v[layer][:, :, :n], attn_mask=visible[:, None], enable_gqa=True
         )
