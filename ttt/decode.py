@@ -250,8 +250,8 @@ class DecodeBatch:
         return changed
 
     def _prefill(self) -> list[TokenStream]:
-        """The next prompt pieces of the rows in line, up to ``prefill_chunk`` tokens in all, in one forward;
-        the rows whose prompt is done start decoding."""
+        """The next prompt pieces of the rows in line (``_pieces``) in one forward; the rows whose prompt is done
+        start decoding."""
         pieces = self._pieces()
         logits = self._prefill_together(pieces) if len(pieces) > 1 else [self._prefill_alone(*p) for p in pieces]
         changed = []
@@ -295,9 +295,9 @@ class DecodeBatch:
 
     def _prefill_together(self, pieces: list[tuple[TokenStream, list[int]]]) -> list[torch.Tensor]:
         """Pieces of B rows in one forward, padded to the longest (T): on a GPU, B prompts cost about what one
-        does. A pad's key and value land in its slot's last column (``RaggedCache``), which the row's own
-        tokens never reach during its prefill, and its output is not read. Returns each row's last logits
-        [1, V]."""
+        does. A pad's key and value land in its row's slot at its position, or past the slot's end in its last
+        column (``RaggedCache``), which the row's own prompt never reaches; its output is not read. Returns each
+        row's last logits [1, V]."""
         rows, lengths = [r for r, _ in pieces], [len(p) for _, p in pieces]
         B, T = len(pieces), max(lengths)
         tokens = torch.tensor([p + [0] * (T - len(p)) for _, p in pieces], device=self.pool.device)  # [B, T]
