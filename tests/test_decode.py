@@ -57,6 +57,15 @@ def streams(engine, sessions, **sampling):
     return [*made, engine.generate(MSGS, stream=True, **sampling)]
 
 
+def record_forwards(model, monkeypatch) -> list[tuple[int, int]]:
+    """The [B, T] of every forward the model runs from now on (the list fills as they run)."""
+    forwards, run_layers = [], model.run_layers
+    monkeypatch.setattr(
+        model, "run_layers", lambda h, *a, **k: forwards.append(tuple(h.shape[:2])) or run_layers(h, *a, **k)
+    )
+    return forwards
+
+
 def run_batch(batch: DecodeBatch, rows, join_at: list[int]) -> None:
     """Join row i before step ``join_at[i]``; step until every row has finished."""
     step = 0
@@ -116,11 +125,8 @@ def test_rows_in_line_prefill_together_in_one_forward(engine, sessions, monkeypa
     assert len(set(pieces)) > 1  # pieces of different lengths: the shorter ones padded
     # a row with a window's keys/values (filled) and a short question: its pads run past its slot's last column
     assert max(r.filled + max(pieces) for r in rows[:-1]) > max(len(r.prompt) + 8 for r in rows[:-1])
-    model, forwards = engine.base.model, []
-    run_layers = model.run_layers
-    monkeypatch.setattr(
-        model, "run_layers", lambda h, *a, **k: forwards.append(tuple(h.shape[:2])) or run_layers(h, *a, **k)
-    )
+    model = engine.base.model
+    forwards = record_forwards(model, monkeypatch)
     batch = DecodeBatch(model, prefill_chunk=4096)
     for row in rows:
         batch.join(row)
@@ -139,11 +145,8 @@ def test_a_forward_of_prompts_holds_prefill_chunk_tokens_pads_included(engine, m
     asked = ["Who is there, and what do they want from us now, so late at night, in the rain?", "Hi", "Why?", "And?"]
     rows = [engine.generate([{"role": "user", "content": q}], max_tokens=2, stream=True) for q in asked]
     longest = len(rows[0].prompt)
-    model, forwards = engine.base.model, []
-    run_layers = model.run_layers
-    monkeypatch.setattr(
-        model, "run_layers", lambda h, *a, **k: forwards.append(tuple(h.shape[:2])) or run_layers(h, *a, **k)
-    )
+    model = engine.base.model
+    forwards = record_forwards(model, monkeypatch)
     batch = DecodeBatch(model, prefill_chunk=3 * longest - 1)  # the real tokens of all four would fit
     assert sum(len(r.prompt) for r in rows) <= batch.prefill_chunk
     for row in rows:

@@ -267,11 +267,12 @@ class DecodeBatch:
         """(row, its next prompt tokens) for the rows from slot ``decoding`` on, in line order, starting the
         rows in line as the budget reaches them: ``prefill_chunk`` tokens, pads included (a long piece does not
         share a forward with many short ones); a row ``_alone`` goes alone."""
-        pieces, budget, slot = [], self.prefill_chunk, self.decoding
+        pieces, budget, slot, longest = [], self.prefill_chunk, self.decoding, 0
         while budget > 0 and (slot < len(self.rows) or self.waiting):
             row = self.rows[slot] if slot < len(self.rows) else self.waiting[0]
             piece = row.prompt[row.filled : row.filled + budget]
-            padded = (len(pieces) + 1) * max(len(p) for _, p in [*pieces, (row, piece)])
+            longest = max(longest, len(piece))
+            padded = (len(pieces) + 1) * longest
             if pieces and (self._alone(row) or self._alone(pieces[0][0]) or padded > self.prefill_chunk):
                 break
             if slot == len(self.rows):
