@@ -14,7 +14,8 @@ Two kinds of work:
 Chat ahead of ingest: while answers are being decoded and units wait, a unit starts only if, with what the
 next unit is expected to take (the running mean of the last units'), units' share of the device time (since
 both kinds last started to compete; what one long unit took beyond its share counts at most
-SHARE_DEBT_SECONDS) stays within ``unit_share``. So an answer that arrives while only units ran goes first,
+SHARE_DEBT_SECONDS, and answers' time beyond theirs at most what lets units run their next unit and
+UNITS_CATCH_UP_SECONDS more) stays within ``unit_share``. So an answer that arrives while only units ran goes first,
 answers then wait at most one unit between their tokens, and ingest never starves. While answers wait or
 decode, batchable units batch at most ``max_batch_answering`` sessions; a batch is also no longer than
 ``max_unit_seconds`` is expected to allow (by the running mean of its function's seconds per item; at least one
@@ -60,6 +61,7 @@ from ttt.pause import changed, pausing
 
 log = logging.getLogger("ttt.server.scheduler")
 SHARE_DEBT_SECONDS = 5.0  # units' device time past their share counts at most this much
+UNITS_CATCH_UP_SECONDS = 1.0  # units owed more than their next unit run at most this much more in a row
 RECENT_WEIGHT = 0.3  # weight of the latest unit in the running means of units' durations
 ANSWER_GRACE_SECONDS = 1.0  # each kind counts as present this long after it last ran (its next piece of work comes)
 DUE_AFTER = 0.5  # of the time its client had left when a unit was submitted: then it is due
@@ -382,10 +384,14 @@ class Scheduler:
         spent[kind] += seconds
         if kind == "units":
             self._unit_own += seconds
-        # units' time beyond their share, capped: one long unit keeps units out for a while, not for
-        # (1 - share) / share times its length
-        fair = spent["answers"] * self.unit_share / (1 - self.unit_share)
-        spent["units"] = min(spent["units"], fair + SHARE_DEBT_SECONDS)
+        # each kind's lead over its share (the share now: it rises while a unit is due) is bounded. Units': one
+        # long unit keeps units out for a while, not for (1 - share) / share times its length. Answers': when the
+        # share rises, units are owed it from then on, not on all the time before (a run of units as long as
+        # that while every answer waits); they may run their next unit and UNITS_CATCH_UP_SECONDS more.
+        share = self._share()
+        spent["units"] = min(spent["units"], spent["answers"] * share / (1 - share) + SHARE_DEBT_SECONDS)
+        units_owed = min(self._unit_seconds, SHARE_DEBT_SECONDS) + UNITS_CATCH_UP_SECONDS
+        spent["answers"] = min(spent["answers"], (spent["units"] + units_owed) * (1 - share) / share)
 
     def _pause(self) -> None:
         """At a pause point of the batchable unit in flight (``ttt.pause``): answer steps while answers are owed

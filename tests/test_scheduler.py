@@ -792,3 +792,42 @@ def test_a_unit_that_is_not_batchable_does_not_pause():
     finally:
         s.shutdown(TIMEOUT)
     assert "".join(order) == "UUaa"
+
+
+def test_a_unit_that_goes_due_after_a_long_share_leaves_answers_half_the_device():
+    """Answers have had 3/4 of the device for a while (units and steps 1 s each); then a chunk of 10 "layers" whose
+    client has no time left arrives. From then on units are owed half of the device, not half of all the time
+    before: they catch up for a moment, then answers step at every other pause point of the chunk. (Before, the
+    units' lead was bounded at the old quarter: at a half they were owed the chunk whole, and every chunk due
+    after it, while every answer waited.)"""
+    s, clock = shared_device()
+    order, due = [], []
+
+    def unit():
+        order.append("U")
+        clock.tick()
+
+    def train(items):
+        for _ in range(10):
+            order.append("L")
+            clock.tick()
+            pause_point()
+        return items
+
+    def step(i, row):
+        order.append("a")
+        if order.count("a") == 24:
+            due.append(s.submit_batchable(("ingest", "other"), train, "chunk", 0.0))
+
+    try:
+        release = gated(s)
+        units = [s.submit(("ingest", "doc"), unit) for _ in range(20)]
+        answer = s.submit_answers(("chat", "s"), [lambda: Row("a", 40)], step)
+        release()
+        answer.future.result(TIMEOUT)
+        for f in [*units, *due]:
+            f.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    trace = "".join(order)
+    assert trace[trace.index("L") : trace.rindex("L") + 1] == "LLLaLaLaLaLaLaLaL", trace
