@@ -94,7 +94,9 @@ class Rows(Protocol):
 
     def clear(self) -> None: ...
 
-    def step(self) -> list: ...
+    def prefill(self) -> list: ...
+
+    def decode(self) -> list: ...
 
 
 @dataclass(eq=False)
@@ -460,22 +462,30 @@ class Scheduler:
             self._end(request)
         self._admit(busy)
         stepped = len(batch) > 0
-        changed = batch.step() if stepped else []
+        if stepped:
+            # the first tokens go out before the decode forward: a client's first token does not wait for every
+            # other row's next one
+            self._hand_out(batch.prefill())
+            self._hand_out(batch.decode())
         self.on_answer_step(len(batch))
         self._answered = self.clock()
+        for request in [r for r in self._active if all(row.finish_reason is not None for row in r.rows)]:
+            self._end(request)
+        return stepped
+
+    def _hand_out(self, changed: list) -> None:
+        """Tell each request the rows of its that ``changed``; a request whose listener breaks ends with the
+        error (the others go on)."""
         rows = {id(row): (request, i) for request in self._active for i, row in enumerate(request.rows)}
         failed: dict[int, tuple[AnswerRequest, Exception]] = {}
         for row in changed:
             request, index = rows[id(row)]
             try:
                 request.on_step(index, row)
-            except Exception as e:  # the request's listener broke: that request ends, the others go on
+            except Exception as e:
                 failed[id(request)] = request, e
         for request, error in failed.values():
             self._end(request, error)
-        for request in [r for r in self._active if all(row.finish_reason is not None for row in r.rows)]:
-            self._end(request)
-        return stepped
 
     def _fail_answers(self, error: Exception) -> None:
         """Every admitted request ends with ``error``; the batch is emptied (its state is not trusted)."""

@@ -219,21 +219,21 @@ def test_private_pages_need_a_key(keyed_http):
 
 
 class Paced:
-    """Slows the server's decode batch to a step every 10 ms, keeps every row it saw and fails (with a secret
-    message) at step ``fail_after``."""
+    """Slows the server's decode batch to a decode every 10 ms, keeps every row it saw and fails (with a secret
+    message) at decode ``fail_after``."""
 
     def __init__(self, server, monkeypatch, fail_after: int | None = None):
         self.batch, self.fail_after, self.steps, self.rows = server.state.scheduler.answers, fail_after, 0, []
-        self.real_step = self.batch.step
-        monkeypatch.setattr(self.batch, "step", self.step)
+        self.real_decode = self.batch.decode
+        monkeypatch.setattr(self.batch, "decode", self.decode)
 
-    def step(self):
+    def decode(self):
         if self.steps == self.fail_after:
             raise RuntimeError("secret internal detail")
         time.sleep(0.01)
         self.steps += 1
         self.rows += [r for r in self.batch.rows if r not in self.rows]
-        return self.real_step()
+        return self.real_decode()
 
 
 def test_a_non_streaming_answer_stops_when_its_client_leaves(open_http, monkeypatch):

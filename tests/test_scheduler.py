@@ -245,7 +245,7 @@ class Row:
 
 
 class FakeBatch:
-    """``ttt.decode.DecodeBatch``'s interface: rows advance one token per step, at most ``max_rows`` at once;
+    """``ttt.decode.DecodeBatch``'s interface: rows advance one token per decode, at most ``max_rows`` at once;
     ``log`` records the rows of every step and ``clock`` advances one second per step."""
 
     def __init__(self, max_rows: int, clock=None):
@@ -269,7 +269,10 @@ class FakeBatch:
     def clear(self):
         self.rows = []
 
-    def step(self):
+    def prefill(self):  # its rows have no prompt: each token comes from a decode
+        return []
+
+    def decode(self):
         self.log.append(sorted(r.name for r in self.rows))
         if self.clock is not None:
             self.clock.tick()
@@ -332,6 +335,34 @@ def test_answers_of_several_requests_advance_together_and_leave_when_done():
     assert batch.log == [["a", "b", "c"], ["a", "b", "c"], ["b", "c"], ["b"]]
     assert steps == {"a": [1, 0], "b": [3, 2, 1, 0], "c": [2, 1, 0]}
     assert s.depth == 0 and len(batch) == 0
+
+
+def test_a_rows_first_token_goes_out_before_the_decode_forward():
+    """A step prefills, hands out the first tokens, then decodes: the client of a row whose prompt is done does
+    not wait for the other rows' next token to get its first."""
+    order = []
+
+    class PromptBatch(FakeBatch):
+        def join(self, row):
+            super().join(row)
+            self.new = [row]
+
+        def prefill(self):
+            order.append("prefill")
+            new, self.new = getattr(self, "new", []), []
+            return new
+
+        def decode(self):
+            order.append("decode")
+            return super().decode()
+
+    s = Scheduler(answers=PromptBatch(max_rows=4))
+    try:
+        answer = s.submit_answers(("u", "s"), [lambda: Row("a", 2)], lambda i, row: order.append(f"a{row.left}"))
+        answer.future.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    assert order == ["prefill", "a2", "decode", "a1", "prefill", "decode", "a0"]
 
 
 def test_a_full_batch_admits_in_turn_between_users_as_rows_leave():
@@ -486,18 +517,18 @@ def test_ingest_batches_shrink_while_answers_decode():
 def test_a_failed_step_fails_the_answers_in_it_and_the_worker_survives():
     batch = FakeBatch(max_rows=4)
     s = Scheduler(answers=batch)
-    real_step = batch.step
+    real_decode = batch.decode
 
-    def failing_step():
+    def failing_decode():
         raise RuntimeError("device lost")
 
     try:
-        batch.step = failing_step
+        batch.decode = failing_decode
         doomed = s.submit_answers(("u", "s"), [lambda: Row("a", 5)], lambda i, row: None)
         with pytest.raises(RuntimeError, match="device lost"):
             doomed.future.result(TIMEOUT)
         assert len(batch) == 0
-        batch.step = real_step
+        batch.decode = real_decode
         fine = s.submit_answers(("u", "s"), [lambda: Row("b", 2)], lambda i, row: None)
         assert fine.future.result(TIMEOUT)[0].finish_reason == "length"
         assert s.run("u", lambda: "units too") == "units too"

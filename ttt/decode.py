@@ -7,9 +7,10 @@ Shape legend:
     R  LoRA rank, padded with zeros to the largest in the batch (zero rows add exactly nothing)
 
 A row is a ``generate.TokenStream``: it owns its prompt, sampling state and text, and a slot of the
-``AnswerPool`` holds its keys and values. ``DecodeBatch.step`` prefills new rows in pieces (so that a long
-prompt delays the others by at most one piece per step; the pieces of several rows in one forward, padded to
-the longest) and then runs one forward over every decoding row:
+``AnswerPool`` holds its keys and values. A step (``DecodeBatch.prefill``, then ``decode``) prefills new rows
+in pieces (so that a long prompt delays the others by at most one piece per step; the pieces of several rows in
+one forward, padded to the longest), which gives the rows whose prompt is done their first token, and then runs
+one forward over every decoding row:
 its LoRA projections go through ``kernels.multi_lora`` with each row's own A and B, and its attention
 through ``cache.RaggedCache``, which masks each row to its own keys. Rows join at any step and leave as
 soon as they finish or are dropped. Slots stay compact: rows [0, decoding) decode, at most one row after
@@ -233,15 +234,21 @@ class DecodeBatch:
             self.pool.move(src, dst)
             self.rows[dst] = self.rows[src]
 
-    @torch.no_grad()
     def step(self) -> list[TokenStream]:
-        """Prefill (pieces up to ``prefill_chunk`` tokens in all), then one token for every decoding row.
+        """``prefill``, then ``decode``: the rows that changed in either."""
+        return self.prefill() + self.decode()
 
-        Returns the rows that changed (new text, logprobs or an end); finished rows have left."""
-        changed = self._leave(self._prefill())
-        if self.decoding:
-            changed += self._leave(self._decode())
-        return changed
+    @torch.no_grad()
+    def prefill(self) -> list[TokenStream]:
+        """The next prompt pieces of the rows in line (``prefill_chunk`` tokens in all); the rows whose prompt is
+        done take their first token and start decoding. Returns the rows that changed (new text, logprobs or an
+        end); finished rows have left."""
+        return self._leave(self._prefill())
+
+    @torch.no_grad()
+    def decode(self) -> list[TokenStream]:
+        """One token for every decoding row. Returns the rows that changed; finished rows have left."""
+        return self._leave(self._decode()) if self.decoding else []
 
     def _leave(self, changed: list[TokenStream]) -> list[TokenStream]:
         for row in changed:
