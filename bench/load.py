@@ -22,8 +22,9 @@ workers go on from there.
 
 At the end it prints the error count (client timeouts among them), whether every token the streams sent is
 accounted for (sum of the streams' ``tokens_received`` == sum of the sessions' ``tokens_ingested +
-pending_tokens``), ingest throughput, chat latency and TTFT p50/p99 next to the idle server's; the exit
-status is 1 on any error or unaccounted token.
+pending_tokens``), ingest throughput, chat latency and TTFT p50/p99 next to the idle server's (of every chat,
+and of each client's chats after its first: in a closed loop the first chats of all clients come at once, a
+burst of prompts that the steady state does not have); the exit status is 1 on any error or unaccounted token.
 
 ``--answers N``: instead, N sessions each read a short text, then one chat alone and N chats at once (one
 per session, ``--max-tokens`` each, nothing else running): aggregate decode tokens/s of the N vs the one.
@@ -91,6 +92,7 @@ class Tally:
         self.streams = 0
         self.chat_latencies: list[float] = []
         self.chat_ttfts: list[float] = []
+        self.later_ttfts: list[float] = []  # each client's chats after its first
         self.timeouts = 0
 
     def error(self, what: str) -> None:
@@ -228,6 +230,8 @@ def chat_worker(
             with tally.lock:
                 tally.chat_latencies.append(latency)
                 tally.chat_ttfts.append(ttft)
+                if count > 1:
+                    tally.later_ttfts.append(ttft)
 
 
 def idle_ttfts(args, sids: list[str]) -> list[float]:
@@ -376,6 +380,11 @@ def run(args) -> dict:
     if ttft and idle:
         result["ttft_p50_vs_idle"] = round(_percentile(ttft, 0.5) / _percentile(idle, 0.5), 2)
         result["ttft_p99_vs_idle"] = round(_percentile(ttft, 0.99) / _percentile(idle, 0.99), 2)
+    later = tally.later_ttfts
+    if later and idle:
+        result["later_ttft_p50_ms"], result["later_ttft_p99_ms"] = _ms(later, 0.50), _ms(later, 0.99)
+        result["later_ttft_p50_vs_idle"] = round(_percentile(later, 0.5) / _percentile(idle, 0.5), 2)
+        result["later_ttft_p99_vs_idle"] = round(_percentile(later, 0.99) / _percentile(idle, 0.99), 2)
     return result
 
 
@@ -459,6 +468,12 @@ def _print(result: dict) -> None:
         f"(x{result.get('ttft_p50_vs_idle')}, x{result.get('ttft_p99_vs_idle')}); mean {result['ttft_mean_ms']} ms, "
         f"of which queued for the device to first token {result['server_ttft_mean_ms']} ms (the server's metric)"
     )
+    if "later_ttft_p50_ms" in result:
+        print(
+            f"  after the first:  p50 {result['later_ttft_p50_ms']} ms, p99 {result['later_ttft_p99_ms']} ms "
+            f"(x{result['later_ttft_p50_vs_idle']}, x{result['later_ttft_p99_vs_idle']}): each client's chats after "
+            f"its first (a closed loop's first chats all come at once)"
+        )
     found = ", ".join(f"{how} {result[f'answer_prefixes_{how}']}" for how in PREFIX_FOUND)
     print(f"answers' window:   keys/values {found} (the server's metric)")
     print(json.dumps({k: v for k, v in result.items() if k != "error_samples"}), flush=True)
