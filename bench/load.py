@@ -252,6 +252,7 @@ def idle_ttfts(args, sids: list[str]) -> list[float]:
 SERVER_COUNTS = {  # the server's metrics bench.load reports (differences over the run): name -> (sample, labels)
     "ttft_sum": ("ttt_time_to_first_token_seconds_sum", {}),  # queued for the device to first token
     "ttft_count": ("ttt_time_to_first_token_seconds_count", {}),
+    "queue_sum": ("ttt_answer_queue_seconds_sum", {}),  # queued for the device to joining the decode batch
     **{f"prefix_{found}": ("ttt_answer_prefixes_total", {"found": found}) for found in PREFIX_FOUND},
 }
 
@@ -371,6 +372,9 @@ def run(args) -> dict:
         "server_ttft_mean_ms": round(server["ttft_sum"] / server["ttft_count"] * 1000, 1)
         if server["ttft_count"]
         else None,
+        "server_queue_mean_ms": round(server["queue_sum"] / server["ttft_count"] * 1000, 1)
+        if server["ttft_count"]
+        else None,
         # how the answers found their window's keys/values: built = a prefill of the whole window in the wait
         **{f"answer_prefixes_{found}": int(server[f"prefix_{found}"]) for found in PREFIX_FOUND},
         "warm_bytes": warm,
@@ -466,7 +470,8 @@ def _print(result: dict) -> None:
         f"chat TTFT:         p50 {result['ttft_p50_ms']} ms, p99 {result['ttft_p99_ms']} ms; idle server "
         f"p50 {result['idle_ttft_p50_ms']} ms, p99 {result['idle_ttft_p99_ms']} ms "
         f"(x{result.get('ttft_p50_vs_idle')}, x{result.get('ttft_p99_vs_idle')}); mean {result['ttft_mean_ms']} ms, "
-        f"of which queued for the device to first token {result['server_ttft_mean_ms']} ms (the server's metric)"
+        f"of which queued for the device to first token {result['server_ttft_mean_ms']} ms, to joining the decode "
+        f"batch {result['server_queue_mean_ms']} ms (the server's metrics)"
     )
     if "later_ttft_p50_ms" in result:
         print(

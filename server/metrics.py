@@ -79,6 +79,13 @@ class Metrics:
             buckets=SECONDS_BUCKETS,
             registry=r,
         )
+        self.answer_queue = Histogram(
+            "ttt_answer_queue_seconds",
+            "Seconds from a chat or completion queued for the device to its rows joining the decode batch (the rest "
+            "of its time to first token: the prompts in line before it and its own prefill)",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
         self.answer_rows = Histogram(
             "ttt_answer_step_rows", "Answers advanced by one decode step", buckets=BATCH_BUCKETS, registry=r
         )
@@ -126,8 +133,11 @@ class Metrics:
         if seconds > 0 and completion_tokens:
             self.decode_tps.observe(completion_tokens / seconds)
 
-    def first_token(self, seconds: float) -> None:
+    def first_token(self, seconds: float, queued: float) -> None:
+        """An answer's first token came ``seconds`` after it was queued, ``queued`` of them before it joined the
+        decode batch."""
         self.time_to_first_token.observe(seconds)
+        self.answer_queue.observe(queued)
 
     def request(self, api: str, method: str, status: str) -> None:
         self.requests.labels(api, method, status).inc()

@@ -61,7 +61,9 @@ from ttt.pause import changed, pausing
 
 log = logging.getLogger("ttt.server.scheduler")
 SHARE_DEBT_SECONDS = 5.0  # units' device time past their share counts at most this much
-UNITS_CATCH_UP_SECONDS = 1.0  # units owed more than their next unit run at most this much more in a row
+# units owed more than their next unit run at most this much more in a row (about a pause point's distance): the
+# rest of what they are owed is forgotten, not run while every answer waits
+UNITS_CATCH_UP_SECONDS = 0.25
 RECENT_WEIGHT = 0.3  # weight of the latest unit in the running means of units' durations
 ANSWER_GRACE_SECONDS = 1.0  # each kind counts as present this long after it last ran (its next piece of work comes)
 DUE_AFTER = 0.5  # of the time its client had left when a unit was submitted: then it is due
@@ -110,6 +112,7 @@ class AnswerRequest:
     future: Future = field(default_factory=Future)
     rows: list = field(default_factory=list)
     gone: bool = False
+    joined: float | None = None  # when its rows joined the batch (the scheduler's clock)
 
     def cancel(self) -> None:
         """The client has gone: not started, it never starts; decoding, its rows leave at the next step."""
@@ -539,6 +542,7 @@ class Scheduler:
             self._unqueue(user, request)
             if request.future.set_running_or_notify_cancel():
                 self._active.append(request)  # first: a join that fails fails it with the batch, never strands it
+                request.joined = self.clock()
                 for row in request.rows:
                     self.answers.join(row)
 

@@ -259,9 +259,10 @@ def test_load_bench_short(tiny_model_dir, tmp_path, one_thread):
     assert result["tokens_received"] == result["tokens_held"] > 0
     assert result["chat_count"] > 0 and result["ttft_p50_ms"] > 0 and result["idle_ttft_p50_ms"] > 0
     assert result["ttft_p50_vs_idle"] > 0
-    assert 0 < result["later_ttft_p50_ms"] and result["later_ttft_p50_vs_idle"] > 0  # each client's after its first
+    assert result["later_ttft_p50_ms"] > 0 and result["later_ttft_p50_vs_idle"] > 0  # each client's after its first
     # the server's part of each chat's wait (queued to first token) lies within what its client waited
     assert 0 < result["server_ttft_mean_ms"] <= result["ttft_mean_ms"], result
+    assert 0 <= result["server_queue_mean_ms"] <= result["server_ttft_mean_ms"], result  # of which to joining the batch
     # each answer found its window's keys/values one way, or read its notes alone (the sessions read before the
     # run: none is empty)
     assert sum(result[f"answer_prefixes_{f}"] for f in PREFIX_FOUND) == result["chat_count"], result

@@ -1016,6 +1016,7 @@ def test_metrics(api, open_server, tokenizer):
         "ttt_decode_tokens_per_second_bucket",
         "ttt_decode_tokens_per_second_count",
         "ttt_time_to_first_token_seconds_bucket",
+        "ttt_answer_queue_seconds_bucket",
         "ttt_ingest_tokens_per_second_bucket",
         "ttt_ingest_tokens_per_second_count",
     } <= names
@@ -1028,6 +1029,9 @@ def test_metrics(api, open_server, tokenizer):
     assert delta("ttt_ingest_tokens_per_second_count") == summary["chunks_trained"]
     assert delta("ttt_decode_tokens_per_second_count") == 1 and delta("ttt_tokens_generated_total") > 0
     assert delta("ttt_time_to_first_token_seconds_count") == 1 and delta("ttt_time_to_first_token_seconds_sum") > 0
+    # queued to joining the batch: part of the time to first token
+    assert delta("ttt_answer_queue_seconds_count") == 1
+    assert 0 <= delta("ttt_answer_queue_seconds_sum") <= delta("ttt_time_to_first_token_seconds_sum")
     # the session was never asked before: its window's keys/values were built for the question, unless the
     # question found notes, read alone
     state = open_server.state

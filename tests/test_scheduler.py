@@ -861,4 +861,4 @@ def test_a_unit_that_goes_due_after_a_long_share_leaves_answers_half_the_device(
     finally:
         s.shutdown(TIMEOUT)
     trace = "".join(order)
-    assert trace[trace.index("L") : trace.rindex("L") + 1] == "LLLaLaLaLaLaLaLaL", trace
+    assert trace[trace.index("L") : trace.rindex("L") + 1] == "LLaLaLaLaLaLaLaLaL", trace

@@ -87,7 +87,7 @@ class Answers:
         """On the worker, after a step that changed ``row``: its news as Events."""
         if self.started is None:
             self.started = time.perf_counter()
-            self.metrics.first_token(self.started - self.queued)
+            self.metrics.first_token(self.started - self.queued, self.run.joined - self.queued)
         if index not in self.seen and row.echo:
             self._put(Event(index, echo=True, logprobs=row.echo_logprobs))
         self.seen.add(index)
