@@ -15,8 +15,8 @@ Chat ahead of ingest: while answers are being decoded and units wait, a unit sta
 next unit is expected to take (the running mean of the last units'), units' share of the device time (since
 both kinds last started to compete; what one long unit took beyond its share counts at most
 SHARE_DEBT_SECONDS, and answers' time beyond theirs at most what lets units run their next unit and
-UNITS_CATCH_UP_SECONDS more) stays within ``unit_share``. So an answer that arrives while only units ran goes first,
-answers then wait at most one unit between their tokens, and ingest never starves. While answers wait or
+UNITS_CATCH_UP_SECONDS more) stays within ``unit_share``. So an answer that arrives while only units ran goes
+first, answers then wait at most one unit between their tokens, and ingest never starves. While answers wait or
 decode, batchable units batch at most ``max_batch_answering`` sessions; a batch is also no longer than
 ``max_unit_seconds`` is expected to allow (by the running mean of its function's seconds per item; at least one
 item), whether answers run or not.

@@ -877,8 +877,8 @@ def test_concurrent_chats_of_different_sessions_decode_together_as_they_would_al
     alone = [chat(client, m, max_tokens=12).choices[0].message.content for m in models]
 
     batch, sizes = open_server.state.scheduler.answers, []
-    real_step = batch.step
-    monkeypatch.setattr(batch, "step", lambda: (sizes.append(len(batch)), real_step())[1])
+    real_decode = batch.decode
+    monkeypatch.setattr(batch, "decode", lambda: (sizes.append(len(batch)), real_decode())[1])
     scheduler, started, release = open_server.state.scheduler, threading.Event(), threading.Event()
     gate = scheduler.submit("test-gate", lambda: (started.set(), release.wait(TIMEOUT)))  # hold the device
     assert started.wait(TIMEOUT)
@@ -961,14 +961,14 @@ def test_stream_disconnect_stops_the_decode(open_server, api, monkeypatch):
     """The client reads the first event and hangs up; its row leaves the batch at the next step, the server stays
     healthy."""
     engine, batch = open_server.state.engine, open_server.state.scheduler.answers
-    real_step, rows = batch.step, []
+    real_decode, rows = batch.decode, []
 
-    def paced_step():  # a token every 20 ms, so that the whole answer would take seconds
+    def paced_decode():  # a token every 20 ms, so that the whole answer would take seconds
         time.sleep(0.02)
         rows.extend(r for r in batch.rows if r not in rows)
-        return real_step()
+        return real_decode()
 
-    monkeypatch.setattr(batch, "step", paced_step)
+    monkeypatch.setattr(batch, "decode", paced_decode)
     max_tokens = 300
     body = {"model": engine.base.name, "messages": QUESTION, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     with log_records("ttt") as errors, log_records("uvicorn.error") as uvicorn_errors:
@@ -983,7 +983,7 @@ def test_stream_disconnect_stops_the_decode(open_server, api, monkeypatch):
             time.sleep(0.02)
         assert len(batch) == 0 and batch.pool.num_bytes() == 0
         assert api.get("/healthz").status_code == 200
-        monkeypatch.setattr(batch, "step", real_step)
+        monkeypatch.setattr(batch, "decode", real_decode)
         check_answer(chat(oai(open_server), engine.base.name), 6)
     (row,) = rows
     assert row.finish_reason is None and row.completion_tokens < max_tokens / 2  # stopped early, not at max_tokens

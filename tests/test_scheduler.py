@@ -342,21 +342,25 @@ def test_a_rows_first_token_goes_out_before_the_decode_forward():
     not wait for the other rows' next token to get its first."""
     order = []
 
-    class PromptBatch(FakeBatch):
+    class PromptBatch(FakeBatch):  # a row's prefill gives it its first token (the row reports; its count stays)
+        def __init__(self):
+            super().__init__(max_rows=4)
+            self.new = []
+
         def join(self, row):
             super().join(row)
             self.new = [row]
 
         def prefill(self):
             order.append("prefill")
-            new, self.new = getattr(self, "new", []), []
+            new, self.new = self.new, []
             return new
 
         def decode(self):
             order.append("decode")
             return super().decode()
 
-    s = Scheduler(answers=PromptBatch(max_rows=4))
+    s = Scheduler(answers=PromptBatch())
     try:
         answer = s.submit_answers(("u", "s"), [lambda: Row("a", 2)], lambda i, row: order.append(f"a{row.left}"))
         answer.future.result(TIMEOUT)
@@ -611,14 +615,15 @@ def test_an_answer_that_meets_waiting_units_goes_first():
 
 @pytest.mark.parametrize(
     ("time_left", "before_b", "expected"),
-    [(None, [], "AAAaAAAbAAA"), (4.0, [], "AAbAAAAaAAA"), (None, ["c"], "AAAaAAAcAAAb"), (4.0, ["c"], "AAcbAAAAAAAa")],
+    [(None, [], "AAAaAAAbAAA"), (4.0, [], "AAbAAAAAaAA"), (None, ["c"], "AAAaAAAcAAAb"), (4.0, ["c"], "AAcAbAAAAAAa")],
 )
 def test_a_unit_whose_client_has_waited_half_its_time_left_goes_next(time_left, before_b, expected):
     """Chunks ``a`` and ``b`` (1 s each) queued with an answer of 9 steps: in turn by their share (a, then b); but
     ``b``'s client gives up 4 s after it was queued (a gRPC deadline), so 2 s on ``b`` is due: it goes ahead of
-    ``a``, and units may take half the device instead of a quarter, so it runs at once; then the quarter again. A
-    unit ``c`` of b's session queued before it (an autosave) goes first, then ``b``: a session's units run in
-    order."""
+    ``a``, and units may take half the device instead of a quarter, so it runs at once; then the quarter again
+    (from then on: answers' time before ``b`` went due counts only as far as it let ``b`` run). A unit ``c`` of
+    b's session queued before it (an autosave) goes first, then, after an answer step (half the device), ``b``: a
+    session's units run in order."""
     s, clock = shared_device()
     order = []
 

@@ -235,7 +235,8 @@ class DecodeBatch:
             self.rows[dst] = self.rows[src]
 
     def step(self) -> list[TokenStream]:
-        """``prefill``, then ``decode``: the rows that changed in either."""
+        """``prefill``, then ``decode``: the rows that changed in each (a row that took its first token in the
+        prefill and its second in the decode, twice)."""
         return self.prefill() + self.decode()
 
     @torch.no_grad()
