@@ -103,16 +103,17 @@ class Rows(Protocol):
 
 @dataclass(eq=False)
 class AnswerRequest:
-    """One request's rows: ``makers`` build them on the worker; ``on_step(index, row)`` is called on the
-    worker after each step that changed row ``index``; ``future`` ends with the rows once all have finished."""
+    """One request's rows: ``makers`` build them on the worker; ``on_join()`` is called on the worker when they
+    join the decode batch, ``on_step(index, row)`` after each phase of a step (prefill, decode) that changed row
+    ``index``; ``future`` ends with the rows once all have finished."""
 
     key: Hashable
     makers: list[Callable[[], Any]]
     on_step: Callable[[int, Any], None]
+    on_join: Callable[[], None] = lambda: None
     future: Future = field(default_factory=Future)
     rows: list = field(default_factory=list)
     gone: bool = False
-    joined: float | None = None  # when its rows joined the batch (the scheduler's clock)
 
     def cancel(self) -> None:
         """The client has gone: not started, it never starts; decoding, its rows leave at the next step."""
@@ -240,12 +241,16 @@ class Scheduler:
         return self.submit_batchable(key, batch, item).result()
 
     def submit_answers(
-        self, key: Hashable, makers: list[Callable[[], Any]], on_step: Callable[[int, Any], None]
+        self,
+        key: Hashable,
+        makers: list[Callable[[], Any]],
+        on_step: Callable[[int, Any], None],
+        on_join: Callable[[], None] = lambda: None,
     ) -> AnswerRequest:
         """Queue one request's answers (see ``AnswerRequest``) for the decode batch."""
         if self.answers is None:
             raise RuntimeError("this scheduler has no decode batch")
-        request = AnswerRequest(key, makers, on_step)
+        request = AnswerRequest(key, makers, on_step, on_join)
         with self._cond:
             self._admit_check(key)
             self._requests.setdefault(owner(key), deque()).append(request)
@@ -472,13 +477,12 @@ class Scheduler:
             self._hand_out(batch.decode())
         self.on_answer_step(len(batch))
         self._answered = self.clock()
-        for request in [r for r in self._active if all(row.finish_reason is not None for row in r.rows)]:
-            self._end(request)
         return stepped
 
     def _hand_out(self, changed: list) -> None:
         """Tell each request the rows of its that ``changed``; a request whose listener breaks ends with the
-        error (the others go on)."""
+        error (the others go on), one whose rows have all finished ends with them (a decode that fails after
+        does not fail an answer its client has whole)."""
         rows = {id(row): (request, i) for request in self._active for i, row in enumerate(request.rows)}
         failed: dict[int, tuple[AnswerRequest, Exception]] = {}
         for row in changed:
@@ -489,6 +493,8 @@ class Scheduler:
                 failed[id(request)] = request, e
         for request, error in failed.values():
             self._end(request, error)
+        for request in [r for r in self._active if all(row.finish_reason is not None for row in r.rows)]:
+            self._end(request)
 
     def _fail_answers(self, error: Exception) -> None:
         """Every admitted request ends with ``error``; the batch is emptied (its state is not trusted)."""
@@ -542,7 +548,7 @@ class Scheduler:
             self._unqueue(user, request)
             if request.future.set_running_or_notify_cancel():
                 self._active.append(request)  # first: a join that fails fails it with the batch, never strands it
-                request.joined = self.clock()
+                request.on_join()
                 for row in request.rows:
                     self.answers.join(row)
 

@@ -362,11 +362,35 @@ def test_a_rows_first_token_goes_out_before_the_decode_forward():
 
     s = Scheduler(answers=PromptBatch())
     try:
-        answer = s.submit_answers(("u", "s"), [lambda: Row("a", 2)], lambda i, row: order.append(f"a{row.left}"))
+        answer = s.submit_answers(
+            ("u", "s"), [lambda: Row("a", 2)], lambda i, row: order.append(f"a{row.left}"), lambda: order.append("join")
+        )
         answer.future.result(TIMEOUT)
     finally:
         s.shutdown(TIMEOUT)
-    assert order == ["prefill", "a2", "decode", "a1", "prefill", "decode", "a0"]
+    assert order == ["join", "prefill", "a2", "decode", "a1", "prefill", "decode", "a0"]
+
+
+def test_an_answer_finished_in_the_prefill_is_not_failed_by_the_decode_after_it():
+    """A row whose only token came from its prefill (max_tokens 1, a stop string) ends its request at once: its
+    client has the whole answer, and a decode that fails in the same step fails only the rows still decoding."""
+
+    class OneTokenBatch(FakeBatch):
+        def prefill(self):
+            for row in self.rows:
+                row.left, row.finish_reason = 0, "length"
+            done, self.rows = self.rows, []
+            return done
+
+        def decode(self):
+            raise RuntimeError("device lost")
+
+    s = Scheduler(answers=OneTokenBatch(max_rows=4))
+    try:
+        answer = s.submit_answers(("u", "s"), [lambda: Row("a", 1)], lambda i, row: None)
+        assert answer.future.result(TIMEOUT)[0].finish_reason == "length"
+    finally:
+        s.shutdown(TIMEOUT)
 
 
 def test_a_full_batch_admits_in_turn_between_users_as_rows_leave():

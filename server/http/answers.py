@@ -71,9 +71,10 @@ class Answers:
         self.sent = [0] * len(makers)  # logprobs handed out, per row
         self.seen: set[int] = set()  # rows that have reported (the first report ends the prompt's prefill)
         self.queued = time.perf_counter()
+        self.joined: float | None = None  # when its rows joined the decode batch
         self.started: float | None = None  # when the first row reported: its prompt prefilled, its first token made
         # key (user, None): base-model answers count against the user's queue limit like the rest
-        self.run = server_state(request).scheduler.submit_answers(key, makers, self._on_step)
+        self.run = server_state(request).scheduler.submit_answers(key, makers, self._on_step, self._on_join)
         self.future = self.run.future
         self.future.add_done_callback(self._measure)
         self.future.add_done_callback(lambda future: self._put(None))  # after every Event of the request
@@ -83,11 +84,15 @@ class Answers:
         with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown): nobody is listening
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
+    def _on_join(self) -> None:
+        """On the worker, when the rows join the decode batch."""
+        self.joined = time.perf_counter()
+
     def _on_step(self, index: int, row: TokenStream) -> None:
         """On the worker, after a step that changed ``row``: its news as Events."""
         if self.started is None:
             self.started = time.perf_counter()
-            self.metrics.first_token(self.started - self.queued, self.run.joined - self.queued)
+            self.metrics.first_token(self.started - self.queued, self.joined - self.queued)
         if index not in self.seen and row.echo:
             self._put(Event(index, echo=True, logprobs=row.echo_logprobs))
         self.seen.add(index)
