@@ -386,8 +386,9 @@ class Scheduler:
                     if units:
                         self._learn(units, self._unit_own)
 
-    def _charge(self, kind: str) -> None:
-        """The device's time since ``_mark`` goes to ``kind``. Call with the lock held."""
+    def _charge(self, kind: str) -> float:
+        """The device's time since ``_mark`` goes to ``kind``; returns units' share now (``_share``, which scans
+        the waiting units: once per charge). Call with the lock held."""
         now = self.clock()
         seconds, self._mark = now - self._mark, now
         spent = self._spent
@@ -402,6 +403,7 @@ class Scheduler:
         spent["units"] = min(spent["units"], spent["answers"] * share / (1 - share) + SHARE_DEBT_SECONDS)
         units_owed = min(self._unit_seconds, SHARE_DEBT_SECONDS) + UNITS_CATCH_UP_SECONDS
         spent["answers"] = min(spent["answers"], (spent["units"] + units_owed) * (1 - share) / share)
+        return share
 
     def _pause(self) -> None:
         """At a pause point of the batchable unit in flight (``ttt.pause``): answer steps while answers are owed
@@ -409,8 +411,7 @@ class Scheduler:
         are admitted only while it has not changed them yet (the module's docstring)."""
         while True:
             with self._cond:
-                self._charge("units")
-                share = self._share()
+                share = self._charge("units")
                 owed = (
                     bool(self._active or self._requests)
                     and (1 - share) * self._spent["units"] > share * self._spent["answers"]
