@@ -214,6 +214,7 @@ def parse_args(argv):
     ap.add_argument("--out", type=Path, default=Path("runs/bench"), metavar="DIR")
     ap.add_argument("--model", help="local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
+    ap.add_argument("--dtype", help="the model's dtype: auto, float32, bfloat16 (default auto: bf16 on CUDA)")
     args = ap.parse_args(argv)
     args.tokens = sorted(set(args.tokens))
     if args.tokens[0] < 2 or args.answer_tokens < 1 or args.together < 1:
@@ -223,7 +224,7 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    engine = ttt.load_engine(args.model, args.device)
+    engine = ttt.load_engine(args.model, args.device, args.dtype)
     base = engine.base
     device, max_context = base.device, base.cfg.max_position_embeddings
     ids = document_tokens(engine, args.text, args.tokens[-1])

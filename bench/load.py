@@ -492,6 +492,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--start", action="store_true", help="start an in-process server on free loopback ports")
     p.add_argument("--model", help="with --start: model folder (default: the embedded default model)")
     p.add_argument("--device", help="with --start: cuda, cpu, ...")
+    p.add_argument("--dtype", help="with --start: the model's dtype (auto, float32, bfloat16)")
     p.add_argument("--ingest-streams", type=int, default=8, metavar="M")
     p.add_argument("--chat-clients", type=int, default=16, metavar="K", help="chats in flight at most")
     p.add_argument(
@@ -531,7 +532,7 @@ def main(argv: list[str] | None = None) -> dict:
         from .server_process import ServerProcess
 
         tmp = tempfile.TemporaryDirectory(prefix="ttt-load-")
-        flags = [f"--{name}={value}" for name, value in (("model", args.model), ("device", args.device)) if value]
+        flags = [f"--{name}={value}" for name in ("model", "device", "dtype") if (value := getattr(args, name))]
         env = {"TTT_MAX_ANSWER_ROWS": str(args.max_answer_rows)} if args.max_answer_rows else {}
         server = ServerProcess([*flags, "--data-dir", tmp.name], env, Path(tmp.name) / "server.log")
         server.wait_ready(300)

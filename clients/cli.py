@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 from clients.commands import (
     CLIError,
@@ -31,9 +32,16 @@ DEFAULT_PIECE_BYTES = 64 << 10
 
 
 def add_serve(sub) -> None:
+    from server.settings import DtypeName
+
     p = sub.add_parser("serve", help="run the gRPC + HTTP server (flags override TTT_* environment variables)")
     p.add_argument("--model", help="local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
+    p.add_argument(
+        "--dtype",
+        choices=get_args(DtypeName),
+        help="the model's dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--grpc-port", type=int, help="default 50051")
     p.add_argument("--http-port", type=int, help="default 8000")

@@ -88,9 +88,10 @@ class Server:
         mode = "open (no API keys, loopback only)" if self.keyring.open else f"API keys from {s.api_keys_file}"
         mode += ", TLS" if s.tls_cert is not None else ", no TLS"
         log.info(
-            "serving %s on %s: gRPC %d, HTTP %d; %s; sessions in %s (as %s)",
+            "serving %s on %s (%s): gRPC %d, HTTP %d; %s; sessions in %s (as %s)",
             base.name,
             base.device,
+            str(base.dtype).removeprefix("torch."),
             self.grpc_port,
             self.http_port,
             mode,
@@ -102,7 +103,7 @@ class Server:
     def _load_engine(self) -> None:
         """The model, the answers' decode batch and the sessions' registry and service, into the shared state."""
         s = self.settings
-        engine = ttt.load_engine(s.model, s.device)
+        engine = ttt.load_engine(s.model, s.device, s.dtype)
         answers = DecodeBatch(
             engine.base.model,
             kv_budget=s.answer_kv_bytes,

@@ -5,9 +5,13 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The names of ttt.model.DTYPES (this module stays free of torch: the CLI builds its flags from it).
+DtypeName = Literal["auto", "float32", "bfloat16"]
 
 
 def _default_data_dir() -> Path:
@@ -24,6 +28,9 @@ class Settings(BaseSettings):
     """local Hugging Face model folder; empty: the embedded default"""
     device: str | None = None
     """cuda, cpu, ...; empty: CUDA when available"""
+    dtype: DtypeName = "auto"
+    """the base model's weights and activations: auto = bfloat16 on CUDA, float32 on CPU (bfloat16 on a CPU with
+    native bf16, AVX512-BF16 or AMX, runs about twice as fast; fast weights stay float32 either way)"""
     host: str = "127.0.0.1"
     """bind address of both servers"""
     grpc_port: int = Field(50051, ge=0, le=65535)

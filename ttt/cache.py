@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from kernels.attention import decode_attention
+
 if TYPE_CHECKING:
     from .model import ModelConfig
 
@@ -85,6 +87,8 @@ class RaggedCache:
         visible = keys <= pos[:, :, None]  # [B, T, n]
         if window is not None:  # from the column written: a pad past the slot's end sees at least its own
             visible &= keys > at[:, :, None] - window
+        if T == 1:
+            return decode_attention(q, self.k[layer][:, :, :n], self.v[layer][:, :, :n], visible[:, None])
         return F.scaled_dot_product_attention(
             q, self.k[layer][:, :, :n], self.v[layer][:, :, :n], attn_mask=visible[:, None], enable_gqa=True
         )

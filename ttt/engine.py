@@ -134,9 +134,12 @@ class Engine:
         return Generation(text, ts.finish_reason, ts.prompt_tokens, ts.completion_tokens, ts.logprobs, ts.echo_logprobs)
 
 
-def load_engine(model_path: str | os.PathLike | None = None, device: str | None = None) -> Engine:
+def load_engine(
+    model_path: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None
+) -> Engine:
     """Load a base model (a local Hugging Face folder; None = the embedded SmolLM2-135M-Instruct).
 
-    ``device``: "cuda", "cpu", ... (default: CUDA when available). CUDA runs in bf16, CPU in fp32.
+    ``device``: "cuda", "cpu", ... (default: CUDA when available). ``dtype``: "float32" or "bfloat16"
+    (default: bf16 on CUDA, fp32 on CPU; a CPU with native bf16, AVX512-BF16 or AMX, runs bf16 about twice as fast).
     """
-    return Engine(load_base_model(model_path, device))
+    return Engine(load_base_model(model_path, device, dtype))

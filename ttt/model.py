@@ -275,6 +275,19 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# The dtypes a base model loads in, by the names settings and flags use ("auto": bf16 on CUDA, fp32 on CPU).
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def model_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """``dtype`` as a torch dtype: a name of ``DTYPES``, a torch dtype, or None for the device's default."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        dtype = DTYPES[dtype]
+    return dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def fingerprint_checkpoint(path: Path, sample_bytes: int = 1 << 16) -> str:
     """A stable id of a checkpoint's weights that does not depend on the dtype we load them in.
 
@@ -329,11 +342,13 @@ def _checkpoint_state(path: Path, files: list[Path], model: Transformer, dtype) 
     return state
 
 
-def load_base_model(model_path: str | os.PathLike | None = None, device=None, dtype=None) -> BaseModel:
+def load_base_model(
+    model_path: str | os.PathLike | None = None, device=None, dtype: torch.dtype | str | None = None
+) -> BaseModel:
     """Load a local Hugging Face causal-LM folder (config + safetensors + tokenizer).
 
     ``model_path=None`` means the embedded default (SmolLM2-135M-Instruct, converted once into the cache).
-    CUDA loads in bf16, CPU in fp32, unless ``dtype`` says otherwise.
+    CUDA loads in bf16, CPU in fp32, unless ``dtype`` (a torch dtype or a name of ``DTYPES``) says otherwise.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -346,7 +361,7 @@ def load_base_model(model_path: str | os.PathLike | None = None, device=None, dt
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors weights")
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = model_dtype(dtype, device)
 
     hf_cfg = AutoConfig.from_pretrained(path)
     cfg = ModelConfig.from_hf(hf_cfg)
