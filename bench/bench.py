@@ -31,7 +31,16 @@ from ttt.decode import DecodeBatch
 from ttt.model import ModelConfig
 from ttt.pause import pausing
 
-from .common import DEFAULT_DOC, document_tokens, run_metadata, settings_of, sync, write_json
+from .common import (
+    DEFAULT_DOC,
+    add_model_args,
+    document_tokens,
+    load_engine,
+    run_metadata,
+    settings_of,
+    sync,
+    write_json,
+)
 from .plots import bench_figure
 from .recall import QUESTION_ROOM, PrefixedLM
 
@@ -212,9 +221,7 @@ def parse_args(argv):
         help="sessions whose answers (64 tokens) are decoded in one batch, vs one alone",
     )
     ap.add_argument("--out", type=Path, default=Path("runs/bench"), metavar="DIR")
-    ap.add_argument("--model", help="local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
-    ap.add_argument("--dtype", help="the model's dtype: auto, float32, bfloat16 (default auto: bf16 on CUDA)")
+    add_model_args(ap)
     args = ap.parse_args(argv)
     args.tokens = sorted(set(args.tokens))
     if args.tokens[0] < 2 or args.answer_tokens < 1 or args.together < 1:
@@ -224,7 +231,7 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    engine = ttt.load_engine(args.model, args.device, args.dtype)
+    engine = load_engine(args)
     base = engine.base
     device, max_context = base.device, base.cfg.max_position_embeddings
     ids = document_tokens(engine, args.text, args.tokens[-1])

@@ -11,10 +11,22 @@ from pathlib import Path
 import torch
 
 import ttt
+from ttt.model import DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository (results record paths relative to it)
 # Public-domain default document, shipped as package data so `ttt eval` works from an installed wheel.
 DEFAULT_DOC = Path(__file__).resolve().parent / "data" / "kjv_genesis_exodus.txt"
+
+
+def add_model_args(ap) -> None:
+    """``--model``, ``--device`` and ``--dtype``: the engine a benchmark loads (``load_engine(args)``)."""
+    ap.add_argument("--model", help="local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), help="the model's dtype (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def load_engine(args) -> ttt.Engine:
+    return ttt.load_engine(args.model, args.device, args.dtype)
 
 
 def sync(device: torch.device) -> None:

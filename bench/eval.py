@@ -33,7 +33,7 @@ from tqdm import tqdm
 import ttt
 from ttt.config import PRESETS
 
-from .common import DEFAULT_DOC, document_tokens, run_metadata, settings_of, write_json
+from .common import DEFAULT_DOC, add_model_args, document_tokens, load_engine, run_metadata, settings_of, write_json
 from .nll import full_nll, ttt_nll, window_nll
 from .plots import nll_figures, recall_heatmap
 from .recall import PROBES, accuracy
@@ -83,8 +83,7 @@ def parse_args(argv):
         help="UTF-8 text files (default: the KJV Genesis and Exodus shipped in bench/data)",
     )
     ap.add_argument("--out", type=Path, default=Path("runs/eval"), metavar="DIR")
-    ap.add_argument("--model", help="local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
+    add_model_args(ap)
     ap.add_argument("--seeds", type=int, default=1, help="runs per document (excerpt and fast-weight seed)")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--chunk-tokens", type=int, default=512)
@@ -132,7 +131,7 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    engine = ttt.load_engine(args.model, args.device)
+    engine = load_engine(args)
     args.out.mkdir(parents=True, exist_ok=True)
     n_tokens = args.chunks * args.chunk_tokens
     sessions = {f"ttt/{p}": p for p in args.presets} if args.presets else {"ttt": None}  # NLL method -> preset

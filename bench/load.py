@@ -44,9 +44,11 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import get_args
 from urllib.parse import urlsplit
 
 from server.metrics import PREFIX_FOUND  # ttt_answer_prefixes_total's labels
+from server.settings import DtypeName
 
 ERROR_BACKOFF = 0.2  # seconds a worker waits after a failed request
 BOOK = Path(__file__).resolve().parent.parent / "tests" / "data" / "kjv_genesis_exodus.txt"
@@ -492,7 +494,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--start", action="store_true", help="start an in-process server on free loopback ports")
     p.add_argument("--model", help="with --start: model folder (default: the embedded default model)")
     p.add_argument("--device", help="with --start: cuda, cpu, ...")
-    p.add_argument("--dtype", help="with --start: the model's dtype (auto, float32, bfloat16)")
+    p.add_argument("--dtype", choices=get_args(DtypeName), help="with --start: the model's dtype")
     p.add_argument("--ingest-streams", type=int, default=8, metavar="M")
     p.add_argument("--chat-clients", type=int, default=16, metavar="K", help="chats in flight at most")
     p.add_argument(

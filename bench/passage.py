@@ -23,7 +23,7 @@ from pathlib import Path
 
 import ttt
 
-from .common import run_metadata, settings_of, write_json
+from .common import add_model_args, load_engine, run_metadata, settings_of, write_json
 from .items import plant
 from .recall_cli import FILLER
 
@@ -97,8 +97,7 @@ def main(argv=None) -> dict:
         prog="python -m bench.passage", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", type=Path, default=Path("runs/passage"), metavar="DIR")
-    ap.add_argument("--model")
-    ap.add_argument("--device")
+    add_model_args(ap)
     ap.add_argument("--tokens", type=int, default=10240, help="document length")
     ap.add_argument("--depth", type=int, default=9216, help="tokens between the passage and the end")
     ap.add_argument("--passages", type=int, default=4, help="passage pairs (each pair: two twin sessions)")
@@ -107,7 +106,7 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args(argv)
-    engine = ttt.load_engine(args.model, args.device)
+    engine = load_engine(args)
     tok = engine.base.tokenizer
     filler = tok(FILLER.read_text(encoding="utf-8")[50000:], add_special_tokens=False).input_ids[: args.tokens]
     rng = random.Random(0)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 import ttt
 from ttt.config import PRESETS
 
-from .common import run_metadata, settings_of, sync, write_json
+from .common import add_model_args, load_engine, run_metadata, settings_of, sync, write_json
 from .items import BOOK, MAX_STORIES, book_items, needle_document
 from .plots import recall_heatmap
 from .recall import PROBES, PrefixedLM, accuracy, around, ask, coverage, memories
@@ -51,8 +51,7 @@ def parse_args(argv):
         prog="ttt recall", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", type=Path, default=Path("runs/recall"), metavar="DIR")
-    ap.add_argument("--model", help="local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
+    add_model_args(ap)
     ap.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS))
     ap.add_argument(
         "--config",
@@ -206,7 +205,7 @@ def probe_documents(
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    engine = ttt.load_engine(args.model, args.device)
+    engine = load_engine(args)
     configs = settings(args)
     args.out.mkdir(parents=True, exist_ok=True)
     docs = needle_documents(engine, args.lengths, args.depths, args.needles_per_depth, args.stories, args.seeds)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ttt
 
-from .common import DEFAULT_DOC, document_tokens, write_json
+from .common import DEFAULT_DOC, add_model_args, document_tokens, load_engine, write_json
 from .nll import full_nll, ttt_nll, window_nll
 
 # name -> partial SessionConfig dict (chunk/context sizes are filled in from the command line)
@@ -49,13 +49,12 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--skip", type=int, default=4, help="chunks left out of the mean (warm-up)")
     ap.add_argument("--configs", nargs="*", default=list(CANDIDATES), help=f"from {list(CANDIDATES)}")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--device", default=None)
+    add_model_args(ap)
     ap.add_argument("--no-full", action="store_true", help="skip the full-attention baseline")
     ap.add_argument("--out", type=Path, default=Path("runs/sweep.json"))
     args = ap.parse_args(argv)
 
-    engine = ttt.load_engine(args.model, args.device)
+    engine = load_engine(args)
     results: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
 

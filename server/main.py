@@ -103,7 +103,9 @@ class Server:
     def _load_engine(self) -> None:
         """The model, the answers' decode batch and the sessions' registry and service, into the shared state."""
         s = self.settings
-        engine = ttt.load_engine(s.model, s.device, s.dtype)
+        # loaded by the device thread, which runs every forward after: a bf16 model loaded by another thread
+        # decoded 1.5x slower on a CPU (oneDNN keeps state per thread; one row 43 ms a step against 63-71 ms)
+        engine = self.state.scheduler.run("model", ttt.load_engine, s.model, s.device, s.dtype)
         answers = DecodeBatch(
             engine.base.model,
             kv_budget=s.answer_kv_bytes,
