@@ -19,7 +19,8 @@ Which path runs (``chunk_attention``), and why. ``python -m bench.attention --al
   faster than matmul-softmax. FlexAttention has no CPU backward in torch 2.13 (NotImplementedError; ingest needs
   gradients) and its forward is no faster. Triton only runs interpreted on CPU: a correctness tool, not timed.
 * CUDA: the Triton kernel below for a chunk after context or a window that cuts the chunk; SDPA ``is_causal``
-  (its flash backend) for a chunk without context; SDPA without a mask for one-token decode. The reason is
+  (its flash backend) for a chunk without context; SDPA without a mask for one-token decode (``decode_attention``,
+  which on a CPU folds the query heads onto their key/value head). The reason is
   structural, NOT MEASURED (no GPU was available when this was written): with an explicit mask CUDA SDPA cannot
   use its flash backend and falls back to memory-efficient or math attention (the latter materialises
   [B, H, T, N] scores), while this kernel keeps O(T * hd) memory per head, sums a GQA group's dk/dv in registers
@@ -70,13 +71,16 @@ def attention_reference(q, k, v, window: int | None = None) -> torch.Tensor:
 def decode_attention(q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One new query per row: q [B, H, 1, hd]; k, v [B, KVH, N, hd]; mask None or [B, 1, 1, N] -> [B, H, 1, hd].
 
-    The H / KVH query heads that share a key/value head go in as that head's H / KVH queries (the same sums):
-    SDPA's CPU flash kernel runs a block per head and query, and a block of one query is slow there, 5-6x in bf16
-    (16 rows x 300 keys, SmolLM's 9 heads over 3: 2.5 ms a layer with enable_gqa, 0.36 ms so; fp32 0.29 / 0.23).
+    On a CPU the H / KVH query heads that share a key/value head go in as that head's H / KVH queries (the same
+    sums): SDPA's CPU flash kernel runs a block per head and query, and a block of one query is slow there, 5-6x
+    in bf16 (16 rows x 300 keys, SmolLM's 9 heads over 3: 2.5 ms a layer with enable_gqa, 0.36 ms so; fp32 0.29 /
+    0.23). Elsewhere SDPA's own GQA (not measured on a GPU; CUDA's flash kernel folds a one-query call itself).
     """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     B, H, _, hd = q.shape
     y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], H // k.shape[1], hd), k, v, attn_mask=mask)
-    return y.view(B, H, 1, hd)
+    return y.reshape(B, H, 1, hd)  # not view: a kernel may lay its output out position first ([B, G, KVH, hd])
 
 
 def chunk_attention(q, k, v, window: int | None = None) -> torch.Tensor:

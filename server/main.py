@@ -105,7 +105,7 @@ class Server:
         s = self.settings
         # loaded by the device thread, which runs every forward after: a bf16 model loaded by another thread
         # decoded 1.5x slower on a CPU (oneDNN keeps state per thread; one row 43 ms a step against 63-71 ms)
-        engine = self.state.scheduler.run("model", ttt.load_engine, s.model, s.device, s.dtype)
+        engine = self.state.scheduler.run_setup(ttt.load_engine, s.model, s.device, s.dtype)
         answers = DecodeBatch(
             engine.base.model,
             kv_budget=s.answer_kv_bytes,

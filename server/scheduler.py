@@ -79,6 +79,7 @@ class Unit:
     future: Future
     batchable: bool = False
     due: float | None = None  # clock time from which it goes next (its client's deadline nears); None: never
+    setup: bool = False  # loading the model: neither units' share of the device nor a sample of their seconds
 
 
 class Rows(Protocol):
@@ -237,6 +238,11 @@ class Scheduler:
         """``submit`` and wait for the result (exceptions are re-raised in the caller's thread)."""
         return self.submit(key, fn, *args).result()
 
+    def run_setup(self, fn: Callable, *args) -> Any:
+        """Run ``fn(*args)`` on the device thread and wait: set-up before serving (loading the model, so that the
+        thread that runs every forward made its tensors: a CPU's bf16 kernels keep state per thread)."""
+        return self._queue("setup", Unit(fn, args, Future(), setup=True)).result()
+
     def run_batchable(self, key: Hashable, batch: BatchFn, item: Any) -> Any:
         return self.submit_batchable(key, batch, item).result()
 
@@ -379,11 +385,14 @@ class Scheduler:
             else:
                 self._answer_step()
             with self._cond:
-                self._charge(kind)
+                if units and units[0].setup:
+                    self._mark = self.clock()
+                else:
+                    self._charge(kind)
                 self._in_flight, self._due_in_flight = set(), None
                 if kind == "units":
                     self._units_done = self.clock()
-                    if units:
+                    if units and not units[0].setup:
                         self._learn(units, self._unit_own)
 
     def _charge(self, kind: str) -> float:

@@ -57,6 +57,18 @@ def test_a_masked_key_is_not_read():
     assert (after[0] - before[0]).abs().max() > 1
 
 
+def test_an_output_laid_out_position_first_is_read_right(monkeypatch):
+    """CUDA's memory-efficient SDPA (and older CPU kernels) return [B, G, KVH, hd] memory viewed as [B, KVH, G, hd]:
+    the result must not depend on it."""
+    q, k, v = qkv(2, 9, 3, 11, 16, torch.float32)
+    expected = decode_attention(q, k, v)
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2)
+    )
+    torch.testing.assert_close(decode_attention(q, k, v), expected, atol=0, rtol=0)
+
+
 def test_a_decode_step_of_chunk_attention_goes_through_it():
     q, k, v = qkv(3, 9, 3, 20, 64, torch.float32)
     torch.testing.assert_close(chunk_attention(q, k, v), decode_attention(q, k, v), atol=0, rtol=0)

@@ -637,6 +637,34 @@ def test_an_answer_that_meets_waiting_units_goes_first():
     assert "".join(order) == "AAAUAAAUAAAU"
 
 
+def test_loading_the_model_is_neither_units_time_nor_their_expected_seconds():
+    """The model loads on the device thread (``run_setup``) for a minute; then the order above, unchanged (were
+    it a unit: units 5 s ahead and a unit expected to take 42 s, and the answer's steps all before the units)."""
+    s, clock = shared_device()
+    order = []
+
+    def unit():
+        order.append("U")
+        clock.tick()
+
+    def load():
+        clock.now += 60
+        return "model"
+
+    try:
+        assert s.run_setup(load) == "model"
+        s.run(("ingest", "doc"), clock.tick)
+        with s._cond:
+            units = [s.submit(("ingest", "doc"), unit) for _ in range(3)]
+            answer = s.submit_answers(("chat", "s"), [lambda: Row("a", 9)], lambda i, row: order.append("A"))
+        answer.future.result(TIMEOUT)
+        for u in units:
+            u.result(TIMEOUT)
+    finally:
+        s.shutdown(TIMEOUT)
+    assert "".join(order) == "AAAUAAAUAAAU"
+
+
 @pytest.mark.parametrize(
     ("time_left", "before_b", "expected"),
     [(None, [], "AAAaAAAbAAA"), (4.0, [], "AAbAAAAAaAA"), (None, ["c"], "AAAaAAAcAAAb"), (4.0, ["c"], "AAcAbAAAAAAa")],
