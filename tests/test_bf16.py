@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 from conftest import started_server
-from test_decode import PATTERN, SESSIONS, run_batch, streams
+from test_decode import run_batch, streams, trained_sessions
 
 import ttt
 from server.settings import DtypeName, Settings
@@ -31,21 +31,6 @@ TIE = 0.25  # nats: a bf16 logit near 16 is exact to 0.0625-0.125
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     return ttt.load_engine(tiny_model_dir, "cpu", "bfloat16")
-
-
-def trained(engine, i: int, fast: dict, memory: str):
-    s = engine.create_session(
-        {
-            "fast": {**fast, "seed": i},
-            "memory": memory,
-            "ingest": {"chunk_tokens": 16, "context_tokens": 24, "sink_tokens": 4, "lr": 3e-2},
-        }
-    )
-    s.append_tokens(PATTERN[i:] + PATTERN[:i])
-    s.end_document()
-    while s.train_next_chunk() is not None:
-        pass
-    return s
 
 
 def test_dtype_names_are_one_list_and_a_wrong_one_is_refused(tiny_model_dir):
@@ -98,7 +83,7 @@ def assert_equal_but_for_a_near_tie(alone, row, tie: float = TIE) -> None:
 
 
 def test_batched_bf16_answers_equal_answers_alone(engine):
-    sessions = [trained(engine, i, fast, memory) for i, (fast, memory) in enumerate(SESSIONS)]
+    sessions = trained_sessions(engine)
     alone = streams(engine, sessions, max_tokens=12, top_logprobs=2)
     texts = ["".join(s) for s in alone]
     rows = streams(engine, sessions, max_tokens=12, top_logprobs=2)

@@ -34,6 +34,11 @@ def engine(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def sessions(engine):
+    return trained_sessions(engine)
+
+
+def trained_sessions(engine) -> list:
+    """A session of each of SESSIONS' kinds, each trained on PATTERN rotated by its index."""
     out = []
     for i, (fast, memory) in enumerate(SESSIONS):
         s = engine.create_session(
@@ -272,20 +277,7 @@ def test_batched_answers_equal_answers_alone_on_cuda(tiny_model_dir, prefill_chu
     from ttt.model import load_base_model
 
     engine = ttt.Engine(load_base_model(tiny_model_dir, "cuda", torch.float32))
-    sessions = []
-    for i, (fast, memory) in enumerate(SESSIONS):
-        s = engine.create_session(
-            {
-                "fast": {**fast, "seed": i},
-                "memory": memory,
-                "ingest": {"chunk_tokens": 16, "context_tokens": 24, "sink_tokens": 4, "lr": 3e-2},
-            }
-        )
-        s.append_tokens(PATTERN)
-        s.end_document()
-        while s.train_next_chunk() is not None:
-            pass
-        sessions.append(s)
+    sessions = trained_sessions(engine)
     texts = ["".join(s) for s in streams(engine, sessions, max_tokens=12)]
     rows = streams(engine, sessions, max_tokens=12)
     run_batch(DecodeBatch(engine.base.model, prefill_chunk=prefill_chunk), rows, join_at=[0, 0, 2, 5, 9])

@@ -614,32 +614,12 @@ def test_a_feeder_that_queues_its_next_chunk_after_the_last_one_still_gets_only_
     assert "".join(order).startswith("UAAAAAAUAAAUAAAU"), "".join(order)  # as in the share test above
 
 
-def test_an_answer_that_meets_waiting_units_goes_first():
+@pytest.mark.parametrize("loaded", [False, True])
+def test_an_answer_that_meets_waiting_units_goes_first(loaded):
     """On an idle device, an answer and units (1 s each, as the last unit took) queued at once: the answer's
-    steps come first, until a unit fits the share with its expected second (before, the unit went first)."""
-    s, clock = shared_device()
-    order = []
-
-    def unit():
-        order.append("U")
-        clock.tick()
-
-    try:
-        s.run(("ingest", "doc"), clock.tick)  # the device learns that a unit takes 1 s, then idles
-        with s._cond:  # queued together: the worker sees both at its next look
-            units = [s.submit(("ingest", "doc"), unit) for _ in range(3)]
-            answer = s.submit_answers(("chat", "s"), [lambda: Row("a", 9)], lambda i, row: order.append("A"))
-        answer.future.result(TIMEOUT)
-        for u in units:
-            u.result(TIMEOUT)
-    finally:
-        s.shutdown(TIMEOUT)
-    assert "".join(order) == "AAAUAAAUAAAU"
-
-
-def test_loading_the_model_is_neither_units_time_nor_their_expected_seconds():
-    """The model loads on the device thread (``run_setup``) for a minute; then the order above, unchanged (were
-    it a unit: units 5 s ahead and a unit expected to take 42 s, and the answer's steps all before the units)."""
+    steps come first, until a unit fits the share with its expected second (before, the unit went first). The
+    same after the model took a minute to load on the device thread (``run_setup``): set-up is neither units'
+    time nor a sample of their seconds (as a unit it put the answer's nine steps all before the units)."""
     s, clock = shared_device()
     order = []
 
@@ -652,9 +632,10 @@ def test_loading_the_model_is_neither_units_time_nor_their_expected_seconds():
         return "model"
 
     try:
-        assert s.run_setup(load) == "model"
-        s.run(("ingest", "doc"), clock.tick)
-        with s._cond:
+        if loaded:
+            assert s.run_setup(load) == "model"
+        s.run(("ingest", "doc"), clock.tick)  # the device learns that a unit takes 1 s, then idles
+        with s._cond:  # queued together: the worker sees both at its next look
             units = [s.submit(("ingest", "doc"), unit) for _ in range(3)]
             answer = s.submit_answers(("chat", "s"), [lambda: Row("a", 9)], lambda i, row: order.append("A"))
         answer.future.result(TIMEOUT)
