@@ -385,14 +385,15 @@ class Scheduler:
             else:
                 self._answer_step()
             with self._cond:
-                if units and units[0].setup:
+                setup = bool(units) and units[0].setup
+                if setup:
                     self._mark = self.clock()
                 else:
                     self._charge(kind)
                 self._in_flight, self._due_in_flight = set(), None
                 if kind == "units":
                     self._units_done = self.clock()
-                    if units and not units[0].setup:
+                    if units and not setup:
                         self._learn(units, self._unit_own)
 
     def _charge(self, kind: str) -> float:
