@@ -14,6 +14,9 @@ each sends its next chat as soon as the last one ends, so a slower server is ask
 free client counts that wait too. Every request has a timeout, each worker stops at the deadline (or after
 ``--max-requests``), and only loopback addresses are accepted.
 
+With ``--no-ingest`` the sessions read their warm bytes (below) and then only the chat clients run: how
+much of the chats' wait is the device's time on ingest, and how much their own.
+
 Chats are streamed: the time to the first token (TTFT) and to the end are both measured. Before the load
 starts, each session reads the first ``--warm-bytes`` of its slice (so that it has a window and kept spans, as
 the sessions under load have: an answer then reads up to the window plus the notes before its prompt), and
@@ -309,6 +312,7 @@ def run(args) -> dict:
                 daemon=True,
             )
             for i, sid in enumerate(sids)
+            if args.ingest
         ]
         threads += [
             threading.Thread(
@@ -353,7 +357,7 @@ def run(args) -> dict:
         "seconds": round(elapsed, 2),
         "errors": len(tally.errors),
         "error_samples": tally.errors[:10],
-        "ingest_streams": m,
+        "ingest_streams": m if args.ingest else 0,
         "ingest_requests": tally.streams,
         "tokens_received": received,
         "tokens_held": held - held_before,
@@ -495,7 +499,13 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--model", help="with --start: model folder (default: the embedded default model)")
     p.add_argument("--device", help="with --start: cuda, cpu, ...")
     p.add_argument("--dtype", choices=get_args(DtypeName), help="with --start: the model's dtype")
-    p.add_argument("--ingest-streams", type=int, default=8, metavar="M")
+    p.add_argument("--ingest-streams", type=int, default=8, metavar="M", help="sessions, each fed by its own worker")
+    p.add_argument(
+        "--no-ingest",
+        dest="ingest",
+        action="store_false",
+        help="the sessions read their --warm-bytes, then only the chats run (what they alone cost the device)",
+    )
     p.add_argument("--chat-clients", type=int, default=16, metavar="K", help="chats in flight at most")
     p.add_argument(
         "--chat-rate", type=float, metavar="R", help="chats due per second (open loop; default: a closed loop)"

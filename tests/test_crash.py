@@ -252,6 +252,7 @@ def test_load_bench_short(tiny_model_dir, tmp_path, one_thread):
     try:
         result = load_main([*loaded, "--seconds", "4", "--idle-chats", "2"])
         open_loop = load_main([*loaded, "--chat-rate", "3", "--seconds", "3", "--idle-chats", "1"])
+        chats_only = load_main([*loaded, "--no-ingest", "--seconds", "2", "--idle-chats", "1"])
         together = load_main([*doors, "--answers", "3", "--max-tokens", "6"])
     finally:
         server.stop()
@@ -268,6 +269,10 @@ def test_load_bench_short(tiny_model_dir, tmp_path, one_thread):
     assert sum(result[f"answer_prefixes_{f}"] for f in PREFIX_FOUND) == result["chat_count"], result
     assert open_loop["errors"] == 0 and open_loop["tokens_received"] == open_loop["tokens_held"], open_loop
     assert open_loop["chat_rate"] == 3 and open_loop["chat_count"] > 0 and open_loop["ttft_p50_ms"] > 0
+    # without ingest: the sessions hold what they read before the run, and the chats alone run
+    assert chats_only["errors"] == 0 and chats_only["tokens_accounted"], chats_only
+    assert chats_only["ingest_streams"] == chats_only["ingest_requests"] == chats_only["tokens_received"] == 0
+    assert chats_only["tokens_held"] == 0 and chats_only["chat_count"] > 0, chats_only
     assert together["answers"] == 3 and together["together_tokens"] > 0 and together["together_vs_alone"] > 0
 
 
