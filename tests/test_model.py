@@ -6,8 +6,10 @@ norm gain is random, see conftest.build_tiny_checkpoint, so a missing bias or no
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +29,19 @@ def _tokens(vocab: int, batch: int = B, length: int = T, seed: int = 1234) -> to
     tokens = torch.randint(0, vocab, (batch, length), generator=g)
     tokens[0, -1] = vocab - 1  # the last embedding row / logit column too
     return tokens
+
+
+def test_kernels_is_our_folder_alone():
+    """Hugging Face's `kernels` package (a dependency of transformers >= 5.25) has our kernels/ folder's import
+    name; installed beside it, one shadows the other (pyproject.toml bounds transformers for this reason)."""
+    import kernels
+
+    assert Path(kernels.__file__).parent == Path(__file__).parents[1] / "kernels", kernels.__file__
+    try:
+        other = importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    pytest.fail(f"the distribution kernels {other.version} is installed and shadows or is shadowed by kernels/")
 
 
 def _hf_logits(path, tokens: torch.Tensor) -> torch.Tensor:
